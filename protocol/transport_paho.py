@@ -1,0 +1,162 @@
+"""Transport over paho-mqtt (``pip install 'edgefleet[agent]'`` or ``[fleet]``).
+
+paho's network loop runs in its own thread. Subscriptions are remembered and renewed on
+every (re)connect; the client reconnects by itself with exponential backoff
+(1 s → ``max_backoff``). With ``clean_session=False`` (3.1.1) or a session expiry (5) the
+broker keeps QoS 1 messages for a known client id while it is offline, so a device that
+comes back receives its pending commands.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any, Optional
+
+from .transport import BrokerURL, Delivery, Handler, TransportError, Will
+
+
+class _PahoDelivery:
+    def __init__(self, info: Any) -> None:
+        self.info = info
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return bool(self.info.is_published())
+
+
+class PahoTransport:
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+        ca_file: Optional[str] = None,
+        cert_file: Optional[str] = None,
+        key_file: Optional[str] = None,
+        will: Optional[Will] = None,
+        clean_session: bool = False,
+        mqtt5: bool = False,
+        keepalive: int = 30,
+        max_backoff: float = 30.0,
+    ) -> None:
+        try:
+            import paho.mqtt.client as mqtt
+        except ImportError:  # pragma: no cover
+            raise TransportError("paho-mqtt is not installed: pip install 'edgefleet[agent]'") from None
+        self.url = BrokerURL.parse(url)
+        self.client_id = client_id
+        self.mqtt5 = mqtt5
+        self._mqtt = mqtt
+        self._keepalive = keepalive
+        self._subs: dict[str, int] = {}
+        self._handler: Optional[Handler] = None
+        self._conn_cbs: list[Callable[[bool], None]] = []
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
+        self._last_error: str = ""
+        if mqtt5:
+            self._client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            )
+        else:
+            self._client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                protocol=mqtt.MQTTv311, clean_session=clean_session,
+            )
+        if username:
+            self._client.username_pw_set(username, password)
+        if self.url.tls or ca_file:
+            ctx = ssl.create_default_context(cafile=ca_file)
+            if cert_file:
+                ctx.load_cert_chain(cert_file, key_file)
+            self._client.tls_set_context(ctx)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=int(max_backoff))
+        self._client.max_inflight_messages_set(100)
+        self._client.max_queued_messages_set(0)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # paho callbacks (network thread) -------------------------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        if getattr(reason, "is_failure", False):
+            self._last_error = str(reason)
+            return
+        with self._lock:
+            subs = list(self._subs.items())
+        for topic, qos in subs:
+            client.subscribe(topic, qos)
+        self._connected.set()
+        for cb in list(self._conn_cbs):
+            cb(True)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            for cb in list(self._conn_cbs):
+                cb(False)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if self._handler is not None:
+            self._handler(msg.topic, msg.payload)
+
+    # Transport --------------------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> None:
+        """Start the network loop. Returns once connected, or raises after ``timeout``.
+
+        Even when it raises, the loop keeps trying in the background (``connect_async``),
+        so a caller may ignore the error and rely on ``on_connection_change``.
+        """
+        if not self._started:
+            self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
+            self._client.loop_start()
+            self._started = True
+        if timeout and not self._connected.wait(timeout):
+            raise TransportError(
+                f"cannot reach MQTT broker at {self.url}" + (f" ({self._last_error})" if self._last_error else "")
+            )
+
+    def close(self) -> None:
+        if self._started:
+            try:
+                self._client.disconnect()
+            finally:
+                self._client.loop_stop()
+                self._started = False
+                self._connected.clear()
+
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        return _PahoDelivery(info)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subs[topic_filter] = qos
+        if self.is_connected():
+            self._client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subs.pop(topic_filter, None)
+        if self.is_connected():
+            self._client.unsubscribe(topic_filter)
+
+    def set_handler(self, handler: Handler) -> None:
+        self._handler = handler
+
+    def on_connection_change(self, callback: Callable[[bool], None]) -> None:
+        self._conn_cbs.append(callback)

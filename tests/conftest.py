@@ -1,0 +1,45 @@
+"""Session-wide fixtures: signing keys and real MQTT brokers.
+
+``broker_url`` is parametrized over amqtt (in-process, always) and Mosquitto (a real
+subprocess, when ``mosquitto`` is installed; otherwise that parameter is skipped and shows
+as skipped, never as passed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from protocol import KeyPair
+from tests.support.brokers import MOSQUITTO, EmbeddedBroker, Mosquitto
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> KeyPair:
+    return KeyPair.generate()
+
+
+@pytest.fixture(scope="session")
+def other_key() -> KeyPair:
+    return KeyPair.generate()
+
+
+@pytest.fixture(scope="session")
+def amqtt_broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def mosquitto_broker() -> Iterator[Mosquitto]:
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (CI installs it)")
+    with Mosquitto() as broker:
+        yield broker
+
+
+@pytest.fixture(params=["amqtt", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    name = "amqtt_broker" if request.param == "amqtt" else "mosquitto_broker"
+    return str(request.getfixturevalue(name).url)

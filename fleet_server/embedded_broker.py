@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from protocol.transport import TransportError
 
@@ -25,14 +25,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedBroker:
     """``with EmbeddedBroker() as b: b.url`` → ``mqtt://127.0.0.1:PORT``."""
 
-    def __init__(self, host: str = "127.0.0.1", port: Optional[int] = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Any = None
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
 
     @property
     def url(self) -> str:
@@ -57,7 +57,7 @@ class EmbeddedBroker:
             try:
                 self._broker = Broker(config, loop=loop)
                 loop.run_until_complete(self._broker.start())
-            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            except BaseException as exc:
                 self._error = exc
                 self._ready.set()
                 return
@@ -77,7 +77,7 @@ class EmbeddedBroker:
             return
         try:
             asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(timeout)
-        except Exception:  # noqa: BLE001 - shutting down anyway
+        except Exception:
             pass
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:

@@ -3,7 +3,15 @@
 No I/O here besides reading a file the caller hands in. Light dependencies only.
 """
 
-from .bundle import Bundle, check_files, check_profile, pack_bundle, read_bundle, sha256_hex, verify_bundle
+from .bundle import (
+    Bundle,
+    check_files,
+    check_profile,
+    pack_bundle,
+    read_bundle,
+    sha256_hex,
+    verify_bundle,
+)
 from .errors import (
     ArchiveError,
     BundleError,

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Optional, Union
+from typing import BinaryIO, Union
 
 from .errors import ArchiveError, BundleError, ProtocolError, ReasonCode
 from .manifest import (
@@ -74,7 +74,7 @@ class Bundle:
         return self.members[self.manifest.model.path]
 
 
-def _unsafe(name: str) -> Optional[str]:
+def _unsafe(name: str) -> str | None:
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return "absolute path"
     parts = name.replace("\\", "/").split("/")
@@ -101,7 +101,9 @@ def read_bundle(
         try:
             fileobj = open(source, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
-            raise ArchiveError(ReasonCode.ARCHIVE_INVALID, f"cannot open bundle: {exc.strerror}") from None
+            raise ArchiveError(
+                ReasonCode.ARCHIVE_INVALID, f"cannot open bundle: {exc.strerror}"
+            ) from None
     else:
         fileobj = source
     try:
@@ -112,19 +114,26 @@ def read_bundle(
         with zf:
             infos = zf.infolist()
             if len(infos) > max_members:
-                raise ArchiveError(ReasonCode.ARCHIVE_UNSAFE, f"{len(infos)} members (limit {max_members})")
+                raise ArchiveError(
+                    ReasonCode.ARCHIVE_UNSAFE, f"{len(infos)} members (limit {max_members})"
+                )
             seen: set[str] = set()
             for info in infos:
                 why = _unsafe(info.filename)
                 if why:
-                    raise ArchiveError(ReasonCode.ARCHIVE_UNSAFE, f"member {info.filename!r}: {why}")
+                    raise ArchiveError(
+                        ReasonCode.ARCHIVE_UNSAFE, f"member {info.filename!r}: {why}"
+                    )
                 if info.filename in seen:
-                    raise ArchiveError(ReasonCode.ARCHIVE_UNSAFE, f"duplicate member {info.filename!r}")
+                    raise ArchiveError(
+                        ReasonCode.ARCHIVE_UNSAFE, f"duplicate member {info.filename!r}"
+                    )
                 seen.add(info.filename)
                 if info.file_size > max_member_bytes:
                     raise ArchiveError(
                         ReasonCode.ARCHIVE_UNSAFE,
-                        f"member {info.filename!r} is {info.file_size} bytes (limit {max_member_bytes})",
+                        f"member {info.filename!r} is {info.file_size} bytes "
+                        f"(limit {max_member_bytes})",
                     )
             members: dict[str, bytes] = {}
             for info in infos:
@@ -132,10 +141,13 @@ def read_bundle(
                     with zf.open(info) as fh:
                         data = fh.read(max_member_bytes + 1)
                 except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as exc:
-                    raise ArchiveError(ReasonCode.ARCHIVE_INVALID, f"member {info.filename!r}: {exc}") from None
+                    raise ArchiveError(
+                        ReasonCode.ARCHIVE_INVALID, f"member {info.filename!r}: {exc}"
+                    ) from None
                 if len(data) > max_member_bytes:
                     raise ArchiveError(
-                        ReasonCode.ARCHIVE_UNSAFE, f"member {info.filename!r} inflates past {max_member_bytes} bytes"
+                        ReasonCode.ARCHIVE_UNSAFE,
+                        f"member {info.filename!r} inflates past {max_member_bytes} bytes",
                     )
                 members[info.filename] = data
     finally:
@@ -181,7 +193,8 @@ def check_profile(manifest: Manifest, profile: DeviceProfile) -> None:
     if manifest.model.opset and runtime.max_opset and manifest.model.opset > runtime.max_opset:
         raise BundleError(
             ReasonCode.PROFILE_INCOMPATIBLE,
-            f"model needs opset {manifest.model.opset}, {runtime.name} on {profile.name} supports {runtime.max_opset}",
+            f"model needs opset {manifest.model.opset}, {runtime.name} on {profile.name} "
+            f"supports {runtime.max_opset}",
         )
     size_mb = manifest.model.size_bytes / 2**20
     if size_mb > profile.memory_budget_mb:
@@ -195,10 +208,10 @@ def verify_bundle(
     bundle: Bundle,
     trust: TrustStore,
     *,
-    now: Optional[datetime] = None,
-    installed_release: Optional[int] = None,
+    now: datetime | None = None,
+    installed_release: int | None = None,
     allow_older: bool = False,
-    profile: Optional[DeviceProfile] = None,
+    profile: DeviceProfile | None = None,
 ) -> Manifest:
     """Run the ordered device checks; return the manifest or raise :class:`BundleError`."""
     trust.verify(bundle.manifest_bytes, bundle.signature)
@@ -216,9 +229,17 @@ def verify_bundle(
         )
     now = now or datetime.now(timezone.utc)
     if now >= manifest.expires_at:
-        raise BundleError(ReasonCode.EXPIRED, f"bundle expired at {manifest.expires_at.isoformat()}")
-    if now < manifest.created_at.replace(microsecond=0) and (manifest.created_at - now).total_seconds() > 300:
-        raise BundleError(ReasonCode.NOT_YET_VALID, f"bundle is dated in the future ({manifest.created_at.isoformat()})")
+        raise BundleError(
+            ReasonCode.EXPIRED, f"bundle expired at {manifest.expires_at.isoformat()}"
+        )
+    if (
+        now < manifest.created_at.replace(microsecond=0)
+        and (manifest.created_at - now).total_seconds() > 300
+    ):
+        raise BundleError(
+            ReasonCode.NOT_YET_VALID,
+            f"bundle is dated in the future ({manifest.created_at.isoformat()})",
+        )
     if profile is not None:
         check_profile(manifest, profile)
     return manifest

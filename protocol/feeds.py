@@ -9,15 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from .schema import InputSchema, OutputSchema
 
 _NP = {
-    "float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32,
-    "uint8": np.uint8, "int8": np.int8, "bool": np.bool_,
+    "float32": np.float32,
+    "float64": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "uint8": np.uint8,
+    "int8": np.int8,
+    "bool": np.bool_,
 }
 
 
@@ -25,7 +30,9 @@ class FeedError(ValueError):
     """Rows that do not fit the input schema; the message names the problem."""
 
 
-def rows_from_instances(instances: Sequence[Mapping[str, Any]], schema: InputSchema) -> list[list[Any]]:
+def rows_from_instances(
+    instances: Sequence[Mapping[str, Any]], schema: InputSchema
+) -> list[list[Any]]:
     """Named-feature dicts → rows in schema order (unknown or missing names are errors)."""
     names = schema.feature_names
     known = set(names)
@@ -57,16 +64,20 @@ def make_feeds(rows: Any, schema: InputSchema) -> dict[str, np.ndarray]:
         cols = [index[f] for f in inp.features]
         block = arr[:, cols]
         if inp.dtype == "string":
-            tensor = np.array([[("" if v is None else str(v)) for v in row] for row in block], dtype=object)
+            tensor = np.array(
+                [[("" if v is None else str(v)) for v in row] for row in block], dtype=object
+            )
         else:
             try:
                 tensor = block.astype(_NP[inp.dtype])
             except (TypeError, ValueError):
                 bad = _first_non_numeric(block)
-                raise FeedError(f"feature {inp.features[bad[1]]!r} in row {bad[0]} is not a number") from None
-        tail = [d for d in inp.shape[1:]]
-        if tail and all(d is not None for d in tail) and int(np.prod(tail)) == len(cols):
-            tensor = tensor.reshape([n, *tail])  # type: ignore[list-item]
+                raise FeedError(
+                    f"feature {inp.features[bad[1]]!r} in row {bad[0]} is not a number"
+                ) from None
+        tail = [int(d) for d in inp.shape[1:] if d is not None]
+        if tail and len(tail) == len(inp.shape) - 1 and int(np.prod(tail)) == len(cols):
+            tensor = tensor.reshape([n, *tail])
         feeds[inp.name] = tensor
     return feeds
 
@@ -83,9 +94,9 @@ def _first_non_numeric(block: np.ndarray) -> tuple[int, int]:
 
 @dataclass
 class Prediction:
-    labels: Optional[list[Any]] = None
-    probabilities: Optional[np.ndarray] = None  # (n, n_classes)
-    values: Optional[np.ndarray] = None  # (n, n_outputs)
+    labels: list[Any] | None = None
+    probabilities: np.ndarray | None = None  # (n, n_classes)
+    values: np.ndarray | None = None  # (n, n_outputs)
 
     @property
     def scores(self) -> np.ndarray:
@@ -107,7 +118,7 @@ def decode_outputs(outputs: Mapping[str, np.ndarray], schema: OutputSchema) -> P
     if schema.probability_output and schema.probability_output in outputs:
         probs = np.asarray(outputs[schema.probability_output], dtype=np.float64)
         probs = probs.reshape(probs.shape[0], -1)
-    labels: Optional[list[Any]] = None
+    labels: list[Any] | None = None
     if schema.label_output and schema.label_output in outputs:
         raw = np.asarray(outputs[schema.label_output]).reshape(-1)
         labels = [_py(v) for v in raw]

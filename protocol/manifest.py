@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timezone
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -54,8 +54,8 @@ class FileEntry(_Model):
 class ModelInfo(_Model):
     path: str
     format: Literal["onnx", "tflite"]
-    opset: Optional[int] = None
-    ml_opset: Optional[int] = None
+    opset: int | None = None
+    ml_opset: int | None = None
     operators: list[str] = Field(default_factory=list)
     size_bytes: int = 0
 
@@ -78,11 +78,11 @@ class BenchmarkResult(_Model):
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    batch_p50_ms: Optional[float] = None
-    throughput_rps: Optional[float] = None
-    load_ms: Optional[float] = None
-    peak_memory_mb: Optional[float] = None
-    size_bytes: Optional[int] = None
+    batch_p50_ms: float | None = None
+    throughput_rps: float | None = None
+    load_ms: float | None = None
+    peak_memory_mb: float | None = None
+    size_bytes: int | None = None
     # True: host latency scaled by the profile's speed factor. False: measured on the device.
     estimated: bool = True
     fits_budget: bool = True
@@ -92,16 +92,16 @@ class BenchmarkResult(_Model):
 class TargetProfile(_Model):
     profile: str
     latency_budget_ms: float
-    benchmark: Optional[BenchmarkResult] = None
+    benchmark: BenchmarkResult | None = None
 
 
 class SmokeTest(_Model):
     """Canonical inputs with the outputs the packaged model produced for them."""
 
     rows: list[list[Scalar]] = Field(min_length=1)
-    expected_labels: Optional[list[Union[int, str]]] = None
-    expected_values: Optional[list[list[float]]] = None
-    expected_probabilities: Optional[list[list[float]]] = None
+    expected_labels: list[Union[int, str]] | None = None
+    expected_values: list[list[float]] | None = None
+    expected_probabilities: list[list[float]] | None = None
     atol: float = 1e-3
 
 
@@ -109,7 +109,7 @@ class Fallback(_Model):
     """What the device answers when the model raises."""
 
     kind: Literal["none", "constant", "previous"] = "none"
-    value: Optional[Union[int, float, str]] = None
+    value: Union[int, float, str] | None = None
 
 
 class Manifest(_Model):

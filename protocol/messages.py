@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime, timezone
-from typing import Any, Literal, Optional, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,7 +26,13 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 64 * 1024
 
 DeviceStateName = Literal[
-    "queued", "downloading", "verifying", "installed", "failed", "rejected", "timed_out",
+    "queued",
+    "downloading",
+    "verifying",
+    "installed",
+    "failed",
+    "rejected",
+    "timed_out",
     "rolled_back",
 ]
 CommandStatusState = Union[DeviceStateName, Literal["accepted", "progress", "done"]]
@@ -48,7 +54,7 @@ class ModelRef(BaseModel):
     name: str
     version: str
     release: int
-    sha256: Optional[str] = None  # sha256 of the model file
+    sha256: str | None = None  # sha256 of the model file
 
 
 class DeviceState(Message):
@@ -59,11 +65,11 @@ class DeviceState(Message):
     ts: datetime = Field(default_factory=utcnow)
     agent_version: str = ""
     profile: str = ""
-    model: Optional[ModelRef] = None
+    model: ModelRef | None = None
     previous: list[ModelRef] = Field(default_factory=list)
     runtimes: dict[str, str] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list)
-    api_url: Optional[str] = None
+    api_url: str | None = None
 
 
 class DeployPayload(BaseModel):
@@ -74,7 +80,7 @@ class DeployPayload(BaseModel):
     bundle_size: int = Field(ge=0)
     chunk_size: int = Field(default=DEFAULT_CHUNK_BYTES, gt=0)
     n_chunks: int = Field(ge=0)
-    http_url: Optional[str] = None  # alternative download path
+    http_url: str | None = None  # alternative download path
     shadow: bool = False  # install as a shadow candidate, do not switch
 
     def manifest_bytes(self) -> bytes:
@@ -83,14 +89,14 @@ class DeployPayload(BaseModel):
 
 class RollbackPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    to_release: Optional[int] = None  # None: the previous slot
+    to_release: int | None = None  # None: the previous slot
     reason: str = ""
 
 
 class BenchmarkPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
     runs: int = Field(default=200, ge=10, le=100_000)
-    bundle_sha256: Optional[str] = None  # None: the active model
+    bundle_sha256: str | None = None  # None: the active model
 
 
 class Command(Message):
@@ -98,12 +104,12 @@ class Command(Message):
     device_id: str
     kind: Literal["deploy", "rollback", "benchmark", "config", "shadow_stop"]
     ts: datetime = Field(default_factory=utcnow)
-    rollout_id: Optional[str] = None
-    deploy: Optional[DeployPayload] = None
-    rollback: Optional[RollbackPayload] = None
-    benchmark: Optional[BenchmarkPayload] = None
-    config: Optional[dict[str, Any]] = None
-    signature: Optional[Signature] = None
+    rollout_id: str | None = None
+    deploy: DeployPayload | None = None
+    rollback: RollbackPayload | None = None
+    benchmark: BenchmarkPayload | None = None
+    config: dict[str, Any] | None = None
+    signature: Signature | None = None
 
 
 class CommandStatus(Message):
@@ -112,12 +118,12 @@ class CommandStatus(Message):
     state: CommandStatusState
     ts: datetime = Field(default_factory=utcnow)
     seq: int = 0
-    rollout_id: Optional[str] = None
-    reason: Optional[str] = None  # a protocol.errors.ReasonCode value on failure
+    rollout_id: str | None = None
+    reason: str | None = None  # a protocol.errors.ReasonCode value on failure
     detail: str = ""
-    progress: Optional[float] = None  # 0..1 while downloading
-    model: Optional[ModelRef] = None
-    result: Optional[dict[str, Any]] = None  # e.g. a field benchmark
+    progress: float | None = None  # 0..1 while downloading
+    model: ModelRef | None = None
+    result: dict[str, Any] | None = None  # e.g. a field benchmark
 
 
 class ArtifactChunk(Message):
@@ -134,9 +140,9 @@ class ArtifactChunk(Message):
 class LatencySummary(BaseModel):
     model_config = ConfigDict(extra="ignore")
     count: int = 0
-    p50_ms: Optional[float] = None
-    p95_ms: Optional[float] = None
-    p99_ms: Optional[float] = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
     histogram: dict[str, int] = Field(default_factory=dict)  # upper bound ms → count
 
 
@@ -145,19 +151,19 @@ class MetricsReport(Message):
     seq: int = Field(ge=0)
     window_start: datetime
     window_end: datetime
-    model: Optional[ModelRef] = None
+    model: ModelRef | None = None
     requests: int = 0
     errors: int = 0
     fallbacks: int = 0
     latency: LatencySummary = LatencySummary()
     feedback_count: int = 0
-    accuracy: Optional[float] = None  # classification: share correct
-    mae: Optional[float] = None  # regression
-    cpu_percent: Optional[float] = None
-    rss_mb: Optional[float] = None
-    disk_free_mb: Optional[float] = None
+    accuracy: float | None = None  # classification: share correct
+    mae: float | None = None  # regression
+    cpu_percent: float | None = None
+    rss_mb: float | None = None
+    disk_free_mb: float | None = None
     conditions: list[str] = Field(default_factory=list)  # e.g. ["disk_full"]
-    shadow: Optional[dict[str, Any]] = None
+    shadow: dict[str, Any] | None = None
 
 
 class SketchReport(Message):
@@ -173,9 +179,9 @@ class SketchReport(Message):
 class Alert(Message):
     kind: Literal["drift", "rollout_halted", "rollout_failed", "device_offline", "disk_full"]
     ts: datetime = Field(default_factory=utcnow)
-    model: Optional[str] = None
-    version: Optional[str] = None
-    rollout_id: Optional[str] = None
+    model: str | None = None
+    version: str | None = None
+    rollout_id: str | None = None
     message: str = ""
     details: dict[str, Any] = Field(default_factory=dict)
 

@@ -11,7 +11,7 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,8 +28,8 @@ class Runtime(BaseModel):
     name: Literal["onnxruntime", "litert"]
     version: str
     formats: list[Literal["onnx", "tflite"]]
-    max_opset: Optional[int] = None
-    max_ml_opset: Optional[int] = None
+    max_opset: int | None = None
+    max_ml_opset: int | None = None
 
 
 class DeviceProfile(BaseModel):
@@ -50,7 +50,7 @@ class DeviceProfile(BaseModel):
     speed_factor: float = Field(gt=0)
     speed_factor_source: str = ""
 
-    def runtime_for(self, fmt: str) -> Optional[Runtime]:
+    def runtime_for(self, fmt: str) -> Runtime | None:
         for rt in self.runtimes:
             if fmt in rt.formats:
                 return rt

@@ -8,7 +8,7 @@ column group); ``ModelInput.features`` says which row columns feed which tensor,
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,16 +26,16 @@ class FeatureSpec(_Frozen):
     dtype: DType = "float32"
     allow_nan: bool = False
     # Observed range on the reference data, used to count out-of-range values.
-    min: Optional[float] = None
-    max: Optional[float] = None
+    min: float | None = None
+    max: float | None = None
     # Known categories for categorical features (from the reference data).
-    categories: Optional[list[str]] = None
+    categories: list[str] | None = None
 
 
 class ModelInput(_Frozen):
     name: str
     dtype: DType
-    shape: list[Optional[int]]
+    shape: list[int | None]
     features: list[str] = Field(min_length=1)
 
 
@@ -67,9 +67,9 @@ class InputSchema(_Frozen):
 class OutputSchema(_Frozen):
     task: Literal["classification", "regression"]
     # Classification: the class labels in the order of the probability columns.
-    classes: Optional[list[Union[int, str]]] = None
+    classes: list[Union[int, str]] | None = None
     # Names of the model's output tensors that carry the label / probabilities / values.
-    label_output: Optional[str] = None
-    probability_output: Optional[str] = None
-    value_output: Optional[str] = None
+    label_output: str | None = None
+    probability_output: str | None = None
+    value_output: str | None = None
     n_outputs: int = 1

@@ -40,7 +40,8 @@ class Signature(BaseModel):
             return cls.model_validate_json(data)
         except ValidationError as exc:
             raise SignatureError(
-                ReasonCode.SIGNATURE_INVALID, f"signature document is malformed: {exc.errors()[0]['msg']}"
+                ReasonCode.SIGNATURE_INVALID,
+                f"signature document is malformed: {exc.errors()[0]['msg']}",
             ) from None
 
 
@@ -128,9 +129,7 @@ class TrustStore:
     revoked: set[str] = field(default_factory=set)
 
     @classmethod
-    def from_keys(
-        cls, keys: Iterable[Ed25519PublicKey], revoked: Iterable[str] = ()
-    ) -> TrustStore:
+    def from_keys(cls, keys: Iterable[Ed25519PublicKey], revoked: Iterable[str] = ()) -> TrustStore:
         return cls({key_id(k): k for k in keys}, set(revoked))
 
     @classmethod
@@ -148,7 +147,9 @@ class TrustStore:
     def verify(self, data: bytes, signature: Signature) -> str:
         """Return the key id that signed ``data``, or raise :class:`SignatureError`."""
         if signature.alg != "ed25519":
-            raise SignatureError(ReasonCode.SIGNATURE_INVALID, f"unsupported algorithm {signature.alg!r}")
+            raise SignatureError(
+                ReasonCode.SIGNATURE_INVALID, f"unsupported algorithm {signature.alg!r}"
+            )
         if signature.key_id in self.revoked:
             raise SignatureError(ReasonCode.KEY_REVOKED, f"key {signature.key_id} is revoked")
         key = self.keys.get(signature.key_id)

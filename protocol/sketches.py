@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -101,7 +101,7 @@ class SketchBuilder:
 
     def __init__(
         self,
-        schema: Optional[InputSchema] = None,
+        schema: InputSchema | None = None,
         *,
         k: int = DEFAULT_K,
         lg_max_map: int = DEFAULT_LG_MAX_MAP,
@@ -131,7 +131,7 @@ class SketchBuilder:
         self._count[name] = self._missing[name] = self._oor[name] = 0
 
     def update_numeric(
-        self, name: str, values: Any, lo: Optional[float] = None, hi: Optional[float] = None
+        self, name: str, values: Any, lo: float | None = None, hi: float | None = None
     ) -> None:
         if name not in self._kll:
             self._new_numeric(name)
@@ -148,7 +148,7 @@ class SketchBuilder:
                 self._oor[name] += int((finite > hi).sum())
 
     def update_categorical(
-        self, name: str, values: Iterable[Any], known: Optional[Sequence[str]] = None
+        self, name: str, values: Iterable[Any], known: Sequence[str] | None = None
     ) -> None:
         if name not in self._freq:
             self._new_categorical(name)
@@ -179,7 +179,7 @@ class SketchBuilder:
                 self.update_categorical(f.name, col.tolist(), f.categories)
         self.rows += int(arr.shape[0])
 
-    def update_predictions(self, scores: Any = None, labels: Optional[Iterable[Any]] = None) -> None:
+    def update_predictions(self, scores: Any = None, labels: Iterable[Any] | None = None) -> None:
         if scores is not None:
             self.update_numeric(SCORES_KEY, scores)
         if labels is not None:
@@ -189,13 +189,19 @@ class SketchBuilder:
         feats: dict[str, FeatureSketch] = {}
         for name, sk in self._kll.items():
             feats[name] = FeatureSketch(
-                kind="numeric", sketch=encode(sk), count=self._count[name],
-                missing=self._missing[name], out_of_range=self._oor[name],
+                kind="numeric",
+                sketch=encode(sk),
+                count=self._count[name],
+                missing=self._missing[name],
+                out_of_range=self._oor[name],
             )
         for name, sk in self._freq.items():
             feats[name] = FeatureSketch(
-                kind="categorical", sketch=encode(sk), count=self._count[name],
-                missing=self._missing[name], out_of_range=self._oor[name],
+                kind="categorical",
+                sketch=encode(sk),
+                count=self._count[name],
+                missing=self._missing[name],
+                out_of_range=self._oor[name],
             )
         return SketchSet(rows=self.rows, features=feats)
 
@@ -209,7 +215,9 @@ def merge(a: SketchSet, b: SketchSet) -> SketchSet:
             feats[name] = (fa or fb).model_copy()  # type: ignore[union-attr]
             continue
         if fa.kind != fb.kind:
-            raise ProtocolError(f"feature {name!r} is {fa.kind} in one set and {fb.kind} in the other")
+            raise ProtocolError(
+                f"feature {name!r} is {fa.kind} in one set and {fb.kind} in the other"
+            )
         if fa.kind == "numeric":
             sk = fa.kll()
             sk.merge(fb.kll())
@@ -217,8 +225,11 @@ def merge(a: SketchSet, b: SketchSet) -> SketchSet:
             sk = fa.frequent()
             sk.merge(fb.frequent())
         feats[name] = FeatureSketch(
-            kind=fa.kind, sketch=encode(sk), count=fa.count + fb.count,
-            missing=fa.missing + fb.missing, out_of_range=fa.out_of_range + fb.out_of_range,
+            kind=fa.kind,
+            sketch=encode(sk),
+            count=fa.count + fb.count,
+            missing=fa.missing + fb.missing,
+            out_of_range=fa.out_of_range + fb.out_of_range,
         )
     return SketchSet(rows=a.rows + b.rows, features=feats)
 

@@ -1,19 +1,18 @@
 """MQTT topic names. The prefix is configurable (default ``edgefleet``).
 
-    {p}/devices/{id}/state                      retained birth / last will (DeviceState)
-    {p}/devices/{id}/cmd                        server → device commands (Command)
-    {p}/devices/{id}/status                     device → server command progress (CommandStatus)
-    {p}/devices/{id}/artifact/{sha256}/{chunk}  server → device model bytes (ArtifactChunk), QoS 1
-    {p}/devices/{id}/telemetry/metrics          device → server (MetricsReport)
-    {p}/devices/{id}/telemetry/sketch           device → server (SketchReport)
-    {p}/alerts                                  server → anyone (Alert)
+{p}/devices/{id}/state                      retained birth / last will (DeviceState)
+{p}/devices/{id}/cmd                        server → device commands (Command)
+{p}/devices/{id}/status                     device → server command progress (CommandStatus)
+{p}/devices/{id}/artifact/{sha256}/{chunk}  server → device model bytes (ArtifactChunk), QoS 1
+{p}/devices/{id}/telemetry/metrics          device → server (MetricsReport)
+{p}/devices/{id}/telemetry/sketch           device → server (SketchReport)
+{p}/alerts                                  server → anyone (Alert)
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 DEFAULT_PREFIX = "edgefleet"
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -73,7 +72,7 @@ class Topics:
     def all_telemetry(self) -> str:
         return f"{self.prefix}/devices/+/telemetry/+"
 
-    def parse(self, topic: str) -> Optional[ParsedTopic]:
+    def parse(self, topic: str) -> ParsedTopic | None:
         parts = topic.split("/")
         head = self.prefix.split("/")
         n = len(head)

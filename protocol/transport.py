@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Protocol
 from urllib.parse import urlparse
 
 from .errors import EdgefleetError
@@ -68,7 +68,9 @@ class Transport(Protocol):
     def connect(self) -> None: ...
     def close(self) -> None: ...
     def is_connected(self) -> bool: ...
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery: ...
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Delivery: ...
     def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
     def unsubscribe(self, topic_filter: str) -> None: ...
     def set_handler(self, handler: Handler) -> None: ...
@@ -108,7 +110,7 @@ class MemoryBroker:
     log: list[tuple[str, bytes]] = field(default_factory=list)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
-    def client(self, client_id: str, will: Optional[Will] = None) -> MemoryTransport:
+    def client(self, client_id: str, will: Will | None = None) -> MemoryTransport:
         t = MemoryTransport(self, client_id, will)
         with self._lock:
             self.clients.append(t)
@@ -140,12 +142,12 @@ class MemoryBroker:
 
 
 class MemoryTransport:
-    def __init__(self, broker: MemoryBroker, client_id: str, will: Optional[Will] = None) -> None:
+    def __init__(self, broker: MemoryBroker, client_id: str, will: Will | None = None) -> None:
         self.broker = broker
         self.client_id = client_id
         self.will = will
         self._subs: set[str] = set()
-        self._handler: Optional[Handler] = None
+        self._handler: Handler | None = None
         self._conn_cbs: list[Callable[[bool], None]] = []
         self._connected = False
         self._want_connected = False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 from .transport import BrokerURL, Delivery, Handler, TransportError, Will
 
@@ -35,12 +35,12 @@ class PahoTransport:
         url: str,
         client_id: str,
         *,
-        username: Optional[str] = None,
-        password: Optional[str] = None,
-        ca_file: Optional[str] = None,
-        cert_file: Optional[str] = None,
-        key_file: Optional[str] = None,
-        will: Optional[Will] = None,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        will: Will | None = None,
         clean_session: bool = False,
         mqtt5: bool = False,
         keepalive: int = 30,
@@ -49,14 +49,16 @@ class PahoTransport:
         try:
             import paho.mqtt.client as mqtt
         except ImportError:  # pragma: no cover
-            raise TransportError("paho-mqtt is not installed: pip install 'edgefleet[agent]'") from None
+            raise TransportError(
+                "paho-mqtt is not installed: pip install 'edgefleet[agent]'"
+            ) from None
         self.url = BrokerURL.parse(url)
         self.client_id = client_id
         self.mqtt5 = mqtt5
         self._mqtt = mqtt
         self._keepalive = keepalive
         self._subs: dict[str, int] = {}
-        self._handler: Optional[Handler] = None
+        self._handler: Handler | None = None
         self._conn_cbs: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
         self._lock = threading.Lock()
@@ -68,8 +70,10 @@ class PahoTransport:
             )
         else:
             self._client = mqtt.Client(
-                mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                protocol=mqtt.MQTTv311, clean_session=clean_session,
+                mqtt.CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=clean_session,
             )
         if username:
             self._client.username_pw_set(username, password)
@@ -88,7 +92,9 @@ class PahoTransport:
         self._client.on_message = self._on_message
 
     # paho callbacks (network thread) -------------------------------------------------
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+    def _on_connect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None
+    ) -> None:
         if getattr(reason, "is_failure", False):
             self._last_error = str(reason)
             return
@@ -100,7 +106,9 @@ class PahoTransport:
         for cb in list(self._conn_cbs):
             cb(True)
 
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None
+    ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
         if was:
@@ -124,7 +132,8 @@ class PahoTransport:
             self._started = True
         if timeout and not self._connected.wait(timeout):
             raise TransportError(
-                f"cannot reach MQTT broker at {self.url}" + (f" ({self._last_error})" if self._last_error else "")
+                f"cannot reach MQTT broker at {self.url}"
+                + (f" ({self._last_error})" if self._last_error else "")
             )
 
     def close(self) -> None:

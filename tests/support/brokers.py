@@ -8,11 +8,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 from fleet_server.embedded_broker import EmbeddedBroker, free_port
 
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+)
 
 __all__ = ["MOSQUITTO", "EmbeddedBroker", "Mosquitto", "free_port", "wait_port"]
 
@@ -35,15 +36,19 @@ class Mosquitto:
     and ``{dir}`` in it are filled in.
     """
 
-    def __init__(self, config: Optional[str] = None, port: Optional[int] = None) -> None:
+    def __init__(self, config: str | None = None, port: int | None = None) -> None:
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed")
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="edgefleet-mosq-"))
-        text = config or "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {dir}/\n"
+        text = (
+            config
+            or "listener {port} 127.0.0.1\nallow_anonymous true\n"
+            "persistence true\npersistence_location {dir}/\n"
+        )
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(text.format(port=self.port, dir=self.dir))
-        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -51,7 +56,9 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         self.log = open(self.dir / "mosquitto.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)], stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(
+            [str(MOSQUITTO), "-c", str(self.conf)], stdout=self.log, stderr=self.log
+        )
         wait_port("127.0.0.1", self.port)
         return self
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -63,17 +63,25 @@ def trained(kind: str = "iris-logreg") -> TrainedModel:
     else:
         raise ValueError(kind)
     X = X.astype(np.float32)
-    onx = to_onnx(model, X[:1], options={id(model): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3})
+    onx = to_onnx(
+        model, X[:1], options={id(model): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3}
+    )
     feats = [
-        FeatureSpec(name=n, min=float(X[:, j].min()), max=float(X[:, j].max())) for j, n in enumerate(names)
+        FeatureSpec(name=n, min=float(X[:, j].min()), max=float(X[:, j].max()))
+        for j, n in enumerate(names)
     ]
     in_name = onx.graph.input[0].name
     schema = InputSchema(
-        features=feats, inputs=[ModelInput(name=in_name, dtype="float32", shape=[None, len(names)], features=names)]
+        features=feats,
+        inputs=[
+            ModelInput(name=in_name, dtype="float32", shape=[None, len(names)], features=names)
+        ],
     )
     out = OutputSchema(
-        task="classification", classes=[int(c) for c in model.classes_],
-        label_output=onx.graph.output[0].name, probability_output=onx.graph.output[1].name,
+        task="classification",
+        classes=[int(c) for c in model.classes_],
+        label_output=onx.graph.output[0].name,
+        probability_output=onx.graph.output[1].name,
     )
     return TrainedModel(kind, onx.SerializeToString(), X, y, schema, out)
 
@@ -84,10 +92,14 @@ def smoke_test(tm: TrainedModel, rows: int = 5) -> SmokeTest:
     sess = ort.InferenceSession(tm.onnx, providers=["CPUExecutionProvider"])
     X = tm.X[:rows]
     outs = sess.run(None, make_feeds(X, tm.input_schema))
-    pred = decode_outputs(dict(zip([o.name for o in sess.get_outputs()], outs)), tm.output_schema)
+    pred = decode_outputs(
+        dict(zip([o.name for o in sess.get_outputs()], outs, strict=True)), tm.output_schema
+    )
     return SmokeTest(
-        rows=X.tolist(), expected_labels=pred.labels,
-        expected_probabilities=np.asarray(pred.probabilities).tolist(), atol=1e-4,
+        rows=X.tolist(),
+        expected_labels=pred.labels,
+        expected_probabilities=np.asarray(pred.probabilities).tolist(),
+        atol=1e-4,
     )
 
 
@@ -99,26 +111,42 @@ def make_bundle(
     release: int = 1,
     kind: str = "iris-logreg",
     profiles: tuple[str, ...] = ("host",),
-    created_at: Optional[datetime] = None,
+    created_at: datetime | None = None,
     expires_in: timedelta = timedelta(days=30),
-    smoke: Optional[SmokeTest] = None,
-    model_bytes: Optional[bytes] = None,
+    smoke: SmokeTest | None = None,
+    model_bytes: bytes | None = None,
     fallback: Fallback = Fallback(),
 ) -> tuple[bytes, Manifest]:
     """Return ``(bundle bytes, manifest)`` for a signed bundle."""
     tm = trained(kind)
     model = model_bytes if model_bytes is not None else tm.onnx
     ref = build_reference(tm.X, tm.input_schema)
-    files = {"model.onnx": model, "reference.sketch": ref.to_bytes(), "model_card.md": f"# {name} {version}\n".encode()}
+    files = {
+        "model.onnx": model,
+        "reference.sketch": ref.to_bytes(),
+        "model_card.md": f"# {name} {version}\n".encode(),
+    }
     now = created_at or datetime.now(timezone.utc)
     manifest = Manifest(
-        name=name, version=version, release=release, created_at=now, expires_at=now + expires_in,
-        model=ModelInfo(path="model.onnx", format="onnx", opset=17, ml_opset=3, size_bytes=len(model)),
-        files=[FileEntry(path=k, sha256=sha256_hex(v), size=len(v)) for k, v in sorted(files.items())],
-        input_schema=tm.input_schema, output_schema=tm.output_schema,
-        lineage=Lineage(source_sha256=sha256_hex(tm.onnx), source_kind="sklearn", converter="skl2onnx"),
+        name=name,
+        version=version,
+        release=release,
+        created_at=now,
+        expires_at=now + expires_in,
+        model=ModelInfo(
+            path="model.onnx", format="onnx", opset=17, ml_opset=3, size_bytes=len(model)
+        ),
+        files=[
+            FileEntry(path=k, sha256=sha256_hex(v), size=len(v)) for k, v in sorted(files.items())
+        ],
+        input_schema=tm.input_schema,
+        output_schema=tm.output_schema,
+        lineage=Lineage(
+            source_sha256=sha256_hex(tm.onnx), source_kind="sklearn", converter="skl2onnx"
+        ),
         targets=[TargetProfile(profile=p, latency_budget_ms=10.0) for p in profiles],
-        smoke_tests=[smoke or smoke_test(tm)], fallback=fallback,
+        smoke_tests=[smoke or smoke_test(tm)],
+        fallback=fallback,
     )
     mb = canonical_bytes(manifest)
     return pack_bundle(mb, key.sign(mb), files), manifest

@@ -1,0 +1,361 @@
+"""The in-process predictor: the model behind the local API, and ``agent.Predictor``.
+
+A loaded model is an immutable :class:`LoadedModel` (runtime, manifest, schema plan).
+:meth:`Predictor.swap` replaces the pointer to it in one assignment, so a request that
+already took the old one finishes on it and none is dropped. When the runtime raises, the
+fallback named by the config (or else the manifest) answers: a constant, the previous
+model, or none (the error is raised). Every fallback is counted and flagged.
+
+Observers (prediction log, sketcher, metrics) are called after the answer is computed;
+they must only enqueue. A shadow candidate gets the rows through a bounded queue on one
+background thread and never answers a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from protocol.bundle import sha256_hex
+from protocol.feeds import FeedError, Prediction, decode_outputs, make_feeds, rows_from_instances
+from protocol.manifest import Manifest
+from protocol.messages import ModelRef
+
+from .config import AgentConfig
+from .errors import InferenceError, InputError, ModelError, NoModelError
+from .events import PredictionEvent, PredictionObserver
+from .inputs import SchemaPlan, validate_rows
+from .runtimes import Runtime, open_runtime
+
+log = logging.getLogger("edgefleet.agent.predictor")
+
+FEEDBACK_MEMORY = 10_000
+SHADOW_QUEUE = 1_000
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    runtime: Runtime
+    manifest: Manifest
+    ref: ModelRef
+    plan: SchemaPlan
+
+    @classmethod
+    def open(cls, manifest: Manifest, model_bytes: bytes, threads: int) -> LoadedModel:
+        runtime = open_runtime(model_bytes, manifest, threads)
+        ref = ModelRef(
+            name=manifest.name,
+            version=manifest.version,
+            release=manifest.release,
+            sha256=sha256_hex(model_bytes),
+        )
+        return cls(runtime, manifest, ref, SchemaPlan(manifest.input_schema))
+
+    def infer(self, arr: np.ndarray) -> Prediction:
+        try:
+            feeds = make_feeds(arr, self.manifest.input_schema)
+        except FeedError as exc:
+            raise InputError(str(exc)) from None
+        outputs = self.runtime.run(feeds)
+        try:
+            return decode_outputs(outputs, self.manifest.output_schema)
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            raise InferenceError(f"model outputs do not match the output schema: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    request_id: str
+    model: ModelRef
+    labels: list[Any] | None = None
+    probabilities: list[list[float]] | None = None
+    values: list[list[float]] | None = None
+    latency_ms: float = 0.0
+    fallback: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "request_id": self.request_id,
+            "model": {
+                "name": self.model.name,
+                "version": self.model.version,
+                "release": self.model.release,
+            },
+        }
+        for key in ("labels", "probabilities", "values"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        out["latency_ms"] = round(self.latency_ms, 4)
+        out["fallback"] = self.fallback
+        return out
+
+
+@dataclass
+class PredictorStats:
+    requests: int = 0
+    rows: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    observer_errors: int = 0
+    shadow_dropped: int = 0
+    swaps: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _plain(pred: Prediction) -> tuple[Any, Any, Any]:
+    probs = None if pred.probabilities is None else np.asarray(pred.probabilities).tolist()
+    values = None if pred.values is None else np.asarray(pred.values).tolist()
+    return pred.labels, probs, values
+
+
+class Predictor:
+    """Answers predictions from the active model; safe to call from many threads."""
+
+    def __init__(self, config: AgentConfig | None = None, *, threads: int | None = None) -> None:
+        self.config = config or AgentConfig()
+        self.threads = threads or self.config.runtime.threads or 1
+        self._current: LoadedModel | None = None
+        self._previous: LoadedModel | None = None
+        self._observers: tuple[PredictionObserver, ...] = ()
+        self._lock = threading.Lock()
+        self._recent: OrderedDict[str, tuple[ModelRef, Any]] = OrderedDict()
+        self._recent_lock = threading.Lock()
+        self.stats = PredictorStats()
+        self._shadow: LoadedModel | None = None
+        self._shadow_queue: queue.Queue | None = None
+        self._shadow_thread: threading.Thread | None = None
+
+    # -- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> Predictor:
+        """Load the active slot from ``config.data_dir`` (no network needed)."""
+        from .slots import Slots
+
+        threads = config.runtime.threads
+        if threads is None:
+            try:
+                threads = config.device_profile().inference_threads
+            except Exception:  # an unknown profile must not stop serving
+                threads = 1
+        pred = cls(config, threads=threads)
+        slots = Slots(config.data_dir / "slots", config.slots.keep_previous)
+        active = slots.load_active()
+        if active is None:
+            return pred
+        pred.swap(active.manifest, active.model_bytes)
+        if pred.fallback_kind() == "previous":
+            prev_id = slots.previous_id(active.slot_id)
+            if prev_id is not None:
+                try:
+                    prev = slots.load(prev_id)
+                    pred._previous = LoadedModel.open(prev.manifest, prev.model_bytes, pred.threads)
+                except Exception as exc:
+                    log.warning("previous slot %s cannot serve as fallback: %s", prev_id, exc)
+        return pred
+
+    def swap(self, manifest: Manifest, model_bytes: bytes) -> None:
+        """Load the new model, then switch to it atomically (in-flight requests finish)."""
+        new = LoadedModel.open(manifest, model_bytes, self.threads)
+        with self._lock:
+            if self._current is not None and self._current.ref != new.ref:
+                self._previous = self._current
+            self._current = new
+            self.stats.swaps += 1
+
+    @property
+    def model(self) -> ModelRef | None:
+        cur = self._current
+        return cur.ref if cur else None
+
+    @property
+    def manifest(self) -> Manifest | None:
+        cur = self._current
+        return cur.manifest if cur else None
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    def add_observer(self, obs: PredictionObserver) -> None:
+        with self._lock:
+            self._observers = (*self._observers, obs)
+
+    def fallback_kind(self) -> str:
+        if self.config.fallback.kind is not None:
+            return self.config.fallback.kind
+        cur = self._current
+        return cur.manifest.fallback.kind if cur else "none"
+
+    def _fallback_value(self) -> Any:
+        if self.config.fallback.kind is not None:
+            return self.config.fallback.value
+        cur = self._current
+        return cur.manifest.fallback.value if cur else None
+
+    # -- predicting ---------------------------------------------------------------------
+    def predict(
+        self,
+        rows: Any = None,
+        *,
+        instances: Any = None,
+        request_id: str | None = None,
+        max_rows: int | None = None,
+    ) -> PredictResult:
+        """Predict for rows (schema order) or instances (dicts by feature name).
+
+        Raises :class:`InputError` for rows that do not fit the schema, :class:`NoModelError`
+        before a model is loaded, and :class:`ModelError` when the model fails and the
+        fallback is ``none``.
+        """
+        t0 = time.perf_counter()
+        cur = self._current
+        if cur is None:
+            raise NoModelError("no model is installed yet")
+        rid = request_id or uuid.uuid4().hex
+        if instances is not None:
+            if rows is not None:
+                raise InputError("send either inputs or instances, not both")
+            if not isinstance(instances, list) or not all(isinstance(x, dict) for x in instances):
+                raise InputError("instances must be a list of objects keyed by feature name")
+            try:
+                rows = rows_from_instances(instances, cur.manifest.input_schema)
+            except FeedError as exc:
+                raise InputError(str(exc)) from None
+        if rows is None:
+            raise InputError("no inputs given")
+        arr = validate_rows(rows, cur.plan, max_rows)
+        error: str | None = None
+        fallback = False
+        model = cur
+        try:
+            pred: Prediction | None = cur.infer(arr)
+        except ModelError as exc:
+            error = str(exc)
+            pred, model = self._fallback(cur, arr, exc)
+            fallback = True
+        latency = (time.perf_counter() - t0) * 1000.0
+        self.stats.requests += 1
+        self.stats.rows += len(arr)
+        if fallback:
+            self.stats.fallbacks += 1
+        assert pred is not None
+        labels, probs, values = _plain(pred)
+        result = PredictResult(rid, model.ref, labels, probs, values, latency, fallback, error)
+        self._remember(rid, model.ref, labels if labels is not None else values)
+        self._notify(
+            PredictionEvent(time.time(), rid, model.ref, arr, pred, latency, error, fallback)
+        )
+        if self._shadow_queue is not None:
+            try:
+                self._shadow_queue.put_nowait((rid, arr))
+            except queue.Full:
+                self.stats.shadow_dropped += 1
+        return result
+
+    def _fallback(
+        self, cur: LoadedModel, arr: np.ndarray, exc: ModelError
+    ) -> tuple[Prediction, LoadedModel]:
+        kind = self.fallback_kind()
+        if kind == "previous" and self._previous is not None:
+            try:
+                return self._previous.infer(arr), self._previous
+            except ModelError:
+                pass
+        elif kind == "constant":
+            value = self._fallback_value()
+            n = len(arr)
+            if cur.manifest.output_schema.task == "classification":
+                return Prediction(labels=[value] * n), cur
+            return Prediction(values=np.full((n, 1), float(value or 0.0))), cur
+        self.stats.errors += 1
+        self._notify(PredictionEvent(time.time(), "", cur.ref, arr, None, 0.0, str(exc), False))
+        raise exc
+
+    def _notify(self, event: PredictionEvent) -> None:
+        for obs in self._observers:
+            try:
+                obs.on_prediction(event)
+            except Exception:  # an observer must never break a request
+                self.stats.observer_errors += 1
+
+    # -- feedback -----------------------------------------------------------------------
+    def _remember(self, rid: str, ref: ModelRef, predicted: Any) -> None:
+        if predicted is not None and len(predicted) == 1:
+            predicted = predicted[0]
+        with self._recent_lock:
+            self._recent[rid] = (ref, predicted)
+            if len(self._recent) > FEEDBACK_MEMORY:
+                self._recent.popitem(last=False)
+
+    def feedback(self, request_id: str, truth: Any) -> None:
+        """Report the true label/value of an earlier request (KeyError if unknown/too old)."""
+        with self._recent_lock:
+            ref, predicted = self._recent[request_id]
+        for obs in self._observers:
+            try:
+                obs.on_feedback(request_id, ref, truth, predicted)
+            except Exception:
+                self.stats.observer_errors += 1
+
+    # -- shadow -------------------------------------------------------------------------
+    def set_shadow(self, manifest: Manifest | None, model_bytes: bytes | None) -> None:
+        """Run a candidate beside the active model on live rows (None stops it)."""
+        if manifest is None or model_bytes is None:
+            self._shadow = None
+            return
+        self._shadow = LoadedModel.open(manifest, model_bytes, 1)
+        if self._shadow_thread is None:
+            self._shadow_queue = queue.Queue(maxsize=SHADOW_QUEUE)
+            self._shadow_thread = threading.Thread(
+                target=self._shadow_loop, name="edgefleet-shadow", daemon=True
+            )
+            self._shadow_thread.start()
+
+    def _shadow_loop(self) -> None:
+        assert self._shadow_queue is not None
+        while True:
+            item = self._shadow_queue.get()
+            if item is None:
+                return
+            shadow = self._shadow
+            if shadow is None:
+                continue
+            rid, arr = item
+            t0 = time.perf_counter()
+            try:
+                pred: Prediction | None = shadow.infer(arr)
+                error = None
+            except Exception as exc:  # a failing candidate is data, not a crash
+                pred, error = None, str(exc)
+            latency = (time.perf_counter() - t0) * 1000.0
+            self._notify(
+                PredictionEvent(
+                    time.time(), rid, shadow.ref, arr, pred, latency, error, False, shadow=True
+                )
+            )
+
+    @property
+    def shadow(self) -> ModelRef | None:
+        s = self._shadow
+        return s.ref if s else None
+
+    def close(self) -> None:
+        self._shadow = None
+        if self._shadow_queue is not None and self._shadow_thread is not None:
+            try:
+                self._shadow_queue.put(None, timeout=1.0)
+            except queue.Full:
+                pass
+            self._shadow_thread.join(timeout=2.0)
+            self._shadow_thread = None
+            self._shadow_queue = None

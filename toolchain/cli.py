@@ -1,0 +1,695 @@
+"""The host toolchain's commands, mounted by the root ``edgefleet`` CLI.
+
+Each command is a docstring with an example and a few lines calling one library function.
+Heavy libraries (scikit-learn, onnx, onnxruntime, TensorFlow) are imported inside the
+commands, so importing this module and ``edgefleet --help`` stay fast. Errors derived from
+``EdgefleetError`` become one ``error: …`` line in the root CLI.
+
+Exit codes: 0 ok; 1 error; 3 the model (or every variant) does not fit the profile's budget.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from typer.core import TyperGroup
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .benchmark import BenchReport
+    from .optimize import OptimizeReport
+
+EXIT_OVER_BUDGET = 3
+
+
+class _Group(TyperGroup):
+    """Turn our errors into one ``error: …`` line when this app runs on its own.
+
+    Under the root ``edgefleet`` CLI the root does the same; this keeps ``toolchain.cli.app``
+    usable (and testable with typer's CliRunner) by itself.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        from protocol.errors import EdgefleetError
+
+        try:
+            return super().invoke(ctx)
+        except EdgefleetError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+
+def _typer(help_: str | None = None) -> typer.Typer:
+    return typer.Typer(
+        cls=_Group, rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=help_
+    )
+
+
+app = _typer()
+keys_app = _typer("Generate signing keys.")
+profiles_app = _typer("List and show device profiles.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(profiles_app, name="profiles")
+
+
+@app.callback()
+def main() -> None:
+    """edgefleet host toolchain: convert, quantize, benchmark, package and verify models."""
+
+
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@contextmanager
+def _progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A rich spinner whose text the library's progress callback updates (on stderr)."""
+    if not enabled:
+        yield lambda _msg: None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=_console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("starting", total=None)
+        yield lambda msg: bar.update(task, description=msg)
+
+
+def _profiles(names: list[str]) -> list[Any]:
+    from protocol.profiles import load_profile
+
+    return [load_profile(n) for n in names]
+
+
+# --- profiles ---------------------------------------------------------------------------
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """List the device profiles edgefleet knows.
+
+    \b
+    Example:
+      edgefleet profiles list
+    """
+    from rich.table import Table
+
+    from protocol.profiles import list_profiles
+
+    table = Table(title="device profiles")
+    for col in ("name", "arch", "cpu", "threads", "memory MiB", "latency ms", "speed ×", "prefers"):
+        table.add_column(col)
+    for p in list_profiles():
+        table.add_row(
+            p.name,
+            p.arch,
+            p.cpu,
+            f"{p.inference_threads}/{p.cores}",
+            f"{p.memory_budget_mb:g}",
+            f"{p.latency_budget_ms:g}",
+            f"{p.speed_factor:g}",
+            f"{p.preferred_precision} {p.preferred_format}",
+        )
+    _console().print(table)
+
+
+@profiles_app.command("show")
+def profiles_show(
+    name: str = typer.Argument(..., help="Profile name, or a path to a .toml file."),
+) -> None:
+    """Show everything about one device profile, including where its speed factor comes from.
+
+    \b
+    Example:
+      edgefleet profiles show raspberry-pi-4
+    """
+    from rich.table import Table
+
+    from protocol.profiles import load_profile
+
+    p = load_profile(name)
+    table = Table(title=f"profile {p.name}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in p.model_dump().items():
+        if key == "runtimes":
+            continue
+        table.add_row(key, str(value))
+    for rt in p.runtimes:
+        opsets = f", max opset {rt.max_opset}" if rt.max_opset else ""
+        opsets += f", max ml opset {rt.max_ml_opset}" if rt.max_ml_opset else ""
+        table.add_row("runtime", f"{rt.name} {rt.version} ({', '.join(rt.formats)}{opsets})")
+    _console().print(table)
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Path = typer.Option(..., "--out", help="Folder for NAME.key (mode 0600) and NAME.pub."),
+    name: str = typer.Option("edgefleet", "--name", help="Base name of the key files."),
+) -> None:
+    """Generate an Ed25519 signing key pair; prints only the key id.
+
+    \b
+    Example:
+      edgefleet keys generate --out ~/.edgefleet/keys --name release
+    """
+    from .keys import generate_keys
+
+    key = generate_keys(out, name)
+    typer.echo(f"key id {key.key_id}: private {key.private_path} (0600), public {key.public_path}")
+
+
+# --- convert / quantize -----------------------------------------------------------------
+
+
+def _parity_table(report: Any, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("metric", "value", "threshold", "ok"):
+        table.add_column(col)
+    for row in report.rows():
+        table.add_row(*row)
+    _console().print(table)
+
+
+@app.command()
+def convert(
+    model: Path = typer.Argument(
+        ..., help="scikit-learn pickle/joblib, .onnx, .keras or SavedModel dir."
+    ),
+    data: Path = typer.Option(..., "--data", help="Data to check parity on (.npz or .csv)."),
+    target: str | None = typer.Option(
+        None, "--target", help="CSV target column (excluded from X)."
+    ),
+    to: str = typer.Option("onnx", "--to", help="onnx or tflite."),
+    out: Path | None = typer.Option(None, "--out", help="Output model path."),
+    min_label_agreement: float | None = typer.Option(None, help="Parity: minimum label agreement."),
+    max_proba_diff: float | None = typer.Option(None, help="Parity: maximum |Δprobability|."),
+    max_abs_error: float | None = typer.Option(None, help="Parity: maximum absolute error."),
+    max_rel_error: float | None = typer.Option(None, help="Parity: maximum relative error."),
+) -> None:
+    """Convert a model and check parity with the source on DATA.
+
+    \b
+    Example:
+      edgefleet convert model.joblib --data train.csv --target label --out model.onnx
+    """
+    from .convert import convert as run_convert
+    from .data import load_data
+    from .errors import ParityError
+    from .parity import ParityThresholds
+    from .sources import load_source
+
+    if to not in ("onnx", "tflite"):
+        raise typer.BadParameter("must be onnx or tflite", param_hint="--to")
+    overrides = {
+        k: v
+        for k, v in {
+            "min_label_agreement": min_label_agreement,
+            "max_proba_diff": max_proba_diff,
+            "max_abs_error": max_abs_error,
+            "max_rel_error": max_rel_error,
+        }.items()
+        if v is not None
+    }
+    source = load_source(model)
+    dataset = load_data(data, target)
+    try:
+        thresholds = ParityThresholds(**overrides)
+        result = run_convert(source, dataset, to=to, out=out, thresholds=thresholds)  # type: ignore[arg-type]
+    except ParityError as exc:
+        _parity_table(exc.report, "parity: FAILED")
+        raise
+    if result.parity is not None:
+        _parity_table(result.parity, "parity: ok")
+    typer.echo(f"wrote {result.path} ({result.format})")
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="A converted .onnx or .tflite model."),
+    mode: str = typer.Option(
+        ..., "--mode", help="dynamic, static, fp16 or int8 (TFLite full INT8)."
+    ),
+    data: Path | None = typer.Option(None, "--data", help="Calibration data (static/int8)."),
+    target: str | None = typer.Option(None, "--target", help="CSV target column to drop."),
+    out: Path | None = typer.Option(None, "--out", help="Output model path."),
+) -> None:
+    """Quantize a converted model.
+
+    \b
+    Example:
+      edgefleet quantize model.onnx --mode static --data calib.csv --out model-int8.onnx
+    """
+    from .data import load_data
+    from .quantize import quantize as run_quantize
+
+    if mode not in ("dynamic", "static", "fp16", "int8"):
+        raise typer.BadParameter("must be dynamic, static, fp16 or int8", param_hint="--mode")
+    dataset = load_data(data, target) if data else None
+    result = run_quantize(model, mode=mode, data=dataset, out=out)  # type: ignore[arg-type]
+    before = Path(model).stat().st_size
+    parity = result.sidecar.parity if result.sidecar is not None else None
+    if parity:
+        from rich.table import Table
+
+        table = Table(title="agreement with the unquantized model")
+        table.add_column("metric")
+        table.add_column("value")
+        for k, v in parity.items():
+            if v is not None and not isinstance(v, (dict, list)):
+                table.add_row(k, str(v))
+        _console().print(table)
+    typer.echo(
+        f"wrote {result.path} ({result.format}, {result.mode}): {result.size_bytes} bytes, "
+        f"{result.size_bytes / before:.2f}× the input"
+    )
+
+
+# --- bench / optimize -------------------------------------------------------------------
+
+
+def _bench_table(report: BenchReport) -> None:
+    from rich.table import Table
+
+    p, r, h = report.profile, report.result, report.host
+    table = Table(
+        title=f"{report.model.name} on {p.name} "
+        f"(device numbers are ESTIMATES: host × {p.speed_factor:g})"
+    )
+    for col in ("measure", "host", f"est. {p.name}", "budget"):
+        table.add_column(col)
+    if h is not None:
+        table.add_row("single-row p50 ms", f"{h.p50_ms:.3f}", f"{r.p50_ms:.3f}", "")
+        table.add_row(
+            "single-row p95 ms", f"{h.p95_ms:.3f}", f"{r.p95_ms:.3f}", f"{p.latency_budget_ms:g}"
+        )
+        table.add_row("single-row p99 ms", f"{h.p99_ms:.3f}", f"{r.p99_ms:.3f}", "")
+        table.add_row(
+            f"batch({h.batch_size}) p50 ms",
+            f"{h.batch_p50_ms:.3f}",
+            f"{r.batch_p50_ms or 0:.3f}",
+            "",
+        )
+        table.add_row(
+            f"batch({h.batch_size}) p95/p99 ms",
+            f"{h.batch_p95_ms:.3f} / {h.batch_p99_ms:.3f}",
+            "",
+            "",
+        )
+        table.add_row(
+            "throughput rows/s", f"{h.throughput_rps:,.0f}", f"{r.throughput_rps or 0:,.0f}", ""
+        )
+        table.add_row("load ms", f"{h.load_ms:.1f}", f"{r.load_ms or 0:.1f}", "")
+        table.add_row(
+            "peak RSS delta MiB", f"{h.peak_memory_mb:.1f}", "", f"{p.memory_budget_mb:g}"
+        )
+    table.add_row(
+        "model size", f"{report.compat.facts.size_bytes:,} B", "", f"{p.memory_budget_mb:g} MiB"
+    )
+    facts = report.compat.facts
+    if facts.opset or facts.ml_opset:
+        table.add_row(
+            "opset (ai.onnx / ml)",
+            f"{facts.opset} / {facts.ml_opset}",
+            "",
+            f"{report.compat.runtime}",
+        )
+    table.add_row("operators", str(len(facts.operators)), "", "")
+    table.add_row("verdict", "", "FITS" if report.fits else "OVER BUDGET", "")
+    console = _console()
+    console.print(table)
+    for reason in report.reasons:
+        console.print(f"  - {reason}")
+
+
+def _bench_json(report: BenchReport) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {
+        "model": str(report.model),
+        "profile": report.profile.name,
+        "compatible": report.compat.ok,
+        "runtime": report.compat.runtime,
+        "opset": report.compat.facts.opset,
+        "ml_opset": report.compat.facts.ml_opset,
+        "operators": report.compat.facts.operators,
+        "host": None if report.host is None else asdict(report.host),
+        "estimate": report.result.model_dump(mode="json"),
+        "speed_factor": report.profile.speed_factor,
+        "latency_budget_ms": report.profile.latency_budget_ms,
+        "fits_budget": report.fits,
+        "reasons": report.reasons,
+    }
+
+
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="A converted .onnx or .tflite model."),
+    profile: str = typer.Option(..., "--profile", help="Profile name or path to a .toml file."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Rows to time (default: synthesized from the schema)."
+    ),
+    target: str | None = typer.Option(None, "--target", help="CSV target column to drop."),
+    runs: int = typer.Option(200, "--runs", min=10, help="Single-row timing runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Benchmark a model for a device profile; exit code 3 when it does not fit.
+
+    Checks operators/opsets and memory against the profile, then times single-row and
+    batch predictions on this host with the profile's thread count and scales them by the
+    profile's speed factor. The verdict compares the ESTIMATED p95 with the budget.
+
+    \b
+    Example:
+      edgefleet bench model.onnx --profile raspberry-pi-4 --data test.csv --target label
+    """
+    from .benchmark import benchmark
+    from .data import load_data
+
+    prof = _profiles([profile])[0]
+    rows = load_data(data, target).X if data else None
+    with _progress(not as_json) as say:
+        report = benchmark(model, prof, rows=rows, runs=runs, progress=say)
+    if as_json:
+        typer.echo(json.dumps(_bench_json(report), indent=2))
+    else:
+        _bench_table(report)
+    if not report.fits:
+        raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _optimize_table(report: OptimizeReport) -> None:
+    from rich.table import Table
+
+    p = report.profile
+    table = Table(
+        title=f"variants for {p.name} (latency: ESTIMATES, host × {p.speed_factor:g}; "
+        f"budget {p.latency_budget_ms:g} ms, max {report.metric} drop {report.max_accuracy_drop:g})"
+    )
+    for col in (
+        "variant",
+        "size",
+        "est. p50 ms",
+        "est. p95 ms",
+        report.metric,
+        "drop",
+        "fits",
+        "why",
+    ):
+        table.add_column(col)
+    for v in report.variants:
+        b = v.bench.result if v.bench else None
+        table.add_row(
+            ("→ " if v is report.chosen else "") + v.name,
+            f"{v.size_bytes:,}" if v.size_bytes else "–",
+            f"{b.p50_ms:.3f}" if b else "–",
+            f"{b.p95_ms:.3f}" if b else "–",
+            f"{v.score:.4f}" if v.score is not None else "–",
+            f"{v.drop:+.4f}" if v.drop is not None else "–",
+            ("yes" if v.fits else "no") if v.bench else "–",
+            v.verdict,
+        )
+    console = _console()
+    console.print(table)
+    console.print(f"source {report.metric}: {report.source_score:.4f}")
+    for note in report.skipped:
+        console.print(f"  skipped: {note}")
+
+
+@app.command()
+def optimize(
+    model: Path = typer.Argument(
+        ..., help="Source model: scikit-learn pickle/joblib, .onnx or .keras."
+    ),
+    data: Path = typer.Option(
+        ..., "--data", help="Data (.npz or .csv); with a target a quarter is held out."
+    ),
+    profile: str = typer.Option(..., "--profile", help="Profile name or path to a .toml file."),
+    target: str | None = typer.Option(None, "--target", help="CSV target column."),
+    max_accuracy_drop: float = typer.Option(
+        0.01, "--max-accuracy-drop", help="Largest accepted drop."
+    ),
+    out: Path = typer.Option(Path("edgefleet-variants"), "--out", help="Folder for the variants."),
+    runs: int = typer.Option(100, "--runs", min=10, help="Single-row timing runs per variant."),
+) -> None:
+    """Try every variant (fp32, INT8 dynamic/static, FP16; ONNX and TFLite) and pick the best.
+
+    The winner has the smallest estimated p95 among variants within the latency budget and
+    the accuracy goal (a tie goes to the smaller file). Exit code 3 when none qualifies.
+
+    \b
+    Example:
+      edgefleet optimize model.joblib --data train.csv --target label --profile raspberry-pi-4
+    """
+    from .data import load_data
+    from .optimize import optimize as run_optimize
+
+    prof = _profiles([profile])[0]
+    dataset = load_data(data, target)
+    with _progress() as say:
+        report = run_optimize(
+            model,
+            dataset,
+            prof,
+            out_dir=out,
+            max_accuracy_drop=max_accuracy_drop,
+            runs=runs,
+            progress=say,
+        )
+    _optimize_table(report)
+    if report.chosen is None:
+        typer.echo("no variant meets both the budget and the accuracy goal", err=True)
+        raise typer.Exit(EXIT_OVER_BUDGET)
+    typer.echo(f"best: {report.chosen.name} → {report.chosen.path}")
+
+
+# --- package / verify / inspect / build -------------------------------------------------
+
+
+@app.command()
+def package(
+    model: Path = typer.Argument(
+        ..., help="A converted .onnx or .tflite model (with its sidecar)."
+    ),
+    name: str = typer.Option(..., "--name", help="Bundle name (lowercase)."),
+    version: str = typer.Option(..., "--version", help="Semantic version, e.g. 1.2.0."),
+    profile: list[str] = typer.Option(..., "--profile", help="Target profile (repeatable)."),
+    data: Path = typer.Option(..., "--data", help="Reference data for the sketch and smoke tests."),
+    target: str | None = typer.Option(None, "--target", help="CSV target column to drop."),
+    key: Path = typer.Option(..., "--key", help="Private signing key (PEM)."),
+    out: Path = typer.Option(..., "--out", help="Bundle file to write (.efb)."),
+    release: int | None = typer.Option(
+        None, "--release", min=1, help="Release number (default: UTC YYYYMMDDHHMMSS)."
+    ),
+    expires_days: float = typer.Option(180, "--expires-days", help="Validity in days."),
+    fallback: str | None = typer.Option(None, "--fallback", help="constant:VALUE or previous."),
+) -> None:
+    """Package a converted model as a signed .efb bundle.
+
+    \b
+    Example:
+      edgefleet package model.onnx --name iris --version 1.0.0 --profile raspberry-pi-4 \\
+        --data train.csv --target label --key keys/edgefleet.key --out iris-1.0.0.efb
+    """
+    from .data import load_data
+    from .package import package as run_package
+    from .package import parse_fallback
+
+    profiles = _profiles(profile)
+    fb = parse_fallback(fallback)
+    reference = load_data(data, target)
+    with _progress() as say:
+        manifest = run_package(
+            model,
+            name=name,
+            version=version,
+            profiles=profiles,
+            reference=reference,
+            key_path=key,
+            out=out,
+            release=release,
+            expires_days=expires_days,
+            fallback=fb,
+            progress=say,
+        )
+    typer.echo(
+        f"wrote {out}: {manifest.name} {manifest.version} release {manifest.release}, "
+        f"expires {manifest.expires_at.date()}"
+    )
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Argument(..., help="The .efb bundle."),
+    trust: list[str] = typer.Option(..., "--trust", help="Trusted public key file (repeatable)."),
+    revoked: list[str] | None = typer.Option(
+        None, "--revoked", help="Revoked key id (repeatable)."
+    ),
+    profile: str | None = typer.Option(
+        None, "--profile", help="Also check compatibility with a profile."
+    ),
+) -> None:
+    """Verify a bundle as a device would: signature, hashes, validity window, profile.
+
+    \b
+    Example:
+      edgefleet verify iris-1.0.0.efb --trust keys/edgefleet.pub --profile raspberry-pi-4
+    """
+    from .verify import verify_file
+
+    prof = _profiles([profile])[0] if profile else None
+    result = verify_file(bundle, [Path(t) for t in trust], revoked=revoked or [], profile=prof)
+    m = result.manifest
+    typer.echo(f"OK {m.name} {m.version} release {m.release} signed by key {result.key_id}")
+
+
+@app.command()
+def inspect(
+    bundle: Path = typer.Argument(..., help="The .efb bundle."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a readable summary of a bundle (reading is not verifying: use 'edgefleet verify').
+
+    \b
+    Example:
+      edgefleet inspect iris-1.0.0.efb
+    """
+    from .verify import inspect_file
+
+    info = inspect_file(bundle)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    _inspect_print(info)
+
+
+def _inspect_print(info: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    m = info["manifest"]
+    console = _console()
+    console.print(f"[bold]{m['name']} {m['version']}[/bold]  release {m['release']}")
+    console.print(f"created {m['created_at']}  expires {m['expires_at']}")
+    console.print(f"signature key id {info['signature_key_id']} (not verified here)")
+    files = Table(title="files")
+    for col in ("path", "size", "sha256"):
+        files.add_column(col)
+    for f in m["files"]:
+        files.add_row(f["path"], f"{f['size']:,}", f["sha256"][:16] + "…")
+    console.print(files)
+    model = m["model"]
+    console.print(
+        f"model {model['path']} ({model['format']}, opset {model.get('opset')}, "
+        f"ml opset {model.get('ml_opset')}, {len(model.get('operators', []))} operator types)"
+    )
+    feats = m["input_schema"]["features"]
+    names = ", ".join(f["name"] for f in feats[:12]) + (" …" if len(feats) > 12 else "")
+    console.print(f"inputs ({len(feats)}): {names}")
+    out = m["output_schema"]
+    console.print(
+        f"outputs: {out['task']}" + (f", classes {out['classes']}" if out.get("classes") else "")
+    )
+    lin = m["lineage"]
+    console.print(
+        f"lineage: {lin['source_kind']} {lin['source_name']} sha256 {lin['source_sha256'][:16]}…, "
+        f"converter {lin['converter'] or '–'}"
+    )
+    console.print(f"quantization: {m['quantization']['mode']}")
+    targets = Table(title="targets (latency estimated unless stated)")
+    for col in ("profile", "budget ms", "p50 ms", "p95 ms", "p99 ms", "fits", "estimated"):
+        targets.add_column(col)
+    for t in m["targets"]:
+        b = t.get("benchmark") or {}
+        targets.add_row(
+            t["profile"],
+            f"{t['latency_budget_ms']:g}",
+            *(
+                f"{b[k]:.3f}" if b.get(k) is not None else "–"
+                for k in ("p50_ms", "p95_ms", "p99_ms")
+            ),
+            "yes" if b.get("fits_budget") else "no",
+            "yes" if b.get("estimated", True) else "no",
+        )
+    console.print(targets)
+    n_rows = sum(len(s["rows"]) for s in m["smoke_tests"])
+    console.print(
+        f"smoke tests: {len(m['smoke_tests'])} ({n_rows} rows); fallback: {m['fallback']['kind']}"
+    )
+
+
+@app.command()
+def build(
+    model: Path = typer.Argument(
+        ..., help="Source model: scikit-learn pickle/joblib, .onnx or .keras."
+    ),
+    data: Path = typer.Option(..., "--data", help="Training/validation data (.npz or .csv)."),
+    target: str | None = typer.Option(None, "--target", help="CSV target column."),
+    name: str = typer.Option(..., "--name", help="Bundle name (lowercase)."),
+    version: str = typer.Option(..., "--version", help="Semantic version, e.g. 1.0.0."),
+    profile: list[str] = typer.Option(
+        ..., "--profile", help="Target profile (repeatable; the first drives the choice)."
+    ),
+    key: Path = typer.Option(..., "--key", help="Private signing key (PEM)."),
+    out: Path = typer.Option(Path("dist"), "--out", help="Output folder (bundle + variants/)."),
+    max_accuracy_drop: float = typer.Option(
+        0.01, "--max-accuracy-drop", help="Largest accepted drop."
+    ),
+    release: int | None = typer.Option(None, "--release", min=1, help="Release number."),
+    runs: int = typer.Option(100, "--runs", min=10, help="Timing runs per variant."),
+) -> None:
+    """Convert, optimize and package a model in one step.
+
+    \b
+    Example:
+      edgefleet keys generate --out keys
+      edgefleet build model.joblib --data train.csv --target label --name iris \\
+        --version 1.0.0 --profile raspberry-pi-4 --key keys/edgefleet.key --out dist
+    """
+    from .build import build as run_build
+    from .data import load_data
+
+    profiles = _profiles(profile)
+    dataset = load_data(data, target)
+    with _progress() as say:
+        result = run_build(
+            model,
+            dataset,
+            name=name,
+            version=version,
+            profiles=profiles,
+            key_path=key,
+            out_dir=out,
+            max_accuracy_drop=max_accuracy_drop,
+            release=release,
+            runs=runs,
+            progress=say,
+        )
+    _optimize_table(result.report)
+    if result.manifest is None:
+        typer.echo(
+            "no variant meets both the budget and the accuracy goal; nothing packaged", err=True
+        )
+        raise typer.Exit(EXIT_OVER_BUDGET)
+    m = result.manifest
+    typer.echo(
+        f"wrote {result.bundle}: {m.name} {m.version} release {m.release} "
+        f"({result.report.chosen.name if result.report.chosen else '?'})"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,7 @@ class PahoTransport:
         self._handler: Handler | None = None
         self._conn_cbs: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
+        self._attempted = threading.Event()  # set when a connection attempt was refused
         self._lock = threading.Lock()
         self._started = False
         self._last_error: str = ""
@@ -90,6 +92,7 @@ class PahoTransport:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_connect_fail = self._on_connect_fail
 
     # paho callbacks (network thread) -------------------------------------------------
     def _on_connect(
@@ -97,6 +100,7 @@ class PahoTransport:
     ) -> None:
         if getattr(reason, "is_failure", False):
             self._last_error = str(reason)
+            self._attempted.set()
             return
         with self._lock:
             subs = list(self._subs.items())
@@ -105,6 +109,10 @@ class PahoTransport:
         self._connected.set()
         for cb in list(self._conn_cbs):
             cb(True)
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self._last_error = self._last_error or "connection failed (network or TLS)"
+        self._attempted.set()
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None
@@ -130,7 +138,18 @@ class PahoTransport:
             self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
             self._client.loop_start()
             self._started = True
-        if timeout and not self._connected.wait(timeout):
+        if not timeout:
+            return
+        deadline = time.monotonic() + timeout
+        while not self._connected.is_set() and time.monotonic() < deadline:
+            if self._attempted.wait(min(0.05, max(deadline - time.monotonic(), 0))):
+                if (
+                    "not authori" in self._last_error.lower()
+                    or "bad user" in self._last_error.lower()
+                ):
+                    break  # refused credentials will not get better by waiting
+                self._attempted.clear()
+        if not self._connected.is_set():
             raise TransportError(
                 f"cannot reach MQTT broker at {self.url}"
                 + (f" ({self._last_error})" if self._last_error else "")

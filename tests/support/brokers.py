@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -46,8 +47,13 @@ class Mosquitto:
             or "listener {port} 127.0.0.1\nallow_anonymous true\n"
             "persistence true\npersistence_location {dir}/\n"
         )
+        text = text.format(port=self.port, dir=self.dir)
+        if os.geteuid() == 0:
+            # Started as root, Mosquitto drops to the "mosquitto" user and then cannot read
+            # the test's private temp folders; tests keep the invoking user instead.
+            text = "user root\n" + text
         self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(text.format(port=self.port, dir=self.dir))
+        self.conf.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

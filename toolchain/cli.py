@@ -412,7 +412,7 @@ def _optimize_table(report: OptimizeReport) -> None:
         report.metric,
         "drop",
         "fits",
-        "why",
+        "result",
     ):
         table.add_column(col)
     for v in report.variants:
@@ -425,10 +425,12 @@ def _optimize_table(report: OptimizeReport) -> None:
             f"{v.score:.4f}" if v.score is not None else "–",
             f"{v.drop:+.4f}" if v.drop is not None else "–",
             ("yes" if v.fits else "no") if v.bench else "–",
-            v.verdict,
+            v.verdict.split(":", 1)[0],
         )
     console = _console()
     console.print(table)
+    for v in report.variants:
+        console.print(f"  {v.name}: {v.verdict}")
     console.print(f"source {report.metric}: {report.source_score:.4f}")
     for note in report.skipped:
         console.print(f"  skipped: {note}")

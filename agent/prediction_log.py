@@ -1,0 +1,377 @@
+"""Every prediction in SQLite, written in batches off the request path.
+
+:class:`PredictionLog` is a :class:`~agent.events.PredictionObserver`. ``on_prediction``
+only appends the event to a bounded in-memory queue (``log.queue_size``); when that queue
+is full the row is **dropped and counted** (``stats.dropped``) rather than making the
+request wait. One background thread drains the queue, serializes inputs/outputs to JSON
+and inserts up to ``log.batch_size`` rows per transaction, at least every
+``log.flush_interval_s`` seconds. Shadow events are not logged (they answer nothing).
+
+Durability ("survives a crash up to the last committed batch"): the database runs in WAL
+mode with ``synchronous=FULL``, so once a batch's transaction has committed it is on disk
+and survives a killed process (SIGKILL, OOM) and a power cut. What a crash loses is only
+what had not been committed yet: rows still in the in-memory queue and the batch being
+written at that instant — at most ``queue_size + batch_size`` rows, and in steady state
+about ``flush_interval_s`` seconds of traffic. :meth:`flush` returns once everything
+queued before the call is committed.
+
+Retention runs in the writer after commits: the oldest rows go first until there are at
+most ``max_rows`` rows, none older than ``max_age_days`` and at most ``max_bytes`` of
+logged payload (the sum of the inputs/outputs JSON sizes, tracked per row).
+
+A full disk (``SQLITE_FULL`` / ``ENOSPC``) or another write error is caught and counted;
+the batch is dropped, :meth:`conditions` reports ``"disk_full"`` (or ``"log_write_error"``)
+until a later batch commits, and serving is never affected.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import logging
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from .config import LogConfig
+from .events import PredictionEvent
+
+log = logging.getLogger("edgefleet.agent.prediction_log")
+
+TABLE = "predictions"
+COLUMNS = [
+    "id",
+    "ts",
+    "request_id",
+    "model",
+    "version",
+    "release",
+    "inputs",
+    "outputs",
+    "latency_ms",
+    "error",
+    "fallback",
+]
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    release INTEGER NOT NULL,
+    inputs TEXT NOT NULL,
+    outputs TEXT,
+    latency_ms REAL NOT NULL,
+    error TEXT,
+    fallback INTEGER NOT NULL DEFAULT 0,
+    nbytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {TABLE}_ts ON {TABLE}(ts);
+"""
+_STOP = object()
+
+
+@dataclass
+class LogStats:
+    queued: int = 0
+    written: int = 0
+    dropped: int = 0
+    write_errors: int = 0
+    deleted: int = 0
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, np.generic):
+        return _json_value(v.item())
+    return v
+
+
+def _encode_inputs(rows: np.ndarray) -> str:
+    if rows.dtype.kind == "f" and np.isfinite(rows).all():
+        return json.dumps(rows.tolist(), separators=(",", ":"))
+    data = [[_json_value(v) for v in row] for row in rows.tolist()]
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _encode_outputs(event: PredictionEvent) -> str | None:
+    pred = event.prediction
+    if pred is None:
+        return None
+    out: dict[str, Any] = {}
+    if pred.labels is not None:
+        out["labels"] = [_json_value(v) for v in pred.labels]
+    if pred.probabilities is not None:
+        out["probabilities"] = np.round(
+            np.asarray(pred.probabilities, dtype=np.float64), 6
+        ).tolist()
+    if pred.values is not None:
+        out["values"] = np.asarray(pred.values, dtype=np.float64).tolist()
+    return json.dumps(out, separators=(",", ":"), allow_nan=False, default=str)
+
+
+def connect(path: Path, *, max_pages: int | None = None) -> sqlite3.Connection:
+    """Open the log database (WAL, synchronous=FULL) and create the table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False, timeout=10.0)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    if max_pages is not None:
+        db.execute(f"PRAGMA max_page_count={int(max_pages)}")
+    db.executescript(_SCHEMA)
+    return db
+
+
+class PredictionLog:
+    """Batched, bounded SQLite log of predictions. Call :meth:`start` (or use ``with``)."""
+
+    def __init__(
+        self, path: Path, config: LogConfig | None = None, *, max_pages: int | None = None
+    ) -> None:
+        """``max_pages`` caps the database size (SQLite ``max_page_count``): a way to
+        exercise the full-disk path in tests without filling a real disk."""
+        self.path = Path(path)
+        self.config = config or LogConfig()
+        self.stats = LogStats()
+        self._queue: queue.Queue = queue.Queue(maxsize=self.config.queue_size)
+        self._max_pages = max_pages
+        self._thread: threading.Thread | None = None
+        self._condition: str | None = None
+        self._db: sqlite3.Connection | None = None
+        self._last_retention = 0.0
+
+    # -- observer (request path: enqueue only) ------------------------------------------
+    def on_prediction(self, event: PredictionEvent) -> None:
+        if event.shadow:
+            return
+        try:
+            self._queue.put_nowait(event)
+            self.stats.queued += 1
+        except queue.Full:
+            self.stats.dropped += 1
+
+    def on_feedback(self, request_id: str, model: Any, truth: Any, predicted: Any) -> None:
+        return None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> PredictionLog:
+        if self._thread is None:
+            self._db = connect(self.path, max_pages=self._max_pages)
+            self._thread = threading.Thread(target=self._run, name="edgefleet-predlog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __enter__(self) -> PredictionLog:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything queued before this call is committed (or failed)."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+        self._thread = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def conditions(self) -> list[str]:
+        """Problems to report (e.g. ``["disk_full"]``); empty when healthy."""
+        return [self._condition] if self._condition else []
+
+    # -- writer -------------------------------------------------------------------------
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch: list[PredictionEvent] = []
+            waiters: list[threading.Event] = []
+            deadline = time.monotonic() + self.config.flush_interval_s
+            while len(batch) < self.config.batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                if isinstance(item, threading.Event):
+                    waiters.append(item)
+                    break
+                batch.append(item)
+            if batch:
+                self._write(batch)
+            for w in waiters:
+                w.set()
+
+    def _write(self, batch: list[PredictionEvent]) -> None:
+        assert self._db is not None
+        rows = []
+        for ev in batch:
+            inputs = _encode_inputs(ev.rows)
+            outputs = _encode_outputs(ev)
+            nbytes = len(inputs) + len(outputs or "")
+            rows.append(
+                (
+                    ev.ts,
+                    ev.request_id,
+                    ev.model.name,
+                    ev.model.version,
+                    ev.model.release,
+                    inputs,
+                    outputs,
+                    ev.latency_ms,
+                    ev.error,
+                    int(ev.fallback),
+                    nbytes,
+                )
+            )
+        try:
+            with self._db:
+                self._db.executemany(
+                    f"INSERT INTO {TABLE}(ts, request_id, model, version, release, inputs, outputs,"
+                    " latency_ms, error, fallback, nbytes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+            self.stats.written += len(rows)
+            self._condition = None
+        except (sqlite3.Error, OSError) as exc:
+            self.stats.write_errors += 1
+            full = "full" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC
+            self._condition = "disk_full" if full else "log_write_error"
+            log.error("prediction log: dropped %d rows: %s", len(rows), exc)
+            return
+        now = time.monotonic()
+        if now - self._last_retention > 1.0:
+            self._last_retention = now
+            self._retain()
+
+    def _retain(self) -> None:
+        assert self._db is not None
+        c = self.config
+        try:
+            with self._db:
+                deleted = self._db.execute(
+                    f"DELETE FROM {TABLE} WHERE ts < ?", (time.time() - c.max_age_days * 86400,)
+                ).rowcount
+                deleted += self._db.execute(
+                    f"DELETE FROM {TABLE} WHERE id <= (SELECT MAX(id) FROM {TABLE}) - ?",
+                    (c.max_rows,),
+                ).rowcount
+                total = self._db.execute(
+                    f"SELECT COALESCE(SUM(nbytes), 0) FROM {TABLE}"
+                ).fetchone()[0]
+                if total > c.max_bytes:
+                    # Walk from the newest row back to the byte budget; delete everything older.
+                    acc, cut = 0, None
+                    for rid, nb in self._db.execute(
+                        f"SELECT id, nbytes FROM {TABLE} ORDER BY id DESC"
+                    ):
+                        acc += nb
+                        if acc > c.max_bytes:
+                            cut = rid
+                            break
+                    if cut is not None:
+                        deleted += self._db.execute(
+                            f"DELETE FROM {TABLE} WHERE id <= ?", (cut,)
+                        ).rowcount
+            self.stats.deleted += deleted
+        except (sqlite3.Error, OSError) as exc:
+            log.error("prediction log retention failed: %s", exc)
+
+
+# -- reading (CLI: log tail / log export) ---------------------------------------------------
+def _open_ro(path: Path) -> Any:
+    import sqlite_utils
+
+    from .errors import AgentError
+
+    if not Path(path).is_file():
+        raise AgentError(f"no prediction log at {path}")
+    return sqlite_utils.Database(str(path))
+
+
+def read_rows(path: Path, *, last: int | None = None, after_id: int = 0) -> list[dict[str, Any]]:
+    """Rows with ``id > after_id`` in id order (only the ``last`` N when given)."""
+    db = _open_ro(path)
+    try:
+        if TABLE not in db.table_names():
+            return []
+        cols = ", ".join(COLUMNS)
+        if last is not None:
+            sql = (
+                f"SELECT * FROM (SELECT {cols} FROM {TABLE} WHERE id > ?"
+                " ORDER BY id DESC LIMIT ?) ORDER BY id"
+            )
+            return [dict(r) for r in db.query(sql, [after_id, last])]
+        return [
+            dict(r)
+            for r in db.query(f"SELECT {cols} FROM {TABLE} WHERE id > ? ORDER BY id", [after_id])
+        ]
+    finally:
+        db.close()
+
+
+def iter_rows(path: Path, batch: int = 1000) -> Iterator[dict[str, Any]]:
+    after = 0
+    while True:
+        db = _open_ro(path)
+        try:
+            cols = ", ".join(COLUMNS)
+            rows = [
+                dict(r)
+                for r in db.query(
+                    f"SELECT {cols} FROM {TABLE} WHERE id > ? ORDER BY id LIMIT ?", [after, batch]
+                )
+            ]
+        finally:
+            db.close()
+        if not rows:
+            return
+        yield from rows
+        after = rows[-1]["id"]
+
+
+def export(path: Path, out: TextIO, fmt: str = "jsonl") -> int:
+    """Write every logged row to ``out`` as JSON lines or CSV; return the row count."""
+    n = 0
+    if fmt == "jsonl":
+        for row in iter_rows(path):
+            row["inputs"] = json.loads(row["inputs"])
+            row["outputs"] = json.loads(row["outputs"]) if row["outputs"] else None
+            out.write(json.dumps(row, separators=(",", ":")) + "\n")
+            n += 1
+    elif fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in iter_rows(path):
+            writer.writerow(row)
+            n += 1
+    else:
+        from .errors import AgentError
+
+        raise AgentError(f"unknown export format {fmt!r} (use jsonl or csv)")
+    return n

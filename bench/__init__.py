@@ -1,0 +1,1 @@
+"""Reproducible benchmarks against named anchors. Run them all with ``python -m bench``."""

@@ -18,6 +18,9 @@ for inspection, with the failed report in the sidecar.
 from __future__ import annotations
 
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -196,7 +199,10 @@ def _sklearn_to_onnx(
             for i in inp.inputs
         ]
         options = {id(final): {"zipmap": False}} if source.task == "classification" else None
-        onx = convert_sklearn(model, initial_types=types, options=options, target_opset=opset)
+        with _int_missing_value_tracks(), warnings.catch_warnings():
+            # skl2onnx reads SVC.probA_/probB_, deprecated in scikit-learn 1.9: harmless here
+            warnings.filterwarnings("ignore", message=r"Attribute `prob[AB]_` was deprecated")
+            onx = convert_sklearn(model, initial_types=types, options=options, target_opset=opset)
         if type(final).__name__.startswith("HistGradientBoosting"):
             fix_hist_gradient_boosting_thresholds(onx, final)
         out.write_bytes(onx.SerializeToString())
@@ -228,6 +234,34 @@ def _sklearn_to_onnx(
         tool_versions=tool_versions("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "protobuf"),
     )
     return inp, outs, lineage
+
+
+@contextmanager
+def _int_missing_value_tracks() -> Iterator[None]:
+    """Make skl2onnx pass ints, not bools, as ``nodes_missing_value_tracks_true``.
+
+    skl2onnx 1.20's HistGradientBoosting converter puts numpy bools into an integer
+    attribute: protobuf 6.33 warns ("Expected an int, got a boolean … rejected in 7.34")
+    and protobuf 7 raises. Wrapping ``tree_ensemble.add_node`` for the duration of the
+    conversion converts the value, so neither happens (the pin ``protobuf<7`` stays as a
+    second line of defence).
+    """
+    from skl2onnx.common import tree_ensemble
+
+    original = tree_ensemble.add_node
+
+    def add_node(*args: Any, **kwargs: Any) -> Any:
+        if "nodes_missing_value_tracks_true" in kwargs:
+            kwargs["nodes_missing_value_tracks_true"] = int(
+                bool(kwargs["nodes_missing_value_tracks_true"])
+            )
+        return original(*args, **kwargs)
+
+    tree_ensemble.add_node = add_node
+    try:
+        yield
+    finally:
+        tree_ensemble.add_node = original
 
 
 def round_down_float32(thresholds: np.ndarray) -> np.ndarray:

@@ -97,11 +97,13 @@ def _load_sklearn(p: Path) -> SourceModel:
         raise UnsupportedModelError(
             f"cannot unpickle {p.name}: {type(exc).__name__}: {exc}"
         ) from None
-    if sklearn.base.is_classifier(obj):
-        task: Task = "classification"
-    elif sklearn.base.is_regressor(obj):
-        task = "regression"
-    else:
+    task: Task | None = None
+    if isinstance(obj, sklearn.base.BaseEstimator) and hasattr(obj, "predict"):
+        if sklearn.base.is_classifier(obj):
+            task = "classification"
+        elif sklearn.base.is_regressor(obj):
+            task = "regression"
+    if task is None:
         raise UnsupportedModelError(
             f"{p.name} holds a {type(obj).__module__}.{type(obj).__name__}, not a scikit-learn "
             "classifier, regressor or Pipeline ending in one"

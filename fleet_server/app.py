@@ -1,0 +1,262 @@
+"""The REST API (``/v1``, OpenAPI at ``/openapi.json``) over a :class:`FleetService`.
+
+Every route but ``/v1/health``, ``/v1/artifacts/{sha256}`` (content-addressed, fetched by
+devices that hold no API token; the bytes are a signed bundle) and ``/metrics`` needs a
+bearer token: viewers read, operators act, admins also manage tokens. Errors are JSON:
+``{"error": ..., "detail": ..., "field": ...}`` with a 4xx status. The dashboard router from
+:mod:`fleet_server.dashboard` is mounted at ``/`` when that package is present.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .auth import require
+from .errors import FleetError, InvalidInput
+from .service import FleetService, RolloutRequest
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+ACTIONS = ("start", "pause", "resume", "abort", "rollback")
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """``bytes=a-b``, ``bytes=a-`` or ``bytes=-n`` → inclusive (start, end); None: 416."""
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        return None
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            n = int(last)
+            start, end = max(0, size - n), size - 1
+        else:
+            start = int(first)
+            end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    end = min(end, size - 1)
+    if start > end or start >= size:
+        return None
+    return start, end
+
+
+def create_app(service: FleetService) -> FastAPI:
+    from fastapi import Body, Depends, FastAPI, Query, Request, Response
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel
+
+    app = FastAPI(
+        title="edgefleet fleet server",
+        version="1",
+        description="Bundles, devices, staged rollouts with health gates, drift, events and audit.",
+    )
+    app.state.service = service
+    viewer, operator, admin = require("viewer"), require("operator"), require("admin")
+
+    @app.exception_handler(FleetError)
+    async def _fleet_error(request: Request, exc: FleetError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(loc) or "body"
+        return JSONResponse(
+            {"error": "InvalidInput", "detail": f"{field}: {err.get('msg')}", "field": field},
+            status_code=422,
+        )
+
+    def actor(role: str) -> str:
+        return f"api:{role}"
+
+    @app.get("/v1/health", tags=["service"])
+    def health() -> dict[str, Any]:
+        return {"ok": True, "bridge": service.bridge.stats() if service.bridge else None}
+
+    @app.get("/v1/overview", tags=["service"])
+    def overview(role: str = Depends(viewer)) -> dict[str, Any]:
+        return service.overview()
+
+    # bundles ---------------------------------------------------------------------------
+    @app.post(
+        "/v1/bundles",
+        status_code=201,
+        tags=["bundles"],
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+                "required": True,
+            }
+        },
+    )
+    async def upload_bundle(request: Request, role: str = Depends(operator)) -> dict[str, Any]:
+        """Upload a ``.efb`` as the raw request body; refused unless signed by a trusted key."""
+        data = await request.body()
+        if not data:
+            raise InvalidInput("the request body must be the bundle bytes", field="bundle")
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise InvalidInput(f"bundle is over {MAX_UPLOAD_BYTES} bytes", field="bundle")
+        return service.upload_bundle(data, actor=actor(role))
+
+    @app.get("/v1/bundles", tags=["bundles"])
+    def list_bundles(role: str = Depends(viewer)) -> list[dict[str, Any]]:
+        return service.list_bundles()
+
+    @app.get("/v1/bundles/{ref}", tags=["bundles"])
+    def show_bundle(ref: str, role: str = Depends(viewer)) -> dict[str, Any]:
+        return service.get_bundle(ref)
+
+    # devices ---------------------------------------------------------------------------
+    @app.get("/v1/devices", tags=["devices"])
+    def list_devices(
+        profile: str | None = None,
+        tag: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+        role: str = Depends(viewer),
+    ) -> list[dict[str, Any]]:
+        return service.list_devices(profile=profile, tag=tag, version=version, online=online)
+
+    @app.get("/v1/devices/{device_id}", tags=["devices"])
+    def show_device(device_id: str, role: str = Depends(viewer)) -> dict[str, Any]:
+        return service.get_device(device_id)
+
+    class Tags(BaseModel):
+        tags: list[str]
+
+    @app.put("/v1/devices/{device_id}/tags", tags=["devices"])
+    def tag_device(device_id: str, body: Tags, role: str = Depends(operator)) -> dict[str, Any]:
+        return service.tag_device(device_id, body.tags, actor=actor(role))
+
+    # rollouts --------------------------------------------------------------------------
+    @app.post("/v1/rollouts", status_code=201, tags=["rollouts"])
+    def create_rollout(
+        body: RolloutRequest,
+        dry_run: bool = Query(False),
+        force: bool = Query(False),
+        start: bool = Query(False),
+        role: str = Depends(operator),
+    ) -> dict[str, Any]:
+        """Create (and with ``start=true`` start) a rollout; ``dry_run=true`` only plans it."""
+        out = service.create_rollout(body, actor=actor(role), dry_run=dry_run, force=force)
+        if start and not dry_run:
+            out = service.start_rollout(out["rollout_id"], actor=actor(role))
+        return out
+
+    @app.post("/v1/rollouts/dry-run", tags=["rollouts"])
+    def dry_run_rollout(
+        body: RolloutRequest, force: bool = Query(False), role: str = Depends(viewer)
+    ) -> dict[str, Any]:
+        return service.create_rollout(body, actor=actor(role), dry_run=True, force=force)
+
+    @app.get("/v1/rollouts", tags=["rollouts"])
+    def list_rollouts(role: str = Depends(viewer)) -> list[dict[str, Any]]:
+        return service.list_rollouts()
+
+    @app.get("/v1/rollouts/{rollout_id}", tags=["rollouts"])
+    def rollout_status(rollout_id: str, role: str = Depends(viewer)) -> dict[str, Any]:
+        return service.rollout_status(rollout_id)
+
+    @app.post("/v1/rollouts/{rollout_id}/{action}", tags=["rollouts"])
+    def rollout_action(
+        rollout_id: str, action: str, role: str = Depends(operator)
+    ) -> dict[str, Any]:
+        if action not in ACTIONS:
+            raise InvalidInput(f"action must be one of {', '.join(ACTIONS)}", field="action")
+        method = getattr(service, f"{action}_rollout")
+        return dict(method(rollout_id, actor=actor(role)))
+
+    # drift, events, audit ------------------------------------------------------------------
+    @app.get("/v1/drift", tags=["drift"])
+    def drift(
+        model: str | None = None,
+        version: str | None = None,
+        limit: int = Query(50, ge=1, le=1000),
+        role: str = Depends(viewer),
+    ) -> list[dict[str, Any]]:
+        return service.drift_results(model=model, version=version, limit=limit)
+
+    @app.post("/v1/drift/evaluate", tags=["drift"])
+    def drift_evaluate(
+        model: str = Body(embed=True),
+        version: str = Body(embed=True),
+        role: str = Depends(operator),
+    ) -> Any:
+        return service.evaluate_drift(model, version)
+
+    @app.get("/v1/events", tags=["history"])
+    def events(
+        limit: int = Query(100, ge=1, le=5000),
+        rollout_id: str | None = None,
+        device_id: str | None = None,
+        role: str = Depends(viewer),
+    ) -> list[dict[str, Any]]:
+        return service.events(limit=limit, rollout_id=rollout_id, device_id=device_id)
+
+    @app.get("/v1/audit", tags=["history"])
+    def audit(
+        limit: int = Query(100, ge=1, le=5000),
+        target: str | None = None,
+        role: str = Depends(operator),
+    ) -> list[dict[str, Any]]:
+        return service.audit(limit=limit, target=target)
+
+    class TokenRequest(BaseModel):
+        role: str
+        name: str = ""
+
+    @app.post("/v1/tokens", status_code=201, tags=["auth"])
+    def create_token(body: TokenRequest, role: str = Depends(admin)) -> dict[str, str]:
+        """Create an API token; the answer is the only place the token is ever shown."""
+        return {
+            "token": service.create_token(body.role, body.name, actor=actor(role)),
+            "role": body.role,
+        }
+
+    # artifacts and metrics ------------------------------------------------------------------
+    @app.get("/v1/artifacts/{sha256}", tags=["delivery"])
+    def artifact(sha256: str, request: Request) -> Response:
+        """Bundle bytes by sha256, with ``Range`` support so an interrupted download resumes."""
+        data = service.artifacts.get(sha256)
+        headers = {"Accept-Ranges": "bytes", "ETag": f'"{sha256}"'}
+        rng = request.headers.get("range")
+        if rng:
+            span = _parse_range(rng, len(data))
+            if span is None:
+                return Response(
+                    status_code=416, headers={**headers, "Content-Range": f"bytes */{len(data)}"}
+                )
+            a, b = span
+            headers["Content-Range"] = f"bytes {a}-{b}/{len(data)}"
+            return Response(
+                data[a : b + 1],
+                status_code=206,
+                media_type="application/octet-stream",
+                headers=headers,
+            )
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
+    @app.get("/metrics", tags=["service"], include_in_schema=False)
+    def metrics() -> Response:
+        body, ctype = service.exporter.render()
+        return Response(body, media_type=ctype)
+
+    _mount_dashboard(app, service)
+    return app
+
+
+def _mount_dashboard(app: Any, service: FleetService) -> None:
+    try:
+        from fleet_server.dashboard import build_router
+    except ModuleNotFoundError as exc:
+        if exc.name in ("fleet_server.dashboard",):
+            return
+        raise
+    app.include_router(build_router(service))

@@ -1,0 +1,196 @@
+"""The fleet server's TOML configuration, validated into a frozen :class:`FleetConfig`.
+
+``edgefleet fleet init`` writes :func:`example_config`, a commented file that loads back
+into the defaults (a test keeps that true). Relative paths are resolved against the
+file's directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Role = Literal["viewer", "operator", "admin"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BrokerSection(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    embedded: bool = False
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    ca_file: Path | None = None
+    topic_prefix: str = "edgefleet"
+    mqtt5: bool = False
+    shared_group: str | None = None
+    client_id: str = "edgefleet-server"
+
+
+class ApiSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535)
+    public_url: str | None = None  # how devices reach /v1/artifacts (HTTP download path)
+
+
+class SigningSection(_Section):
+    key: Path | None = None  # private key that signs deploy/rollback commands
+    trusted: list[Path] = Field(default_factory=list)  # public keys bundles must be signed by
+    revoked: list[str] = Field(default_factory=list)
+
+
+class UserEntry(_Section):
+    username: str
+    password_hash: str
+    role: Role = "viewer"
+
+
+class TokenEntry(_Section):
+    name: str = ""
+    token_hash: str  # sha256 hex of the token
+    role: Role = "viewer"
+
+
+class AuthSection(_Section):
+    users: list[UserEntry] = Field(default_factory=list)
+    tokens: list[TokenEntry] = Field(default_factory=list)
+
+
+class RolloutDefaults(_Section):
+    success_threshold: float = Field(default=0.8, ge=0, le=1)
+    failure_threshold: float = Field(default=0.2, ge=0, le=1)
+    min_devices: int = Field(default=1, ge=1)
+    soak_s: float = Field(default=0.0, ge=0)
+    device_timeout_s: float = Field(default=300.0, gt=0)
+    max_retries: int = Field(default=1, ge=0, le=10)
+    rollback_on_halt: bool = True
+    tick_s: float = Field(default=0.5, gt=0)
+    delivery: Literal["mqtt", "http", "both"] = "mqtt"
+    chunk_bytes: int = Field(default=64 * 1024, gt=0, le=512 * 1024)
+
+
+class HooksSection(_Section):
+    drift_webhook: str | None = None
+    drift_command: str | None = None
+
+
+class FleetConfig(_Section):
+    data_dir: Path = Path("edgefleet-fleet")
+    broker: BrokerSection = BrokerSection()
+    api: ApiSection = ApiSection()
+    signing: SigningSection = SigningSection()
+    auth: AuthSection = AuthSection()
+    rollout: RolloutDefaults = RolloutDefaults()
+    drift: dict[str, Any] = Field(default_factory=dict)  # fields of fleet_server.drift.DriftConfig
+    hooks: HooksSection = HooksSection()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "fleet.db"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    def resolve(self, base: Path) -> FleetConfig:
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None or p.is_absolute() else base / p
+
+        signing = self.signing.model_copy(
+            update={"key": fix(self.signing.key), "trusted": [fix(p) for p in self.signing.trusted]}
+        )
+        broker = self.broker.model_copy(update={"ca_file": fix(self.broker.ca_file)})
+        return self.model_copy(
+            update={"data_dir": fix(self.data_dir), "signing": signing, "broker": broker}
+        )
+
+
+def parse_config(text: str, origin: str = "<config>") -> FleetConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    try:
+        return FleetConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{origin}: field {where}: {err['msg']}", field=where) from None
+
+
+def load_config(path: Path) -> FleetConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_config(text, str(path)).resolve(path.parent.resolve())
+
+
+def example_config() -> str:
+    """A commented fleet.toml that loads into the defaults."""
+    return """\
+# edgefleet fleet server configuration (edgefleet fleet serve --config fleet.toml)
+
+# Registry (SQLite) and the content-addressed artifact store live here.
+data_dir = "edgefleet-fleet"
+
+[broker]
+url = "mqtt://127.0.0.1:1883"   # mqtts:// for TLS
+embedded = false                # true: start the in-process amqtt broker on url's port
+# username = "fleet"
+# password = "…"
+# ca_file = "ca.pem"
+topic_prefix = "edgefleet"
+mqtt5 = false                   # Mosquitto/EMQX: true enables shared subscriptions
+# shared_group = "fleet"        # with mqtt5: several servers split telemetry ingest
+client_id = "edgefleet-server"
+
+[api]
+host = "127.0.0.1"
+port = 8700
+# public_url = "http://fleet.example:8700"   # set to offer the HTTP artifact download
+
+[signing]
+# key = "fleet-signing.pem"     # private key: signs deploy and rollback commands
+trusted = []                    # public keys an uploaded bundle must be signed by
+revoked = []                    # revoked key ids
+
+[auth]
+# Tokens: create with `edgefleet fleet token create --role operator` (stored hashed).
+# users = [{ username = "admin", password_hash = "…", role = "admin" }]   # dashboard logins
+users = []
+tokens = []
+
+[rollout]                       # defaults for new rollouts
+success_threshold = 0.8         # installed share needed to pass a stage
+failure_threshold = 0.2         # halt when the failed share is above this …
+min_devices = 1                 # … and at least this many devices reported
+soak_s = 0.0                    # seconds a stage must hold before the next starts
+device_timeout_s = 300.0        # a device in progress longer than this timed out
+max_retries = 1
+rollback_on_halt = true         # send signed rollbacks to devices that installed
+tick_s = 0.5
+delivery = "mqtt"               # mqtt | http | both (http needs api.public_url)
+chunk_bytes = 65536
+
+[drift]                         # fleet_server.drift.DriftConfig fields, e.g.
+# ks_alpha = 0.05
+# dataset_share = 0.5
+
+[hooks]
+# drift_webhook = "https://ci.example/retrain"
+# drift_command = "retrain.sh"
+"""

@@ -1,0 +1,150 @@
+"""Getting a bundle to a device: the signed deploy command and the artifact bytes.
+
+The deploy command carries the bundle's signed manifest (canonical bytes, base64, plus the
+bundle's signature) and how to fetch the bundle: its sha256, size and chunking, and the
+HTTP URL when the server offers the download. The bytes travel as :class:`ArtifactChunk`
+messages (QoS 1) on ``{p}/devices/{id}/artifact/{sha256}/{index}``, each with its own
+sha256. Transfers resume: a device reports ``downloading`` with ``result.missing`` and
+only those chunks are sent again. Commands are signed with the fleet's key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+from collections.abc import Iterable
+
+from protocol.bundle import Bundle
+from protocol.messages import (
+    ArtifactChunk,
+    Command,
+    DeployPayload,
+    RollbackPayload,
+    sign_command,
+)
+from protocol.signing import KeyPair
+from protocol.topics import Topics
+from protocol.transport import Transport
+
+
+def command_id(rollout_id: str, device_id: str, kind: str, attempt: int = 1) -> str:
+    """Structured so a status report routes back without a lookup table."""
+    return f"{rollout_id}:{device_id}:{kind}:{attempt}"
+
+
+def parse_command_id(cid: str) -> tuple[str, str, str, int] | None:
+    parts = cid.split(":")
+    if len(parts) != 4 or not parts[3].isdigit():
+        return None
+    return parts[0], parts[1], parts[2], int(parts[3])
+
+
+def n_chunks(size: int, chunk_size: int) -> int:
+    return max(1, math.ceil(size / chunk_size))
+
+
+def chunk(data: bytes, index: int, chunk_size: int, sha256: str | None = None) -> ArtifactChunk:
+    count = n_chunks(len(data), chunk_size)
+    if not 0 <= index < count:
+        raise IndexError(f"chunk {index} of {count}")
+    piece = data[index * chunk_size : (index + 1) * chunk_size]
+    return ArtifactChunk(
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
+        index=index,
+        count=count,
+        chunk_sha256=hashlib.sha256(piece).hexdigest(),
+        data=base64.b64encode(piece).decode(),
+    )
+
+
+def deploy_command(
+    bundle: Bundle,
+    data: bytes,
+    *,
+    device_id: str,
+    rollout_id: str,
+    cid: str,
+    chunk_size: int,
+    key: KeyPair | None,
+    http_url: str | None = None,
+) -> Command:
+    payload = DeployPayload(
+        manifest=base64.b64encode(bundle.manifest_bytes).decode(),
+        manifest_signature=bundle.signature,
+        bundle_sha256=hashlib.sha256(data).hexdigest(),
+        bundle_size=len(data),
+        chunk_size=chunk_size,
+        n_chunks=n_chunks(len(data), chunk_size),
+        http_url=http_url,
+    )
+    cmd = Command(
+        command_id=cid, device_id=device_id, kind="deploy", rollout_id=rollout_id, deploy=payload
+    )
+    return sign_command(cmd, key) if key is not None else cmd
+
+
+def rollback_command(
+    *,
+    device_id: str,
+    rollout_id: str,
+    cid: str,
+    key: KeyPair | None,
+    to_release: int | None = None,
+    reason: str = "",
+) -> Command:
+    cmd = Command(
+        command_id=cid,
+        device_id=device_id,
+        kind="rollback",
+        rollout_id=rollout_id,
+        rollback=RollbackPayload(to_release=to_release, reason=reason[:500]),
+    )
+    return sign_command(cmd, key) if key is not None else cmd
+
+
+class Sender:
+    """Publishes commands and chunks through the transport seam."""
+
+    def __init__(self, transport: Transport, topics: Topics, chunk_size: int) -> None:
+        self.transport = transport
+        self.topics = topics
+        self.chunk_size = chunk_size
+        self.chunks_sent = 0
+
+    def command(self, cmd: Command) -> None:
+        self.transport.publish(self.topics.cmd(cmd.device_id), cmd.to_json(), qos=1)
+
+    def chunks(self, device_id: str, data: bytes, indices: Iterable[int] | None = None) -> int:
+        sha = hashlib.sha256(data).hexdigest()
+        count = n_chunks(len(data), self.chunk_size)
+        wanted = range(count) if indices is None else sorted({i for i in indices if 0 <= i < count})
+        sent = 0
+        for i in wanted:
+            msg = chunk(data, i, self.chunk_size, sha)
+            self.transport.publish(self.topics.artifact(device_id, sha, i), msg.to_json(), qos=1)
+            sent += 1
+        self.chunks_sent += sent
+        return sent
+
+
+def reassemble(chunks: Iterable[ArtifactChunk], sha256: str) -> tuple[bytes | None, list[int]]:
+    """Device-side helper (used by tests and simulated agents): bytes when complete and
+    verified, else ``None`` and the missing indices. Chunks whose own hash fails are dropped."""
+    got: dict[int, bytes] = {}
+    count = 0
+    for c in chunks:
+        if c.sha256 != sha256:
+            continue
+        piece = c.payload()
+        if hashlib.sha256(piece).hexdigest() != c.chunk_sha256:
+            continue
+        got[c.index] = piece
+        count = c.count
+    missing = [i for i in range(count) if i not in got] if count else [0]
+    if missing:
+        return None, missing
+    data = b"".join(got[i] for i in range(count))
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return None, list(range(count))
+    return data, []

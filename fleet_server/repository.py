@@ -1,0 +1,539 @@
+"""The registry behind a small interface (:class:`Repository`), with a SQLite implementation.
+
+Everything the service stores goes through these methods, so a PostgreSQL implementation
+can replace :class:`SQLiteRepository` when one server is not enough. Rows come back as
+plain dicts. sqlite3 errors are translated into :class:`StorageError` here.
+
+Tables: bundles, devices, device_history, rollouts, rollout_stages, rollout_devices,
+metrics, events, audit, tokens, users. (The drift engine keeps its own tables in the same
+file through its own connection.)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from .errors import StorageError
+
+T = TypeVar("T")
+
+
+class Repository(Protocol):
+    # bundles
+    def add_bundle(self, row: dict[str, Any]) -> None: ...
+    def get_bundle(self, sha256: str) -> dict[str, Any] | None: ...
+    def list_bundles(self) -> list[dict[str, Any]]: ...
+    # devices
+    def upsert_device(self, device_id: str, **fields: Any) -> None: ...
+    def get_device(self, device_id: str) -> dict[str, Any] | None: ...
+    def list_devices(self) -> list[dict[str, Any]]: ...
+    def add_device_history(
+        self, device_id: str, ts: float, model: str, version: str, release: int
+    ) -> None: ...
+    def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]: ...
+    # rollouts
+    def save_rollout(self, doc: dict[str, Any], bundle_sha256: str) -> None: ...
+    def get_rollout(self, rollout_id: str) -> dict[str, Any] | None: ...
+    def list_rollouts(self, states: list[str] | None = None) -> list[dict[str, Any]]: ...
+    # telemetry
+    def add_metrics(self, row: dict[str, Any]) -> None: ...
+    def metrics_summary(
+        self, model: str, version: str, since: float, device_ids: list[str] | None = None
+    ) -> dict[str, Any]: ...
+    def device_metrics(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]: ...
+    # history
+    def add_event(self, kind: str, message: str, ts: float, **data: Any) -> None: ...
+    def add_events(self, rows: list[dict[str, Any]]) -> None: ...
+    def add_audits(self, rows: list[dict[str, Any]]) -> None: ...
+    def events(
+        self, limit: int = 100, rollout_id: str | None = None, device_id: str | None = None
+    ) -> list[dict[str, Any]]: ...
+    def add_audit(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        reason: str,
+        ts: float,
+        data: dict[str, Any] | None = None,
+    ) -> None: ...
+    def audit(self, limit: int = 100, target: str | None = None) -> list[dict[str, Any]]: ...
+    # auth
+    def add_token(self, token_hash: str, role: str, name: str, ts: float) -> None: ...
+    def token_role(self, token_hash: str) -> str | None: ...
+    def list_tokens(self) -> list[dict[str, Any]]: ...
+    def add_user(self, username: str, password_hash: str, role: str) -> None: ...
+    def get_user(self, username: str) -> dict[str, Any] | None: ...
+    def close(self) -> None: ...
+
+
+def connect(path: Path) -> Any:
+    """A ``sqlite_utils.Database`` on ``path`` in WAL mode, usable from several threads."""
+    import sqlite_utils
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
+        db = sqlite_utils.Database(conn)
+        db.enable_wal()
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open registry {path}: {exc}") from None
+    return db
+
+
+def _j(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+class SQLiteRepository:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.db = connect(self.path)
+        self._lock = threading.RLock()
+        self._migrate()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._lock:
+            try:
+                with self.db.conn:
+                    yield self.db
+            except sqlite3.Error as exc:
+                raise StorageError(f"registry: {exc}") from None
+
+    def _read(self, fn: Callable[[Any], T]) -> T:
+        with self._lock:
+            try:
+                return fn(self.db)
+            except sqlite3.Error as exc:
+                raise StorageError(f"registry: {exc}") from None
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            t = db.table
+            if not t("bundles").exists():
+                t("bundles").create(
+                    {
+                        "sha256": str,
+                        "name": str,
+                        "version": str,
+                        "release": int,
+                        "size": int,
+                        "model_sha256": str,
+                        "profiles": str,
+                        "manifest": str,
+                        "signer": str,
+                        "uploaded_at": float,
+                        "uploaded_by": str,
+                    },
+                    pk="sha256",
+                )
+            if not t("devices").exists():
+                t("devices").create(
+                    {
+                        "device_id": str,
+                        "profile": str,
+                        "tags": str,
+                        "online": int,
+                        "last_seen": float,
+                        "model": str,
+                        "version": str,
+                        "release": int,
+                        "model_sha256": str,
+                        "agent_version": str,
+                        "api_url": str,
+                        "state": str,
+                        "manual_tags": str,
+                    },
+                    pk="device_id",
+                )
+            if not t("device_history").exists():
+                t("device_history").create(
+                    {
+                        "id": int,
+                        "device_id": str,
+                        "ts": float,
+                        "model": str,
+                        "version": str,
+                        "release": int,
+                    },
+                    pk="id",
+                )
+                t("device_history").create_index(["device_id", "ts"])
+            if not t("rollouts").exists():
+                t("rollouts").create(
+                    {
+                        "rollout_id": str,
+                        "bundle_sha256": str,
+                        "state": str,
+                        "created_at": float,
+                        "updated_at": float,
+                        "dry_run": int,
+                        "doc": str,
+                    },
+                    pk="rollout_id",
+                )
+            if not t("rollout_stages").exists():
+                t("rollout_stages").create(
+                    {
+                        "rollout_id": str,
+                        "idx": int,
+                        "state": str,
+                        "target": float,
+                        "devices": int,
+                        "started_at": float,
+                        "finished_at": float,
+                    },
+                    pk=("rollout_id", "idx"),
+                )
+            if not t("rollout_devices").exists():
+                t("rollout_devices").create(
+                    {
+                        "rollout_id": str,
+                        "device_id": str,
+                        "stage": int,
+                        "state": str,
+                        "attempts": int,
+                        "updated_at": float,
+                        "reason": str,
+                    },
+                    pk=("rollout_id", "device_id"),
+                )
+                t("rollout_devices").create_index(["device_id"])
+            if not t("metrics").exists():
+                t("metrics").create(
+                    {
+                        "id": int,
+                        "device_id": str,
+                        "model": str,
+                        "version": str,
+                        "ts": float,
+                        "seq": int,
+                        "requests": int,
+                        "errors": int,
+                        "p95_ms": float,
+                        "p50_ms": float,
+                        "accuracy": float,
+                        "feedback": int,
+                    },
+                    pk="id",
+                )
+                t("metrics").create_index(["model", "version", "ts"])
+                t("metrics").create_index(["device_id", "seq"], unique=True)
+            if not t("events").exists():
+                t("events").create(
+                    {
+                        "id": int,
+                        "ts": float,
+                        "kind": str,
+                        "message": str,
+                        "rollout_id": str,
+                        "device_id": str,
+                        "data": str,
+                    },
+                    pk="id",
+                )
+                t("events").create_index(["rollout_id"])
+            if not t("audit").exists():
+                t("audit").create(
+                    {
+                        "id": int,
+                        "ts": float,
+                        "actor": str,
+                        "action": str,
+                        "target": str,
+                        "reason": str,
+                        "data": str,
+                    },
+                    pk="id",
+                )
+            if not t("tokens").exists():
+                t("tokens").create(
+                    {"token_hash": str, "role": str, "name": str, "created_at": float},
+                    pk="token_hash",
+                )
+            if not t("users").exists():
+                t("users").create(
+                    {"username": str, "password_hash": str, "role": str}, pk="username"
+                )
+
+    # bundles ------------------------------------------------------------------------
+    def add_bundle(self, row: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db["bundles"].upsert(row, pk="sha256")
+
+    def get_bundle(self, sha256: str) -> dict[str, Any] | None:
+        rows = self._read(lambda db: list(db["bundles"].rows_where("sha256 = ?", [sha256])))
+        return rows[0] if rows else None
+
+    def list_bundles(self) -> list[dict[str, Any]]:
+        return self._read(lambda db: list(db["bundles"].rows_where(order_by="uploaded_at desc")))
+
+    # devices ------------------------------------------------------------------------
+    def upsert_device(self, device_id: str, **fields: Any) -> None:
+        for k in ("tags", "manual_tags"):
+            if k in fields and not isinstance(fields[k], str):
+                fields[k] = _j(sorted(fields[k]))
+        with self._tx() as db:
+            db["devices"].upsert({"device_id": device_id, **fields}, pk="device_id")
+
+    def get_device(self, device_id: str) -> dict[str, Any] | None:
+        rows = self._read(lambda db: list(db["devices"].rows_where("device_id = ?", [device_id])))
+        return _device(rows[0]) if rows else None
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        return [
+            _device(r)
+            for r in self._read(lambda db: list(db["devices"].rows_where(order_by="device_id")))
+        ]
+
+    def add_device_history(
+        self, device_id: str, ts: float, model: str, version: str, release: int
+    ) -> None:
+        with self._tx() as db:
+            db["device_history"].insert(
+                {
+                    "device_id": device_id,
+                    "ts": ts,
+                    "model": model,
+                    "version": version,
+                    "release": release,
+                }
+            )
+
+    def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        return self._read(
+            lambda db: list(
+                db["device_history"].rows_where(
+                    "device_id = ?", [device_id], order_by="ts desc", limit=limit
+                )
+            )
+        )
+
+    # rollouts -----------------------------------------------------------------------
+    def save_rollout(self, doc: dict[str, Any], bundle_sha256: str) -> None:
+        rid = doc["rollout_id"]
+        stages = [
+            {
+                "rollout_id": rid,
+                "idx": s["index"],
+                "state": s["state"],
+                "target": s["target"],
+                "devices": len(s["devices"]),
+                "started_at": s["started_at"],
+                "finished_at": s["finished_at"],
+            }
+            for s in doc["stages"]
+        ]
+        devices = [
+            {
+                "rollout_id": rid,
+                "device_id": d["device_id"],
+                "stage": d["stage"],
+                "state": d["state"],
+                "attempts": d["attempts"],
+                "updated_at": d["updated_at"],
+                "reason": d["reason"],
+            }
+            for d in doc["devices"]
+        ]
+        with self._tx() as db:
+            db["rollouts"].upsert(
+                {
+                    "rollout_id": rid,
+                    "bundle_sha256": bundle_sha256,
+                    "state": doc["state"],
+                    "created_at": doc["created_at"],
+                    "updated_at": doc["updated_at"],
+                    "dry_run": int(doc.get("dry_run", False)),
+                    "doc": _j(doc),
+                },
+                pk="rollout_id",
+            )
+            db["rollout_stages"].upsert_all(stages, pk=("rollout_id", "idx"))
+            if devices:
+                db["rollout_devices"].upsert_all(devices, pk=("rollout_id", "device_id"))
+
+    def get_rollout(self, rollout_id: str) -> dict[str, Any] | None:
+        rows = self._read(
+            lambda db: list(db["rollouts"].rows_where("rollout_id = ?", [rollout_id]))
+        )
+        if not rows:
+            return None
+        return {**rows[0], "doc": json.loads(rows[0]["doc"])}
+
+    def list_rollouts(self, states: list[str] | None = None) -> list[dict[str, Any]]:
+        def q(db: Any) -> list[dict[str, Any]]:
+            cols = "rollout_id, bundle_sha256, state, created_at, updated_at, dry_run"
+            if states:
+                marks = ",".join("?" * len(states))
+                return list(
+                    db["rollouts"].rows_where(
+                        f"state in ({marks})", states, select=cols, order_by="created_at desc"
+                    )
+                )
+            return list(db["rollouts"].rows_where(select=cols, order_by="created_at desc"))
+
+        return self._read(q)
+
+    # telemetry ----------------------------------------------------------------------
+    def add_metrics(self, row: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db["metrics"].insert(
+                row, ignore=True
+            )  # (device, seq) unique: QoS 1 duplicates count once
+
+    def metrics_summary(
+        self, model: str, version: str, since: float, device_ids: list[str] | None = None
+    ) -> dict[str, Any]:
+        def q(db: Any) -> dict[str, Any]:
+            where, args = "model = ? and version = ? and ts >= ?", [model, version, since]
+            if device_ids is not None:
+                if not device_ids:
+                    return {
+                        "reports": 0,
+                        "requests": 0,
+                        "errors": 0,
+                        "p95_ms": None,
+                        "error_rate": None,
+                        "accuracy": None,
+                    }
+                where += f" and device_id in ({','.join('?' * len(device_ids))})"
+                args += device_ids
+            row = db.execute(
+                f"select count(*), sum(requests), sum(errors), max(p95_ms), "
+                "sum(accuracy * feedback), "
+                "sum(case when accuracy is not null then feedback else 0 end) "
+                f"from metrics where {where}",
+                args,
+            ).fetchone()
+            n, req, err, p95, acc_sum, fb = row
+            return {
+                "reports": n,
+                "requests": req or 0,
+                "errors": err or 0,
+                "p95_ms": p95,
+                "error_rate": (err or 0) / req if req else None,
+                "accuracy": acc_sum / fb if fb else None,
+            }
+
+        return self._read(q)
+
+    def device_metrics(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        return self._read(
+            lambda db: list(
+                db["metrics"].rows_where(
+                    "device_id = ?", [device_id], order_by="ts desc", limit=limit
+                )
+            )
+        )
+
+    # history ------------------------------------------------------------------------
+    def add_event(self, kind: str, message: str, ts: float, **data: Any) -> None:
+        row = {
+            "ts": ts,
+            "kind": kind,
+            "message": message,
+            "rollout_id": data.pop("rollout_id", None),
+            "device_id": data.pop("device_id", None),
+            "data": _j(data),
+        }
+        with self._tx() as db:
+            db["events"].insert(row)
+
+    def add_events(self, rows: list[dict[str, Any]]) -> None:
+        with self._tx() as db:
+            db["events"].insert_all(rows)
+
+    def events(
+        self, limit: int = 100, rollout_id: str | None = None, device_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        if rollout_id:
+            clauses.append("rollout_id = ?")
+            args.append(rollout_id)
+        if device_id:
+            clauses.append("device_id = ?")
+            args.append(device_id)
+        where = " and ".join(clauses) or None
+        rows = self._read(
+            lambda db: list(db["events"].rows_where(where, args, order_by="id desc", limit=limit))
+        )
+        return [{**r, "data": json.loads(r["data"] or "{}")} for r in rows]
+
+    def add_audit(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        reason: str,
+        ts: float,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db["audit"].insert(
+                {
+                    "ts": ts,
+                    "actor": actor,
+                    "action": action,
+                    "target": target,
+                    "reason": reason,
+                    "data": _j(data or {}),
+                }
+            )
+
+    def add_audits(self, rows: list[dict[str, Any]]) -> None:
+        with self._tx() as db:
+            db["audit"].insert_all([{**r, "data": _j(r.get("data") or {})} for r in rows])
+
+    def audit(self, limit: int = 100, target: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("target = ?", [target]) if target else (None, [])
+        rows = self._read(
+            lambda db: list(db["audit"].rows_where(where, args, order_by="id desc", limit=limit))
+        )
+        return [{**r, "data": json.loads(r["data"] or "{}")} for r in rows]
+
+    # auth ---------------------------------------------------------------------------
+    def add_token(self, token_hash: str, role: str, name: str, ts: float) -> None:
+        with self._tx() as db:
+            db["tokens"].insert(
+                {"token_hash": token_hash, "role": role, "name": name, "created_at": ts}
+            )
+
+    def token_role(self, token_hash: str) -> str | None:
+        rows = self._read(lambda db: list(db["tokens"].rows_where("token_hash = ?", [token_hash])))
+        return str(rows[0]["role"]) if rows else None
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return self._read(lambda db: list(db["tokens"].rows_where(select="name, role, created_at")))
+
+    def add_user(self, username: str, password_hash: str, role: str) -> None:
+        with self._tx() as db:
+            db["users"].upsert(
+                {"username": username, "password_hash": password_hash, "role": role}, pk="username"
+            )
+
+    def get_user(self, username: str) -> dict[str, Any] | None:
+        rows = self._read(lambda db: list(db["users"].rows_where("username = ?", [username])))
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+
+def _device(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    reported = json.loads(row.get("tags") or "[]")
+    manual = json.loads(row.get("manual_tags") or "[]")
+    out["tags"] = sorted(set(reported) | set(manual))
+    out["manual_tags"] = manual
+    out["online"] = bool(row.get("online"))
+    return out

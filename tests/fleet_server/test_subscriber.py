@@ -145,3 +145,54 @@ def test_a_handler_that_raises_does_not_stop_the_subscriber(amqtt_broker, caplog
         )
         wait_for(lambda: len(seen) == 3)
     assert "handler failed" in caplog.text
+
+
+def test_example_subscriber_script_prints_decoded_metrics(broker_url):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(root / "examples" / "subscriber.py"),
+            "--broker",
+            broker_url,
+            "--count",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("listening on edgefleet/devices/+/telemetry/metrics"), (
+            proc.stderr.read()
+        )
+        time.sleep(0.2)
+        publish_all(
+            broker_url,
+            [
+                (TOPICS.metrics("ex-1"), metrics_payload("ex-1", 7)),
+                (
+                    TOPICS.metrics("ex-1"),
+                    metrics_payload("someone-else", 8),
+                ),  # dropped: id mismatch
+                (TOPICS.metrics("ex-2"), metrics_payload("ex-2", 9)),
+            ],
+        )
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert out.splitlines() == [
+        "ex-1 iris 1.0.0 requests=7 errors=0 p95=-",
+        "ex-2 iris 1.0.0 requests=9 errors=0 p95=-",
+    ]
+    assert "does not match" in err

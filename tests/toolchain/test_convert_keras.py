@@ -1,0 +1,80 @@
+"""Keras → TFLite: an MLP and a small CNN convert with parity and run on LiteRT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolchain.convert import convert
+from toolchain.data import load_data
+from toolchain.errors import ConversionError, DataError
+from toolchain.runner import ModelRunner
+from toolchain.sidecar import describe, read_sidecar
+from toolchain.sources import load_source
+
+pytestmark = pytest.mark.tflite
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_keras_model_converts_to_tflite_with_parity(name, keras_tflite, keras_models):
+    converted = keras_tflite[name]
+    assert converted.format == "tflite" and converted.path.suffix == ".tflite"
+    report = converted.parity
+    assert report.passed, report.failures
+    assert report.label_agreement == 1.0 and report.max_abs_proba_diff < 1e-4
+    side = read_sidecar(converted.path)
+    assert side is not None
+    assert side.lineage.source_kind == "keras"
+    assert side.lineage.settings["source_path"] == str(keras_models[name].resolve())
+    assert side.output_schema.classes == list(range(10))
+    expected_shape = [None, 64] if name == "mlp" else [None, 8, 8, 1]
+    assert side.input_schema.inputs[0].shape == expected_shape
+    assert side.input_schema.n_features == 64
+
+
+def test_tflite_runner_predicts_batches_of_any_size(keras_tflite, keras_models):
+    converted = keras_tflite["cnn"]
+    side = converted.sidecar
+    runner = ModelRunner.open(converted.path, side.input_schema, side.output_schema, threads=2)
+    assert runner.format == "tflite"
+    X = load_data(keras_models["data"]).numeric_X()
+    one, many = runner.predict(X[:1]), runner.predict(X[:37])
+    assert len(one.labels) == 1 and len(many.labels) == 37
+    assert one.labels[0] == many.labels[0]
+    accuracy = np.mean(np.array(runner.predict(X).labels) == load_data(keras_models["data"]).y)
+    assert accuracy > 0.8  # a few epochs on digits; a broken reshape would be near 0.1
+
+
+def test_describe_infers_a_tflite_schema_without_sidecar(keras_tflite, tmp_path):
+    bare = tmp_path / "bare.tflite"
+    bare.write_bytes(keras_tflite["mlp"].path.read_bytes())
+    side = describe(bare)
+    assert side.output_schema.task == "classification" and side.output_schema.classes == list(
+        range(10)
+    )
+    assert side.input_schema.n_features == 64
+
+
+def test_keras_conversion_rejects_feature_count_mismatch(keras_models, datasets, tmp_path):
+    with pytest.raises(DataError, match="digits_cnn expects 64 features but the data has 4"):
+        convert(
+            load_source(keras_models["cnn"]),
+            load_data(datasets["iris"].npz),
+            to="tflite",
+            out=tmp_path / "x.tflite",
+        )
+
+
+def test_keras_to_onnx_is_refused_with_a_hint(keras_models, tmp_path):
+    with pytest.raises(ConversionError, match="use --to tflite"):
+        convert(
+            load_source(keras_models["mlp"]),
+            load_data(keras_models["data"]),
+            out=tmp_path / "x.onnx",
+        )
+
+
+def test_keras_source_reports_its_task_and_input_size(keras_models):
+    source = load_source(keras_models["cnn"])
+    assert source.kind == "keras" and source.task == "classification"
+    assert source.n_features == 64 and source.name == "digits_cnn"

@@ -179,7 +179,8 @@ class PredictionLog:
         self.close()
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Block until everything queued before this call is committed (or failed)."""
+        """Block until everything queued before this call is committed (or failed) and
+        retention has run; False on timeout."""
         if self._thread is None:
             return True
         done = threading.Event()
@@ -224,6 +225,8 @@ class PredictionLog:
                 batch.append(item)
             if batch:
                 self._write(batch)
+            if waiters:
+                self._retain()
             for w in waiters:
                 w.set()
 

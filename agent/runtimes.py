@@ -65,7 +65,7 @@ class OnnxRuntime(Runtime):
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-            opts.log_severity_level = 3
+            opts.log_severity_level = 4  # errors reach the caller translated
             self._session = ort.InferenceSession(
                 model, sess_options=opts, providers=["CPUExecutionProvider"]
             )

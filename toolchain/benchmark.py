@@ -273,3 +273,8 @@ def estimate(
 
 def _host_name() -> str:
     return f"{platform.machine()} host ×speed_factor"
+
+
+def benchmark_result(model_path: Path, profile: DeviceProfile, **kwargs: Any) -> BenchmarkResult:
+    """Just the manifest's view of :func:`benchmark`: estimated device numbers and verdict."""
+    return benchmark(model_path, profile, **kwargs).result

@@ -198,7 +198,9 @@ def convert(
     target: str | None = typer.Option(
         None, "--target", help="CSV target column (excluded from X)."
     ),
-    to: str = typer.Option("onnx", "--to", help="onnx or tflite."),
+    to: str | None = typer.Option(
+        None, "--to", help="onnx or tflite (default: tflite for Keras, onnx otherwise)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Output model path."),
     min_label_agreement: float | None = typer.Option(None, help="Parity: minimum label agreement."),
     max_proba_diff: float | None = typer.Option(None, help="Parity: maximum |Δprobability|."),
@@ -217,7 +219,7 @@ def convert(
     from .parity import ParityThresholds
     from .sources import load_source
 
-    if to not in ("onnx", "tflite"):
+    if to not in (None, "onnx", "tflite"):
         raise typer.BadParameter("must be onnx or tflite", param_hint="--to")
     overrides = {
         k: v
@@ -231,6 +233,7 @@ def convert(
     }
     source = load_source(model)
     dataset = load_data(data, target)
+    to = to or ("tflite" if source.kind == "keras" else "onnx")
     try:
         thresholds = ParityThresholds(**overrides)
         result = run_convert(source, dataset, to=to, out=out, thresholds=thresholds)  # type: ignore[arg-type]
@@ -248,17 +251,26 @@ def quantize(
     mode: str = typer.Option(
         ..., "--mode", help="dynamic, static, fp16 or int8 (TFLite full INT8)."
     ),
-    data: Path | None = typer.Option(None, "--data", help="Calibration data (static/int8)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Calibration data (static/int8); also checks parity."
+    ),
     target: str | None = typer.Option(None, "--target", help="CSV target column to drop."),
     out: Path | None = typer.Option(None, "--out", help="Output model path."),
+    min_label_agreement: float = typer.Option(
+        0.98, help="Parity vs the unquantized model: minimum label agreement."
+    ),
+    max_abs_error: float = typer.Option(0.05, help="Parity: maximum absolute error (regressors)."),
+    max_rel_error: float = typer.Option(0.05, help="Parity: maximum relative error (regressors)."),
 ) -> None:
-    """Quantize a converted model.
+    """Quantize a converted model; with --data, check it still agrees with the original.
 
     \b
     Example:
       edgefleet quantize model.onnx --mode static --data calib.csv --out model-int8.onnx
     """
     from .data import load_data
+    from .errors import QuantizationError
+    from .optimize import quantized_parity_failures
     from .quantize import quantize as run_quantize
 
     if mode not in ("dynamic", "static", "fp16", "int8"):
@@ -266,21 +278,41 @@ def quantize(
     dataset = load_data(data, target) if data else None
     result = run_quantize(model, mode=mode, data=dataset, out=out)  # type: ignore[arg-type]
     before = Path(model).stat().st_size
-    parity = result.sidecar.parity if result.sidecar is not None else None
-    if parity:
-        from rich.table import Table
-
-        table = Table(title="agreement with the unquantized model")
-        table.add_column("metric")
-        table.add_column("value")
-        for k, v in parity.items():
-            if v is not None and not isinstance(v, (dict, list)):
-                table.add_row(k, str(v))
-        _console().print(table)
     typer.echo(
         f"wrote {result.path} ({result.format}, {result.mode}): {result.size_bytes} bytes, "
         f"{result.size_bytes / before:.2f}× the input"
     )
+    parity = result.sidecar.parity if result.sidecar is not None else None
+    if not parity:
+        return
+    failures = quantized_parity_failures(
+        parity, min_label_agreement=min_label_agreement, max_abs_error=max_abs_error,
+        max_rel_error=max_rel_error,
+    )  # fmt: skip
+    _quant_parity_table(parity, failures)
+    if failures:
+        raise QuantizationError(
+            f"{result.path.name} disagrees with {Path(model).name} (kept for inspection): "
+            + "; ".join(failures)
+        )
+
+
+def _quant_parity_table(parity: dict[str, Any], failures: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title="parity with the unquantized model: " + ("FAILED" if failures else "ok"))
+    table.add_column("metric")
+    table.add_column("value")
+    for key in (
+        "n_rows",
+        "label_agreement",
+        "max_abs_proba_diff",
+        "max_abs_error",
+        "max_rel_error",
+    ):
+        if parity.get(key) is not None:
+            table.add_row(key.replace("_", " "), f"{parity[key]:.6g}")
+    _console().print(table)
 
 
 # --- bench / optimize -------------------------------------------------------------------

@@ -95,6 +95,31 @@ def test_quantize_writes_a_smaller_dynamic_int8_model(iris, iris_mlp_onnx, tmp_p
     assert out_path.is_file() and "dynamic" in out.stdout and "× the input" in out.stdout
 
 
+def test_quantize_fails_with_the_report_when_agreement_is_below_threshold(
+    iris, iris_mlp_onnx, tmp_path
+):
+    result = runner.invoke(
+        app,
+        [
+            "quantize", str(iris_mlp_onnx), "--mode", "dynamic", "--data", str(iris.npz),
+            "--out", str(tmp_path / "q.onnx"), "--min-label-agreement", "1.01",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "FAILED" in result.stdout and "unquantized model" in result.stdout
+    assert "label agreement" in result.stdout
+    assert result.stderr.startswith("error: ") and "label agreement" in result.stderr
+
+
+def test_quantized_parity_judges_regressors_by_absolute_and_relative_error():
+    from toolchain.optimize import quantized_parity_failures
+
+    assert quantized_parity_failures({"max_abs_error": 0.2, "max_rel_error": 0.01}) == []
+    assert quantized_parity_failures({"max_abs_error": 0.01, "max_rel_error": 0.5}) == []
+    assert quantized_parity_failures({"max_abs_error": 0.2, "max_rel_error": 0.5})
+    assert quantized_parity_failures({"label_agreement": 0.9})
+
+
 def test_quantize_rejects_an_unknown_mode(iris_mlp_onnx):
     result = runner.invoke(app, ["quantize", str(iris_mlp_onnx), "--mode", "int3"])
     assert result.exit_code != 0 and "dynamic, static, fp16 or int8" in result.output
@@ -205,6 +230,7 @@ def test_build_makes_a_signed_verifiable_bundle_from_a_keras_model(iris, keys, t
     manifest = verify_bundle(read_bundle(bundle), TrustStore.from_files([keys.public_path]))
     assert manifest.model.format == "tflite" and manifest.model.path == "model.tflite"
     assert manifest.lineage.source_kind == "keras"
+    assert "FULLY_CONNECTED" in manifest.model.operators  # read from the flatbuffer
     assert manifest.smoke_tests[0].expected_probabilities is not None
     np.testing.assert_allclose(
         np.sum(manifest.smoke_tests[0].expected_probabilities, axis=1), 1, atol=0.02

@@ -1,0 +1,357 @@
+"""Helpers for the fault and attack suite: real agent processes, a broker recorder, a fleet.
+
+* :func:`write_agent_config` writes an ``agent.toml`` for one device (own data dir, API
+  port, pinned keys, short telemetry windows, optional fault injection).
+* :class:`AgentProcess` runs ``edgefleet agent run --config …`` as a real OS process
+  (``kill()`` is ``kill -9``), and waits for its local API.
+* :func:`edgefleet` runs any other ``edgefleet …`` command in a subprocess.
+* :class:`BrokerRecorder` subscribes to ``{prefix}/#`` and keeps every message it sees.
+* :func:`make_fleet` builds a real :class:`fleet_server.FleetService` with its MQTT bridge.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from protocol import KeyPair
+from protocol.topics import Topics
+from tests.support.brokers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
+TOPICS = Topics()
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_public_keys(folder: Path, *keys: KeyPair) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key in keys:
+        path = folder / f"{key.key_id}.pub"
+        path.write_bytes(key.public_pem())
+        paths.append(path)
+    return paths
+
+
+def write_private_key(folder: Path, key: KeyPair) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key.key_id}.pem"
+    path.write_bytes(key.private_pem())
+    path.chmod(0o600)
+    return path
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(str(value) if isinstance(value, Path) else value)
+
+
+def write_agent_config(
+    folder: Path,
+    *,
+    device_id: str,
+    broker_url: str,
+    public_keys: Iterable[Path],
+    revoked: Iterable[str] = (),
+    data_dir: Path | None = None,
+    api_port: int | None = None,
+    window_s: float = 2.0,
+    fail_smoke_test: bool = False,
+    tags: Iterable[str] = (),
+    log_enabled: bool = True,
+    outbox_max_bytes: int | None = None,
+) -> Path:
+    """Write ``folder/agent.toml`` for one device and return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"device_id = {_toml(device_id)}",
+        'profile = "host"',
+        f"data_dir = {_toml(data_dir or folder / 'data')}",
+        f"tags = {json.dumps(list(tags))}",
+        "[broker]",
+        f"url = {_toml(broker_url)}",
+        "[trust]",
+        f"public_keys = {json.dumps([str(p) for p in public_keys])}",
+        f"revoked = {json.dumps(list(revoked))}",
+        "[api]",
+        f"port = {api_port or free_port()}",
+        "[log]",
+        f"enabled = {'true' if log_enabled else 'false'}",
+        "flush_interval_s = 0.2",
+        "[sketch]",
+        f"window_seconds = {window_s}",
+        "[runtime]",
+        "threads = 1",
+        "[faults]",
+        f"fail_smoke_test = {'true' if fail_smoke_test else 'false'}",
+    ]
+    if outbox_max_bytes is not None:
+        lines += ["[outbox]", f"max_bytes = {outbox_max_bytes}"]
+    path = folder / "agent.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("EDGEFLEET_DEBUG", None)
+    return env
+
+
+@functools.lru_cache(maxsize=1)
+def root_cli_mounts_agent() -> bool:
+    """Whether ``python -m edgefleet agent --help`` works (the lazy root CLI mounts agent)."""
+    probe = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "agent", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+        cwd=REPO,
+    )
+    return probe.returncode == 0
+
+
+# The agent's own Typer app, run as ``edgefleet``: the very command functions the root CLI
+# mounts. Used only while the root CLI cannot mount ``agent`` (see root_cli_mounts_agent).
+_AGENT_APP = "import sys; from agent.cli import app; sys.exit(app(prog_name='edgefleet'))"
+
+
+def edgefleet_argv(*args: str) -> list[str]:
+    if args and args[0] == "agent" and not root_cli_mounts_agent():
+        return [sys.executable, "-c", _AGENT_APP, *args]
+    return [sys.executable, "-m", "edgefleet", *args]
+
+
+def edgefleet(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``edgefleet ARGS`` in a subprocess; never raises on a non-zero exit."""
+    return subprocess.run(
+        edgefleet_argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=REPO,
+    )
+
+
+def agent_status(config: Path) -> dict[str, Any]:
+    """``edgefleet agent status --json`` of a (stopped or running) agent."""
+    out = edgefleet("agent", "status", "--config", str(config), "--json")
+    assert out.returncode == 0, f"agent status failed: {out.stderr.strip()}"
+    status: dict[str, Any] = json.loads(out.stdout)
+    return status
+
+
+def api_port(config: Path) -> int:
+    from agent.config import load_config
+
+    return load_config(config).api.port
+
+
+class AgentProcess:
+    """``edgefleet agent run --config CONFIG`` as a real OS process."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.port = api_port(config)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = config.parent / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._client = httpx.Client(base_url=self.url, timeout=10.0)
+
+    def start(self) -> AgentProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        try:
+            self.proc = subprocess.Popen(
+                edgefleet_argv("agent", "run", "--config", str(self.config)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_env(),
+                cwd=self.config.parent,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_api(self, timeout: float = 60.0, ready: bool = False) -> None:
+        """Wait until the local API answers (``ready``: until a model is loaded)."""
+        path = "/v1/ready" if ready else "/v1/health"
+
+        def up() -> bool:
+            if not self.alive():
+                raise AssertionError(f"agent exited early ({self.returncode()}):\n{self.log()}")
+            try:
+                return self._client.get(path, timeout=2.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout, f"the local API of {self.config} ({path})", interval=0.1)
+
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def predict(self, rows: list[list[float]] | None = None) -> httpx.Response:
+        return self._client.post("/v1/predict", json={"inputs": rows or [IRIS_ROW]})
+
+    def model(self) -> dict[str, Any] | None:
+        r = self._client.get("/v1/ready")
+        return r.json().get("model") if r.status_code == 200 else None
+
+    def get(self, path: str) -> httpx.Response:
+        return self._client.get(path)
+
+    def kill(self) -> None:
+        """``kill -9``: no cleanup of any kind runs in the agent."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.stop()
+        self._client.close()
+
+
+@dataclass(frozen=True)
+class Recorded:
+    ts: float
+    topic: str
+    payload: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class BrokerRecorder:
+    """A wildcard subscriber that keeps every message published under ``prefix``."""
+
+    def __init__(self, broker_url: str, topic_filter: str = "edgefleet/#") -> None:
+        from protocol.transport_paho import PahoTransport
+
+        self.messages: list[Recorded] = []
+        self._lock = threading.Lock()
+        self.transport = PahoTransport(
+            broker_url, f"recorder-{uuid.uuid4().hex[:8]}", clean_session=True
+        )
+        self.transport.set_handler(self._on)
+        self.transport.subscribe(topic_filter, qos=1)
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self.messages.append(Recorded(time.time(), topic, bytes(payload)))
+
+    def start(self) -> BrokerRecorder:
+        self.transport.connect(timeout=10)
+        return self
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def snapshot(self) -> list[Recorded]:
+        with self._lock:
+            return list(self.messages)
+
+    def by_kind(self, kind: str) -> list[tuple[str, Recorded]]:
+        """``(device id, message)`` for every message of a topic kind (cmd, status, …)."""
+        out = []
+        for m in self.snapshot():
+            parsed = TOPICS.parse(m.topic)
+            if parsed is not None and parsed.kind == kind:
+                out.append((parsed.device_id, m))
+        return out
+
+
+ADMIN_TOKEN = "eft_e2e-admin-token-" + "x" * 24
+
+
+def make_fleet(
+    folder: Path,
+    broker_url: str,
+    *,
+    signing_key: KeyPair,
+    trusted: Iterable[Path],
+    revoked: Iterable[str] = (),
+    rollout: dict[str, Any] | None = None,
+    connect: bool = True,
+) -> Any:
+    """A real :class:`fleet_server.FleetService` on ``broker_url`` with its bridge started."""
+    from fleet_server import auth
+    from fleet_server.config import FleetConfig
+    from fleet_server.service import FleetService
+    from protocol.transport_paho import PahoTransport
+
+    key_path = write_private_key(folder / "keys", signing_key)
+    config = FleetConfig.model_validate(
+        {
+            "data_dir": str(folder / "fleet"),
+            "broker": {"url": broker_url, "client_id": f"fleet-{uuid.uuid4().hex[:8]}"},
+            "signing": {
+                "key": str(key_path),
+                "trusted": [str(p) for p in trusted],
+                "revoked": list(revoked),
+            },
+            "auth": {
+                "tokens": [
+                    {"name": "e2e", "token_hash": auth.hash_token(ADMIN_TOKEN), "role": "admin"}
+                ]
+            },
+            "rollout": {"tick_s": 0.2, **(rollout or {})},
+        }
+    )
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    transport = (
+        PahoTransport(broker_url, config.broker.client_id, clean_session=False) if connect else None
+    )
+    service = FleetService(config, transport=transport)
+    if connect:
+        service.start()
+    return service

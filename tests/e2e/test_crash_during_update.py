@@ -1,0 +1,190 @@
+"""Crash during update: ``kill -9`` an install at random points; every restart serves a
+verified model (the old one or the new one, never a half-written one) and says which.
+
+The kill delays are drawn from a seeded RNG across the install's own duration: between the
+time an ``edgefleet agent install`` process needs to start and refuse a missing file (the
+import cost every run pays) and the time a complete install takes, so the kills land in
+verification, smoke test, slot write, fsync and the state-file switch.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import statistics
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import Predictor, load_config
+from agent.slots import BUNDLE_FILE
+from protocol import KeyPair, TrustStore, read_bundle, verify_bundle
+from tests.e2e.conftest import Release
+from tests.e2e.support import (
+    AgentProcess,
+    _env,
+    agent_status,
+    edgefleet,
+    edgefleet_argv,
+    write_agent_config,
+)
+from tests.support.bundles import make_bundle, trained
+
+pytestmark = pytest.mark.slow
+
+KILLS = 24
+SEED = 20261121
+UNUSED_BROKER = "mqtt://127.0.0.1:9"  # the offline commands never connect
+
+
+@pytest.fixture(scope="module")
+def digits(signing_key: KeyPair) -> tuple[Release, Release]:
+    """Two releases of a 100-tree digits forest (~200 KB bundles: writes take a while)."""
+    v1 = Release(*make_bundle(signing_key, name="digits", kind="digits-forest", release=1))
+    v2 = Release(
+        *make_bundle(signing_key, name="digits", kind="digits-forest", version="2.0.0", release=2)
+    )
+    return v1, v2
+
+
+def served_after_restart(config: Path, trust: TrustStore, versions: set[str]) -> str:
+    """Restart the agent's model loading from disk; check it serves a verified model."""
+    cfg = load_config(config)
+    predictor = Predictor.from_config(cfg)
+    try:
+        ref = predictor.model
+        assert ref is not None, "after the crash the device serves no model at all"
+        assert ref.version in versions
+        manifest = predictor.manifest
+        assert manifest is not None
+        # A real prediction, checked against the outputs the release was signed with.
+        smoke = manifest.smoke_tests[0]
+        result = predictor.predict(smoke.rows)
+        assert result.labels == smoke.expected_labels
+        assert not result.fallback
+        X = trained("digits-forest").X[:50]
+        assert len(predictor.predict(X.tolist()).labels or []) == 50
+    finally:
+        predictor.close()
+    # The active slot on disk verifies end to end (signature, every hash) and holds exactly
+    # the model that is served.
+    st = agent_status(config)
+    active = [s for s in st["slots"] if s["active"]]
+    assert len(active) == 1 and active[0]["ok"], f"active slot unusable: {st['slots']}"
+    assert active[0]["version"] == ref.version, "agent status disagrees with the served model"
+    bundle = read_bundle(cfg.data_dir / "slots" / active[0]["slot"] / BUNDLE_FILE)
+    manifest = verify_bundle(bundle, trust, allow_older=True)
+    assert manifest.file(manifest.model.path).sha256 == ref.sha256
+    return ref.version
+
+
+def _timed(argv: list[str]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    rc = subprocess.run(argv, capture_output=True, env=_env(), timeout=60).returncode
+    return time.perf_counter() - t0, rc
+
+
+def test_kill_9_during_install_always_restarts_on_a_verified_model(
+    tmp_path: Path, signing_key: KeyPair, key_files: dict[str, Path], digits
+) -> None:
+    v1, v2 = digits
+    trust = TrustStore.from_keys([signing_key.public])
+    template = tmp_path / "template"
+    cfg = write_agent_config(
+        template, device_id="crash-1", broker_url=UNUSED_BROKER, public_keys=[key_files["signing"]]
+    )
+    out = edgefleet("agent", "install", str(v1.write(tmp_path)), "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    new = v2.write(tmp_path)
+
+    def device(i: int) -> Path:
+        folder = tmp_path / f"run-{i:02d}"
+        shutil.copytree(template / "data", folder / "data")
+        return write_agent_config(
+            folder,
+            device_id="crash-1",
+            broker_url=UNUSED_BROKER,
+            public_keys=[key_files["signing"]],
+        )
+
+    # How long the process takes to start and refuse (imports only) vs a whole install.
+    base = statistics.median(
+        _timed(
+            edgefleet_argv("agent", "install", str(tmp_path / "none.efb"), "--config", str(cfg))
+        )[0]
+        for _ in range(2)
+    )
+    full, rc = _timed(edgefleet_argv("agent", "install", str(new), "--config", str(device(99))))
+    assert rc == 0
+    assert full > base
+
+    rng = random.Random(SEED)
+    outcomes: Counter[str] = Counter()
+    completed = 0
+    for i in range(KILLS):
+        config = device(i)
+        delay = rng.uniform(0.8 * base, 1.05 * full)
+        proc = subprocess.Popen(
+            edgefleet_argv("agent", "install", str(new), "--config", str(config)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=_env(),
+        )
+        time.sleep(delay)
+        finished = proc.poll() is not None
+        proc.kill()  # SIGKILL: kill -9
+        rc = proc.wait(10)
+        version = served_after_restart(config, trust, {v1.version, v2.version})
+        if finished and rc == 0:
+            completed += 1
+            assert version == v2.version, "a completed install must survive the restart"
+        outcomes[version] += 1
+    print(
+        f"\n{KILLS} kills between {0.8 * base:.2f}s and {1.05 * full:.2f}s: "
+        f"{dict(outcomes)} served after restart, {completed} installs completed before the kill"
+    )
+    assert sum(outcomes.values()) == KILLS
+
+
+def test_restarted_daemon_reports_the_model_it_serves_after_a_killed_install(
+    tmp_path: Path, signing_key: KeyPair, key_files: dict[str, Path], digits
+) -> None:
+    """The whole daemon restarts on the slot a killed install left, and serves it over HTTP."""
+    v1, v2 = digits
+    cfg = write_agent_config(
+        tmp_path / "dev",
+        device_id="crash-2",
+        broker_url=UNUSED_BROKER,
+        public_keys=[key_files["signing"]],
+    )
+    assert (
+        edgefleet("agent", "install", str(v1.write(tmp_path)), "--config", str(cfg)).returncode == 0
+    )
+    proc = subprocess.Popen(
+        edgefleet_argv("agent", "install", str(v2.write(tmp_path)), "--config", str(cfg)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
+    time.sleep(0.35)
+    proc.kill()
+    proc.wait(10)
+    on_disk = agent_status(cfg)
+    active = next(s for s in on_disk["slots"] if s["active"])
+    agent = AgentProcess(cfg).start()
+    try:
+        agent.wait_api(ready=True)
+        model = agent.model()
+        assert model is not None and model["version"] == active["version"]
+        X = trained("digits-forest").X[:3]
+        r = agent.get("/v1/model")
+        assert r.status_code == 200 and r.json()["version"] == active["version"]
+        answer = agent.predict(np.asarray(X).tolist())
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"]["version"] == active["version"]
+    finally:
+        agent.close()

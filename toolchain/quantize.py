@@ -147,6 +147,7 @@ def _quantize_onnx(
                 # "the float32 number 1e-29 will be truncated to 1e-07": expected for fp16
                 warnings.simplefilter("ignore", UserWarning)
                 half = float16.convert_float_to_float16(drop_noop_casts(model), keep_io_types=True)
+            _pack_raw(half)
             onnx.save(half, str(target))
         return {"tool": "onnxconverter_common.float16", "keep_io_types": True}
     if mode == "dynamic":
@@ -184,6 +185,19 @@ def _quantize_onnx(
         "calibration_rows": min(data.n_rows, CALIBRATION_ROWS),
         "calibrate_method": "MinMax",
     }
+
+
+def _pack_raw(model: Any) -> None:
+    """Store initializers as raw bytes.
+
+    The FP16 converter leaves float16 values in ``int32_data``, where protobuf varints cost
+    up to 3 bytes each (the file came out at 0.64× fp32 instead of about 0.5×).
+    """
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.data_location == 0 and not init.raw_data:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
 
 
 def drop_noop_casts(model: Any) -> Any:

@@ -120,7 +120,7 @@ def digits_mlp_onnx(
     from toolchain.sources import load_source
 
     digits = datasets["digits"]
-    model = fit_quietly(MLPClassifier((128,), max_iter=200, random_state=0), digits.X, digits.y)
+    model = fit_quietly(MLPClassifier((128,), max_iter=80, random_state=0), digits.X, digits.y)
     src = save_model(model, "digits_mlp")
     out = tmp_path_factory.mktemp("mlp") / "digits_mlp.onnx"
     return convert(load_source(src), load_data(digits.npz), out=out).path

@@ -7,8 +7,6 @@ bearer token: viewers read, operators act, admins also manage tokens. Errors are
 :mod:`fleet_server.dashboard` is mounted at ``/`` when that package is present.
 """
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING, Any
 
 from .auth import require
@@ -43,7 +41,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def create_app(service: FleetService) -> FastAPI:
+def create_app(service: FleetService) -> "FastAPI":
     from fastapi import Body, Depends, FastAPI, Query, Request, Response
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -254,9 +252,11 @@ def create_app(service: FleetService) -> FastAPI:
 
 def _mount_dashboard(app: Any, service: FleetService) -> None:
     try:
-        from fleet_server.dashboard import build_router
+        from fleet_server import dashboard
     except ModuleNotFoundError as exc:
-        if exc.name in ("fleet_server.dashboard",):
+        if exc.name == "fleet_server.dashboard":
             return
         raise
-    app.include_router(build_router(service))
+    if getattr(dashboard, "__file__", None) is None:
+        return  # a bare directory (namespace package): the dashboard is not installed
+    app.include_router(dashboard.build_router(service))

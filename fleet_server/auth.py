@@ -95,4 +95,6 @@ def require(role: str):  # type: ignore[no-untyped-def]  # returns a FastAPI dep
             )
         return got
 
+    # annotations are strings here (PEP 563); hand FastAPI the real class
+    dependency.__annotations__ = {"request": Request, "return": str}
     return dependency

@@ -1,0 +1,290 @@
+"""Helpers for fleet-server tests: a config with keys, an in-process API caller, and a
+simulated device that speaks the real protocol (used until/alongside the real agent).
+
+The simulated device does what the contract asks of an agent and nothing more: it
+publishes a retained birth state, verifies the signed deploy command and the bundle with
+``protocol``, reassembles chunks (or downloads over HTTP), reports progress, and answers
+signed rollbacks. Faults are switchable so tests can make it fail or drop chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fleet_server.config import FleetConfig
+from fleet_server.delivery import reassemble
+from protocol import KeyPair, TrustStore
+from protocol.bundle import read_bundle, verify_bundle
+from protocol.errors import EdgefleetError
+from protocol.messages import (
+    ArtifactChunk,
+    Command,
+    CommandStatus,
+    DeviceState,
+    ModelRef,
+    decode,
+    verify_command,
+)
+from protocol.topics import Topics
+from protocol.transport import Transport, Will
+
+
+def write_keys(tmp: Path, key: KeyPair) -> tuple[Path, Path]:
+    priv, pub = tmp / "fleet.pem", tmp / "fleet.pub.pem"
+    priv.write_bytes(key.private_pem())
+    pub.write_bytes(key.public_pem())
+    return priv, pub
+
+
+def make_config(
+    tmp: Path, key: KeyPair, *, broker_url: str = "mqtt://127.0.0.1:1", **rollout: Any
+) -> FleetConfig:
+    priv, pub = write_keys(tmp, key)
+    data: dict[str, Any] = {
+        "data_dir": str(tmp / "fleet"),
+        "broker": {"url": broker_url},
+        "signing": {"key": str(priv), "trusted": [str(pub)]},
+        "rollout": {"tick_s": 0.1, **rollout},
+    }
+    return FleetConfig.model_validate(data)
+
+
+class Api:
+    """Calls the FastAPI app in-process through ``httpx.ASGITransport``."""
+
+    def __init__(self, app: Any, token: str | None = None) -> None:
+        self.app = app
+        self.token = token
+
+    def as_(self, token: str | None) -> Api:
+        return Api(self.app, token)
+
+    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        headers = dict(kw.pop("headers", {}) or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as client:
+                return await client.request(method, url, headers=headers, **kw)
+
+        return asyncio.run(go())
+
+    def get(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+    def put(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("PUT", url, **kw)
+
+
+class SimDevice:
+    """A protocol-speaking device on any :class:`Transport`."""
+
+    def __init__(
+        self,
+        device_id: str,
+        transport: Transport,
+        trust: TrustStore,
+        *,
+        profile: str = "host",
+        tags: tuple[str, ...] = (),
+        prefix: str = "edgefleet",
+        model: ModelRef | None = None,
+        fail_install: bool = False,
+        drop_chunks: frozenset[int] = frozenset(),
+        http: Callable[[str, dict[str, str]], bytes] | None = None,
+        http_cut: int | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.t = transport
+        self.trust = trust
+        self.topics = Topics(prefix)
+        self.profile = profile
+        self.tags = list(tags)
+        self.model = model
+        self.previous: list[ModelRef] = []
+        self.fail_install = fail_install
+        self.drop_chunks = set(drop_chunks)
+        self.http = http
+        self.http_cut = http_cut
+        self.commands: list[Command] = []
+        self.statuses: list[CommandStatus] = []
+        self.chunks: dict[str, list[ArtifactChunk]] = {}
+        self.chunk_count = 0
+        self.pending: Command | None = None
+        self.http_requests: list[dict[str, str]] = []
+        self._seq = 0
+        self._lock = threading.RLock()
+
+    # lifecycle ----------------------------------------------------------------------
+    def will(self) -> Will:
+        return Will(
+            self.topics.state(self.device_id),
+            DeviceState(device_id=self.device_id, online=False).to_json(),
+            1,
+            True,
+        )
+
+    def start(self) -> SimDevice:
+        self.t.set_handler(self.handle)
+        self.t.subscribe(self.topics.cmd(self.device_id))
+        self.t.subscribe(self.topics.artifact_filter(self.device_id))
+        self.t.connect()
+        self.birth()
+        return self
+
+    def birth(self) -> None:
+        state = DeviceState(
+            device_id=self.device_id,
+            online=True,
+            profile=self.profile,
+            tags=self.tags,
+            model=self.model,
+            previous=self.previous,
+            agent_version="sim",
+        )
+        self.t.publish(self.topics.state(self.device_id), state.to_json(), qos=1, retain=True)
+
+    def stop(self) -> None:
+        self.t.publish(
+            self.topics.state(self.device_id),
+            DeviceState(device_id=self.device_id, online=False).to_json(),
+            qos=1,
+            retain=True,
+        )
+        self.t.close()
+
+    # protocol -------------------------------------------------------------------------
+    def status(self, cmd: Command, state: str, **kw: Any) -> None:
+        self._seq += 1
+        msg = CommandStatus(
+            device_id=self.device_id,
+            command_id=cmd.command_id,
+            state=state,
+            seq=self._seq,
+            rollout_id=cmd.rollout_id,
+            **kw,
+        )
+        self.statuses.append(msg)
+        self.t.publish(self.topics.status(self.device_id), msg.to_json(), qos=1)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        parsed = self.topics.parse(topic)
+        if parsed is None:
+            return
+        with self._lock:
+            if parsed.kind == "cmd":
+                self.on_command(decode(Command, payload))
+            elif parsed.kind == "artifact":
+                self.on_chunk(decode(ArtifactChunk, payload))
+
+    def on_command(self, cmd: Command) -> None:
+        self.commands.append(cmd)
+        try:
+            verify_command(cmd, self.trust)
+        except EdgefleetError as exc:
+            self.status(cmd, "rejected", reason="signature_invalid", detail=str(exc))
+            return
+        if cmd.kind == "rollback":
+            if self.previous:
+                self.model, self.previous = self.previous[0], self.previous[1:]
+            self.status(cmd, "rolled_back", model=self.model)
+            self.birth()
+            return
+        if cmd.kind != "deploy" or cmd.deploy is None:
+            return
+        self.pending = cmd
+        self.status(cmd, "accepted")
+        if cmd.deploy.http_url and self.http is not None:
+            self.download_http(cmd)
+        else:
+            self.try_finish()
+
+    def on_chunk(self, c: ArtifactChunk) -> None:
+        self.chunk_count += 1
+        if c.index in self.drop_chunks:
+            self.drop_chunks.discard(c.index)  # lost once, arrives when resent
+            return
+        self.chunks.setdefault(c.sha256, []).append(c)
+        self.try_finish()
+
+    def missing(self) -> list[int]:
+        cmd = self.pending
+        if cmd is None or cmd.deploy is None:
+            return []
+        _, missing = reassemble(
+            self.chunks.get(cmd.deploy.bundle_sha256, []), cmd.deploy.bundle_sha256
+        )
+        return [i for i in missing if i < cmd.deploy.n_chunks]
+
+    def report_missing(self) -> list[int]:
+        """What a real agent does after a stall: ask for the chunks it lacks."""
+        with self._lock:
+            missing = self.missing()
+            if self.pending is not None and missing:
+                self.status(self.pending, "downloading", result={"missing": missing})
+            return missing
+
+    def try_finish(self) -> None:
+        cmd = self.pending
+        if cmd is None or cmd.deploy is None:
+            return
+        data, missing = reassemble(
+            self.chunks.get(cmd.deploy.bundle_sha256, []), cmd.deploy.bundle_sha256
+        )
+        if data is None:
+            return
+        self.install(cmd, data)
+
+    def download_http(self, cmd: Command) -> None:
+        assert cmd.deploy is not None and cmd.deploy.http_url and self.http is not None
+        got = b""
+        while len(got) < cmd.deploy.bundle_size:
+            headers = {"Range": f"bytes={len(got)}-"} if got else {}
+            self.http_requests.append(headers)
+            body = self.http(cmd.deploy.http_url, headers)
+            if self.http_cut is not None and not got:
+                body = body[: self.http_cut]  # the connection dropped mid-transfer
+            got += body
+        self.install(cmd, got)
+
+    def install(self, cmd: Command, data: bytes) -> None:
+        assert cmd.deploy is not None
+        self.pending = None
+        self.status(cmd, "verifying")
+        if hashlib.sha256(data).hexdigest() != cmd.deploy.bundle_sha256:
+            self.status(cmd, "failed", reason="hash_mismatch")
+            return
+        try:
+            bundle = read_bundle(data)
+            if bundle.manifest_bytes != base64.b64decode(cmd.deploy.manifest):
+                raise AssertionError("manifest in the command differs from the bundle's")
+            manifest = verify_bundle(bundle, self.trust)
+        except EdgefleetError as exc:
+            self.status(
+                cmd, "rejected", reason=getattr(getattr(exc, "reason", None), "value", "internal")
+            )
+            return
+        if self.fail_install:
+            self.status(
+                cmd, "failed", reason="smoke_test_failed", detail="smoke test output differs"
+            )
+            return
+        new = ModelRef(name=manifest.name, version=manifest.version, release=manifest.release)
+        if self.model is not None:
+            self.previous = [self.model, *self.previous]
+        self.model = new
+        self.status(cmd, "installed", model=new)
+        self.birth()

@@ -1,0 +1,142 @@
+"""Delivery: the signed deploy command, chunked MQTT transfer that resumes, HTTP download."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from fleet_server.delivery import chunk, deploy_command, n_chunks, reassemble
+from fleet_server.service import FleetService, RolloutRequest
+from protocol import KeyPair, TrustStore
+from protocol.bundle import read_bundle
+from protocol.errors import SignatureError
+from protocol.messages import verify_command
+from protocol.transport import MemoryBroker
+from tests.fleet_server.fleetkit import Api, SimDevice, make_config
+from tests.support.bundles import make_bundle
+
+CHUNK = 512
+
+
+@pytest.fixture(scope="module")
+def bundle(signing_key: KeyPair) -> bytes:
+    return make_bundle(signing_key)[0]
+
+
+def _fleet(tmp: Path, key: KeyPair, **rollout: object) -> tuple[FleetService, MemoryBroker]:
+    broker = MemoryBroker()
+    cfg = make_config(tmp, key, chunk_bytes=CHUNK, **rollout)
+    if rollout.get("delivery") in ("http", "both"):
+        cfg = cfg.model_copy(
+            update={"api": cfg.api.model_copy(update={"public_url": "http://fleet"})}
+        )
+    svc = FleetService(cfg, transport=broker.client("server"))
+    assert svc.bridge is not None
+    svc.bridge.start()
+    broker.clients[0].connect()
+    return svc, broker
+
+
+def _device(broker: MemoryBroker, key: KeyPair, name: str = "d1", **kw: object) -> SimDevice:
+    return SimDevice(name, broker.client(name), TrustStore.from_keys([key.public]), **kw).start()  # type: ignore[arg-type]
+
+
+def _rollout(svc: FleetService, bundle: bytes) -> str:
+    svc.upload_bundle(bundle)
+    rid = svc.create_rollout(RolloutRequest(bundle="iris@1.0.0", stages=[100]))["rollout_id"]
+    svc.start_rollout(rid)
+    return str(rid)
+
+
+def test_deploy_command_carries_the_signed_manifest_and_chunking(
+    signing_key: KeyPair, bundle: bytes
+) -> None:
+    b = read_bundle(bundle)
+    cmd = deploy_command(
+        b,
+        bundle,
+        device_id="d1",
+        rollout_id="r-1",
+        cid="r-1:d1:deploy:1",
+        chunk_size=CHUNK,
+        key=signing_key,
+    )
+    assert cmd.deploy is not None
+    assert base64.b64decode(cmd.deploy.manifest) == b.manifest_bytes
+    assert cmd.deploy.manifest_signature == b.signature
+    assert cmd.deploy.bundle_size == len(bundle)
+    assert cmd.deploy.n_chunks == n_chunks(len(bundle), CHUNK) > 1
+    trust = TrustStore.from_keys([signing_key.public])
+    assert verify_command(cmd, trust) == signing_key.key_id
+    forged = cmd.model_copy(update={"device_id": "d2"})
+    with pytest.raises(SignatureError):
+        verify_command(forged, trust)
+
+
+def test_chunks_carry_their_own_hash_and_reassemble_only_when_whole(bundle: bytes) -> None:
+    import hashlib
+
+    sha = hashlib.sha256(bundle).hexdigest()
+    count = n_chunks(len(bundle), CHUNK)
+    chunks = [chunk(bundle, i, CHUNK, sha) for i in range(count)]
+    assert reassemble(chunks, sha) == (bundle, [])
+    corrupt = chunks[1].model_copy(update={"data": base64.b64encode(b"x" * 10).decode()})
+    data, missing = reassemble([chunks[0], corrupt, *chunks[2:]], sha)
+    assert data is None and missing == [1]
+
+
+def test_mqtt_transfer_installs_the_bundle(
+    tmp_path: Path, signing_key: KeyPair, bundle: bytes
+) -> None:
+    svc, broker = _fleet(tmp_path, signing_key)
+    dev = _device(broker, signing_key)
+    rid = _rollout(svc, bundle)
+    assert dev.model is not None and dev.model.version == "1.0.0"
+    assert dev.chunk_count == n_chunks(len(bundle), CHUNK)
+    assert svc.rollout_status(rid)["counts"] == {"installed": 1}
+
+
+def test_interrupted_mqtt_transfer_resends_only_the_missing_chunks(
+    tmp_path: Path, signing_key: KeyPair, bundle: bytes
+) -> None:
+    svc, broker = _fleet(tmp_path, signing_key)
+    dev = _device(broker, signing_key, drop_chunks=frozenset({1, 3}))
+    rid = _rollout(svc, bundle)
+    count = n_chunks(len(bundle), CHUNK)
+    assert dev.model is None
+    assert svc.rollout_status(rid)["devices"][0]["state"] == "downloading"
+    sent_before = svc.sender.chunks_sent  # type: ignore[union-attr]
+    assert dev.report_missing() == [1, 3]
+    assert svc.sender.chunks_sent - sent_before == 2  # type: ignore[union-attr]
+    assert dev.chunk_count == count + 2
+    assert dev.model is not None and dev.model.version == "1.0.0"
+    svc.tick()
+    assert svc.rollout_status(rid)["state"] == "succeeded"
+
+
+def test_http_download_resumes_with_a_range_request(
+    tmp_path: Path, signing_key: KeyPair, bundle: bytes
+) -> None:
+    from fleet_server.app import create_app
+
+    svc, broker = _fleet(tmp_path, signing_key, delivery="http")
+    api = Api(create_app(svc))
+
+    def fetch(url: str, headers: dict[str, str]) -> bytes:
+        r = api.get(url.replace("http://fleet", ""), headers=headers)
+        assert r.status_code in (200, 206)
+        return r.content
+
+    dev = _device(broker, signing_key, http=fetch, http_cut=300)
+    rid = _rollout(svc, bundle)
+    assert dev.commands[0].deploy is not None
+    assert (
+        dev.commands[0].deploy.http_url
+        == f"http://fleet/v1/artifacts/{svc.list_bundles()[0]['sha256']}"
+    )
+    assert dev.chunk_count == 0  # nothing went over MQTT
+    assert dev.http_requests == [{}, {"Range": "bytes=300-"}]
+    assert dev.model is not None and dev.model.version == "1.0.0"
+    assert svc.rollout_status(rid)["counts"] == {"installed": 1}

@@ -182,13 +182,15 @@ def benchmark(
     profile: DeviceProfile,
     *,
     rows: Any = None,
+    data: Any = None,
     runs: int = DEFAULT_RUNS,
     batch: int = DEFAULT_BATCH,
     progress: Progress | None = None,
 ) -> BenchReport:
     """Check compatibility, time the model on this host and estimate it on ``profile``.
 
-    ``rows`` are input rows in schema order (e.g. ``load_data(...).X``); without them rows
+    ``rows`` are input rows in schema order; ``data`` (a :class:`toolchain.data.Dataset`)
+    gives rows too and helps infer the schema of a bare model file. Without either, rows
     are synthesized from the model's input schema.
     """
     from .sidecar import describe
@@ -199,7 +201,9 @@ def benchmark(
     facts = read_facts(model_path)
     compat = check_compat(model_path, profile, facts)
     reasons = list(compat.problems)
-    sidecar = describe(model_path)
+    sidecar = describe(model_path, data)
+    if rows is None and data is not None:
+        rows = data.X
     if rows is None:
         arr = synthesize_rows(sidecar.input_schema, max(batch, 64))
     else:

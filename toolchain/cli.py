@@ -417,9 +417,9 @@ def bench(
     from .data import load_data
 
     prof = _profiles([profile])[0]
-    rows = load_data(data, target).X if data else None
+    dataset = load_data(data, target) if data else None
     with _progress(not as_json) as say:
-        report = benchmark(model, prof, rows=rows, runs=runs, progress=say)
+        report = benchmark(model, prof, data=dataset, runs=runs, progress=say)
     if as_json:
         typer.echo(json.dumps(_bench_json(report), indent=2))
     else:

@@ -107,3 +107,12 @@ def test_compat_rejects_an_onnx_file_that_is_not_onnx(tmp_path):
     path.write_bytes(b"this is not protobuf at all \xff\xfe")
     with pytest.raises(UnsupportedModelError):
         read_facts(path)
+
+
+def test_bench_runs_a_bare_onnx_file_without_a_sidecar(iris, iris_onnx, tmp_path):
+    from toolchain.data import load_data
+
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(iris_onnx.read_bytes())
+    report = benchmark(bare, load_profile("host"), data=load_data(iris.npz), runs=20)
+    assert report.compat.ok and report.host is not None and report.fits

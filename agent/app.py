@@ -1,5 +1,8 @@
 """The local inference API (FastAPI, versioned under ``/v1``).
 
+(No ``from __future__ import annotations`` here: FastAPI must see the real ``Request``
+class, which is imported inside :func:`create_app` to keep ``import agent`` light.)
+
 Endpoints: ``POST /v1/predict``, ``POST /v1/feedback``, ``GET /v1/health`` (live),
 ``GET /v1/ready`` (503 until a model is loaded), ``GET /v1/model`` (manifest summary),
 ``GET /v1/status`` (when the daemon passes ``status``), ``GET /metrics`` (Prometheus text)
@@ -17,8 +20,6 @@ hop), and observers only enqueue. One JSON access-log line per request goes to t
 ``edgefleet.agent.access`` logger (method, path, status, duration, request id; never
 bodies or secrets).
 """
-
-from __future__ import annotations
 
 import json
 import logging

@@ -55,6 +55,13 @@ def validate_rows(rows: Any, plan: SchemaPlan, max_rows: int | None = None) -> n
 
 
 def _numeric_fast(rows: Any, plan: SchemaPlan) -> np.ndarray | None:
+    if not isinstance(rows, np.ndarray):
+        # numpy would silently turn True/False into 1.0/0.0: a JSON bool is a wrong type.
+        for row in rows:
+            if isinstance(row, (list, tuple)):
+                for v in row:
+                    if v.__class__ is bool:
+                        return None
     try:
         arr = rows if isinstance(rows, np.ndarray) else np.array(rows)
     except (ValueError, TypeError, OverflowError):

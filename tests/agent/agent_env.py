@@ -113,3 +113,40 @@ def fragile_bundle(
     return make_bundle(
         key, version=version, release=release, model_bytes=model, smoke=smoke, fallback=fallback
     )
+
+
+class ASGIClient:
+    """A synchronous facade over ``httpx.AsyncClient`` + ``ASGITransport`` (in-process).
+
+    (starlette's TestClient warns that plain httpx is deprecated for it, and warnings are
+    errors here.)
+    """
+
+    def __init__(self, app: Any) -> None:
+        import asyncio
+
+        import httpx
+
+        self._loop = asyncio.new_event_loop()
+        self._client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://agent"
+        )
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        return self._loop.run_until_complete(self._client.request(method, url, **kwargs))
+
+    def get(self, url: str, **kwargs: Any) -> Any:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        return self.request("POST", url, **kwargs)
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
+
+    def __enter__(self) -> ASGIClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

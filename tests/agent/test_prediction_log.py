@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.config import LogConfig
+from agent.events import PredictionEvent
+from agent.prediction_log import PredictionLog, export, read_rows
+from protocol.feeds import Prediction
+from protocol.messages import ModelRef
+from tests.agent.agent_env import IRIS_ROW, make_device
+from tests.support.bundles import make_bundle
+
+REF = ModelRef(name="iris", version="1.0.0", release=1)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _event(i: int, ts: float | None = None, width: int = 4) -> PredictionEvent:
+    rows = np.full((1, width), float(i))
+    pred = Prediction(labels=[i % 3], probabilities=np.array([[0.2, 0.3, 0.5]]))
+    return PredictionEvent(ts or time.time(), f"req-{i}", REF, rows, pred, 0.5, None, False)
+
+
+def _count(path: Path) -> int:
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_predictions_are_logged_with_inputs_outputs_and_model(tmp_path: Path, signing_key) -> None:
+    dev = make_device(tmp_path, signing_key)
+    dev.installer.install_bytes(make_bundle(signing_key)[0])
+    with PredictionLog(tmp_path / "p.db") as plog:
+        dev.predictor.add_observer(plog)
+        res = dev.predictor.predict([IRIS_ROW, IRIS_ROW])
+        assert plog.flush()
+    rows = read_rows(tmp_path / "p.db")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["request_id"] == res.request_id
+    assert (row["model"], row["version"], row["release"]) == ("iris", "1.0.0", 1)
+    assert json.loads(row["inputs"]) == [IRIS_ROW, IRIS_ROW]
+    assert json.loads(row["outputs"])["labels"] == res.labels
+    assert row["latency_ms"] == pytest.approx(res.latency_ms)
+
+
+def test_database_uses_wal(tmp_path: Path) -> None:
+    with PredictionLog(tmp_path / "p.db") as plog:
+        plog.on_prediction(_event(1))
+        plog.flush()
+    con = sqlite3.connect(tmp_path / "p.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> None:
+    plog = PredictionLog(tmp_path / "p.db", LogConfig(queue_size=2))  # writer not started
+    for i in range(5):
+        plog.on_prediction(_event(i))
+    assert plog.stats.queued == 2 and plog.stats.dropped == 3
+
+
+def test_shadow_events_are_not_logged(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    with PredictionLog(tmp_path / "p.db") as plog:
+        plog.on_prediction(replace(_event(1), shadow=True))
+        plog.on_prediction(_event(2))
+        plog.flush()
+    assert [r["request_id"] for r in read_rows(tmp_path / "p.db")] == ["req-2"]
+
+
+def test_retention_keeps_the_newest_max_rows(tmp_path: Path) -> None:
+    with PredictionLog(tmp_path / "p.db", LogConfig(max_rows=10, batch_size=7)) as plog:
+        for i in range(50):
+            plog.on_prediction(_event(i))
+        plog.flush()
+    ids = [r["request_id"] for r in read_rows(tmp_path / "p.db")]
+    assert ids == [f"req-{i}" for i in range(40, 50)]
+
+
+def test_retention_drops_rows_older_than_max_age(tmp_path: Path) -> None:
+    old = time.time() - 3 * 86400
+    with PredictionLog(tmp_path / "p.db", LogConfig(max_age_days=1)) as plog:
+        for i in range(5):
+            plog.on_prediction(_event(i, ts=old))
+        plog.on_prediction(_event(99))
+        plog.flush()
+    assert [r["request_id"] for r in read_rows(tmp_path / "p.db")] == ["req-99"]
+
+
+def test_retention_bounds_logged_bytes(tmp_path: Path) -> None:
+    with PredictionLog(tmp_path / "p.db", LogConfig(max_bytes=5000)) as plog:
+        for i in range(100):
+            plog.on_prediction(_event(i, width=64))  # ~330 bytes of JSON per row
+        plog.flush()
+    con = sqlite3.connect(tmp_path / "p.db")
+    total, n = con.execute("SELECT SUM(nbytes), COUNT(*) FROM predictions").fetchone()
+    con.close()
+    assert total <= 5000 and 5 < n < 100
+    assert read_rows(tmp_path / "p.db", last=1)[0]["request_id"] == "req-99"
+
+
+def test_full_disk_is_counted_and_reported_while_serving_continues(
+    tmp_path: Path, signing_key
+) -> None:
+    dev = make_device(tmp_path, signing_key)
+    dev.installer.install_bytes(make_bundle(signing_key)[0])
+    plog = PredictionLog(tmp_path / "p.db", LogConfig(batch_size=50), max_pages=8).start()
+    try:
+        dev.predictor.add_observer(plog)
+        wide = [[float(i)] * 4 for i in range(1000)]
+        for _ in range(20):
+            dev.predictor.predict(wide)  # ~20 kB of JSON per row: the 8-page database overflows
+            plog.flush()
+        assert plog.stats.write_errors > 0
+        assert plog.conditions() == ["disk_full"]
+        assert dev.predictor.predict([IRIS_ROW]).labels is not None
+    finally:
+        plog.close()
+
+
+def test_log_survives_sigkill_up_to_the_last_committed_batch(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from tests.agent.test_prediction_log import _event
+        from agent.config import LogConfig
+        from agent.prediction_log import PredictionLog
+        config = LogConfig(flush_interval_s=30, batch_size=1000)
+        plog = PredictionLog({str(tmp_path / "p.db")!r}, config).start()
+        for i in range(200):
+            plog.on_prediction(_event(i))
+        assert plog.flush()
+        print("flushed", flush=True)
+        for i in range(200, 300):  # queued, never committed: the interval is 30 s
+            plog.on_prediction(_event(i))
+        print("queued", flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "flushed"
+        assert proc.stdout.readline().strip() == "queued"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    con = sqlite3.connect(tmp_path / "p.db")
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    ids = [r["request_id"] for r in read_rows(tmp_path / "p.db")]
+    assert ids == [f"req-{i}" for i in range(200)]
+
+
+def test_export_jsonl_and_csv_round_trip(tmp_path: Path) -> None:
+    with PredictionLog(tmp_path / "p.db") as plog:
+        for i in range(3):
+            plog.on_prediction(_event(i))
+        plog.flush()
+    out = io.StringIO()
+    assert export(tmp_path / "p.db", out, "jsonl") == 3
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["inputs"] for line in lines] == [[[0.0] * 4], [[1.0] * 4], [[2.0] * 4]]
+    assert lines[2]["outputs"]["labels"] == [2]
+    out = io.StringIO()
+    assert export(tmp_path / "p.db", out, "csv") == 3
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [r["request_id"] for r in rows] == ["req-0", "req-1", "req-2"]
+
+
+def test_read_rows_tails_and_follows(tmp_path: Path) -> None:
+    with PredictionLog(tmp_path / "p.db") as plog:
+        for i in range(10):
+            plog.on_prediction(_event(i))
+        plog.flush()
+    last3 = read_rows(tmp_path / "p.db", last=3)
+    assert [r["request_id"] for r in last3] == ["req-7", "req-8", "req-9"]
+    assert read_rows(tmp_path / "p.db", after_id=last3[-1]["id"]) == []
+    assert _count(tmp_path / "p.db") == 10

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.errors import InferenceError, InputError, NoModelError
+from agent.predictor import Predictor
+from protocol import read_bundle
+from protocol.manifest import Fallback
+from tests.agent.agent_env import IRIS_ROW, Recorder, fragile_bundle, make_device
+from tests.support.bundles import make_bundle
+
+NAMES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+@pytest.fixture(scope="module")
+def v1(signing_key):
+    return make_bundle(signing_key)
+
+
+@pytest.fixture
+def device(tmp_path: Path, signing_key, v1):
+    dev = make_device(tmp_path, signing_key)
+    dev.installer.install_bytes(v1[0])
+    return dev
+
+
+def test_predict_returns_labels_and_probabilities_matching_the_smoke_test(device, v1) -> None:
+    smoke = v1[1].smoke_tests[0]
+    res = device.predictor.predict(smoke.rows)
+    assert res.labels == smoke.expected_labels
+    np.testing.assert_allclose(res.probabilities, smoke.expected_probabilities, atol=1e-5)
+    assert isinstance(res.probabilities, list) and isinstance(res.probabilities[0][0], float)
+    assert res.model.name == "iris" and res.model.release == 1 and res.fallback is False
+    assert len(res.request_id) == 32 and res.latency_ms > 0
+
+
+def test_instances_by_name_give_the_same_answer_as_rows(device) -> None:
+    by_row = device.predictor.predict([IRIS_ROW])
+    by_name = device.predictor.predict(instances=[dict(zip(NAMES, IRIS_ROW, strict=True))])
+    assert by_row.labels == by_name.labels
+    assert by_row.probabilities == by_name.probabilities
+
+
+def test_caller_request_id_is_kept(device) -> None:
+    assert device.predictor.predict([IRIS_ROW], request_id="abc-1").request_id == "abc-1"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rows": []}, "empty batch"),
+        ({"rows": [[1.0, 2.0, 3.0]]}, "has 3 features, the model needs 4"),
+        ({"rows": [[1.0, 2.0, 3.0, 4.0], [1.0]]}, r"inputs\[1\] has 1 features"),
+        ({"rows": [[1.0, "x", 3.0, 4.0]]}, "'sepal_width' is not a number"),
+        ({"rows": [[1.0, True, 3.0, 4.0]]}, "'sepal_width' is not a number"),
+        ({"rows": [[1.0, math.nan, 3.0, 4.0]]}, "'sepal_width' is NaN"),
+        ({"rows": [[1.0, None, 3.0, 4.0]]}, "'sepal_width' is null"),
+        ({"rows": [[math.inf, 2.0, 3.0, 4.0]]}, "'sepal_length' is not finite"),
+        ({"rows": [[1e300, 2.0, 3.0, 4.0]]}, "too large for float32"),
+        ({"rows": [[10**400, 2.0, 3.0, 4.0]]}, "too large"),
+        ({"rows": [[[1.0, 2.0, 3.0, 4.0]]]}, r"inputs\[0\] has 1 features"),
+        ({"rows": {"a": 1}}, "list of rows"),
+        ({"instances": [{"sepal_length": 1.0}]}, "missing feature 'sepal_width'"),
+        (
+            {"instances": [dict(zip([*NAMES, "colour"], [*IRIS_ROW, 1], strict=True))]},
+            "unknown feature 'colour'",
+        ),
+        ({"instances": [[1, 2, 3, 4]]}, "objects keyed by feature name"),
+        ({}, "no inputs"),
+    ],
+)
+def test_rows_that_do_not_fit_the_schema_raise_input_error_naming_the_problem(
+    device, kwargs, message
+) -> None:
+    rows = kwargs.pop("rows", None)
+    with pytest.raises(InputError, match=message):
+        device.predictor.predict(rows, **kwargs)
+
+
+def test_batch_over_the_limit_is_refused(device) -> None:
+    with pytest.raises(InputError, match="over the limit of 2"):
+        device.predictor.predict([IRIS_ROW] * 3, max_rows=2)
+
+
+def test_predict_before_any_model_raises_no_model(tmp_path: Path) -> None:
+    pred = Predictor()
+    assert not pred.ready and pred.model is None
+    with pytest.raises(NoModelError):
+        pred.predict([IRIS_ROW])
+
+
+def test_model_failure_falls_back_to_previous_model_and_is_counted(device, signing_key) -> None:
+    rec = Recorder()
+    device.predictor.add_observer(rec)
+    data, _ = fragile_bundle(signing_key, fallback=Fallback(kind="previous"))
+    device.installer.install_bytes(data)
+    one = device.predictor.predict([IRIS_ROW])
+    assert one.model.version == "2.0.0" and not one.fallback
+    two = device.predictor.predict([IRIS_ROW, IRIS_ROW])
+    assert two.fallback and two.model.version == "1.0.0" and two.labels is not None
+    assert "Reshape" in (two.error or "")
+    assert device.predictor.stats.fallbacks == 1
+    assert rec.events[-1].fallback and rec.events[-1].error
+
+
+def test_constant_fallback_from_the_manifest(tmp_path: Path, signing_key) -> None:
+    dev = make_device(tmp_path, signing_key)
+    data, _ = fragile_bundle(signing_key, release=1, fallback=Fallback(kind="constant", value=1))
+    dev.installer.install_bytes(data)
+    res = dev.predictor.predict([IRIS_ROW, IRIS_ROW])
+    assert res.fallback and res.labels == [1, 1] and res.probabilities is None
+
+
+def test_config_fallback_overrides_the_manifest(tmp_path: Path, signing_key) -> None:
+    dev = make_device(tmp_path, signing_key, fallback={"kind": "constant", "value": 2})
+    data, _ = fragile_bundle(signing_key, release=1, fallback=Fallback(kind="none"))
+    dev.installer.install_bytes(data)
+    assert dev.predictor.predict([IRIS_ROW, IRIS_ROW]).labels == [2, 2]
+
+
+def test_no_fallback_raises_our_inference_error(tmp_path: Path, signing_key) -> None:
+    dev = make_device(tmp_path, signing_key)
+    data, _ = fragile_bundle(signing_key, release=1)
+    dev.installer.install_bytes(data)
+    with pytest.raises(InferenceError):
+        dev.predictor.predict([IRIS_ROW, IRIS_ROW])
+    assert dev.predictor.stats.errors == 1 and dev.predictor.stats.fallbacks == 0
+
+
+def test_previous_fallback_is_loaded_from_slots_at_start(tmp_path: Path, signing_key, v1) -> None:
+    dev = make_device(tmp_path, signing_key)
+    dev.installer.install_bytes(v1[0])
+    dev.installer.install_bytes(fragile_bundle(signing_key, fallback=Fallback(kind="previous"))[0])
+    restarted = Predictor.from_config(dev.config)
+    res = restarted.predict([IRIS_ROW, IRIS_ROW])
+    assert res.fallback and res.model.version == "1.0.0"
+
+
+def test_observers_see_every_prediction_and_feedback(device) -> None:
+    rec = Recorder()
+    device.predictor.add_observer(rec)
+    res = device.predictor.predict([IRIS_ROW])
+    ev = rec.events[-1]
+    assert ev.request_id == res.request_id and ev.model == res.model and not ev.shadow
+    assert ev.rows.shape == (1, 4) and ev.prediction is not None
+    device.predictor.feedback(res.request_id, 0)
+    assert rec.feedback == [(res.request_id, res.model, 0, res.labels[0])]
+    with pytest.raises(KeyError):
+        device.predictor.feedback("unknown", 1)
+
+
+def test_a_raising_observer_never_breaks_a_request(device) -> None:
+    class Broken:
+        def on_prediction(self, event):
+            raise RuntimeError("boom")
+
+        def on_feedback(self, *a):
+            raise RuntimeError("boom")
+
+    device.predictor.add_observer(Broken())
+    assert device.predictor.predict([IRIS_ROW]).labels is not None
+    assert device.predictor.stats.observer_errors == 1
+
+
+def test_shadow_model_sees_live_rows_but_never_answers(device, signing_key) -> None:
+    rec = Recorder()
+    device.predictor.add_observer(rec)
+    data, manifest = make_bundle(signing_key, name="iris-candidate", version="3.0.0", release=3)
+    device.predictor.set_shadow(manifest, read_bundle(data).model_bytes())
+    try:
+        res = device.predictor.predict([IRIS_ROW])
+        assert res.model.name == "iris"
+        deadline = time.monotonic() + 10
+        while not any(e.shadow for e in rec.events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        shadow = [e for e in rec.events if e.shadow]
+        assert shadow and shadow[0].model.name == "iris-candidate"
+        assert shadow[0].request_id == res.request_id
+        assert shadow[0].prediction is not None and shadow[0].prediction.labels == res.labels
+    finally:
+        device.predictor.close()

@@ -141,3 +141,43 @@ def test_parse_fallback_refuses_unknown_kinds():
     assert parse_fallback("constant:setosa").value == "setosa"
     with pytest.raises(ToolchainError, match="fallback"):
         parse_fallback("random")
+
+
+def test_mixed_numeric_and_categorical_pipeline_packages_with_categorical_sketches(
+    mixed_csv, keys, tmp_path
+):
+    import joblib
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    from toolchain.convert import convert
+    from toolchain.sources import load_source
+
+    frame = pd.read_csv(mixed_csv)
+    X = frame.drop(columns="species")
+    columns = ColumnTransformer(
+        [
+            ("num", StandardScaler(), ["sepal_length", "sepal_width", "petal_width"]),
+            ("cat", OneHotEncoder(handle_unknown="ignore"), ["size", "shape"]),
+        ]
+    )
+    model = Pipeline([("cols", columns), ("lr", LogisticRegression(max_iter=500))])
+    joblib.dump(model.fit(X, frame["species"]), tmp_path / "mixed.joblib")
+    data = load_data(mixed_csv, target="species")
+    onnx_path = convert(load_source(tmp_path / "mixed.joblib"), data, out=tmp_path / "m.onnx").path
+    m = package(
+        onnx_path, name="mixed", version="1.0.0", profiles=[load_profile("host")],
+        reference=data, key_path=keys.private_path, out=tmp_path / "mixed.efb", runs=10,
+    )  # fmt: skip
+    verify_bundle(read_bundle(tmp_path / "mixed.efb"), TrustStore.from_files([keys.public_path]))
+    sketch = SketchSet.from_bytes(
+        read_bundle(tmp_path / "mixed.efb").members[REFERENCE_SKETCH_NAME]
+    )
+    assert sketch.features["size"].kind == "categorical"
+    assert sketch.features["sepal_length"].kind == "numeric"
+    rows = m.smoke_tests[0].rows
+    assert all(isinstance(r[2], str) for r in rows)
+    assert set(m.smoke_tests[0].expected_labels or []) <= {"setosa", "versicolor", "virginica"}

@@ -109,20 +109,16 @@ def profiles_list() -> None:
 
     from protocol.profiles import list_profiles
 
-    table = Table(title="device profiles")
-    for col in ("name", "arch", "cpu", "threads", "memory MiB", "latency ms", "speed ×", "prefers"):
-        table.add_column(col)
+    table = Table(title="device profiles (speed × = device latency / host latency)")
+    for col in ("name", "arch", "threads", "mem MiB", "budget ms", "speed ×", "prefers"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("cpu")
     for p in list_profiles():
         table.add_row(
-            p.name,
-            p.arch,
-            p.cpu,
-            f"{p.inference_threads}/{p.cores}",
-            f"{p.memory_budget_mb:g}",
-            f"{p.latency_budget_ms:g}",
-            f"{p.speed_factor:g}",
-            f"{p.preferred_precision} {p.preferred_format}",
-        )
+            p.name, p.arch, f"{p.inference_threads}/{p.cores}", f"{p.memory_budget_mb:g}",
+            f"{p.latency_budget_ms:g}", f"{p.speed_factor:g}",
+            f"{p.preferred_precision} {p.preferred_format}", p.cpu,
+        )  # fmt: skip
     _console().print(table)
 
 

@@ -52,7 +52,7 @@ def model_format(path: Path) -> str:
         return "tflite"
     raise UnsupportedModelError(
         f"{Path(path).name}: unknown model file type {suffix or '(none)'!r}; "
-        "expected .onnx or .tflite"
+        "expected a converted .onnx or .tflite model (see 'edgefleet convert')"
     )
 
 

@@ -1,0 +1,554 @@
+"""Dashboard pages under ``/ui``: server-rendered Jinja2, a login, CSRF-safe POST forms.
+
+    /ui/login                      GET form, POST credentials (double-submit nonce)
+    /ui/                           overview: devices by profile/version/state, rollouts, alerts
+    /ui/devices, /ui/devices/{id}  device list; version history, latency, last seen, failures
+    /ui/rollouts                   list + new rollout (upload or pick a bundle → plan → confirm)
+    /ui/rollouts/{id}              stages, devices, gate decisions, action buttons
+    /ui/rollouts/{id}/live.json    the live part of that page (polled by static/dashboard.js)
+    /ui/rollouts/{id}/confirm/{a}  the confirmation step; POST /ui/rollouts/{id}/{a} acts
+    /ui/drift, /ui/drift/{m}/{v}   per feature reference vs current, KS/PSI over time, field quality
+    /ui/static/{file}              CSS and JS shipped in this package
+
+Pages need a session (else a redirect to the login); actions need the operator role and
+the session's CSRF token, and a rollout action needs ``confirm=yes`` from the confirmation
+page. Only documented :class:`~fleet_server.service.FleetService` methods are called, plus
+two read-only adapters for what the service keeps as attributes (:func:`_distributions`
+and :func:`_field_quality`).
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route signatures at
+# runtime, and ``Request`` is imported inside build_router (fastapi stays a lazy import).
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlparse
+
+from ..auth import allows
+from ..errors import FleetError, InvalidInput
+from . import charts
+from .session import COOKIE, LOGIN_COOKIE, Session, Sessions, csrf_ok, new_nonce, secret_from_env
+
+HERE = Path(__file__).parent
+STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+ACTIONS = {
+    "pause": ("Pause", "Stop sending the new version to more devices until you resume."),
+    "resume": ("Resume", "Continue the rollout where it stopped."),
+    "abort": ("Abort", "Stop the rollout for good. Devices keep what they have installed."),
+    "rollback": (
+        "Roll back",
+        "Send signed rollback commands: every device that installed this "
+        "version returns to its previous one.",
+    ),
+}
+TERMINAL = {"succeeded", "aborted", "rolled_back", "halted"}
+FAILED_STATES = {"failed", "rejected", "timed_out"}
+
+
+def _ts(value: Any) -> str:
+    if not value:
+        return "–"
+    return datetime.fromtimestamp(float(value), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(value: Any) -> str:
+    if not value:
+        return "never"
+    s = max(0, int(time.time() - float(value)))
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m ago"
+    if s < 86400:
+        return f"{s // 3600}h ago"
+    return f"{s // 86400}d ago"
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{float(value):.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{float(value) * 100:.1f}%"
+
+
+def _environment() -> Any:
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(
+        loader=FileSystemLoader(str(HERE / "templates")),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(ts=_ts, ago=_ago, num=_num, pct=_pct)
+    env.globals.update(charts=charts, actions=ACTIONS)
+    return env
+
+
+def _safe_next(target: str | None) -> str:
+    """Only local paths under /ui: never redirect a login to another site."""
+    if not target:
+        return "/ui/"
+    u = urlparse(target)
+    if u.scheme or u.netloc or not u.path.startswith("/ui"):
+        return "/ui/"
+    return target
+
+
+def _distributions(service: Any, model: str, version: str) -> dict[str, Any]:
+    """Adapter: reference vs current per feature from the service's drift engine."""
+    drift = getattr(service, "drift", None)
+    if drift is None:
+        return {}
+    return dict(drift.feature_distributions(model, version))
+
+
+def _field_quality(service: Any, model: str, version: str) -> dict[str, Any] | None:
+    """Adapter: accuracy, error rate and p95 of one version from the service's exporter."""
+    exporter = getattr(service, "exporter", None)
+    if exporter is None:
+        return None
+    fq: dict[str, Any] = exporter.field_quality()
+    return fq.get(model, {}).get(version)
+
+
+def _stage_parts(stage: dict[str, Any]) -> dict[str, int]:
+    return {
+        "installed": stage["installed"],
+        "progress": stage["in_progress"],
+        "failed": stage["failed"],
+        "rolled_back": stage["rolled_back"],
+    }
+
+
+def build_router(service: Any) -> Any:
+    from fastapi import APIRouter, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+    from ..service import RolloutRequest
+
+    router = APIRouter(include_in_schema=False)
+    env = _environment()
+    sessions = Sessions(secret_from_env())
+
+    # helpers ---------------------------------------------------------------------------
+    def session_of(request: Request) -> Session | None:
+        return sessions.read(request.cookies.get(COOKIE), time.time())
+
+    def render(request: Request, template: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+        s = session_of(request)
+        html = env.get_template(template).render(
+            session=s,
+            csrf=s.csrf if s else "",
+            path=request.url.path,
+            can_act=bool(s and allows(s.role, "operator")),
+            **ctx,
+        )
+        return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+
+    def to_login(request: Request) -> RedirectResponse:
+        nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/ui/login?next={quote(nxt)}", status_code=303)
+
+    def error(request: Request, exc: FleetError | str, status: int | None = None) -> HTMLResponse:
+        if isinstance(exc, FleetError):
+            msg, field, code = exc.message, exc.field, status or exc.status_code
+        else:
+            msg, field, code = exc, None, status or 400
+        return render(request, "error.html", status=code, message=msg, field=field, code=code)
+
+    async def acting(request: Request) -> tuple[Session | None, dict[str, str], Response | None]:
+        """Session + form of a POST action, or the response refusing it."""
+        s = session_of(request)
+        if s is None:
+            return None, {}, to_login(request)
+        form = {k: str(v) for k, v in (await request.form()).items() if isinstance(v, str)}
+        if not csrf_ok(s, form.get("csrf")):
+            return (
+                s,
+                form,
+                error(
+                    request,
+                    "the form expired or did not come from this site "
+                    "(CSRF token mismatch); reload the page and try again",
+                    403,
+                ),
+            )
+        if not allows(s.role, "operator"):
+            return s, form, error(request, f"this needs the operator role; you are {s.role}", 403)
+        return s, form, None
+
+    # login -----------------------------------------------------------------------------
+    @router.get("/")
+    def root() -> RedirectResponse:
+        return RedirectResponse("/ui/", status_code=307)
+
+    @router.get("/ui/login")
+    def login_form(request: Request, next: str = "/ui/") -> HTMLResponse:
+        nonce = new_nonce()
+        resp = render(request, "login.html", nonce=nonce, next=_safe_next(next), failed=False)
+        resp.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict", max_age=3600)
+        return resp
+
+    @router.post("/ui/login")
+    async def login(request: Request) -> Response:
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        nonce = request.cookies.get(LOGIN_COOKIE)
+        nxt = _safe_next(form.get("next"))
+        if not nonce or not csrf_ok(Session("", "", nonce, 0), form.get("nonce")):
+            return error(request, "the login form expired; reload it and sign in again", 403)
+        role = service.authenticate_user(form.get("username", ""), form.get("password", ""))
+        if role is None:
+            fresh = new_nonce()
+            page = render(
+                request,
+                "login.html",
+                status=401,
+                nonce=fresh,
+                next=nxt,
+                failed=True,
+                username=form.get("username", ""),
+            )
+            page.set_cookie(LOGIN_COOKIE, fresh, httponly=True, samesite="strict", max_age=3600)
+            return page
+        cookie, _ = sessions.issue(form["username"], role, time.time())
+        resp = RedirectResponse(nxt, status_code=303)
+        resp.set_cookie(
+            COOKIE, cookie, httponly=True, samesite="lax", max_age=int(sessions.max_age_s)
+        )
+        resp.delete_cookie(LOGIN_COOKIE)
+        return resp
+
+    @router.post("/ui/logout")
+    async def logout(request: Request) -> Response:
+        s = session_of(request)
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        if s is not None and not csrf_ok(s, form.get("csrf")):
+            return error(request, "CSRF token mismatch", 403)
+        resp = RedirectResponse("/ui/login", status_code=303)
+        resp.delete_cookie(COOKIE)
+        return resp
+
+    # static ----------------------------------------------------------------------------
+    @router.get("/ui/static/{name}")
+    def static(name: str) -> Response:
+        path = HERE / "static" / name
+        ctype = STATIC_TYPES.get(path.suffix)
+        if "/" in name or name.startswith(".") or ctype is None or not path.is_file():
+            return Response("not found", status_code=404, media_type="text/plain")
+        return Response(
+            path.read_bytes(), media_type=ctype, headers={"Cache-Control": "public, max-age=300"}
+        )
+
+    # overview and devices -------------------------------------------------------------
+    @router.get("/ui/")
+    def overview(request: Request) -> Response:
+        if session_of(request) is None:
+            return to_login(request)
+        ov = service.overview()
+        return render(
+            request,
+            "overview.html",
+            ov=ov,
+            rollouts=service.list_rollouts()[:10],
+            bundles=service.list_bundles(),
+            events=service.events(limit=15),
+        )
+
+    @router.get("/ui/devices")
+    def devices(
+        request: Request, profile: str = "", version: str = "", online: str = ""
+    ) -> Response:
+        if session_of(request) is None:
+            return to_login(request)
+        flag = {"online": True, "offline": False}.get(online)
+        rows = service.list_devices(profile=profile or None, version=version or None, online=flag)
+        return render(
+            request,
+            "devices.html",
+            devices=rows,
+            filters={"profile": profile, "version": version, "online": online},
+        )
+
+    @router.get("/ui/devices/{device_id}")
+    def device(request: Request, device_id: str) -> Response:
+        if session_of(request) is None:
+            return to_login(request)
+        try:
+            d = service.get_device(device_id)
+        except FleetError as exc:
+            return error(request, exc)
+        metrics = list(reversed(d.get("metrics") or []))
+        latency = (
+            charts.lines(
+                {
+                    "p50 ms": [m.get("p50_ms") for m in metrics],
+                    "p95 ms": [m.get("p95_ms") for m in metrics],
+                },
+                title="latency per telemetry window",
+            )
+            if metrics
+            else None
+        )
+        failures = [r for r in d.get("rollouts", []) if r["state"] in FAILED_STATES]
+        return render(request, "device.html", d=d, latency=latency, failures=failures)
+
+    # rollouts --------------------------------------------------------------------------
+    @router.get("/ui/rollouts")
+    def rollouts(request: Request, bundle: str = "") -> Response:
+        if session_of(request) is None:
+            return to_login(request)
+        return render(
+            request,
+            "rollouts.html",
+            rollouts=service.list_rollouts(),
+            bundles=service.list_bundles(),
+            chosen=bundle,
+        )
+
+    @router.post("/ui/bundles")
+    async def upload(request: Request) -> Response:
+        s = session_of(request)
+        if s is None:
+            return to_login(request)
+        form = await request.form()
+        if not csrf_ok(s, str(form.get("csrf") or "")):
+            return error(request, "CSRF token mismatch; reload the page", 403)
+        if not allows(s.role, "operator"):
+            return error(request, f"uploading needs the operator role; you are {s.role}", 403)
+        file = form.get("bundle")
+        data = await file.read() if file is not None and hasattr(file, "read") else b""
+        if not data:
+            return error(
+                request, InvalidInput("choose a .efb bundle file to upload", field="bundle")
+            )
+        try:
+            info = service.upload_bundle(data, actor=f"dashboard:{s.user}")
+        except FleetError as exc:
+            return error(request, exc)
+        return RedirectResponse(f"/ui/rollouts?bundle={info['sha256']}", status_code=303)
+
+    def rollout_request(form: dict[str, str]) -> RolloutRequest:
+        def number(name: str, cast: Any = float) -> Any:
+            raw = form.get(name, "").strip()
+            if not raw:
+                return None
+            try:
+                return cast(raw)
+            except ValueError:
+                raise InvalidInput(f"{name} must be a number, got {raw!r}", field=name) from None
+
+        raw_stages = form.get("stages", "").replace(" ", "")
+        try:
+            stages = [float(x) for x in raw_stages.split(",") if x]
+        except ValueError:
+            raise InvalidInput(
+                f"stages must be numbers like 5,25,50,100, got {raw_stages!r}", field="stages"
+            ) from None
+        if not form.get("bundle"):
+            raise InvalidInput("choose a bundle", field="bundle")
+        return RolloutRequest(
+            bundle=form["bundle"],
+            selector=form.get("selector", ""),
+            stages=stages or [5.0, 25.0, 50.0, 100.0],
+            stage_unit=form.get("stage_unit") or "percent",
+            soak_s=number("soak_s"),
+            failure_threshold=number("failure_threshold"),
+            min_devices=number("min_devices", int),
+        )
+
+    @router.post("/ui/rollouts/plan")
+    async def plan(request: Request) -> Response:
+        s, form, refused = await acting(request)
+        if refused is not None:
+            return refused
+        try:
+            req = rollout_request(form)
+            planned = service.create_rollout(
+                req,
+                actor=f"dashboard:{s.user if s else ''}",
+                dry_run=True,
+                force=form.get("force") == "yes",
+            )
+        except FleetError as exc:
+            return error(request, exc)
+        return render(request, "confirm_rollout.html", plan=planned, form=form)
+
+    @router.post("/ui/rollouts/create")
+    async def create(request: Request) -> Response:
+        s, form, refused = await acting(request)
+        if refused is not None or s is None:
+            return refused or to_login(request)
+        if form.get("confirm") != "yes":
+            return error(request, InvalidInput("confirm the plan first", field="confirm"))
+        actor = f"dashboard:{s.user}"
+        try:
+            req = rollout_request(form)
+            out = service.create_rollout(req, actor=actor, force=form.get("force") == "yes")
+            service.start_rollout(out["rollout_id"], actor=actor)
+        except FleetError as exc:
+            return error(request, exc)
+        return RedirectResponse(f"/ui/rollouts/{out['rollout_id']}", status_code=303)
+
+    def live(request: Request, rollout_id: str) -> tuple[dict[str, Any], str]:
+        st = service.rollout_status(rollout_id)
+        html = env.get_template("rollout_live.html").render(r=st, stage_parts=_stage_parts)
+        return st, html
+
+    @router.get("/ui/rollouts/{rollout_id}")
+    def rollout(request: Request, rollout_id: str) -> Response:
+        if session_of(request) is None:
+            return to_login(request)
+        try:
+            st, live_html = live(request, rollout_id)
+        except FleetError as exc:
+            return error(request, exc)
+        from markupsafe import Markup
+
+        return render(request, "rollout.html", r=st, live=Markup(live_html))
+
+    @router.get("/ui/rollouts/{rollout_id}/live.json")
+    def rollout_live(request: Request, rollout_id: str) -> Response:
+        if session_of(request) is None:
+            return JSONResponse({"error": "AuthError", "detail": "log in again"}, status_code=401)
+        try:
+            st, html = live(request, rollout_id)
+        except FleetError as exc:
+            return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return JSONResponse(
+            {
+                "state": st["state"],
+                "counts": st["counts"],
+                "html": html,
+                "terminal": st["state"] in TERMINAL,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    @router.get("/ui/rollouts/{rollout_id}/confirm/{action}")
+    def confirm(request: Request, rollout_id: str, action: str) -> Response:
+        s = session_of(request)
+        if s is None:
+            return to_login(request)
+        if action not in ACTIONS:
+            return error(request, InvalidInput(f"unknown action {action!r}", field="action"), 404)
+        if not allows(s.role, "operator"):
+            return error(request, f"this needs the operator role; you are {s.role}", 403)
+        try:
+            st = service.rollout_status(rollout_id)
+        except FleetError as exc:
+            return error(request, exc)
+        return render(request, "confirm.html", r=st, action=action)
+
+    @router.post("/ui/rollouts/{rollout_id}/{action}")
+    async def act(request: Request, rollout_id: str, action: str) -> Response:
+        if action not in ACTIONS:
+            return error(request, InvalidInput(f"unknown action {action!r}", field="action"), 404)
+        s, form, refused = await acting(request)
+        if refused is not None or s is None:
+            return refused or to_login(request)
+        if form.get("confirm") != "yes":
+            return error(
+                request,
+                InvalidInput(
+                    f"{action} needs confirmation: use the button on the rollout page",
+                    field="confirm",
+                ),
+            )
+        try:
+            getattr(service, f"{action}_rollout")(rollout_id, actor=f"dashboard:{s.user}")
+        except FleetError as exc:
+            return error(request, exc)
+        return RedirectResponse(f"/ui/rollouts/{rollout_id}", status_code=303)
+
+    # drift -----------------------------------------------------------------------------
+    @router.get("/ui/drift")
+    def drift_index(request: Request) -> Response:
+        if session_of(request) is None:
+            return to_login(request)
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in service.drift_results(limit=500):
+            latest.setdefault((r["model"], r["version"]), r)
+        pairs = {(b["name"], b["version"]) for b in service.list_bundles()} | set(latest)
+        rows = [
+            {
+                "model": m,
+                "version": v,
+                "latest": latest.get((m, v)),
+                "quality": _field_quality(service, m, v),
+            }
+            for m, v in sorted(pairs)
+        ]
+        return render(request, "drift_index.html", rows=rows)
+
+    @router.get("/ui/drift/{model}/{version}")
+    def drift_page(request: Request, model: str, version: str) -> Response:
+        if session_of(request) is None:
+            return to_login(request)
+        history = list(reversed(service.drift_results(model=model, version=version, limit=60)))
+        dists = _distributions(service, model, version)
+        features = []
+        for name, dist in dists.items():
+            if dist["kind"] == "numeric":
+                edges = dist["edges"]
+                labels = [_num(e, 3) for e in edges[:-1]]
+            else:
+                labels = list(dist["items"])
+            chart = charts.paired_bars(
+                labels, dist["reference"], dist["current"], title=f"{name}: reference vs current"
+            )
+            over_time = [{f["name"]: f for f in h["features"]}.get(name) for h in history]
+            stat_key = "ks" if dist["kind"] == "numeric" else "js"
+            trend = (
+                charts.lines(
+                    {
+                        stat_key.upper(): [f.get(stat_key) if f else None for f in over_time],
+                        **(
+                            {"PSI": [f.get("psi") if f else None for f in over_time]}
+                            if dist["kind"] == "numeric"
+                            else {}
+                        ),
+                    },
+                    title=f"{name}: {stat_key.upper()} over time",
+                )
+                if history
+                else None
+            )
+            features.append(
+                {
+                    "name": name,
+                    "kind": dist["kind"],
+                    "chart": chart,
+                    "trend": trend,
+                    "stats": dist.get("stats"),
+                }
+            )
+        share = (
+            charts.lines(
+                {"drifted share": [h["drifted_share"] for h in history]},
+                threshold=None,
+                title="share of drifted features",
+            )
+            if history
+            else None
+        )
+        return render(
+            request,
+            "drift.html",
+            model=model,
+            version=version,
+            features=features,
+            history=list(reversed(history))[:20],
+            share=share,
+            quality=_field_quality(service, model, version),
+        )
+
+    return router

@@ -1,0 +1,85 @@
+"""Signed session cookies and CSRF tokens for the dashboard (no server-side state).
+
+A session cookie is ``base64url(json) "." base64url(HMAC-SHA256(secret, json))`` holding
+the user, role, expiry and a random CSRF token. Every POST form carries that token in a
+hidden field and is refused when it does not match (constant-time compare); the cookie is
+``HttpOnly`` and ``SameSite=Lax``. The login form, posted before a session exists, uses a
+double-submit nonce (cookie == form field) instead.
+
+The secret comes from ``EDGEFLEET_DASHBOARD_SECRET`` (set it when several server
+processes share logins) or is generated per process, so a restart logs everyone out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+
+COOKIE = "edgefleet_session"
+LOGIN_COOKIE = "edgefleet_login"
+MAX_AGE_S = 12 * 3600
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def secret_from_env() -> bytes:
+    env = os.environ.get("EDGEFLEET_DASHBOARD_SECRET")
+    return env.encode() if env else secrets.token_bytes(32)
+
+
+@dataclass(frozen=True)
+class Session:
+    user: str
+    role: str
+    csrf: str
+    expires: float
+
+
+class Sessions:
+    def __init__(self, secret: bytes, max_age_s: float = MAX_AGE_S) -> None:
+        self.secret = secret
+        self.max_age_s = max_age_s
+
+    def _sign(self, body: bytes) -> str:
+        return _b64(hmac.new(self.secret, body, hashlib.sha256).digest())
+
+    def issue(self, user: str, role: str, now: float) -> tuple[str, Session]:
+        s = Session(user, role, secrets.token_urlsafe(16), now + self.max_age_s)
+        body = json.dumps({"u": s.user, "r": s.role, "c": s.csrf, "e": s.expires}).encode()
+        return f"{_b64(body)}.{self._sign(body)}", s
+
+    def read(self, cookie: str | None, now: float) -> Session | None:
+        if not cookie or "." not in cookie:
+            return None
+        b, sig = cookie.rsplit(".", 1)
+        try:
+            body = _unb64(b)
+        except (ValueError, TypeError):
+            return None
+        if not hmac.compare_digest(sig, self._sign(body)):
+            return None
+        try:
+            d = json.loads(body)
+            s = Session(str(d["u"]), str(d["r"]), str(d["c"]), float(d["e"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        return s if s.expires > now else None
+
+
+def csrf_ok(session: Session | None, token: str | None) -> bool:
+    return session is not None and bool(token) and hmac.compare_digest(session.csrf, str(token))
+
+
+def new_nonce() -> str:
+    return secrets.token_urlsafe(16)

@@ -11,6 +11,7 @@ Exit codes: 0 ok; 1 error; 3 the model (or every variant) does not fit the profi
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,8 @@ class _Group(TyperGroup):
     """Turn our errors into one ``error: …`` line when this app runs on its own.
 
     Under the root ``edgefleet`` CLI the root does the same; this keeps ``toolchain.cli.app``
-    usable (and testable with typer's CliRunner) by itself.
+    usable (and testable with typer's CliRunner) by itself. ``EDGEFLEET_DEBUG=1`` lets the
+    traceback through instead.
     """
 
     def invoke(self, ctx: Any) -> Any:
@@ -41,6 +43,8 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except EdgefleetError as exc:
+            if os.environ.get("EDGEFLEET_DEBUG"):
+                raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
 

@@ -463,7 +463,10 @@ def _optimize_table(report: OptimizeReport) -> None:
     console.print(table)
     for v in report.variants:
         console.print(f"  {v.name}: {v.verdict}")
-    console.print(f"source {report.metric}: {report.source_score:.4f}")
+    if report.metric in ("agreement", "R² vs source"):
+        console.print("no target in DATA: each variant is scored against the source's predictions")
+    else:
+        console.print(f"source model's {report.metric} on held-out rows: {report.source_score:.4f}")
     for note in report.skipped:
         console.print(f"  skipped: {note}")
 

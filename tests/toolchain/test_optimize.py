@@ -132,3 +132,30 @@ def test_optimize_says_why_tree_models_have_no_int8_variants(iris, iris_joblib, 
     failed = [v for v in report.variants if v.error]
     assert failed, "quantizing a tree ensemble should fail with a reason, not silently pass"
     assert all(v.verdict.startswith("failed to") for v in failed)
+
+
+def test_regressors_are_scored_by_r2_and_classifiers_by_accuracy():
+    from protocol.feeds import Prediction
+    from toolchain.optimize import agreement, score
+
+    truth = np.array([1.0, 2.0, 3.0, 4.0])
+    exact = Prediction(values=truth.reshape(-1, 1))
+    off = Prediction(values=(truth + 1.0).reshape(-1, 1))
+    assert score(exact, truth, "regression") == pytest.approx(1.0)
+    assert score(off, truth, "regression") == pytest.approx(1 - 4 / 5)
+    assert agreement(off, exact, "regression") == pytest.approx(1 - 4 / 5)
+    labels = Prediction(labels=[0, 1, 1, 2])
+    # Labels compare by value whatever their numeric type (y loaded as float, labels as int).
+    assert score(labels, np.array([0.0, 1.0, 2.0, 2.0]), "classification") == pytest.approx(0.75)
+    assert agreement(labels, Prediction(labels=["0", "1", "1", "2"]), "classification") == 1.0
+
+
+def test_optimize_without_a_target_scores_variants_against_the_source(digits_mlp, tmp_path):
+    from toolchain.data import dataset_from_arrays, load_data
+
+    model, data = digits_mlp
+    unlabeled = dataset_from_arrays(load_data(data).X[:100])
+    report = optimize(model, unlabeled, load_profile("host"), out_dir=tmp_path, runs=10)
+    assert report.metric == "agreement" and report.source_score == 1.0
+    fp32 = report.variants[0]
+    assert fp32.name == "onnx-fp32" and fp32.agreement == 1.0 and fp32.drop == 0.0

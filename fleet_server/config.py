@@ -106,7 +106,9 @@ class FleetConfig(_Section):
 
     def resolve(self, base: Path) -> FleetConfig:
         def fix(p: Path | None) -> Path | None:
-            return None if p is None or p.is_absolute() else base / p
+            if p is None or p.is_absolute():
+                return p
+            return base / p
 
         signing = self.signing.model_copy(
             update={"key": fix(self.signing.key), "trusted": [fix(p) for p in self.signing.trusted]}

@@ -461,7 +461,7 @@ class Rollout:
         out = []
         for dev in self.devices.values():
             stuck = dev.sent_at is not None and dev.state in ("queued", *IN_PROGRESS)
-            if stuck and dev.sent_at is not None and now - dev.sent_at >= self.spec.device_timeout_s:
+            if stuck and now - (dev.sent_at or 0.0) >= self.spec.device_timeout_s:
                 out.append(
                     self._set_device(
                         dev,

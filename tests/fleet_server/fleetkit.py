@@ -241,7 +241,7 @@ class SimDevice:
         cmd = self.pending
         if cmd is None or cmd.deploy is None:
             return
-        data, missing = reassemble(
+        data, _ = reassemble(
             self.chunks.get(cmd.deploy.bundle_sha256, []), cmd.deploy.bundle_sha256
         )
         if data is None:
@@ -288,3 +288,18 @@ class SimDevice:
         self.model = new
         self.status(cmd, "installed", model=new)
         self.birth()
+
+
+class SyncASGITransport(httpx.BaseTransport):
+    """Lets a synchronous ``httpx.Client`` (the CLI's) call an ASGI app in-process."""
+
+    def __init__(self, app: Any) -> None:
+        self.inner = httpx.ASGITransport(app=app)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def go() -> httpx.Response:
+            resp = await self.inner.handle_async_request(request)
+            body = await resp.aread()
+            return httpx.Response(resp.status_code, headers=resp.headers, content=body)
+
+        return asyncio.run(go())

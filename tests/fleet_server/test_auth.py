@@ -36,7 +36,8 @@ def test_scrypt_password_hash_verifies_only_the_right_password() -> None:
 def test_pbkdf2_hashes_verify_and_garbage_never_does() -> None:
     salt = b"0123456789abcdef"
     dk = hashlib.pbkdf2_hmac("sha256", b"pw", salt, 1000)
-    stored = f"pbkdf2$1000${base64.urlsafe_b64encode(salt).decode()}${base64.urlsafe_b64encode(dk).decode()}"
+    b64 = base64.urlsafe_b64encode
+    stored = f"pbkdf2$1000${b64(salt).decode()}${b64(dk).decode()}"
     assert auth.verify_password("pw", stored)
     assert not auth.verify_password("pw2", stored)
     assert not auth.verify_password("pw", "md5$abc")

@@ -64,7 +64,7 @@ def test_device_id_mismatch_is_dropped_and_counted(
 def test_bad_messages_are_dropped_counted_and_never_crash(
     fleet: tuple[FleetService, MemoryBroker], topic: str, payload: bytes, reason: str
 ) -> None:
-    svc, broker = fleet
+    svc, _ = fleet
     svc.bridge.handle(topic, payload)  # type: ignore[union-attr]
     assert svc.bridge.stats()["dropped"] == {reason: 1}  # type: ignore[union-attr]
     body, _ = svc.exporter.render()

@@ -57,7 +57,7 @@ def test_percentage_stages_are_cumulative_and_cover_every_device() -> None:
     devices = [f"d{i}" for i in range(100)]
     groups = assign_stages("r", devices, spec(stages=(5, 25, 50, 100)))
     assert [len(g) for g in groups] == [5, 20, 25, 50]
-    assert sorted(sum(groups, [])) == sorted(devices)
+    assert sorted(d for g in groups for d in g) == sorted(devices)
 
 
 def test_count_stages_cut_at_cumulative_counts_and_leave_the_rest_out() -> None:

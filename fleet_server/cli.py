@@ -1,0 +1,582 @@
+"""``edgefleet fleet|rollout|drift|telemetry …``: the fleet server's commands.
+
+Commands talk to a running server through its REST API (``--url``/``EDGEFLEET_URL`` and
+``--token``/``EDGEFLEET_TOKEN``), except ``fleet serve``, ``fleet init``, ``fleet token
+create`` and ``fleet user add``, which work on the config and its registry directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+fleet_app = typer.Typer(
+    no_args_is_help=True, help="Run the fleet server and manage bundles and devices."
+)
+bundles_app = typer.Typer(no_args_is_help=True, help="Upload and list signed bundles.")
+devices_app = typer.Typer(no_args_is_help=True, help="List and tag devices.")
+token_app = typer.Typer(no_args_is_help=True, help="Create API tokens.")
+user_app = typer.Typer(no_args_is_help=True, help="Dashboard users.")
+rollout_app = typer.Typer(no_args_is_help=True, help="Start and steer staged rollouts.")
+drift_app = typer.Typer(no_args_is_help=True, help="Drift reports from merged device sketches.")
+telemetry_app = typer.Typer(no_args_is_help=True, help="Watch MQTT telemetry live.")
+app.add_typer(fleet_app, name="fleet")
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(drift_app, name="drift")
+app.add_typer(telemetry_app, name="telemetry")
+fleet_app.add_typer(bundles_app, name="bundles")
+fleet_app.add_typer(devices_app, name="devices")
+fleet_app.add_typer(token_app, name="token")
+fleet_app.add_typer(user_app, name="user")
+
+UrlOpt = typer.Option(
+    None, "--url", envvar="EDGEFLEET_URL", help="Fleet server URL (default http://127.0.0.1:8700)."
+)
+TokenOpt = typer.Option(None, "--token", envvar="EDGEFLEET_TOKEN", help="API token.")
+ConfigOpt = typer.Option(
+    Path("fleet.toml"), "--config", "-c", envvar="EDGEFLEET_FLEET_CONFIG", help="Fleet config file."
+)
+FINAL = ("succeeded", "halted", "aborted", "rolled_back")
+
+
+@app.callback()
+def _root() -> None:
+    """edgefleet fleet server commands."""
+
+
+def _errors(fn: Callable[..., None]) -> Callable[..., None]:
+    """Our errors become ``error: …`` on stderr and exit 1, also when run standalone."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from protocol.errors import EdgefleetError
+
+        try:
+            fn(*args, **kwargs)
+        except EdgefleetError as exc:
+            if os.environ.get("EDGEFLEET_DEBUG"):
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def client(url: str | None, token: str | None) -> Any:
+    """The REST client (tests replace this to talk to an in-process app)."""
+    from .client import FleetClient
+
+    return FleetClient(url, token)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    _console().print(t)
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    return (
+        f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"
+    )
+
+
+# fleet ------------------------------------------------------------------------------------
+@fleet_app.command("serve")
+@_errors
+def serve_cmd(
+    config: Path = ConfigOpt,
+    embedded_broker: bool = typer.Option(
+        False, "--embedded-broker", help="Run the amqtt broker in-process."
+    ),
+) -> None:
+    """Run the fleet server: REST API, dashboard, MQTT bridge, rollout and drift engines.
+
+    Example: edgefleet fleet serve --config fleet.toml --embedded-broker
+    """
+    from .config import load_config
+    from .serve import serve
+
+    cfg = load_config(config)
+    print(
+        f"fleet server on http://{cfg.api.host}:{cfg.api.port} (broker {cfg.broker.url})",
+        file=sys.stderr,
+    )
+    serve(cfg, embedded_broker=embedded_broker)
+
+
+@fleet_app.command("init")
+@_errors
+def init(
+    out: Path = typer.Option(Path("fleet.toml"), "--out", "-o", help="Where to write the config."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented example config.
+
+    Example: edgefleet fleet init --out fleet.toml
+    """
+    from .config import example_config
+    from .errors import ConfigError
+
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists (use --force to overwrite)")
+    out.write_text(example_config(), encoding="utf-8")
+    print(f"wrote {out}")
+
+
+def _local_service(config: Path) -> Any:
+    from .config import load_config
+    from .service import FleetService
+
+    return FleetService(load_config(config))
+
+
+@token_app.command("create")
+@_errors
+def token_create(
+    role: str = typer.Option("viewer", "--role", help="viewer, operator or admin."),
+    name: str = typer.Option("", "--name", help="A label for the token."),
+    config: Path = ConfigOpt,
+) -> None:
+    """Create an API token and print it once (only its hash is stored).
+
+    Example: edgefleet fleet token create --role operator --name ci --config fleet.toml
+    """
+    svc = _local_service(config)
+    try:
+        token = svc.create_token(role, name)
+    finally:
+        svc.repo.close()
+    print(token)
+    print(f"({role} token; it is not stored and will not be shown again)", file=sys.stderr)
+
+
+@user_app.command("add")
+@_errors
+def user_add(
+    username: str = typer.Argument(..., help="Login name."),
+    role: str = typer.Option("viewer", "--role", help="viewer, operator or admin."),
+    password: str = typer.Option(..., prompt=True, hide_input=True, confirmation_prompt=True),
+    config: Path = ConfigOpt,
+) -> None:
+    """Add (or reset) a dashboard user; the password is stored as a scrypt hash.
+
+    Example: edgefleet fleet user add ana --role admin --config fleet.toml
+    """
+    svc = _local_service(config)
+    try:
+        svc.add_user(username, password, role)
+    finally:
+        svc.repo.close()
+    print(f"user {username} ({role}) saved")
+
+
+@bundles_app.command("push")
+@_errors
+def bundles_push(
+    bundle: Path = typer.Argument(..., help="A .efb bundle."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Upload a signed bundle; the server refuses unsigned or tampered ones with the reason.
+
+    Example: edgefleet fleet bundles push iris-1.0.0.efb
+    """
+    info = client(url, token).push_bundle(bundle)
+    profiles = ", ".join(info["profiles"]) or "-"
+    print(
+        f"uploaded {info['name']} {info['version']} (release {info['release']}) "
+        f"sha256 {info['sha256'][:12]} profiles {profiles}"
+    )
+
+
+@bundles_app.command("list")
+@_errors
+def bundles_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None:
+    """List uploaded bundles.
+
+    Example: edgefleet fleet bundles list
+    """
+    rows = client(url, token).bundles()
+    _table(
+        "bundles",
+        ["name", "version", "release", "sha256", "profiles", "signer"],
+        [
+            [
+                b["name"],
+                b["version"],
+                b["release"],
+                b["sha256"][:12],
+                ",".join(b["profiles"]),
+                b["signer"],
+            ]
+            for b in rows
+        ],
+    )
+
+
+@devices_app.command("list")
+@_errors
+def devices_list(
+    profile: str | None = typer.Option(None, "--profile"),
+    tag: str | None = typer.Option(None, "--tag"),
+    version: str | None = typer.Option(None, "--version"),
+    online: bool | None = typer.Option(
+        None, "--online/--offline", help="Only online (or offline) devices."
+    ),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """List devices, filtered by profile, tag, version or online state.
+
+    Example: edgefleet fleet devices list --profile raspberry-pi-4 --online
+    """
+    rows = client(url, token).devices(profile=profile, tag=tag, version=version, online=online)
+    _table(
+        f"{len(rows)} devices",
+        ["device", "profile", "model", "version", "online", "last seen", "tags"],
+        [
+            [
+                d["device_id"],
+                d["profile"],
+                d.get("model"),
+                d.get("version"),
+                "yes" if d["online"] else "no",
+                _ago(d.get("last_seen")),
+                ",".join(d["tags"]),
+            ]
+            for d in rows
+        ],
+    )
+
+
+@devices_app.command("tag")
+@_errors
+def devices_tag(
+    device_id: str = typer.Argument(...),
+    tags: list[str] = typer.Argument(..., help="Tags to set."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Set a device's manual tags.
+
+    Example: edgefleet fleet devices tag pi-0001 canary lab
+    """
+    c = client(url, token)
+    d = c._call("PUT", f"/v1/devices/{device_id}/tags", json={"tags": tags})
+    print(f"{device_id}: {', '.join(d['tags'])}")
+
+
+# rollouts ------------------------------------------------------------------------------------
+def _stages(text: str) -> list[float]:
+    from .errors import InvalidInput
+
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise InvalidInput(
+            f"--stages {text!r}: use numbers like 5,25,50,100", field="stages"
+        ) from None
+
+
+def _show(status: dict[str, Any]) -> None:
+    b = status["bundle"]
+    print(
+        f"rollout {status['rollout_id']}: {b.get('name')} {b.get('version')} — {status['state']}"
+        + (f" ({status['reason']})" if status.get("reason") else "")
+    )
+    unit = "%" if status["spec"]["stage_unit"] == "percent" else " devices"
+    _table(
+        "stages",
+        ["stage", "target", "state", "devices", "installed", "failed", "in progress", "queued"],
+        [
+            [
+                s["index"] + 1,
+                f"{s['target']:g}{unit}",
+                s["state"],
+                s["devices"],
+                s["installed"],
+                s["failed"],
+                s["in_progress"],
+                s["queued"],
+            ]
+            for s in status["stages"]
+        ],
+    )
+
+
+def _wait(
+    c: Any, rollout_id: str, poll: float = 0.5, timeout: float | None = None
+) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    status = c.rollout(rollout_id)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_console(),
+        transient=False,
+    ) as bar:
+        task = bar.add_task(rollout_id, total=status["total"])
+        while True:
+            counts = status["counts"]
+            stage = next(
+                (s["index"] + 1 for s in status["stages"] if s["state"] == "running"), None
+            )
+            desc = f"{status['state']}" + (
+                f", stage {stage}/{len(status['stages'])}" if stage else ""
+            )
+            failed = sum(counts.get(k, 0) for k in ("failed", "rejected", "timed_out"))
+            bar.update(
+                task, completed=counts.get("installed", 0), description=f"{desc} · {failed} failed"
+            )
+            if status["state"] in FINAL or (deadline is not None and time.monotonic() > deadline):
+                return dict(status)
+            time.sleep(poll)
+            status = c.rollout(rollout_id)
+
+
+def _finish(c: Any, status: dict[str, Any], wait: bool, timeout: float | None) -> None:
+    from .errors import ClientError
+
+    if wait and status["state"] not in FINAL:
+        status = _wait(c, status["rollout_id"], timeout=timeout)
+    _show(status)
+    if status["state"] in ("halted", "aborted"):
+        raise ClientError(f"rollout {status['rollout_id']} {status['state']}: {status['reason']}")
+
+
+@rollout_app.command("start")
+@_errors
+def rollout_start(
+    bundle: str = typer.Argument(
+        ..., help="Bundle sha256 prefix, name@version, or a .efb file to push first."
+    ),
+    selector: str = typer.Option(
+        "", "--selector", "-s", help="profile=…,tag=…,id=… (default: every device)."
+    ),
+    stages: str = typer.Option("5,25,50,100", "--stages", help="Cumulative stage sizes."),
+    count: bool = typer.Option(False, "--count", help="Stages are device counts, not percentages."),
+    success_threshold: float | None = typer.Option(
+        None, "--success-threshold", help="Installed share to pass a stage."
+    ),
+    failure_threshold: float | None = typer.Option(
+        None, "--failure-threshold", help="Failed share that halts."
+    ),
+    min_devices: int | None = typer.Option(
+        None, "--min-devices", help="Reports needed before a halt."
+    ),
+    soak: float | None = typer.Option(None, "--soak", help="Seconds each stage must hold."),
+    timeout_s: float | None = typer.Option(
+        None, "--device-timeout", help="Seconds before a device times out."
+    ),
+    max_p95_ms: float | None = typer.Option(
+        None, "--max-p95-ms", help="Halt when p95 latency exceeds this."
+    ),
+    max_error_rate: float | None = typer.Option(
+        None, "--max-error-rate", help="Halt when the error rate exceeds this."
+    ),
+    halt_on_drift: bool = typer.Option(
+        False, "--halt-on-drift", help="Halt when the new version's inputs drift."
+    ),
+    no_rollback: bool = typer.Option(
+        False, "--no-rollback", help="Do not roll back devices on a halt."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; send nothing."),
+    force: bool = typer.Option(
+        False, "--force", help="Allow profiles the bundle was not benchmarked for (audited)."
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Follow progress until the rollout ends."),
+    wait_timeout: float | None = typer.Option(
+        None, "--wait-timeout", help="Stop following after this many seconds."
+    ),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Create and start a staged rollout.
+
+    Example: edgefleet rollout start iris@1.2.0 -s profile=raspberry-pi-4 --stages 5,25,100 --wait
+    """
+    c = client(url, token)
+    if bundle.endswith(".efb") or Path(bundle).is_file():
+        bundle = c.push_bundle(Path(bundle))["sha256"]
+    body: dict[str, Any] = {
+        "bundle": bundle,
+        "selector": selector,
+        "stages": _stages(stages),
+        "stage_unit": "count" if count else "percent",
+        "success_threshold": success_threshold,
+        "failure_threshold": failure_threshold,
+        "min_devices": min_devices,
+        "soak_s": soak,
+        "device_timeout_s": timeout_s,
+        "max_p95_ms": max_p95_ms,
+        "max_error_rate": max_error_rate,
+        "halt_on_drift": halt_on_drift,
+        "rollback_on_halt": False if no_rollback else None,
+    }
+    status = c.create_rollout(
+        {k: v for k, v in body.items() if v is not None},
+        dry_run=dry_run,
+        force=force,
+        start=not dry_run,
+    )
+    if dry_run:
+        _show(status)
+        for s in status["stages"]:
+            print(f"stage {s['index'] + 1}: {', '.join(s['device_ids']) or '-'}")
+        return
+    _finish(c, status, wait, wait_timeout)
+
+
+@rollout_app.command("status")
+@_errors
+def rollout_status(
+    rollout_id: str = typer.Argument(...),
+    wait: bool = typer.Option(False, "--wait", help="Follow until it ends."),
+    devices: bool = typer.Option(False, "--devices", help="Also list every device's state."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Show a rollout's stages (and devices).
+
+    Example: edgefleet rollout status r-1a2b3c4d5e --devices
+    """
+    c = client(url, token)
+    status = c.rollout(rollout_id)
+    if wait and status["state"] not in FINAL:
+        status = _wait(c, rollout_id)
+    _show(status)
+    if devices:
+        _table(
+            "devices",
+            ["device", "stage", "state", "attempts", "reason"],
+            [
+                [d["device_id"], d["stage"] + 1, d["state"], d["attempts"], d["reason"]]
+                for d in status["devices"]
+            ],
+        )
+
+
+@rollout_app.command("list")
+@_errors
+def rollout_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None:
+    """List rollouts, newest first.
+
+    Example: edgefleet rollout list
+    """
+    rows = client(url, token).rollouts()
+    _table(
+        "rollouts",
+        ["id", "bundle", "version", "state", "created"],
+        [
+            [r["rollout_id"], r.get("bundle"), r.get("version"), r["state"], _ago(r["created_at"])]
+            for r in rows
+        ],
+    )
+
+
+def _action(action: str) -> Callable[..., None]:
+    def command(
+        rollout_id: str = typer.Argument(...),
+        url: str | None = UrlOpt,
+        token: str | None = TokenOpt,
+    ) -> None:
+        _show(client(url, token).action(rollout_id, action))
+
+    command.__doc__ = {
+        "pause": "Pause a rollout: nothing more is sent until it resumes.",
+        "resume": "Resume a paused rollout.",
+        "abort": "Abort a rollout: stop sending; installed devices keep the new version.",
+        "rollback": "Roll back: send signed rollback commands to every device that installed it.",
+    }[action] + f"\n\n    Example: edgefleet rollout {action} r-1a2b3c4d5e"
+    return _errors(command)
+
+
+for _name in ("pause", "resume", "abort", "rollback"):
+    rollout_app.command(_name)(_action(_name))
+
+
+# drift and telemetry --------------------------------------------------------------------------
+@drift_app.command("report")
+@_errors
+def drift_report(
+    model: str | None = typer.Option(None, "--model"),
+    version: str | None = typer.Option(None, "--version"),
+    limit: int = typer.Option(20, "--limit"),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Latest drift results per model version, from the server's merged sketches.
+
+    Example: edgefleet drift report --model iris
+    """
+    rows = client(url, token).drift(model=model, version=version, limit=limit)
+    if not rows:
+        print("no drift results yet")
+        return
+    _table(
+        "drift",
+        ["model", "version", "window", "rows", "drifted features", "dataset drift"],
+        [
+            [
+                r.get("model"),
+                r.get("version"),
+                r.get("window_start", r.get("window", "")),
+                r.get("rows", ""),
+                f"{r.get('n_drifted', len(r.get('drifted', []) or []))}/{r.get('n_features', '')}",
+                "YES" if r.get("dataset_drift") else "no",
+            ]
+            for r in rows
+        ],
+    )
+
+
+@telemetry_app.command("tail")
+@_errors
+def telemetry_tail(
+    topic_filter: str = typer.Argument(
+        "#", help="MQTT topic filter, e.g. 'edgefleet/devices/+/telemetry/#'."
+    ),
+    broker: str = typer.Option(
+        "mqtt://127.0.0.1:1883", "--broker", envvar="EDGEFLEET_BROKER", help="Broker URL."
+    ),
+    prefix: str = typer.Option("edgefleet", "--prefix", help="Topic prefix."),
+    limit: int | None = typer.Option(None, "--limit", help="Stop after this many messages."),
+    duration: float | None = typer.Option(None, "--duration", help="Stop after this many seconds."),
+) -> None:
+    """A readable live view of any topic: one line per message.
+
+    Example: edgefleet telemetry tail 'edgefleet/devices/+/status' --broker mqtt://127.0.0.1:1883
+    """
+    from .telemetry.tail import follow
+
+    try:
+        follow(broker, topic_filter, print, prefix=prefix, limit=limit, duration=duration)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,118 @@
+"""A small HTTP client for the fleet REST API (what the CLI uses).
+
+httpx errors and error answers become :class:`ClientError` with the server's message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ClientError
+
+DEFAULT_URL = "http://127.0.0.1:8700"
+
+
+class FleetClient:
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        http: Any = None,
+        timeout: float = 30.0,
+    ) -> None:
+        import httpx
+
+        self.url = (url or os.environ.get("EDGEFLEET_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("EDGEFLEET_TOKEN")
+        self.http = http if http is not None else httpx.Client(base_url=self.url, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
+        headers = dict(kw.pop("headers", {}) or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            r = self.http.request(method, path, headers=headers, **kw)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach the fleet server at {self.url}: {exc}") from None
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+                detail = body.get("detail") or body
+            except ValueError:
+                detail = r.text[:200]
+            hint = " (set EDGEFLEET_TOKEN or --token)" if r.status_code == 401 else ""
+            raise ClientError(f"{r.status_code}: {detail}{hint}")
+        return r.json() if r.content else None
+
+    # bundles
+    def push_bundle(self, path: Path) -> dict[str, Any]:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ClientError(f"cannot read {path}: {exc.strerror}") from None
+        return dict(
+            self._call(
+                "POST",
+                "/v1/bundles",
+                content=data,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        )
+
+    def bundles(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/bundles"))
+
+    # devices
+    def devices(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return list(self._call("GET", "/v1/devices", params=params))
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/devices/{device_id}"))
+
+    # rollouts
+    def create_rollout(
+        self,
+        body: dict[str, Any],
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        start: bool = False,
+    ) -> dict[str, Any]:
+        params = {
+            "dry_run": str(dry_run).lower(),
+            "force": str(force).lower(),
+            "start": str(start).lower(),
+        }
+        return dict(self._call("POST", "/v1/rollouts", json=body, params=params))
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/rollouts"))
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/rollouts/{rollout_id}"))
+
+    def action(self, rollout_id: str, action: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/rollouts/{rollout_id}/{action}"))
+
+    # drift and history
+    def drift(
+        self, model: str | None = None, version: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        params = {
+            k: v
+            for k, v in {"model": model, "version": version, "limit": limit}.items()
+            if v is not None
+        }
+        return list(self._call("GET", "/v1/drift", params=params))
+
+    def events(self, limit: int = 50, rollout_id: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if rollout_id:
+            params["rollout_id"] = rollout_id
+        return list(self._call("GET", "/v1/events", params=params))

@@ -105,6 +105,35 @@ def _rss_mb() -> float:
     return float(psutil.Process().memory_info().rss) / 2**20
 
 
+class _PeakRSS:
+    """Sample this process's RSS in a thread while the block runs (load, warm-up, a batch).
+
+    The timed loops themselves are not sampled, so the sampler cannot disturb them; RSS is
+    read again after each loop instead.
+    """
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        import threading
+
+        self.interval_s = interval_s
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgefleet-rss", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __enter__(self) -> _PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
 def _import_runtime(path: Path) -> None:
     try:
         if path.suffix.lower() == ".onnx":
@@ -131,16 +160,19 @@ def time_model(
 
     say = progress or (lambda _msg: None)
     _import_runtime(Path(path))  # so the RSS delta is the model's, not the library's
-    base = peak = _rss_mb()
-    t0 = time.perf_counter()
-    runner = ModelRunner.open(path, input_schema, output_schema, threads=threads)
-    load_ms = (time.perf_counter() - t0) * 1e3
-    peak = max(peak, _rss_mb())
+    base = _rss_mb()
     n = len(rows)
-    say(f"warm-up ({WARMUP} runs)")
-    for i in range(WARMUP):
-        runner.predict(rows[i % n : i % n + 1])
-    peak = max(peak, _rss_mb())
+    size = min(batch, n)
+    block = rows[:size]
+    with _PeakRSS() as sampler:
+        t0 = time.perf_counter()
+        runner = ModelRunner.open(path, input_schema, output_schema, threads=threads)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        say(f"warm-up ({WARMUP} runs)")
+        for i in range(WARMUP):
+            runner.predict(rows[i % n : i % n + 1])
+        runner.predict(block)
+    peak = sampler.peak
     say(f"single-row timing ({runs} runs)")
     single: list[float] = []
     for i in range(runs):
@@ -149,11 +181,8 @@ def time_model(
         runner.predict(row)
         single.append((time.perf_counter() - t) * 1e3)
     peak = max(peak, _rss_mb())
-    size = min(batch, n) if n else 1
     reps = max(runs // 10, 10)
-    block = rows[:size] if n >= size else np.resize(rows, (size, rows.shape[1]))
     say(f"batch timing ({reps} runs of {size} rows)")
-    runner.predict(block)
     batched: list[float] = []
     for _ in range(reps):
         t = time.perf_counter()

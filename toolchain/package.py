@@ -43,8 +43,8 @@ from protocol.profiles import DeviceProfile
 from protocol.signing import read_private_key
 from protocol.sketches import build_reference
 
-from .benchmark import benchmark
-from .compat import read_facts
+from .benchmark import HostTiming, estimate, time_model
+from .compat import check_compat, read_facts
 from .errors import DataError, ToolchainError
 from .model_card import render_model_card
 
@@ -151,6 +151,10 @@ def smoke_test(model_path: Path, sidecar: Any, X: np.ndarray, atol: float) -> Sm
     )
 
 
+def _rows(X: np.ndarray) -> np.ndarray:
+    return X.astype(np.float64) if X.dtype.kind in "fiub" else X
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,18 +226,23 @@ def package(
     atol = 1e-3 if sidecar.quantization.mode == "none" else 1e-2
     smoke = smoke_test(model_path, sidecar, X, atol)
     targets = []
+    timings: dict[int, HostTiming] = {}  # host timing depends only on the thread count
     for profile in profiles:
-        say(f"benchmarking for {profile.name}")
-        report = benchmark(model_path, profile, rows=X, runs=runs)
-        if not report.compat.ok:
+        compat = check_compat(model_path, profile, facts)
+        if not compat.ok:
             raise ToolchainError(
-                f"model cannot run on profile {profile.name!r}: {'; '.join(report.compat.problems)}"
+                f"model cannot run on profile {profile.name!r}: {'; '.join(compat.problems)}"
             )
+        threads = profile.inference_threads
+        if threads not in timings:
+            say(f"benchmarking with {threads} thread(s) for {profile.name}")
+            timings[threads] = time_model(
+                model_path, schema, sidecar.output_schema, _rows(X), threads=threads, runs=runs
+            )
+        result = estimate(timings[threads], profile, facts.size_bytes, [])
         targets.append(
             TargetProfile(
-                profile=profile.name,
-                latency_budget_ms=profile.latency_budget_ms,
-                benchmark=report.result,
+                profile=profile.name, latency_budget_ms=profile.latency_budget_ms, benchmark=result
             )
         )
     created = (now or datetime.now(timezone.utc)).replace(microsecond=0)

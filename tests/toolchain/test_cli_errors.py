@@ -185,3 +185,26 @@ def test_bundle_that_is_not_a_zip(keys, tmp_path):
     bad = tmp_path / "junk.efb"
     bad.write_bytes(b"definitely not a zip")
     one_line_error(run("verify", bad, "--trust", keys.public_path), "archive_invalid")
+
+
+def test_bundle_verified_for_a_profile_it_does_not_target(iris_bundle, keys):
+    path, _ = iris_bundle
+    result = run("verify", path, "--trust", keys.public_path, "--profile", "coral-dev-board")
+    one_line_error(result, "profile_incompatible", "coral-dev-board")
+
+
+def test_package_of_a_source_model_points_at_convert(iris, iris_joblib, keys, tmp_path):
+    result = run(
+        "package", iris_joblib, "--name", "iris", "--version", "1.0.0", "--profile", "host",
+        "--data", iris.npz, "--key", keys.private_path, "--out", tmp_path / "x.efb",
+    )  # fmt: skip
+    one_line_error(result, "edgefleet convert")
+    assert not (tmp_path / "x.efb").exists()
+
+
+def test_package_with_a_missing_signing_key(iris, iris_onnx, tmp_path):
+    result = run(
+        "package", iris_onnx, "--name", "iris", "--version", "1.0.0", "--profile", "host",
+        "--data", iris.npz, "--key", tmp_path / "nope.key", "--out", tmp_path / "x.efb",
+    )  # fmt: skip
+    one_line_error(result, "signing key")

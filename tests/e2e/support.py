@@ -322,6 +322,7 @@ def make_fleet(
     revoked: Iterable[str] = (),
     rollout: dict[str, Any] | None = None,
     connect: bool = True,
+    transport_options: dict[str, Any] | None = None,
 ) -> Any:
     """A real :class:`fleet_server.FleetService` on ``broker_url`` with its bridge started."""
     from fleet_server import auth
@@ -349,7 +350,11 @@ def make_fleet(
     )
     config.data_dir.mkdir(parents=True, exist_ok=True)
     transport = (
-        PahoTransport(broker_url, config.broker.client_id, clean_session=False) if connect else None
+        PahoTransport(
+            broker_url, config.broker.client_id, clean_session=False, **(transport_options or {})
+        )
+        if connect
+        else None
     )
     service = FleetService(config, transport=transport)
     if connect:

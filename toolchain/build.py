@@ -30,6 +30,21 @@ class BuildResult:
     bundle: Path | None = None
 
 
+def _notes(report: OptimizeReport) -> dict[str, str]:
+    chosen = report.chosen
+    assert chosen is not None
+    notes = {
+        "variant": chosen.name,
+        "chosen_for_profile": report.profile.name,
+        "accuracy_metric": report.metric,
+        "source_accuracy": f"{report.source_score:.4f}",
+    }
+    if chosen.score is not None and chosen.drop is not None:
+        notes["variant_accuracy"] = f"{chosen.score:.4f}"
+        notes["accuracy_drop"] = f"{chosen.drop:.4f}"
+    return notes
+
+
 def build(
     source_path: Path,
     data: Any,
@@ -81,7 +96,7 @@ def build(
         expires_days=expires_days,
         fallback=fallback,
         runs=runs,
-        metadata_={"variant": chosen.name},
+        metadata_=_notes(report),
         progress=progress,
     )
     result.bundle = bundle

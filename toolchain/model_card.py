@@ -83,8 +83,9 @@ def render_model_card(manifest: Manifest, parity: dict[str, Any] | None = None) 
                 f"{_fmt(b.p99_ms)} | {_fmt(b.peak_memory_mb, digits=1)} | "
                 f"{'yes' if b.fits_budget else 'NO'} |"
             )
-    lines += ["", "## Parity with the source", ""]
+    lines += ["", "## Parity", ""]
     if parity:
+        lines.append(f"Compared with: {parity.get('reference', 'the source model')}.")
         for k in (
             "n_rows",
             "label_agreement",
@@ -97,6 +98,9 @@ def render_model_card(manifest: Manifest, parity: dict[str, Any] | None = None) 
                 lines.append(f"- {k}: {parity[k]}")
     else:
         lines.append("No parity report recorded (the model was packaged without its source).")
+    if m.metadata:
+        lines += ["", "## Build notes", ""]
+        lines += [f"- {k}: {v}" for k, v in sorted(m.metadata.items())]
     n_rows = sum(len(s.rows) for s in m.smoke_tests)
     lines += [
         "",

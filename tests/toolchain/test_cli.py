@@ -187,6 +187,10 @@ def test_build_makes_a_signed_verifiable_bundle_from_a_sklearn_pickle(
     manifest = verify_bundle(read_bundle(bundle), TrustStore.from_files([keys.public_path]))
     assert manifest.model.format == "onnx" and manifest.profiles == ["host", "raspberry-pi-5"]
     assert manifest.metadata["variant"] == "onnx-fp32"
+    assert manifest.metadata["accuracy_metric"] == "accuracy"
+    assert float(manifest.metadata["accuracy_drop"]) <= 0.01
+    card = read_bundle(bundle).members["model_card.md"].decode()
+    assert "## Build notes" in card and "variant: onnx-fp32" in card
     assert [f.name for f in manifest.input_schema.features][:2] == ["sepal_length", "sepal_width"]
 
 

@@ -1,0 +1,324 @@
+"""Feature sketches per window, computed off the request path.
+
+    request thread ──on_prediction()──▶ bounded queue ──▶ one worker thread
+                                                           │ batches rows into numpy arrays
+                                                           ▼
+                                        WindowSketcher (pure: events + now in, reports out)
+                                                           │ window full or old enough
+                                                           ▼
+                                        sink(SketchReport)  → the outbox
+
+:class:`WindowSketcher` holds one open window per model version: a
+:class:`protocol.sketches.SketchBuilder` over the manifest's input schema (KLL per numeric
+feature, frequent items per categorical one, counts of rows, NaN and out-of-range values)
+plus the prediction scores and predicted labels. A window closes when it holds
+``window_rows`` rows or is ``window_seconds`` old; it becomes a
+:class:`protocol.messages.SketchReport` keyed by (device, model version, window, seq), with
+``seq`` from a persisted per-device counter (the outbox's), so the server merges
+idempotently.
+
+Shadow events are not sketched (the candidate sees the same inputs as the active model).
+If the queue is full the event is dropped and counted in ``dropped`` — the request never
+waits. What is lost on a crash: the open windows and the queued events (at most one window
+per model version); closed windows are in the outbox. A graceful stop closes open windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from protocol.messages import ModelRef, SketchReport
+from protocol.schema import InputSchema
+from protocol.sketches import DEFAULT_K, SketchBuilder
+
+from .events import PredictionEvent
+
+log = logging.getLogger(__name__)
+
+SchemaLookup = Callable[[ModelRef], "InputSchema | None"]
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass
+class _Window:
+    model: ModelRef
+    builder: SketchBuilder
+    start: float
+    rows: int = 0
+
+
+@dataclass
+class _Batch:
+    """Events of one model version gathered by the worker, as arrays."""
+
+    model: ModelRef
+    rows: list[np.ndarray] = field(default_factory=list)
+    scores: list[np.ndarray] = field(default_factory=list)
+    labels: list[Any] = field(default_factory=list)
+    last_ts: float = 0.0
+
+
+class WindowSketcher:
+    """Windows of sketches per model version. No threads, no clock: pass ``now``."""
+
+    def __init__(
+        self,
+        device_id: str,
+        *,
+        schemas: SchemaLookup,
+        next_seq: Callable[[], int],
+        window_seconds: float = 60.0,
+        window_rows: int = 10_000,
+        k: int = DEFAULT_K,
+    ) -> None:
+        self.device_id = device_id
+        self.schemas = schemas
+        self.next_seq = next_seq
+        self.window_seconds = window_seconds
+        self.window_rows = window_rows
+        self.k = k
+        self._open: dict[tuple[str, str], _Window] = {}
+        self.closed = 0
+
+    def add(
+        self,
+        model: ModelRef,
+        rows: np.ndarray,
+        now: float,
+        *,
+        scores: Any = None,
+        labels: Any = None,
+    ) -> list[SketchReport]:
+        """Add a batch of rows (and its predictions); return the windows this closed."""
+        out: list[SketchReport] = []
+        key = (model.name, model.version)
+        win = self._open.get(key)
+        if win is None:
+            win = self._open[key] = self._new_window(model, now)
+        if rows.ndim == 1:
+            rows = rows.reshape(1, -1)
+        # Split a batch that overflows the window so every window holds at most window_rows.
+        start = 0
+        while start < rows.shape[0]:
+            take = min(rows.shape[0] - start, self.window_rows - win.rows)
+            sl = slice(start, start + take)
+            self._update(win, rows[sl], _part(scores, sl), _part(labels, sl))
+            start += take
+            if win.rows >= self.window_rows:
+                out.append(self._close(key, now))
+                win = self._open[key] = self._new_window(model, now)
+        if win.rows == 0:
+            self._open.pop(key, None)
+        return out
+
+    def due(self, now: float) -> list[SketchReport]:
+        """Close the windows that are ``window_seconds`` old."""
+        keys = [k for k, w in self._open.items() if now - w.start >= self.window_seconds]
+        return [self._close(k, now) for k in keys]
+
+    def close_all(self, now: float) -> list[SketchReport]:
+        return [self._close(k, now) for k in list(self._open)]
+
+    def open_rows(self) -> int:
+        return sum(w.rows for w in self._open.values())
+
+    def _new_window(self, model: ModelRef, now: float) -> _Window:
+        schema = self.schemas(model)
+        return _Window(model, SketchBuilder(schema, k=self.k), now)
+
+    def _update(self, win: _Window, rows: np.ndarray, scores: Any, labels: Any) -> None:
+        b = win.builder
+        if b.schema is not None and rows.shape[1] == b.schema.n_features:
+            b.update_rows(rows)
+        else:  # no schema known: numeric columns by position
+            for j in range(rows.shape[1]):
+                b.update_numeric(f"f{j}", np.asarray(rows[:, j], dtype=np.float64))
+            b.rows += int(rows.shape[0])
+        if scores is not None or labels is not None:
+            b.update_predictions(scores=scores, labels=labels)
+        win.rows += int(rows.shape[0])
+
+    def _close(self, key: tuple[str, str], now: float) -> SketchReport:
+        win = self._open.pop(key)
+        self.closed += 1
+        return SketchReport(
+            device_id=self.device_id,
+            model=win.model,
+            window_start=_dt(win.start),
+            window_end=_dt(max(now, win.start)),
+            seq=self.next_seq(),
+            sketches=win.builder.build(),
+        )
+
+
+def _part(values: Any, sl: slice) -> Any:
+    if values is None:
+        return None
+    return values[sl]
+
+
+class Telemetry:
+    """The :class:`PredictionObserver` that feeds a :class:`WindowSketcher` from a worker."""
+
+    def __init__(
+        self,
+        sketcher: WindowSketcher,
+        sink: Callable[[SketchReport], None],
+        *,
+        clock: Callable[[], float] = time.time,
+        queue_size: int = 10_000,
+        max_batch: int = 512,
+    ) -> None:
+        self.sketcher = sketcher
+        self.sink = sink
+        self.clock = clock
+        self.max_batch = max_batch
+        self.dropped = 0
+        self.errors = 0
+        self.emitted = 0
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # PredictionObserver ------------------------------------------------------------------
+    def on_prediction(self, event: PredictionEvent) -> None:
+        if event.shadow or event.rows is None:
+            return
+        try:
+            self._q.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+
+    def on_feedback(self, request_id: str, model: ModelRef, truth: Any, predicted: Any) -> None:
+        return None
+
+    # worker ------------------------------------------------------------------------------
+    def start(self) -> Telemetry:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name="telemetry-sketcher", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Drain the queue, close every open window, stop the worker."""
+        if self._thread is not None:
+            self.drain(timeout)
+            self._stop.set()
+            self._thread.join(timeout)
+            self._thread = None
+        self._emit(self.sketcher.close_all(self.clock()))
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every event queued so far has been sketched."""
+        if self._thread is None:
+            self.process_pending()
+            return True
+        done = threading.Event()
+        try:
+            self._q.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def process_pending(self) -> int:
+        """Sketch what is queued now (the worker's step; tests call it without a thread)."""
+        items: list[Any] = []
+        try:
+            while len(items) < self.max_batch:
+                items.append(self._q.get_nowait())
+        except queue.Empty:
+            pass
+        self._handle(items)
+        return len(items)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._q.get(timeout=0.25)
+            except queue.Empty:
+                first = None
+            items = [] if first is None else [first]
+            try:
+                while len(items) < self.max_batch:
+                    items.append(self._q.get_nowait())
+            except queue.Empty:
+                pass
+            self._handle(items)
+
+    def _handle(self, items: list[Any]) -> None:
+        markers = [i for i in items if isinstance(i, threading.Event)]
+        events = [i for i in items if not isinstance(i, threading.Event)]
+        try:
+            reports = self._sketch(events)
+            reports += self.sketcher.due(self.clock())
+            self._emit(reports)
+        except Exception:  # a telemetry bug must never take the worker down
+            self.errors += 1
+            log.exception("telemetry: sketching failed")
+        for m in markers:
+            m.set()
+
+    def _sketch(self, events: list[PredictionEvent]) -> list[SketchReport]:
+        batches: dict[tuple[str, str], _Batch] = {}
+        for ev in events:
+            b = batches.setdefault((ev.model.name, ev.model.version), _Batch(ev.model))
+            rows = ev.rows if ev.rows.ndim == 2 else ev.rows.reshape(1, -1)
+            b.rows.append(rows)
+            p = ev.prediction
+            n = rows.shape[0]
+            if p is not None and ev.error is None:
+                b.scores.append(np.asarray(p.scores, dtype=np.float64).reshape(-1)[:n])
+                if p.labels is not None:
+                    b.labels.extend(p.labels[:n])
+                else:
+                    b.labels.extend([None] * n)
+            else:
+                b.scores.append(np.full(n, np.nan))
+                b.labels.extend([None] * n)
+            b.last_ts = max(b.last_ts, ev.ts)
+        out: list[SketchReport] = []
+        now = self.clock()
+        for b in batches.values():
+            rows = _stack(b.rows)
+            scores = np.concatenate(b.scores) if b.scores else None
+            has_labels = any(lab is not None for lab in b.labels)
+            out += self.sketcher.add(
+                b.model, rows, now, scores=scores, labels=b.labels if has_labels else None
+            )
+        return out
+
+    def _emit(self, reports: list[SketchReport]) -> None:
+        for r in reports:
+            try:
+                self.sink(r)
+                self.emitted += 1
+            except Exception:
+                self.errors += 1
+                log.exception("telemetry: sink failed for window seq %s", r.seq)
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0]
+    widths = {p.shape[1] for p in parts}
+    if len(widths) != 1:  # should not happen within one model version; keep the common shape
+        w = max(widths, key=lambda x: sum(p.shape[1] == x for p in parts))
+        parts = [p for p in parts if p.shape[1] == w]
+    if any(p.dtype == object for p in parts):
+        return np.concatenate([p.astype(object) for p in parts])
+    return np.concatenate(parts)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import threading
+import warnings
 from typing import Any
 
 from protocol.transport import TransportError
@@ -55,8 +56,13 @@ class EmbeddedBroker:
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
-                self._broker = Broker(config, loop=loop)
-                loop.run_until_complete(self._broker.start())
+                # amqtt 0.12 warns (DeprecationWarning, attributed to our frame) that its
+                # $SYS plugin's psutil dependency will move to an extra. Nothing else runs
+                # while the starting thread waits for us, so a scoped filter is safe here.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._broker = Broker(config, loop=loop)
+                    loop.run_until_complete(self._broker.start())
             except BaseException as exc:
                 self._error = exc
                 self._ready.set()

@@ -35,7 +35,7 @@ from .artifacts import ArtifactStore
 from .bridge import Bridge
 from .config import FleetConfig
 from .delivery import Sender, command_id, deploy_command, parse_command_id, rollback_command
-from .errors import BundleRejected, ConfigError, InvalidInput, NotFound
+from .errors import BundleRejected, ConfigError, Conflict, InvalidInput, NotFound
 from .repository import Repository, SQLiteRepository
 from .rollout_engine import Decision, Rollout, RolloutSpec, Selector, Telemetry
 
@@ -46,6 +46,11 @@ class RolloutRequest(BaseModel):
     """What a client sends to create a rollout; unset thresholds come from the config."""
 
     bundle: str = Field(description="bundle sha256 (or unique prefix), or name@version")
+    rollout_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$",
+        description="choose the id (stage assignment hashes it); default: random",
+    )
     selector: str = Field(default="", description="profile=…,tag=…,id=… (empty: every device)")
     stages: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0])
     stage_unit: str = "percent"
@@ -416,7 +421,9 @@ class FleetService:
                 f"{off_profile}; pass force to roll out anyway",
                 field="selector",
             )
-        rid = "r-" + secrets.token_hex(5)
+        rid = req.rollout_id or "r-" + secrets.token_hex(5)
+        if req.rollout_id and (rid in self._rollouts or self.repo.get_rollout(rid) is not None):
+            raise Conflict(f"rollout {rid} already exists", field="rollout_id")
         now = self.clock()
         rollout = Rollout.plan(rid, spec, [d["device_id"] for d in chosen], now)
         rollout.dry_run = dry_run

@@ -103,6 +103,7 @@ class SimDevice:
         prefix: str = "edgefleet",
         model: ModelRef | None = None,
         fail_install: bool = False,
+        fail_versions: frozenset[str] = frozenset(),
         drop_chunks: frozenset[int] = frozenset(),
         http: Callable[[str, dict[str, str]], bytes] | None = None,
         http_cut: int | None = None,
@@ -116,6 +117,7 @@ class SimDevice:
         self.model = model
         self.previous: list[ModelRef] = []
         self.fail_install = fail_install
+        self.fail_versions = fail_versions
         self.drop_chunks = set(drop_chunks)
         self.http = http
         self.http_cut = http_cut
@@ -277,7 +279,7 @@ class SimDevice:
                 cmd, "rejected", reason=getattr(getattr(exc, "reason", None), "value", "internal")
             )
             return
-        if self.fail_install:
+        if self.fail_install or manifest.version in self.fail_versions:
             self.status(
                 cmd, "failed", reason="smoke_test_failed", detail="smoke test output differs"
             )

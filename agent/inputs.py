@@ -35,6 +35,7 @@ class SchemaPlan:
         self.nan_ok = np.array([f.allow_nan for f in schema.features])
         self.any_nan_ok = bool(self.nan_ok.any())
         self.f32_cols = np.array([f.dtype in ("float32", "float16") for f in schema.features])
+        self.any_f32 = bool(self.f32_cols.any())
 
 
 def validate_rows(rows: Any, plan: SchemaPlan, max_rows: int | None = None) -> np.ndarray:
@@ -55,35 +56,80 @@ def validate_rows(rows: Any, plan: SchemaPlan, max_rows: int | None = None) -> n
 
 
 def _numeric_fast(rows: Any, plan: SchemaPlan) -> np.ndarray | None:
-    if not isinstance(rows, np.ndarray):
+    """The common case in a few vectorized calls; None sends the rows to the slow path."""
+    if isinstance(rows, np.ndarray):
+        arr = rows
+    else:
         # numpy would silently turn True/False into 1.0/0.0: a JSON bool is a wrong type.
         for row in rows:
-            if isinstance(row, (list, tuple)):
-                for v in row:
-                    if v.__class__ is bool:
-                        return None
-    try:
-        arr = rows if isinstance(rows, np.ndarray) else np.array(rows)
-    except (ValueError, TypeError, OverflowError):
-        return None  # ragged or odd: the slow path says exactly what is wrong
+            if isinstance(row, list) and bool in map(type, row):
+                return None
+        try:
+            arr = np.array(rows)
+        except (ValueError, TypeError, OverflowError):
+            return None  # ragged or odd: the slow path says exactly what is wrong
     if arr.ndim != 2 or arr.shape[1] != plan.n or arr.dtype.kind not in "fiu":
         return None
     if arr.dtype.kind == "f":
-        finite = np.isfinite(arr)
-        if not finite.all():
+        if not np.isfinite(arr).all():
             nan = np.isnan(arr)
-            if (~finite & ~nan).any() or (nan & ~plan.nan_ok).any():
+            if not plan.any_nan_ok or np.isinf(arr).any() or (nan & ~plan.nan_ok).any():
                 return None
-        big = np.abs(np.where(np.isnan(arr), 0, arr)) > _F32_MAX
-        if (big & plan.f32_cols).any():
+            finite = np.where(nan, 0.0, arr)
+        else:
+            finite = arr
+        if arr.dtype.itemsize > 4 and plan.any_f32 and np.abs(finite).max() > _F32_MAX:
             return None
-    elif (
-        arr.dtype.kind in "iu"
-        and plan.f32_cols.any()
-        and (np.abs(arr.astype(np.float64)) > _F32_MAX).any()
-    ):
+    elif plan.any_f32 and np.abs(arr.astype(np.float64)).max() > _F32_MAX:
         return None
     return arr
+
+
+class FeedPlan:
+    """Rows → input tensors exactly as :func:`protocol.feeds.make_feeds` builds them,
+    with the column lookups done once per model instead of once per request.
+
+    Only numeric inputs take the fast path; a model with a string input uses
+    ``make_feeds`` itself.
+    """
+
+    def __init__(self, schema: InputSchema) -> None:
+        from protocol.feeds import _NP
+
+        self.schema = schema
+        index = {f.name: j for j, f in enumerate(schema.features)}
+        self.fast = all(inp.dtype != "string" for inp in schema.inputs)
+        self.parts: list[tuple[str, Any, Any, list[int] | None]] = []
+        for inp in schema.inputs:
+            cols = [index[f] for f in inp.features]
+            identity = cols == list(range(len(schema.features)))
+            tail = [d for d in inp.shape[1:] if d is not None]
+            reshape: list[int] | None = None
+            if tail and len(tail) == len(inp.shape) - 1 and int(np.prod(tail)) == len(cols):
+                reshape = tail
+            self.parts.append(
+                (inp.name, None if identity else np.asarray(cols), _NP.get(inp.dtype), reshape)
+            )
+
+    def feeds(self, arr: np.ndarray) -> dict[str, np.ndarray]:
+        if not self.fast:
+            from protocol.feeds import make_feeds
+
+            return make_feeds(arr, self.schema)
+        out = {}
+        n = arr.shape[0]
+        for name, cols, dtype, reshape in self.parts:
+            block = arr if cols is None else arr[:, cols]
+            try:
+                tensor = block.astype(dtype, copy=False)
+            except (TypeError, ValueError):
+                from protocol.feeds import make_feeds
+
+                return make_feeds(arr, self.schema)  # raises FeedError naming the value
+            if reshape is not None:
+                tensor = tensor.reshape([n, *reshape])
+            out[name] = tensor
+        return out
 
 
 def _checked(rows: Sequence[Any], plan: SchemaPlan) -> np.ndarray:

@@ -13,6 +13,7 @@ background thread and never answers a request.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -25,19 +26,22 @@ from typing import Any
 import numpy as np
 
 from protocol.bundle import sha256_hex
-from protocol.feeds import FeedError, Prediction, decode_outputs, make_feeds, rows_from_instances
+from protocol.feeds import FeedError, Prediction, decode_outputs, rows_from_instances
 from protocol.manifest import Manifest
 from protocol.messages import ModelRef
 
 from .config import AgentConfig
 from .errors import InferenceError, InputError, ModelError, NoModelError
 from .events import PredictionEvent, PredictionObserver
-from .inputs import SchemaPlan, validate_rows
+from .inputs import FeedPlan, SchemaPlan, validate_rows
 from .runtimes import Runtime, open_runtime
 
 log = logging.getLogger("edgefleet.agent.predictor")
 
 FEEDBACK_MEMORY = 10_000
+# Request ids: 16 random hex digits per process + a counter (unique, and cheaper than uuid4).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count(1)
 SHADOW_QUEUE = 1_000
 
 
@@ -48,6 +52,8 @@ class LoadedModel:
     ref: ModelRef
     plan: SchemaPlan
 
+    feed_plan: FeedPlan
+
     @classmethod
     def open(cls, manifest: Manifest, model_bytes: bytes, threads: int) -> LoadedModel:
         runtime = open_runtime(model_bytes, manifest, threads)
@@ -57,11 +63,12 @@ class LoadedModel:
             release=manifest.release,
             sha256=sha256_hex(model_bytes),
         )
-        return cls(runtime, manifest, ref, SchemaPlan(manifest.input_schema))
+        schema = manifest.input_schema
+        return cls(runtime, manifest, ref, SchemaPlan(schema), FeedPlan(schema))
 
     def infer(self, arr: np.ndarray) -> Prediction:
         try:
-            feeds = make_feeds(arr, self.manifest.input_schema)
+            feeds = self.feed_plan.feeds(arr)
         except FeedError as exc:
             raise InputError(str(exc)) from None
         outputs = self.runtime.run(feeds)
@@ -71,7 +78,7 @@ class LoadedModel:
             raise InferenceError(f"model outputs do not match the output schema: {exc}") from None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PredictResult:
     request_id: str
     model: ModelRef
@@ -221,7 +228,7 @@ class Predictor:
         cur = self._current
         if cur is None:
             raise NoModelError("no model is installed yet")
-        rid = request_id or uuid.uuid4().hex
+        rid = request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
         if instances is not None:
             if rows is not None:
                 raise InputError("send either inputs or instances, not both")

@@ -74,6 +74,11 @@ class OnnxRuntime(Runtime):
         self._dtypes = {i.name: _ORT_TYPES.get(i.type) for i in self._session.get_inputs()}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dtypes = self._dtypes
+        if all(dtypes.get(k) in (None, v.dtype) for k, v in feeds.items()):
+            with translate_runtime_errors(InferenceError, "onnxruntime failed"):
+                outs = self._session.run(self.output_names, feeds)
+            return dict(zip(self.output_names, outs, strict=True))
         cast = {}
         for name, tensor in feeds.items():
             want = self._dtypes.get(name)

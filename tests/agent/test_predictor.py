@@ -36,7 +36,7 @@ def test_predict_returns_labels_and_probabilities_matching_the_smoke_test(device
     np.testing.assert_allclose(res.probabilities, smoke.expected_probabilities, atol=1e-5)
     assert isinstance(res.probabilities, list) and isinstance(res.probabilities[0][0], float)
     assert res.model.name == "iris" and res.model.release == 1 and res.fallback is False
-    assert len(res.request_id) == 32 and res.latency_ms > 0
+    assert len(res.request_id) == 24 and res.latency_ms > 0
 
 
 def test_instances_by_name_give_the_same_answer_as_rows(device) -> None:
@@ -184,3 +184,61 @@ def test_shadow_model_sees_live_rows_but_never_answers(device, signing_key) -> N
         assert shadow[0].prediction is not None and shadow[0].prediction.labels == res.labels
     finally:
         device.predictor.close()
+
+
+@pytest.mark.parametrize("kind", ["iris-logreg", "digits-forest"])
+def test_feed_plan_builds_the_same_tensors_as_the_protocol(kind) -> None:
+    from agent.inputs import FeedPlan
+    from protocol.feeds import make_feeds
+    from tests.support.bundles import trained
+
+    tm = trained(kind)
+    rows = tm.X[:5].astype(np.float64)
+    ours = FeedPlan(tm.input_schema).feeds(rows)
+    theirs = make_feeds(rows, tm.input_schema)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype
+        np.testing.assert_array_equal(ours[k], theirs[k])
+
+
+def test_feed_plan_selects_and_reshapes_columns_per_input() -> None:
+    from agent.inputs import FeedPlan
+    from protocol import FeatureSpec, InputSchema, ModelInput
+    from protocol.feeds import make_feeds
+
+    schema = InputSchema(
+        features=[FeatureSpec(name=n) for n in "abcd"],
+        inputs=[
+            ModelInput(name="x1", dtype="float32", shape=[None, 2], features=["d", "b"]),
+            ModelInput(name="x2", dtype="int64", shape=[None, 1, 2], features=["a", "c"]),
+        ],
+    )
+    rows = np.arange(8, dtype=np.float64).reshape(2, 4)
+    ours, theirs = FeedPlan(schema).feeds(rows), make_feeds(rows, schema)
+    for k in ("x1", "x2"):
+        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape
+        np.testing.assert_array_equal(ours[k], theirs[k])
+
+
+def test_request_ids_are_unique(device) -> None:
+    ids = {device.predictor.predict([IRIS_ROW]).request_id for _ in range(200)}
+    assert len(ids) == 200
+
+
+def test_nan_passes_only_where_the_schema_allows_it() -> None:
+    from agent.inputs import SchemaPlan, validate_rows
+    from protocol import FeatureSpec, InputSchema, ModelInput
+
+    schema = InputSchema(
+        features=[FeatureSpec(name="a", allow_nan=True), FeatureSpec(name="b")],
+        inputs=[ModelInput(name="x", dtype="float32", shape=[None, 2], features=["a", "b"])],
+    )
+    plan = SchemaPlan(schema)
+    out = validate_rows([[math.nan, 1.0], [None, 2.0]], plan)
+    assert np.isnan(out[:, 0]).all() and out[:, 1].tolist() == [1.0, 2.0]
+    assert np.isnan(validate_rows(np.array([[np.nan, 1.0]]), plan)[0, 0])
+    with pytest.raises(InputError, match="'b' is NaN"):
+        validate_rows([[1.0, math.nan]], plan)
+    with pytest.raises(InputError, match="'a' is not finite"):
+        validate_rows(np.array([[np.inf, 1.0]]), plan)

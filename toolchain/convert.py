@@ -157,6 +157,8 @@ def _has_column_transformer(model: Any) -> bool:
 
 def sklearn_input_schema(source: SourceModel, data: Dataset) -> InputSchema:
     features = feature_specs(data)
+    if not _has_column_transformer(source.obj):
+        data.numeric_X()  # DataError naming the first string column
     if data.is_numeric and not _has_column_transformer(source.obj):
         return InputSchema(
             features=features,

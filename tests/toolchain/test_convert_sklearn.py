@@ -221,10 +221,10 @@ def test_column_transformer_pipeline_gets_one_input_per_column(mixed_csv, save_m
 
 
 def test_sidecar_records_feature_names_ranges_and_lineage(datasets, save_model, fit, tmp_path):
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.tree import DecisionTreeClassifier
 
     wine = datasets["wine"]
-    model = fit(LogisticRegression(max_iter=2000), wine.X, wine.y)
+    model = fit(DecisionTreeClassifier(max_depth=4, random_state=0), wine.X, wine.y)
     converted = convert(
         load_source(save_model(model, "wine_lr")),
         load_data(wine.csv, target="target"),
@@ -238,7 +238,8 @@ def test_sidecar_records_feature_names_ranges_and_lineage(datasets, save_model, 
     )
     assert not alcohol.allow_nan
     assert (
-        side.lineage.source_kind == "sklearn" and side.lineage.source_name == "LogisticRegression"
+        side.lineage.source_kind == "sklearn"
+        and side.lineage.source_name == "DecisionTreeClassifier"
     )
     assert side.lineage.settings["zipmap"] is False
     assert {"scikit-learn", "skl2onnx", "onnx", "onnxruntime"} <= set(side.lineage.tool_versions)
@@ -328,6 +329,15 @@ def test_convert_rejects_data_missing_a_column_the_pipeline_was_fit_on(
             load_data(other, target="species"),
             out=tmp_path / "m.onnx",
         )
+
+
+def test_convert_rejects_string_columns_for_a_numbers_only_model(mixed_csv, save_model, tmp_path):
+    from sklearn.tree import DecisionTreeClassifier
+
+    data = load_data(mixed_csv, target="species")
+    model = DecisionTreeClassifier().fit(np.zeros((4, 5)), [0, 1, 0, 1])
+    with pytest.raises(DataError, match="column 'size' holds strings"):
+        convert(load_source(save_model(model, "numeric_only")), data, out=tmp_path / "m.onnx")
 
 
 def test_convert_rejects_sklearn_to_tflite(datasets, save_model, tmp_path):

@@ -78,3 +78,21 @@ def test_keras_source_reports_its_task_and_input_size(keras_models):
     source = load_source(keras_models["cnn"])
     assert source.kind == "keras" and source.task == "classification"
     assert source.n_features == 64 and source.name == "digits_cnn"
+
+
+def test_saved_model_directory_converts_to_tflite(keras_models, tmp_path):
+    import contextlib
+    import io
+
+    import keras
+
+    model = keras.models.load_model(keras_models["mlp"])
+    saved = tmp_path / "digits_saved_model"
+    with contextlib.redirect_stdout(io.StringIO()):  # export prints its signature summary
+        model.export(str(saved), format="tf_saved_model")
+    source = load_source(saved)
+    assert source.kind == "keras" and source.task == "classification"
+    assert source.n_features == 64
+    converted = convert(source, load_data(keras_models["data"]), to="tflite")
+    assert converted.path == tmp_path / "digits_saved_model.tflite"
+    assert converted.parity.passed and converted.parity.label_agreement == 1.0

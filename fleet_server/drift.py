@@ -49,11 +49,11 @@ from protocol.sketches import (
     jensen_shannon,
     ks_critical,
     ks_distance,
-    merge,
     psi,
 )
 
 from .drift_store import DriftStore
+from .drift_window import OpenWindow, decode_set
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,9 @@ class DriftEngine:
         config: DriftConfig,
         publish_alert: Callable[[Alert], None],
         hook: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        flush_interval_s: float = 1.0,
+        max_pending: int = 500,
     ) -> None:
         self.config = config
         self.publish_alert = publish_alert
@@ -279,6 +282,11 @@ class DriftEngine:
         self._lock = threading.RLock()
         self._store = DriftStore(db)
         self._refs: dict[tuple[str, str], SketchSet] = {}
+        self._open: dict[tuple[str, str, float], OpenWindow] = {}
+        self._pending_keys: set[tuple[Any, ...]] = set()
+        self._last_flush = time.monotonic()
+        self.flush_interval_s = flush_interval_s
+        self.max_pending = max_pending
 
     # input ------------------------------------------------------------------------------
     def register_reference(self, model: str, version: str, reference: SketchSet) -> None:
@@ -302,8 +310,15 @@ class DriftEngine:
         return math.floor(ts / w) * w
 
     def ingest(self, report: SketchReport) -> bool:
-        """Merge one report into its window. False when this report was already counted."""
-        validate_sketches(report.sketches)
+        """Merge one report into its window. False when this report was already counted.
+
+        Raises :class:`ProtocolError` (and changes nothing) for a sketch that does not
+        decode or whose kind differs from the same feature's in the window.
+        """
+        if len(report.sketches.features) > MAX_FEATURES:
+            n = len(report.sketches.features)
+            raise ProtocolError(f"sketch report has {n} features (limit {MAX_FEATURES})")
+        incoming = decode_set(report.sketches)
         model, version = report.model.name, report.model.version
         window_start = report.window_start.timestamp()
         key = {
@@ -313,41 +328,55 @@ class DriftEngine:
             "window_start": window_start,
             "seq": report.seq,
         }
+        ident = tuple(key.values())
         window = self.window_of(model, window_start)
         with self._lock:
-            if self._store.seen(key):
+            if ident in self._pending_keys or self._store.seen(key):
                 return False
-            row = self._store.window(model, version, window)
-            if row is None:
-                merged, devices, revision = report.sketches, [], 0
-                evaluated, alerted = -1, 0
-            else:
-                merged = merge(SketchSet.model_validate_json(row["sketch"]), report.sketches)
-                devices, revision = json.loads(row["devices"]), row["revision"]
-                evaluated, alerted = row["evaluated_revision"], row["alerted"]
-            if report.device_id not in devices:
-                devices.append(report.device_id)
-            self._store.save_report(
-                {**key, "window": window, "rows": report.sketches.rows},
-                {
-                    "model": model,
-                    "version": version,
-                    "window": window,
-                    "sketch": merged.model_dump_json(),
-                    "rows": merged.rows,
-                    "devices": json.dumps(sorted(devices)),
-                    "revision": revision + 1,
-                    "evaluated_revision": evaluated,
-                    "alerted": alerted,
-                },
-            )
+            w = self._open.get((model, version, window))
+            if w is None:
+                row = self._store.window(model, version, window)
+                w = OpenWindow.from_row(row) if row else OpenWindow(model, version, window)
+                self._open[(model, version, window)] = w
+            w.check(incoming)
+            rows = report.sketches.rows
+            w.add(report.device_id, rows, incoming, {**key, "window": window, "rows": rows})
+            self._pending_keys.add(ident)
+            due = time.monotonic() - self._last_flush >= self.flush_interval_s
+            if due or len(self._pending_keys) >= self.max_pending:
+                self._flush_locked()
         return True
+
+    def flush(self) -> None:
+        """Write merged windows and the report keys they absorbed (one transaction)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        self._last_flush = time.monotonic()
+        dirty = [w for w in self._open.values() if w.pending]
+        if dirty:
+            self._store.save_windows(
+                [w.to_row() for w in dirty], [k for w in dirty for k in w.pending]
+            )
+            for w in dirty:
+                w.pending = []
+            self._pending_keys.clear()
+        newest: dict[tuple[str, str], float] = {}
+        for m, v, win in self._open:
+            newest[(m, v)] = max(win, newest.get((m, v), win))
+        for k in [k for k in self._open if k[2] < newest[(k[0], k[1])]]:
+            del self._open[k]  # keep only the newest window of each version in memory
 
     # evaluation -------------------------------------------------------------------------
     def evaluate(self, model: str, version: str, *, now: float) -> DriftResult | None:
         """Test the latest window (starting at or before ``now``) against the reference."""
         cfg = self.config.for_model(model)
         with self._lock:
+            self._flush_locked()
+            # evaluation updates the stored window (evaluated/alerted): reload it next time
+            for k in [k for k in self._open if k[:2] == (model, version)]:
+                del self._open[k]
             reference = self.reference(model, version)
             row = self._store.latest_window(model, version, now)
             if reference is None or row is None or row["rows"] < cfg.min_rows:
@@ -431,6 +460,7 @@ class DriftEngine:
     ) -> list[dict[str, Any]]:
         """Stored evaluations, newest first (``features`` decoded to a list of dicts)."""
         with self._lock:
+            self._flush_locked()
             return self._store.results(model, version, limit)
 
     def is_drifting(self, model: str, version: str) -> bool:
@@ -445,6 +475,7 @@ class DriftEngine:
         latest stored statistics of the feature sit under ``stats``.
         """
         with self._lock:
+            self._flush_locked()
             reference = self.reference(model, version)
             row = self._store.latest_window(model, version, time.time() + 365 * 86400)
             latest = self._store.results(model, version, 1)

@@ -6,7 +6,7 @@
                       alerted (an alert was already published for this window)
     drift_results     one row per evaluation whose inputs changed: per-feature statistics (JSON)
 
-Only :mod:`fleet_server.drift` uses this module. Every method is a short transaction on the
+Only :mod:`fleet_server.drift` uses this module. Every write is one transaction on the
 ``sqlite_utils.Database`` the caller hands in; the caller serialises access.
 """
 
@@ -120,11 +120,11 @@ class DriftStore:
         )
         return rows[0] if rows else None
 
-    def save_report(self, key: dict[str, Any], window_row: dict[str, Any]) -> None:
-        """Record the report as seen and store the merged window, in one transaction."""
-        with self.db.conn:
-            self.db[REPORTS].insert(key)
-            self.db[WINDOWS].upsert(window_row, pk=("model", "version", "window"))
+    def save_windows(self, windows: list[dict[str, Any]], keys: list[dict[str, Any]]) -> None:
+        """Store merged windows and mark the reports they absorbed as seen, atomically."""
+        with self.db.atomic():
+            self.db[REPORTS].insert_all(keys)
+            self.db[WINDOWS].upsert_all(windows, pk=("model", "version", "window"))
 
     def mark_window(self, model: str, version: str, window: float, **fields: Any) -> None:
         self.db[WINDOWS].update((model, version, window), fields)

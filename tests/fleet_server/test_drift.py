@@ -247,11 +247,33 @@ def test_history_and_distributions_for_the_dashboard(engine):
     assert f0["stats"]["ks"] > 0.1
 
 
-def test_reference_survives_a_restart(tmp_path):
+def test_merged_windows_and_seen_reports_survive_a_restart_after_flush(tmp_path):
     path = tmp_path / "fleet.db"
     eng = DriftEngine(sqlite_utils.Database(path), DriftConfig(), lambda a: None)
     eng.register_reference("m", "1.0", sketch_rows(np.random.default_rng(1), 1000))
     eng.ingest(report(sketch_rows(np.random.default_rng(2), 500, shift=0.5)))
+    eng.flush()  # the service flushes on stop; evaluate() and the 1 s interval flush too
     again = DriftEngine(sqlite_utils.Database(path), DriftConfig(), lambda a: None)
     assert again.ingest(report(sketch_rows(np.random.default_rng(2), 500, shift=0.5))) is False
     assert again.evaluate("m", "1.0", now=T0 + 1).dataset_drift
+
+
+def test_ingest_writes_through_once_max_pending_reports_are_held(tmp_path):
+    path = tmp_path / "fleet.db"
+    eng = DriftEngine(
+        sqlite_utils.Database(path),
+        DriftConfig(),
+        lambda a: None,
+        max_pending=2,
+        flush_interval_s=3600,
+    )
+    for seq in range(3):
+        eng.ingest(report(sketch_rows(np.random.default_rng(seq), 100), seq=seq))
+    db = sqlite_utils.Database(path)
+    assert (
+        db["drift_reports"].count == 2 and db["drift_windows"].get(("m", "1.0", T0))["rows"] == 200
+    )
+    eng.flush()
+    assert (
+        db["drift_reports"].count == 3 and db["drift_windows"].get(("m", "1.0", T0))["rows"] == 300
+    )

@@ -8,8 +8,9 @@ Two kinds, chosen in ``[hooks]`` of fleet.toml:
   but **no shell**) with the drift result JSON on stdin.
 
 A hook never raises: a failing webhook or command is logged (``fleet_server.hooks``) and
-the fleet server carries on. Each call returns whether the hook succeeded, for tests and
-for the audit log.
+the fleet server carries on. :func:`make_hook` runs it on a short-lived background thread
+by default, so a slow webhook never stalls the engine tick that found the drift; the
+classes themselves are synchronous and return whether the hook succeeded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,8 +100,13 @@ def make_hook(
     command: str | Sequence[str] | None = None,
     *,
     timeout: float | None = None,
+    background: bool = True,
 ) -> Hook | None:
-    """The configured hook (both when both are set), or None when neither is."""
+    """The configured hook (both when both are set), or None when neither is.
+
+    With ``background`` (default) the call returns at once and the hook runs on a daemon
+    thread; the returned bool then only says that it was dispatched.
+    """
     hooks: list[Hook] = []
     if webhook:
         hooks.append(WebhookHook(webhook, timeout=timeout or 5.0))
@@ -107,10 +114,15 @@ def make_hook(
         hooks.append(CommandHook(command, timeout=timeout or 30.0))
     if not hooks:
         return None
-    if len(hooks) == 1:
-        return hooks[0]
 
-    def both(result: dict[str, Any]) -> bool:
+    def run_all(result: dict[str, Any]) -> bool:
         return all([h(result) for h in hooks])
 
-    return both
+    if not background:
+        return hooks[0] if len(hooks) == 1 else run_all
+
+    def dispatch(result: dict[str, Any]) -> bool:
+        threading.Thread(target=run_all, args=(result,), name="drift-hook", daemon=True).start()
+        return True
+
+    return dispatch

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import ClassVar
 
@@ -45,7 +46,7 @@ def receiver():
 
 def test_webhook_posts_the_drift_result_as_json(receiver):
     url, handler = receiver
-    assert make_hook(webhook=url)(RESULT) is True
+    assert make_hook(webhook=url, background=False)(RESULT) is True
     body = json.loads(handler.bodies[0])
     assert body["event"] == "drift" and body["model"] == "iris" and body["drifted_share"] == 0.75
 
@@ -90,3 +91,16 @@ def test_make_hook_with_nothing_configured_is_none_and_bad_url_is_a_config_error
     assert make_hook() is None
     with pytest.raises(ConfigError, match="drift_webhook"):
         make_hook(webhook="ftp://example/x")
+
+
+def test_make_hook_runs_webhook_and_command_in_the_background(receiver, tmp_path):
+    url, handler = receiver
+    out = tmp_path / "got.json"
+    script = f"import sys; open({str(out)!r}, 'w').write(sys.stdin.read())"
+    hook = make_hook(webhook=url, command=[sys.executable, "-c", script])
+    assert hook(RESULT) is True  # dispatched; the work happens on a thread
+    deadline = time.monotonic() + 10
+    while not (handler.bodies and out.exists() and out.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert json.loads(handler.bodies[0])["model"] == "iris"
+    assert json.loads(out.read_text())["model"] == "iris"

@@ -170,6 +170,22 @@ def agent_status(config: Path) -> dict[str, Any]:
     return status
 
 
+def install_offline(configs: Iterable[Path], bundle: Path) -> None:
+    """``edgefleet agent install BUNDLE`` on every device at once (offline, in parallel)."""
+    procs = [
+        subprocess.Popen(
+            edgefleet_argv("agent", "install", str(bundle), "--config", str(c)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(),
+        )
+        for c in configs
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+
+
 def api_port(config: Path) -> int:
     from agent.config import load_config
 
@@ -360,3 +376,114 @@ def make_fleet(
     if connect:
         service.start()
     return service
+
+
+class CountingSink:
+    """The fleet service's bridge sink, wrapped: records ``(device, kind, seq)`` of every
+    status, metrics and sketch message the real bridge accepted and the service took."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.seen: dict[tuple[str, str], list[int]] = {}
+        self.merged_windows = 0
+        self._lock = threading.Lock()
+
+    def _record(self, device_id: str, kind: str, seq: int) -> None:
+        with self._lock:
+            self.seen.setdefault((device_id, kind), []).append(seq)
+
+    def seqs(self, device_id: str, kind: str) -> set[int]:
+        with self._lock:
+            return set(self.seen.get((device_id, kind), []))
+
+    def on_state(self, msg: Any) -> None:
+        self.service.on_state(msg)
+
+    def on_status(self, msg: Any) -> None:
+        self.service.on_status(msg)
+        self._record(msg.device_id, "status", msg.seq)
+
+    def on_metrics(self, msg: Any) -> None:
+        self.service.on_metrics(msg)
+        self._record(msg.device_id, "metrics", msg.seq)
+
+    def on_sketch(self, msg: Any) -> None:
+        self.service.on_sketch(msg)
+        if msg.merged_windows > 1:
+            with self._lock:
+                self.merged_windows += 1
+        self._record(msg.device_id, "sketch", msg.seq)
+
+    def on_dropped(self, reason: str) -> None:
+        self.service.on_dropped(reason)
+
+
+class Traffic:
+    """Client threads calling the agents' local APIs; every answer is kept."""
+
+    def __init__(self, agents: list[AgentProcess], threads: int = 4, pause_s: float = 0.03):
+        self.agents = agents
+        self.threads = threads
+        self.pause_s = pause_s
+        self.results: list[tuple[float, str, int | str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+
+    def _run(self, offset: int) -> None:
+        clients = [httpx.Client(base_url=a.url, timeout=10.0) for a in self.agents]
+        i = offset
+        try:
+            while not self._stop.is_set():
+                a, client = self.agents[i % len(self.agents)], clients[i % len(clients)]
+                i += 1
+                try:
+                    code: int | str = client.post(
+                        "/v1/predict", json={"inputs": [IRIS_ROW]}
+                    ).status_code
+                except httpx.HTTPError as exc:
+                    code = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self.results.append((time.time(), a.url, code))
+                self._stop.wait(self.pause_s)
+        finally:
+            for c in clients:
+                c.close()
+
+    def start(self) -> Traffic:
+        for n in range(self.threads):
+            t = threading.Thread(target=self._run, args=(n,), daemon=True)
+            t.start()
+            self._workers.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(15)
+
+    def failures(self) -> list[tuple[float, str, int | str]]:
+        with self._lock:
+            return [r for r in self.results if r[2] != 200]
+
+    def count(self, since: float = 0.0, until: float = float("inf")) -> int:
+        with self._lock:
+            return sum(1 for ts, _, code in self.results if since <= ts <= until and code == 200)
+
+
+def agent_counters(data_dir: Path) -> dict[str, int]:
+    """The agent's persisted per-device sequence counters (name → last value handed out)."""
+    import sqlite3
+
+    found: dict[str, int] = {}
+    for db in sorted(data_dir.glob("*.db")):
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+            if "seq" in tables:
+                found.update(
+                    {str(n): int(v) for n, v in con.execute("SELECT name, value FROM seq")}
+                )
+        finally:
+            con.close()
+    return found

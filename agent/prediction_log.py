@@ -1,11 +1,13 @@
 """Every prediction in SQLite, written in batches off the request path.
 
 :class:`PredictionLog` is a :class:`~agent.events.PredictionObserver`. ``on_prediction``
-only appends the event to a bounded in-memory queue (``log.queue_size``); when that queue
+only appends the event to a bounded in-memory deque (``log.queue_size`` events); when it
 is full the row is **dropped and counted** (``stats.dropped``) rather than making the
-request wait. One background thread drains the queue, serializes inputs/outputs to JSON
-and inserts up to ``log.batch_size`` rows per transaction, at least every
-``log.flush_interval_s`` seconds. Shadow events are not logged (they answer nothing).
+request wait. One background thread wakes every ``log.flush_interval_s`` seconds (or as
+soon as ``log.batch_size`` events are waiting, or on :meth:`flush`) — never once per
+event, which would cost every request a thread switch — serializes inputs/outputs to JSON
+and inserts up to ``log.batch_size`` rows per transaction. Shadow events are not logged
+(they answer nothing).
 
 Durability ("survives a crash up to the last committed batch"): the database runs in WAL
 mode with ``synchronous=FULL``, so once a batch's transaction has committed it is on disk
@@ -31,10 +33,10 @@ import errno
 import json
 import logging
 import math
-import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +80,6 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 );
 CREATE INDEX IF NOT EXISTS {TABLE}_ts ON {TABLE}(ts);
 """
-_STOP = object()
 
 
 @dataclass
@@ -144,7 +145,11 @@ class PredictionLog:
         self.path = Path(path)
         self.config = config or LogConfig()
         self.stats = LogStats()
-        self._queue: queue.Queue = queue.Queue(maxsize=self.config.queue_size)
+        self._buf: deque[PredictionEvent] = deque()
+        self._wake = threading.Event()
+        self._waiters: list[threading.Event] = []
+        self._waiters_lock = threading.Lock()
+        self._stopping = False
         self._max_pages = max_pages
         self._thread: threading.Thread | None = None
         self._condition: str | None = None
@@ -155,11 +160,14 @@ class PredictionLog:
     def on_prediction(self, event: PredictionEvent) -> None:
         if event.shadow:
             return
-        try:
-            self._queue.put_nowait(event)
-            self.stats.queued += 1
-        except queue.Full:
+        buf = self._buf
+        if len(buf) >= self.config.queue_size:
             self.stats.dropped += 1
+            return
+        buf.append(event)  # deque.append is atomic; the writer is not woken per event
+        self.stats.queued += 1
+        if len(buf) >= self.config.batch_size:
+            self._wake.set()
 
     def on_feedback(self, request_id: str, model: Any, truth: Any, predicted: Any) -> None:
         return None
@@ -184,16 +192,17 @@ class PredictionLog:
         if self._thread is None:
             return True
         done = threading.Event()
-        try:
-            self._queue.put(done, timeout=timeout)
-        except queue.Full:
-            return False
+        with self._waiters_lock:
+            self._waiters.append(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def close(self) -> None:
+        """Commit what is queued and stop the writer."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        self._stopping = True
+        self._wake.set()
         self._thread.join(timeout=30)
         self._thread = None
         if self._db is not None:
@@ -206,29 +215,25 @@ class PredictionLog:
 
     # -- writer -------------------------------------------------------------------------
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            batch: list[PredictionEvent] = []
-            waiters: list[threading.Event] = []
-            deadline = time.monotonic() + self.config.flush_interval_s
-            while len(batch) < self.config.batch_size:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                if isinstance(item, threading.Event):
-                    waiters.append(item)
-                    break
-                batch.append(item)
-            if batch:
+        """Sleep until the interval passes, a batch is full, or someone flushes; then
+        drain everything queued in ``batch_size`` transactions."""
+        while True:
+            self._wake.wait(self.config.flush_interval_s)
+            self._wake.clear()
+            with self._waiters_lock:
+                waiters, self._waiters = self._waiters, []
+            stopping = self._stopping
+            while self._buf:
+                batch: list[PredictionEvent] = []
+                while self._buf and len(batch) < self.config.batch_size:
+                    batch.append(self._buf.popleft())
                 self._write(batch)
             if waiters:
                 self._retain()
             for w in waiters:
                 w.set()
+            if stopping:
+                return
 
     def _write(self, batch: list[PredictionEvent]) -> None:
         assert self._db is not None

@@ -135,22 +135,29 @@ class _BenchSketcher:
 
 
 def _sketcher(predictor: Any, config: Any) -> tuple[Any, str]:
+    """The real sketching observer (agent.telemetry) when present, else the stand-in."""
     try:
-        import agent.telemetry as telemetry  # the other engineer's module, when present
+        from agent.telemetry import Telemetry, WindowSketcher
     except ImportError:
-        telemetry = None
-    factory = getattr(telemetry, "Sketcher", None) if telemetry else None
-    if factory is not None:
-        try:
-            return factory(predictor.manifest, config.sketch), "agent.telemetry.Sketcher"
-        except TypeError:
-            pass
-    return _BenchSketcher(
-        predictor.manifest.input_schema
-    ), "bench stand-in (agent.telemetry absent)"
+        return _BenchSketcher(
+            predictor.manifest.input_schema
+        ), "bench stand-in (no agent.telemetry)"
+    import itertools
+
+    seq = itertools.count(1)
+    schema = predictor.manifest.input_schema
+    sketcher = WindowSketcher(
+        config.device_id,
+        schemas=lambda ref: schema,
+        next_seq=lambda: next(seq),
+        window_seconds=config.sketch.window_seconds,
+        window_rows=config.sketch.window_rows,
+        k=config.sketch.k,
+    )
+    return Telemetry(sketcher, sink=lambda report: None).start(), "agent.telemetry.Telemetry"
 
 
-def _serve(kind: str, workdir: Path, port: int, observers: bool) -> None:
+def _serve(kind: str, workdir: Path, port: int, observers: str) -> None:
     import uvicorn
 
     if kind == "anchor":
@@ -163,9 +170,10 @@ def _serve(kind: str, workdir: Path, port: int, observers: bool) -> None:
 
         config = load_config(workdir / "agent.toml")
         predictor = Predictor.from_config(config)
-        if observers:
+        if "log" in observers:
             plog = PredictionLog(config.data_dir / "predictions.db", config.log).start()
             predictor.add_observer(plog)
+        if "sketch" in observers:
             sketcher, source = _sketcher(predictor, config)
             predictor.add_observer(sketcher)
             print(f"sketcher: {source}", file=sys.stderr, flush=True)
@@ -217,7 +225,7 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, kind: str, workdir: Path, observers: bool = True) -> None:
+    def __init__(self, kind: str, workdir: Path, observers: str = "log,sketch") -> None:
         import httpx
 
         self.port = _free_port()
@@ -231,7 +239,9 @@ class Server:
             str(workdir),
             "--port",
             str(self.port),
-        ] + ([] if observers else ["--no-observers"])
+            "--observers",
+            observers,
+        ]
         self.proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         health = "/health" if kind == "anchor" else "/v1/health"
@@ -375,44 +385,33 @@ def main(quick: bool = False) -> dict[str, Any]:
             bodies = _http_bodies(prep["X"], anchor=False)
             anchor_bodies = _http_bodies(prep["X"], anchor=True)
 
-            srv = Server(kind, prep["dir"], observers=True)
-            try:
-                r["c"] = _http_latency(srv.url + "/v1/predict", bodies, http_runs)
-                r["c"]["throughput_rps"] = _http_throughput(
-                    srv.url + "/v1/predict", bodies, seconds
-                )
-                r["c"]["rss_mb"] = srv.rss_mb()
-            finally:
-                err = srv.stop()
-            sketch_source = next(
-                (ln.split(": ", 1)[1] for ln in err.splitlines() if ln.startswith("sketcher:")), "?"
-            )
-
-            srv = Server(kind, prep["dir"], observers=False)
-            try:
-                r["c0"] = _http_latency(srv.url + "/v1/predict", bodies, http_runs)
-                r["c0"]["throughput_rps"] = _http_throughput(
-                    srv.url + "/v1/predict", bodies, seconds
-                )
-                r["c0"]["rss_mb"] = srv.rss_mb()
-            finally:
-                srv.stop()
-
-            srv = Server("anchor", prep["dir"])
-            try:
-                r["d"] = _http_latency(srv.url + "/predict", anchor_bodies, http_runs // 3)
-                r["d"]["throughput_rps"] = _http_throughput(
-                    srv.url + "/predict", anchor_bodies, seconds
-                )
-                r["d"]["rss_mb"] = srv.rss_mb()
-            finally:
-                srv.stop()
+            sketch_source = "?"
+            # Server modes alternate so that drifting machine load hits them alike.
+            modes = [("c", "log,sketch"), ("c_log", "log"), ("c0", "none"), ("anchor", "")]
+            for key, observers in modes:
+                anchor = key == "anchor"
+                srv = Server("anchor" if anchor else kind, prep["dir"], observers=observers)
+                url = srv.url + ("/predict" if anchor else "/v1/predict")
+                body = anchor_bodies if anchor else bodies
+                key = "d" if anchor else key
+                try:
+                    r[key] = _http_latency(url, body, http_runs // 3 if anchor else http_runs)
+                    r[key]["throughput_rps"] = _http_throughput(url, body, seconds)
+                    r[key]["rss_mb"] = srv.rss_mb()
+                finally:
+                    err = srv.stop()
+                for ln in err.splitlines():
+                    if ln.startswith("sketcher:"):
+                        sketch_source = ln.split(": ", 1)[1]
 
             r["ratios"] = {
                 "b_over_a_p50": r["b"]["p50_ms"] / r["a"]["p50_ms"],
                 "b_list_over_a_p50": r["b_list"]["p50_ms"] / r["a"]["p50_ms"],
                 "d_over_c_p50": r["d"]["p50_ms"] / r["c"]["p50_ms"],
                 "logging_cost_throughput": 1 - r["c"]["throughput_rps"] / r["c0"]["throughput_rps"],
+                "log_only_cost_throughput": 1
+                - r["c_log"]["throughput_rps"] / r["c0"]["throughput_rps"],
+                "c_over_c0_p50": r["c"]["p50_ms"] / r["c0"]["p50_ms"],
             }
             r["sketcher"] = sketch_source
             results["models"][kind] = r
@@ -421,6 +420,7 @@ def main(quick: bool = False) -> dict[str, Any]:
                 ("b", "(b) agent.Predictor (ndarray row)"),
                 ("b_list", "(b) agent.Predictor (list row)"),
                 ("c", "(c) agent HTTP, log+sketch on"),
+                ("c_log", "(c) agent HTTP, log only"),
                 ("c0", "(c0) agent HTTP, log+sketch off"),
                 ("d", "(d) FastAPI+joblib+predict"),
             ):
@@ -489,11 +489,11 @@ def _cli() -> None:
     ap.add_argument("--serve", choices=["forest", "mlp", "anchor"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--no-observers", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--observers", default="log,sketch", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        _serve(args.serve, args.workdir, args.port, observers=not args.no_observers)
+        _serve(args.serve, args.workdir, args.port, observers=args.observers)
     else:
         main(quick=args.quick)
 

@@ -111,6 +111,15 @@ def _distributions(service: Any, model: str, version: str) -> dict[str, Any]:
     return dict(drift.feature_distributions(model, version))
 
 
+def _drift_config(service: Any, model: str) -> Any:
+    """Adapter: the drift thresholds in force for ``model`` (for the charts' limit lines)."""
+    from ..drift import DriftConfig
+
+    drift = getattr(service, "drift", None)
+    config = getattr(drift, "config", None)
+    return config.for_model(model) if isinstance(config, DriftConfig) else DriftConfig()
+
+
 def _field_quality(service: Any, model: str, version: str) -> dict[str, Any] | None:
     """Adapter: accuracy, error rate and p95 of one version from the service's exporter."""
     exporter = getattr(service, "exporter", None)
@@ -495,6 +504,7 @@ def build_router(service: Any) -> Any:
             return to_login(request)
         history = list(reversed(service.drift_results(model=model, version=version, limit=60)))
         dists = _distributions(service, model, version)
+        cfg = _drift_config(service, model)
         features = []
         for name, dist in dists.items():
             if dist["kind"] == "numeric":
@@ -506,35 +516,39 @@ def build_router(service: Any) -> Any:
                 labels, dist["reference"], dist["current"], title=f"{name}: reference vs current"
             )
             over_time = [{f["name"]: f for f in h["features"]}.get(name) for h in history]
-            stat_key = "ks" if dist["kind"] == "numeric" else "js"
-            trend = (
-                charts.lines(
-                    {
-                        stat_key.upper(): [f.get(stat_key) if f else None for f in over_time],
-                        **(
-                            {"PSI": [f.get("psi") if f else None for f in over_time]}
-                            if dist["kind"] == "numeric"
-                            else {}
-                        ),
-                    },
-                    title=f"{name}: {stat_key.upper()} over time",
-                )
-                if history
-                else None
-            )
+            trends = []
+            if history:
+                stats = dist.get("stats") or {}
+                keys = [("ks", "KS", stats.get("ks_critical")), ("psi", "PSI", cfg.psi_threshold)]
+                if dist["kind"] != "numeric":
+                    keys = [("js", "Jensen–Shannon", cfg.js_threshold)]
+                for key, label, limit in keys:
+                    values = [f.get(key) if f else None for f in over_time]
+                    trends.append(
+                        {
+                            "label": f"{label} over the last {len(history)} checks",
+                            "svg": charts.lines(
+                                {label: values},
+                                threshold=limit,
+                                width=180,
+                                height=80,
+                                title=f"{name}: {label} over time",
+                            ),
+                        }
+                    )
             features.append(
                 {
                     "name": name,
                     "kind": dist["kind"],
                     "chart": chart,
-                    "trend": trend,
+                    "trends": trends,
                     "stats": dist.get("stats"),
                 }
             )
         share = (
             charts.lines(
                 {"drifted share": [h["drifted_share"] for h in history]},
-                threshold=None,
+                threshold=cfg.dataset_share,
                 title="share of drifted features",
             )
             if history

@@ -37,6 +37,7 @@ class ReasonCode(str, Enum):
     DISK_FULL = "disk_full"
     DOWNLOAD_FAILED = "download_failed"
     TIMEOUT = "timeout"
+    COMMAND_INVALID = "command_invalid"  # wrong device, missing payload, bad config key
     INTERNAL = "internal"
 
 

@@ -1,0 +1,291 @@
+"""Artifact reception that survives restarts: MQTT chunks, or HTTP(S) with Range resume.
+
+MQTT: the server publishes :class:`protocol.messages.ArtifactChunk` messages on
+``{p}/devices/{id}/artifact/{sha256}/{index}`` (QoS 1). Each chunk is checked against its
+own ``chunk_sha256`` and the deploy payload (artifact sha, index < n_chunks, size ≤
+chunk_size) and written to ``data_dir/downloads/<sha256>/<index>.chunk`` (temp file,
+fsync, rename), so a chunk on disk is a verified chunk. ``session.json`` next to them keeps
+the deploy command: after a restart the download resumes, and :meth:`Download.missing`
+says which indices to ask for again (``CommandStatus(state="downloading",
+result={"missing": [...]})``). When every chunk is there, :meth:`Download.assemble` joins
+them and checks the whole artifact's size and sha256 against the payload.
+
+HTTP(S) (``DeployPayload.http_url``): :func:`fetch_http` streams into
+``downloads/<sha256>/bundle.part``; a restart continues with a ``Range`` request, a server
+that ignores ranges (200) restarts from zero, and the result is checked the same way.
+
+Errors: :class:`DownloadError` (a :class:`protocol.BundleError`) with ``download_failed``
+or ``hash_mismatch``; httpx errors are translated here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import BundleError, ProtocolError, ReasonCode
+from protocol.messages import ArtifactChunk, Command, DeployPayload, decode
+
+log = logging.getLogger(__name__)
+
+SESSION = "session.json"
+HTTP_PART = "bundle.part"
+MAX_MISSING_REPORTED = 2000  # indices per status message (keeps it under MAX_MESSAGE_BYTES)
+
+
+class DownloadError(BundleError):
+    """The artifact could not be fetched, or it does not match its sha256."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Download:
+    """One artifact being received, identified by the bundle's sha256."""
+
+    def __init__(
+        self, root: Path, command: Command, clock: Callable[[], float] = time.time
+    ) -> None:
+        if command.deploy is None:
+            raise ValueError("a download needs a deploy command")
+        self.command = command
+        self.payload: DeployPayload = command.deploy
+        self.sha256 = self.payload.bundle_sha256
+        self.dir = root / self.sha256
+        self.clock = clock
+        self.last_activity = clock()
+        self.rejected_chunks = 0
+        self._have: set[int] = set()
+        if self.dir.is_dir():
+            for p in self.dir.glob("*.chunk"):
+                try:
+                    self._have.add(int(p.stem))
+                except ValueError:
+                    continue
+
+    @property
+    def http(self) -> bool:
+        return self.payload.http_url is not None
+
+    def persist(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.dir / SESSION, self.command.to_json())
+
+    def add(self, chunk: ArtifactChunk) -> bool:
+        """Store a chunk that verifies; False for a duplicate or a bad chunk (counted)."""
+        p = self.payload
+        if chunk.sha256 != self.sha256 or chunk.index >= p.n_chunks or chunk.count != p.n_chunks:
+            self.rejected_chunks += 1
+            return False
+        if chunk.index in self._have:
+            return False
+        try:
+            data = chunk.payload()
+        except ValueError:
+            self.rejected_chunks += 1
+            return False
+        if len(data) > p.chunk_size or hashlib.sha256(data).hexdigest() != chunk.chunk_sha256:
+            self.rejected_chunks += 1
+            return False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.dir / f"{chunk.index:06d}.chunk", data)
+        self._have.add(chunk.index)
+        self.last_activity = self.clock()
+        return True
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.payload.n_chunks) if i not in self._have]
+
+    @property
+    def complete(self) -> bool:
+        return len(self._have) >= self.payload.n_chunks
+
+    @property
+    def progress(self) -> float:
+        n = self.payload.n_chunks
+        return 1.0 if n == 0 else len(self._have) / n
+
+    def assemble(self) -> bytes:
+        """The whole artifact, checked against the payload's size and sha256."""
+        if self.http:
+            data = (self.dir / HTTP_PART).read_bytes()
+        else:
+            if not self.complete:
+                raise DownloadError(
+                    ReasonCode.DOWNLOAD_FAILED, f"{len(self.missing())} chunks missing"
+                )
+            data = b"".join(
+                (self.dir / f"{i:06d}.chunk").read_bytes() for i in range(self.payload.n_chunks)
+            )
+        self.check(data)
+        return data
+
+    def check(self, data: bytes) -> None:
+        if len(data) != self.payload.bundle_size:
+            raise DownloadError(
+                ReasonCode.HASH_MISMATCH,
+                f"artifact is {len(data)} bytes, the command says {self.payload.bundle_size}",
+            )
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise DownloadError(ReasonCode.HASH_MISMATCH, "artifact does not match its sha256")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self._have.clear()
+
+
+class Downloads:
+    """The downloads under ``root`` (``data_dir/downloads``), by artifact sha256."""
+
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(root)
+        self.clock = clock
+        self.active: dict[str, Download] = {}
+        self.unknown_chunks = 0
+
+    def begin(self, command: Command) -> Download:
+        """Start (or resume) the download a deploy command asks for."""
+        assert command.deploy is not None
+        sha = command.deploy.bundle_sha256
+        d = self.active.get(sha)
+        if d is None or d.command.command_id != command.command_id:
+            d = Download(self.root, command, self.clock)
+            self.active[sha] = d
+        d.persist()
+        return d
+
+    def resume(self) -> list[Download]:
+        """Downloads interrupted by a restart (their ``session.json`` is on disk)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for session in sorted(self.root.glob(f"*/{SESSION}")):
+            try:
+                cmd = decode(Command, session.read_bytes())
+            except (ProtocolError, OSError) as exc:
+                log.warning(
+                    "download %s: unreadable session, discarded (%s)", session.parent.name, exc
+                )
+                shutil.rmtree(session.parent, ignore_errors=True)
+                continue
+            if cmd.deploy is None or cmd.deploy.bundle_sha256 != session.parent.name:
+                shutil.rmtree(session.parent, ignore_errors=True)
+                continue
+            d = Download(self.root, cmd, self.clock)
+            self.active[d.sha256] = d
+            out.append(d)
+        return out
+
+    def on_chunk(self, sha256: str, payload: bytes) -> Download | None:
+        """Store a chunk; return its download when this chunk completed it."""
+        d = self.active.get(sha256)
+        if d is None or d.http:
+            self.unknown_chunks += 1
+            return None
+        try:
+            chunk = decode(ArtifactChunk, payload)
+        except ProtocolError:
+            d.rejected_chunks += 1
+            return None
+        was_complete = d.complete
+        if d.add(chunk) and d.complete and not was_complete:
+            return d
+        return None
+
+    def finish(self, d: Download) -> None:
+        d.discard()
+        self.active.pop(d.sha256, None)
+
+    def stalled(self, now: float, after: float) -> list[Download]:
+        return [
+            d
+            for d in self.active.values()
+            if not d.http and not d.complete and now - d.last_activity >= after
+        ]
+
+
+def fetch_http(
+    d: Download,
+    *,
+    client: Any = None,
+    timeout: float = 30.0,
+    on_progress: Callable[[float], None] | None = None,
+) -> bytes:
+    """Download ``d.payload.http_url`` into ``d.dir/bundle.part`` (resuming), verify, return it."""
+    import httpx
+
+    url = d.payload.http_url
+    assert url is not None
+    size = d.payload.bundle_size
+    d.dir.mkdir(parents=True, exist_ok=True)
+    part = d.dir / HTTP_PART
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    own = client is None
+    http = client or httpx.Client(timeout=timeout, follow_redirects=True)
+    try:
+        if have < size:
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            with http.stream("GET", url, headers=headers) as resp:
+                if resp.status_code == 206 and have:
+                    mode = "ab"
+                elif resp.status_code == 200:
+                    mode, have = "wb", 0
+                else:
+                    raise DownloadError(
+                        ReasonCode.DOWNLOAD_FAILED, f"GET {url}: HTTP {resp.status_code}"
+                    )
+                with open(part, mode) as fh:
+                    for block in resp.iter_bytes(64 * 1024):
+                        if have + len(block) > size:
+                            raise DownloadError(
+                                ReasonCode.HASH_MISMATCH,
+                                f"GET {url}: more than the {size} bytes expected",
+                            )
+                        fh.write(block)
+                        have += len(block)
+                        d.last_activity = d.clock()
+                        if on_progress is not None and size:
+                            on_progress(have / size)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+    except httpx.HTTPError as exc:
+        raise DownloadError(
+            ReasonCode.DOWNLOAD_FAILED, f"GET {url}: {type(exc).__name__}: {exc}"
+        ) from None
+    except OSError as exc:
+        raise DownloadError(
+            ReasonCode.DOWNLOAD_FAILED, f"cannot write {part}: {exc.strerror}"
+        ) from None
+    finally:
+        if own:
+            http.close()
+    try:
+        return d.assemble()
+    except DownloadError:
+        part.unlink(missing_ok=True)  # a wrong artifact is not resumed
+        raise
+
+
+def manifest_preview(payload: DeployPayload) -> dict[str, Any]:
+    """Name/version/release from the (not yet trusted) manifest in a deploy payload."""
+    try:
+        data = json.loads(payload.manifest_bytes())
+        return {k: data.get(k) for k in ("name", "version", "release")}
+    except (ValueError, TypeError):
+        return {}

@@ -1,0 +1,185 @@
+"""The MQTT link: birth/last will, command and artifact subscriptions, outbox delivery.
+
+    transport (paho or memory) ──(topic, payload)──▶ Link._on_message   [network thread]
+        cmd topic       → CommandProcessor.receive  ─┐
+        artifact/sha/i  → CommandProcessor.on_chunk ─┴─▶ job queue ─▶ worker thread
+                                                                       (install, rollback,
+                                                                        benchmark, config)
+    outbox (SQLite) ◀── statuses, sketches, metrics
+        └── Link.flush() publishes at QoS 1 and deletes on ack          [daemon's pump thread]
+
+On every (re)connect the link publishes the retained birth :class:`DeviceState`
+(``online=true``, model, runtimes, profile, agent version, tags, API URL) and wakes the
+pump so queued messages leave at once. The transport carries the matching retained last
+will (``online=false``), which the broker publishes if the device vanishes; a graceful
+:meth:`Link.stop` publishes it itself. Reconnecting with backoff is the transport's job
+(paho: 1 s → 30 s). The network thread never waits on the broker: waiting for acks happens
+in :meth:`Link.flush`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from protocol.messages import CommandStatus, DeviceState
+from protocol.topics import Topics
+from protocol.transport import Transport, TransportError, Will
+
+from .commands import CommandProcessor, Job
+from .outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+
+def last_will(state: DeviceState, topics: Topics) -> Will:
+    """The retained ``online=false`` twin of a birth message."""
+    dead = state.model_copy(update={"online": False, "api_url": None})
+    return Will(topic=topics.state(state.device_id), payload=dead.to_json(), qos=1, retain=True)
+
+
+class Link:
+    def __init__(
+        self,
+        device_id: str,
+        topics: Topics,
+        transport: Transport,
+        outbox: Outbox,
+        processor: CommandProcessor,
+        birth: Callable[[], DeviceState],
+        *,
+        synchronous: bool = False,
+    ) -> None:
+        self.device_id = device_id
+        self.topics = topics
+        self.transport = transport
+        self.outbox = outbox
+        self.processor = processor
+        self.birth = birth
+        self.synchronous = synchronous  # unit tests: run jobs on the calling thread
+        self.wake = threading.Event()  # set when the outbox should be flushed soon
+        self.births = 0
+        self.connected_once = threading.Event()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._flush_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, connect_timeout: float = 0.0) -> Link:
+        """Subscribe and connect. A broker that is down is fine: the transport keeps trying."""
+        t = self.transport
+        t.set_handler(self._on_message)
+        t.on_connection_change(self._on_connection)
+        t.subscribe(self.topics.cmd(self.device_id), 1)
+        t.subscribe(self.topics.artifact_filter(self.device_id), 1)
+        if not self.synchronous and self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="link-worker", daemon=True)
+            self._worker.start()
+        for job in self.processor.resume():
+            self._submit(job)
+        from protocol.transport_paho import PahoTransport  # paho itself is imported lazily
+
+        try:
+            if isinstance(t, PahoTransport):
+                t.connect(timeout=connect_timeout)  # 0: do not wait, the loop keeps trying
+            else:
+                t.connect()
+        except TransportError as exc:
+            log.warning(
+                "MQTT broker not reachable yet (%s); serving continues, telemetry queues", exc
+            )
+        return self
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Flush what can be flushed, publish the offline state, disconnect, stop the worker."""
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join(timeout * 10)
+            self._worker = None
+        if self.transport.is_connected():
+            self.flush(timeout=timeout)
+            try:
+                will = last_will(self.birth(), self.topics)
+                self.transport.publish(will.topic, will.payload, qos=1, retain=True).wait(timeout)
+            except Exception as exc:  # leaving anyway
+                log.info("could not publish offline state: %s", exc)
+        self.transport.close()
+
+    # -- transport callbacks (network thread) -----------------------------------------------
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            self.connected_once.set()
+            self.publish_birth()
+            self.wake.set()
+        else:
+            log.warning("MQTT connection lost; reconnecting with backoff, telemetry queues")
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = self.topics.parse(topic)
+            if parsed is None or parsed.device_id != self.device_id:
+                return
+            job = None
+            if parsed.kind == "cmd":
+                job = self.processor.receive(payload)
+            elif parsed.kind == "artifact":
+                job = self.processor.on_chunk(parsed.rest[0], payload)
+            if job is not None:
+                self._submit(job)
+            self.wake.set()
+        except Exception:  # never let a message kill the network thread
+            log.exception("handling %s failed", topic)
+
+    # -- jobs ------------------------------------------------------------------------------
+    def _submit(self, job: Job) -> None:
+        if self.synchronous:
+            self.processor.run(job)
+        else:
+            self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                self.processor.run(job)
+                self.wake.set()
+            finally:
+                self._jobs.task_done()
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued command job has run (tests and shutdown)."""
+        done = threading.Event()
+
+        def waiter() -> None:
+            self._jobs.join()
+            done.set()
+
+        threading.Thread(target=waiter, daemon=True).start()
+        return done.wait(timeout)
+
+    # -- publishing ------------------------------------------------------------------------
+    def publish_birth(self) -> None:
+        if not self.transport.is_connected():
+            return
+        try:
+            state = self.birth()
+            self.transport.publish(
+                self.topics.state(self.device_id), state.to_json(), qos=1, retain=True
+            )
+            self.births += 1
+        except Exception as exc:  # the next connect publishes it again
+            log.warning("birth message not published: %s", exc)
+
+    def report(self, status: CommandStatus) -> None:
+        """Queue a command status (the processor's ``report``)."""
+        self.outbox.put_message("status", self.topics.status(self.device_id), status)
+        self.wake.set()
+
+    def flush(self, timeout: float = 5.0) -> int:
+        """Deliver queued messages now (pump thread; never the network thread)."""
+        with self._flush_lock:
+            return self.outbox.flush(self.transport, timeout=timeout)

@@ -1,0 +1,279 @@
+"""The MQTT link as a state machine over the in-memory broker (no sockets, no threads)."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.commands import CommandProcessor
+from agent.download import Downloads
+from agent.link import Link, last_will
+from agent.outbox import Outbox
+from protocol import KeyPair
+from protocol.messages import Command, DeviceState, decode
+from protocol.topics import Topics
+from protocol.transport import MemoryBroker
+from tests.agent.agent_env import IRIS_ROW, Device, make_device
+from tests.agent.fleet_sim import FleetSim, chunks, deploy_command, rollback_command
+from tests.support.bundles import make_bundle
+
+DEV = "dev-1"
+TOPICS = Topics()
+
+
+@dataclass
+class Node:
+    device: Device
+    outbox: Outbox
+    downloads: Downloads
+    processor: CommandProcessor
+    link: Link
+
+
+def make_node(
+    tmp_path: Path, key: KeyPair, broker: MemoryBroker, device: Device | None = None
+) -> Node:
+    device = device or make_device(tmp_path, key, device_id=DEV)
+    data = device.config.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(data / "outbox.db", 10**7)
+    downloads = Downloads(data / "downloads")
+
+    def birth() -> DeviceState:
+        return DeviceState(
+            device_id=DEV,
+            online=True,
+            model=device.predictor.model,
+            profile="host",
+            agent_version="test",
+            runtimes={"onnxruntime": "x"},
+            tags=["line-3"],
+            api_url="http://127.0.0.1:8765",
+        )
+
+    holder: list[Link] = []
+    processor = CommandProcessor(
+        DEV,
+        ledger=outbox,
+        trust=device.installer.trust,
+        downloads=downloads,
+        installer=device.installer,
+        predictor=device.predictor,
+        report=lambda st: holder[0].report(st),
+        on_model_change=lambda: holder[0].publish_birth(),
+    )
+    transport = broker.client(DEV, will=last_will(birth(), TOPICS))
+    link = Link(DEV, TOPICS, transport, outbox, processor, birth, synchronous=True)
+    holder.append(link)
+    return Node(device, outbox, downloads, processor, link)
+
+
+@pytest.fixture
+def v1(signing_key):
+    return make_bundle(signing_key, version="1.0.0", release=1)
+
+
+@pytest.fixture
+def v2(signing_key):
+    return make_bundle(signing_key, version="2.0.0", release=2)
+
+
+@pytest.fixture
+def world(tmp_path, signing_key, v1):
+    broker = MemoryBroker()
+    server = broker.client("server")
+    server.connect()
+    sim = FleetSim(server, DEV)
+    sim.auto_resend = False
+    node = make_node(tmp_path, signing_key, broker)
+    node.device.installer.install_bytes(v1[0])
+    node.link.start()
+    return broker, sim, node
+
+
+def deliver(node: Node) -> None:
+    node.link.flush(timeout=0.1)
+
+
+def test_birth_is_retained_and_the_last_will_replaces_it_when_the_device_vanishes(world):
+    broker, sim, node = world
+    state = decode(DeviceState, broker.retained[TOPICS.state(DEV)])
+    assert state.online and state.model.version == "1.0.0" and state.tags == ["line-3"]
+    assert state.api_url == "http://127.0.0.1:8765"
+    broker.set_online(False)
+    dead = decode(DeviceState, broker.retained[TOPICS.state(DEV)])
+    assert not dead.online and dead.device_id == DEV
+    broker.set_online(True)  # reconnect: the birth is published again
+    assert decode(DeviceState, broker.retained[TOPICS.state(DEV)]).online
+    assert node.link.births == 2
+
+
+def test_deploy_over_chunks_reports_every_step_and_switches_the_model(world, signing_key, v2):
+    broker, sim, node = world
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key, chunk_size=2048)
+    sim.send(cmd)
+    sim.send_chunks(bundle, cmd)
+    deliver(node)
+    states = sim.states_of(cmd.command_id)
+    assert states[0] == "accepted" and states[-2:] == ["verifying", "installed"]
+    assert "downloading" in states
+    progress = [s.progress for s in sim.statuses if s.state == "downloading"]
+    assert progress == sorted(progress)
+    assert sim.last(cmd.command_id).model.version == "2.0.0"
+    assert node.device.predictor.predict([IRIS_ROW]).model.version == "2.0.0"
+    assert sim.states[-1].model.version == "2.0.0"  # the birth follows the model
+    assert not (node.downloads.root / cmd.deploy.bundle_sha256).exists()
+
+
+def test_redelivered_deploy_does_not_install_twice_and_resends_the_last_status(
+    world, signing_key, v2
+):
+    broker, sim, node = world
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key)
+    sim.send(cmd)
+    sim.send_chunks(bundle, cmd)
+    deliver(node)
+    installs = [e for e in node.device.events if e.state == "installed"]
+    sim.send(cmd)  # QoS 1 redelivery
+    deliver(node)
+    assert [e for e in node.device.events if e.state == "installed"] == installs
+    assert sim.states_of(cmd.command_id)[-2:] == ["installed", "installed"]
+    assert node.processor.duplicates == 1
+
+
+def test_unsigned_rollback_is_refused_and_a_signed_one_rolls_back(world, signing_key, v2):
+    broker, sim, node = world
+    node.device.installer.install_bytes(v2[0])
+    unsigned = rollback_command(DEV, None)
+    sim.send(unsigned)
+    deliver(node)
+    last = sim.last(unsigned.command_id)
+    assert (last.state, last.reason) == ("rejected", "signature_invalid")
+    assert node.device.predictor.model.version == "2.0.0"
+    signed = rollback_command(DEV, signing_key)
+    sim.send(signed)
+    deliver(node)
+    assert sim.states_of(signed.command_id) == ["accepted", "rolled_back"]
+    assert node.device.predictor.model.version == "1.0.0"
+
+
+def test_rollback_signed_by_an_untrusted_key_is_refused(world, other_key):
+    broker, sim, node = world
+    cmd = rollback_command(DEV, other_key)
+    sim.send(cmd)
+    deliver(node)
+    assert sim.last(cmd.command_id).reason == "key_unknown"
+
+
+def test_deploy_whose_manifest_is_signed_by_an_unknown_key_is_refused_before_download(
+    world, other_key
+):
+    broker, sim, node = world
+    bundle, manifest = make_bundle(other_key, version="2.0.0", release=2)
+    cmd = deploy_command(DEV, bundle, manifest, other_key)
+    sim.send(cmd)
+    deliver(node)
+    assert sim.states_of(cmd.command_id) == ["rejected"]
+    assert sim.last(cmd.command_id).reason == "key_unknown"
+    assert not node.downloads.root.exists() or not any(node.downloads.root.iterdir())
+
+
+def test_bundle_that_fails_install_checks_is_rejected_with_its_reason_and_v1_keeps_serving(
+    world, signing_key
+):
+    broker, sim, node = world
+    bundle, manifest = make_bundle(signing_key, version="0.9.0", release=1)  # not newer
+    cmd = deploy_command(DEV, bundle, manifest, signing_key)
+    sim.send(cmd)
+    sim.send_chunks(bundle, cmd)
+    deliver(node)
+    last = sim.last(cmd.command_id)
+    assert (last.state, last.reason) == ("rejected", "release_not_newer")
+    assert node.device.predictor.predict([IRIS_ROW]).model.version == "1.0.0"
+
+
+def test_corrupt_chunks_are_ignored_and_a_good_resend_completes_the_download(
+    world, signing_key, v2
+):
+    broker, sim, node = world
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key)
+    sim.send(cmd)
+    good = chunks(bundle, cmd)
+    bad = good[-1].model_copy(update={"data": base64.b64encode(b"tampered").decode()})
+    for ch in [*good[:-1], bad]:  # the last chunk does not match its own hash
+        topic = TOPICS.artifact(DEV, cmd.deploy.bundle_sha256, ch.index)
+        sim.t.publish(topic, ch.to_json())
+    deliver(node)
+    assert sim.states_of(cmd.command_id)[-1] == "downloading"
+    missing = node.downloads.active[cmd.deploy.bundle_sha256].missing()
+    assert missing == [cmd.deploy.n_chunks - 1]
+    assert node.downloads.active[cmd.deploy.bundle_sha256].rejected_chunks == 1
+    # The device asks again after a stall; the server resends only what is missing.
+    node.processor.tick(now=10**10)
+    deliver(node)
+    asked = sim.last(cmd.command_id).result["missing"]
+    assert asked == missing
+    sim.send_chunks(bundle, cmd, asked)
+    deliver(node)
+    assert sim.states_of(cmd.command_id)[-1] == "installed"
+
+
+def test_artifact_that_does_not_match_its_sha256_fails_with_hash_mismatch(world, signing_key, v2):
+    broker, sim, node = world
+    bundle, manifest = v2
+    fake_sha = "0" * 64
+    cmd = deploy_command(DEV, bundle, manifest, signing_key, bundle_sha256=fake_sha)
+    sim.send(cmd)
+    sim.send_chunks(bundle, cmd)  # every chunk matches its own hash, the whole does not
+    deliver(node)
+    last = sim.last(cmd.command_id)
+    assert (last.state, last.reason) == ("failed", "hash_mismatch")
+    assert node.device.predictor.model.version == "1.0.0"
+
+
+def test_command_for_another_device_or_garbage_is_rejected_as_invalid(world):
+    broker, sim, node = world
+    other = Command(command_id="c-x", device_id="someone-else", kind="shadow_stop")
+    broker.route(TOPICS.cmd(DEV), other.to_json(), False)
+    broker.route(
+        TOPICS.cmd(DEV), b'{"command_id": "c-y", "device_id": "dev-1", "kind": "explode"}', False
+    )
+    broker.route(TOPICS.cmd(DEV), b"not json at all", False)
+    deliver(node)
+    assert sim.last("c-x").reason == "command_invalid"
+    assert sim.last("c-y").reason == "command_invalid"
+    assert node.processor.invalid == 3
+
+
+def test_shadow_deploy_runs_the_candidate_beside_the_active_model(world, signing_key, v2):
+    broker, sim, node = world
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key, shadow=True)
+    sim.send(cmd)
+    sim.send_chunks(bundle, cmd)
+    deliver(node)
+    assert sim.last(cmd.command_id).result == {"shadow": True}
+    assert node.device.predictor.model.version == "1.0.0"
+    assert node.device.predictor.shadow.version == "2.0.0"
+    stop = Command(command_id="s-1", device_id=DEV, kind="shadow_stop")
+    sim.send(stop)
+    deliver(node)
+    assert sim.states_of("s-1") == ["accepted", "done"] and node.device.predictor.shadow is None
+
+
+def test_statuses_queue_while_the_broker_is_down_and_flush_in_order_after(world, signing_key):
+    broker, sim, node = world
+    broker.set_online(False)
+    cmd = rollback_command(DEV, None)
+    node.link._on_message(TOPICS.cmd(DEV), cmd.to_json())  # e.g. a retained session replay
+    assert node.link.flush(timeout=0.1) == 0 and node.outbox.count("status") == 1
+    broker.set_online(True)
+    sim.t.connect()
+    deliver(node)
+    assert sim.states_of(cmd.command_id) == ["rejected"] and node.outbox.count() == 0

@@ -106,7 +106,7 @@ def test_sixty_second_broker_outage_loses_no_request_and_no_telemetry(
         assert traffic.failures() == [], traffic.failures()[:5]
         assert traffic.count(down, up) > OUTAGE_S * 5, "too little traffic during the outage"
         for a in agents:
-            assert a.model() is not None and a.model()["version"] == "2.0.0"
+            assert (a.model() or {}).get("version") == "2.0.0"
 
         # Every window and status each agent produced reached the server.
         expected: dict[tuple[str, str], set[int]] = {}

@@ -1,11 +1,18 @@
 """Convert a source model to ONNX or TFLite, check parity on the user's data, write a sidecar.
 
 * scikit-learn → ONNX with skl2onnx. ZipMap is switched off so probabilities are a plain
-  ``(n, n_classes)`` tensor. Tree thresholds: scikit-learn compares ``float32(x) ≤ t`` with a
-  float64 ``t``; a float32 graph would round ``t`` and flip rows that sit exactly on it.
-  skl2onnx ≥ 1.16 stores, for each threshold, the largest float32 that keeps every float32
-  input on the same side (``skl2onnx.common.tree_ensemble.sklearn_threshold``), so we feed
-  float32 and the parity check proves 100 % label agreement (the tests assert it).
+  ``(n, n_classes)`` tensor. The input is float32, which is what scikit-learn's trees
+  compare anyway: ``float32(x) ≤ t`` with a float64 threshold ``t``. A float32 graph must
+  store, per threshold, the largest float32 ``w ≤ t`` so every float32 input takes the
+  same branch. skl2onnx does that for DecisionTree-based ensembles
+  (``tree_ensemble.sklearn_threshold``) but rounds HistGradientBoosting thresholds to
+  nearest, so we rewrite those (:func:`fix_hist_gradient_boosting_thresholds`). Values
+  that reach the trees must also be bit-identical: StandardScaler is emitted as Sub + Div
+  in float32 like scikit-learn computes it, not skl2onnx's multiply-by-reciprocal Scaler.
+  Double-precision graphs are no way out: onnxruntime 1.31 refuses TreeEnsemble* with
+  double outputs. The tests assert 100 % label agreement for every tree model.
+  skl2onnx 1.20 also hands numpy bools to an integer attribute of HistGradientBoosting
+  trees (protobuf 6 warns, 7 fails); :func:`_int_missing_value_tracks` converts them.
   ColumnTransformer pipelines and data with categorical columns get one ONNX input per
   column (strings for categorical ones), named after the column.
 * ONNX → ONNX: passed through unchanged (bytes copied), schema inferred from the graph.
@@ -200,7 +207,15 @@ def _sklearn_to_onnx(
             (i.name, (StringTensorType if i.dtype == "string" else FloatTensorType)(list(i.shape)))
             for i in inp.inputs
         ]
-        options = {id(final): {"zipmap": False}} if source.task == "classification" else None
+        from sklearn.preprocessing import StandardScaler
+
+        # StandardScaler: scikit-learn computes (x - float32(mean)) / float32(scale) in
+        # float32; skl2onnx's default Scaler op multiplies by the reciprocal instead, which
+        # moves values across tree thresholds downstream (Pipeline(StandardScaler,
+        # RandomForest) on digits: max |Δprobability| 0.04). "div" emits Sub + Div: exact.
+        options: dict[Any, dict[str, Any]] = {StandardScaler: {"div": "div"}}
+        if source.task == "classification":
+            options[id(final)] = {"zipmap": False}
         with _int_missing_value_tracks(), warnings.catch_warnings():
             # skl2onnx reads SVC.probA_/probB_, deprecated in scikit-learn 1.9: harmless here
             warnings.filterwarnings("ignore", message=r"Attribute `prob[AB]_` was deprecated")
@@ -231,7 +246,8 @@ def _sklearn_to_onnx(
             "target_opset": opset,
             "zipmap": False,
             "input_layout": "single" if len(inp.inputs) == 1 else "per-column",
-            "tree_thresholds": "float32, skl2onnx sklearn_threshold rounding",
+            "tree_thresholds": "float32, rounded down to keep scikit-learn's branch",
+            "standard_scaler": "Sub+Div in float32, as scikit-learn computes it",
         },
         tool_versions=tool_versions("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "protobuf"),
     )

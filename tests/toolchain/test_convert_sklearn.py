@@ -96,6 +96,20 @@ def _cases() -> list[Any]:
             lambda: make_pipeline(StandardScaler(), linear_model.LogisticRegression(max_iter=1000)),
         ),
         (
+            "Pipeline(StandardScaler,RandomForestClassifier)",
+            "digits",
+            lambda: make_pipeline(
+                StandardScaler(), ensemble.RandomForestClassifier(n_estimators=20, random_state=0)
+            ),
+        ),
+        (
+            "Pipeline(StandardScaler,RandomForestRegressor)",
+            "diabetes",
+            lambda: make_pipeline(
+                StandardScaler(), ensemble.RandomForestRegressor(n_estimators=20, random_state=0)
+            ),
+        ),
+        (
             "Pipeline(StandardScaler,PCA,LogisticRegression)",
             "digits",
             lambda: make_pipeline(
@@ -109,6 +123,8 @@ def _cases() -> list[Any]:
 
 
 def _is_tree(model: Any) -> bool:
+    while getattr(model, "steps", None):
+        model = model.steps[-1][1]
     name = type(model).__name__
     return any(k in name for k in ("Tree", "Forest", "GradientBoosting"))
 

@@ -50,6 +50,16 @@ def wait_until(
         time.sleep(interval)
 
 
+def wait_online(service: Any, device_ids: Iterable[str], timeout: float = 60.0) -> None:
+    """Wait until the fleet server has seen every device's birth message."""
+    wanted = set(device_ids)
+
+    def online() -> bool:
+        return wanted <= {d["device_id"] for d in service.list_devices(online=True)}
+
+    wait_until(online, timeout, f"{sorted(wanted)[:3]}… to come online at the fleet server")
+
+
 def write_public_keys(folder: Path, *keys: KeyPair) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -16,20 +16,25 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 
 from agent import Predictor, load_config
 from agent.slots import BUNDLE_FILE
+from fleet_server.service import RolloutRequest
 from protocol import KeyPair, TrustStore, read_bundle, verify_bundle
 from tests.e2e.conftest import Release
 from tests.e2e.support import (
     AgentProcess,
+    BrokerRecorder,
     _env,
     agent_status,
     edgefleet,
     edgefleet_argv,
+    make_fleet,
+    wait_online,
+    wait_until,
     write_agent_config,
 )
 from tests.support.bundles import make_bundle, trained
@@ -150,41 +155,86 @@ def test_kill_9_during_install_always_restarts_on_a_verified_model(
     assert sum(outcomes.values()) == KILLS
 
 
-def test_restarted_daemon_reports_the_model_it_serves_after_a_killed_install(
-    tmp_path: Path, signing_key: KeyPair, key_files: dict[str, Path], digits
+DAEMON_KILLS = 4
+
+
+def test_kill_9_of_the_daemon_during_a_deploy_restarts_on_a_verified_model_and_reports_it(
+    tmp_path: Path,
+    mosquitto: Any,
+    signing_key: KeyPair,
+    key_files: dict[str, Path],
+    digits,
 ) -> None:
-    """The whole daemon restarts on the slot a killed install left, and serves it over HTTP."""
+    """The running daemon is killed while a rollout delivers v2 over MQTT; the restarted
+    daemon serves a verified model over HTTP, says which in its birth message, and the
+    rollout still completes."""
     v1, v2 = digits
-    cfg = write_agent_config(
-        tmp_path / "dev",
-        device_id="crash-2",
-        broker_url=UNUSED_BROKER,
-        public_keys=[key_files["signing"]],
+    trust = TrustStore.from_keys([signing_key.public])
+    service = make_fleet(
+        tmp_path,
+        mosquitto.url,
+        signing_key=signing_key,
+        trusted=[key_files["signing"]],
+        rollout={"device_timeout_s": 20.0, "max_retries": 3},
     )
-    assert (
-        edgefleet("agent", "install", str(v1.write(tmp_path)), "--config", str(cfg)).returncode == 0
-    )
-    proc = subprocess.Popen(
-        edgefleet_argv("agent", "install", str(v2.write(tmp_path)), "--config", str(cfg)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-    )
-    time.sleep(0.35)
-    proc.kill()
-    proc.wait(10)
-    on_disk = agent_status(cfg)
-    active = next(s for s in on_disk["slots"] if s["active"])
-    agent = AgentProcess(cfg).start()
+    recorder = BrokerRecorder(mosquitto.url).start()
+    bundle = service.upload_bundle(v2.data)
+    base = v1.write(tmp_path)
+    rng = random.Random(SEED + 1)
     try:
-        agent.wait_api(ready=True)
-        model = agent.model()
-        assert model is not None and model["version"] == active["version"]
-        X = trained("digits-forest").X[:3]
-        r = agent.get("/v1/model")
-        assert r.status_code == 200 and r.json()["version"] == active["version"]
-        answer = agent.predict(np.asarray(X).tolist())
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["model"]["version"] == active["version"]
+        for i in range(DAEMON_KILLS):
+            device = f"crash-d{i}"
+            config = write_agent_config(
+                tmp_path / device,
+                device_id=device,
+                broker_url=mosquitto.url,
+                public_keys=[key_files["signing"]],
+            )
+            assert edgefleet("agent", "install", str(base), "--config", str(config)).returncode == 0
+            agent = AgentProcess(config).start()
+            try:
+                agent.wait_api(ready=True)
+                wait_online(service, [device], 30)
+                rid = service.create_rollout(
+                    RolloutRequest(bundle=bundle["sha256"], selector=f"id={device}", stages=[100])
+                )["rollout_id"]
+                service.start_rollout(rid)
+                time.sleep(rng.uniform(0.0, 1.2))
+                agent.kill()
+                killed_at = time.time()
+                agent = AgentProcess(config).start()
+                agent.wait_api(ready=True)
+                served = agent.model()
+                assert served is not None and served["version"] in (v1.version, v2.version)
+                answer = agent.predict(trained("digits-forest").X[:2].tolist())
+                assert answer.status_code == 200, answer.text
+                slot = next(s for s in agent_status(config)["slots"] if s["active"])
+                data_dir = load_config(config).data_dir
+                verify_bundle(
+                    read_bundle(data_dir / "slots" / slot["slot"] / BUNDLE_FILE),
+                    trust,
+                    allow_older=True,
+                )
+
+                def birth(d: str = device, since: float = killed_at) -> Any:
+                    for dev, m in reversed(recorder.by_kind("state")):
+                        st = m.json()
+                        if dev == d and m.ts > since and st.get("online"):
+                            return st
+                    return None
+
+                state = wait_until(birth, 30, f"{device}'s birth message after the restart")
+                assert state["model"]["version"] in (v1.version, v2.version)
+
+                def finished(r: str = rid) -> Any:
+                    st = service.rollout_status(r)
+                    return st if st["state"] in ("succeeded", "halted") else None
+
+                st = wait_until(finished, 90, f"the rollout to {device} to finish")
+                assert st["state"] == "succeeded", st["devices"]
+                assert (agent.model() or {}).get("version") == v2.version
+            finally:
+                agent.close()
     finally:
-        agent.close()
+        recorder.close()
+        service.stop()

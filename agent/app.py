@@ -16,9 +16,10 @@ fallback is 503. Bad input never produces a 5xx.
 Hot path: the body is read with a size cap and parsed with :func:`json.loads` directly
 (no pydantic model per request; the pydantic models below only document the API), the
 model runs inline on the event loop (single-row inference is far shorter than a thread
-hop), and observers only enqueue. One JSON access-log line per request goes to the
-``edgefleet.agent.access`` logger (method, path, status, duration, request id; never
-bodies or secrets).
+hop), and observers only enqueue. One access-log record per request goes to the
+``edgefleet.agent.access`` logger with ``extra={"fields": {method, path, status, ms,
+request_id}}`` (never bodies or secrets); :func:`agent.jsonlog.setup_json_logging` prints
+them as JSON lines.
 """
 
 import json
@@ -368,15 +369,13 @@ class _AccessLog:
             path = scope.get("path", "")
             self.counters.add(path, seen["status"])
             if access_log.isEnabledFor(logging.INFO):
+                fields = {
+                    "method": scope.get("method"),
+                    "path": path,
+                    "status": seen["status"],
+                    "ms": round((time.perf_counter() - t0) * 1000, 3),
+                    "request_id": seen["rid"],
+                }
                 access_log.info(
-                    json.dumps(
-                        {
-                            "ts": round(time.time(), 3),
-                            "method": scope.get("method"),
-                            "path": path,
-                            "status": seen["status"],
-                            "ms": round((time.perf_counter() - t0) * 1000, 3),
-                            "request_id": seen["rid"],
-                        }
-                    )
+                    "%s %s %s", fields["method"], path, seen["status"], extra={"fields": fields}
                 )

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - run as a loose script
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 4
+ROUNDS = 3
 
 
 # -- models and bundles ---------------------------------------------------------------------
@@ -374,8 +375,8 @@ def _in_process(prep: dict[str, Any], runs: int) -> dict[str, dict[str, float]]:
 
 def main(quick: bool = False) -> dict[str, Any]:
     runs = 300 if quick else 2000
-    http_runs = 200 if quick else 1500
-    seconds = 2.0 if quick else 6.0
+    http_runs = 300 if quick else 1500
+    seconds = 3.0 if quick else 9.0
     results: dict[str, Any] = {"models": {}}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -385,24 +386,42 @@ def main(quick: bool = False) -> dict[str, Any]:
             bodies = _http_bodies(prep["X"], anchor=False)
             anchor_bodies = _http_bodies(prep["X"], anchor=True)
 
-            sketch_source = "?"
-            # Server modes alternate so that drifting machine load hits them alike.
-            modes = [("c", "log,sketch"), ("c_log", "log"), ("c0", "none"), ("anchor", "")]
-            for key, observers in modes:
-                anchor = key == "anchor"
-                srv = Server("anchor" if anchor else kind, prep["dir"], observers=observers)
-                url = srv.url + ("/predict" if anchor else "/v1/predict")
-                body = anchor_bodies if anchor else bodies
-                key = "d" if anchor else key
-                try:
-                    r[key] = _http_latency(url, body, http_runs // 3 if anchor else http_runs)
-                    r[key]["throughput_rps"] = _http_throughput(url, body, seconds)
-                    r[key]["rss_mb"] = srv.rss_mb()
-                finally:
-                    err = srv.stop()
-                for ln in err.splitlines():
-                    if ln.startswith("sketcher:"):
-                        sketch_source = ln.split(": ", 1)[1]
+            # All four servers run at once and are measured in interleaved rounds, so that
+            # the (shared, busy) machine's drifting load hits them alike; each figure is the
+            # best round (the least disturbed by other processes).
+            modes = {"c": "log,sketch", "c_log": "log", "c0": "none", "d": ""}
+            servers = {
+                k: Server("anchor" if k == "d" else kind, prep["dir"], observers=o)
+                for k, o in modes.items()
+            }
+            try:
+                urls = {
+                    k: srv.url + ("/predict" if k == "d" else "/v1/predict")
+                    for k, srv in servers.items()
+                }
+                body = {k: anchor_bodies if k == "d" else bodies for k in modes}
+                lat: dict[str, list[dict[str, float]]] = {k: [] for k in modes}
+                tput: dict[str, list[float]] = {k: [] for k in modes}
+                for _ in range(ROUNDS):
+                    for k in modes:
+                        n = http_runs // 3 if k == "d" else http_runs
+                        lat[k].append(_http_latency(urls[k], body[k], n // ROUNDS))
+                        tput[k].append(_http_throughput(urls[k], body[k], seconds / ROUNDS))
+                for k in modes:
+                    r[k] = min(lat[k], key=lambda m: m["p50_ms"])
+                    r[k]["throughput_rps"] = max(tput[k])
+                    r[k]["throughput_rounds"] = tput[k]
+                    r[k]["rss_mb"] = servers[k].rss_mb()
+            finally:
+                errs = {k: srv.stop() for k, srv in servers.items()}
+            sketch_source = next(
+                (
+                    ln.split(": ", 1)[1]
+                    for ln in errs["c"].splitlines()
+                    if ln.startswith("sketcher:")
+                ),
+                "?",
+            )
 
             r["ratios"] = {
                 "b_over_a_p50": r["b"]["p50_ms"] / r["a"]["p50_ms"],
@@ -451,7 +470,7 @@ def main(quick: bool = False) -> dict[str, Any]:
             f"list rows {q['b_list_over_a_p50']:.2f}×) · "
             f"(d)/(c) p50 = {q['d_over_c_p50']:.1f}× (target ≥ 5× for the forest) · "
             f"log+sketch throughput cost = {q['logging_cost_throughput'] * 100:.1f}% "
-            "(target ≤ 10%) · "
+            f"(target ≤ 10%; log only {q['log_only_cost_throughput'] * 100:.1f}%) · "
             f"agent RSS {r['c']['rss_mb']:.0f} MiB · sketcher: {r['sketcher']}"
         )
         headline += [

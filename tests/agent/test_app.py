@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.app import create_app
+from agent.jsonlog import JsonFormatter
 from agent.predictor import Predictor
 from tests.agent.agent_env import IRIS_ROW, ASGIClient, Recorder, make_device
 from tests.support.bundles import make_bundle
@@ -152,10 +153,10 @@ def test_openapi_publishes_the_v1_routes(client) -> None:
 def test_one_json_access_log_line_per_request_without_bodies(client, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="edgefleet.agent.access"):
         client.post("/v1/predict", json={"inputs": [[6.66, 3.5, 1.4, 0.2]]})
-    lines = [
-        json.loads(r.getMessage()) for r in caplog.records if r.name == "edgefleet.agent.access"
-    ]
-    assert len(lines) == 1
+    records = [r for r in caplog.records if r.name == "edgefleet.agent.access"]
+    assert len(records) == 1
+    lines = [json.loads(JsonFormatter().format(r)) for r in records]
+    assert lines[0]["logger"] == "edgefleet.agent.access" and lines[0]["level"] == "info"
     assert (
         lines[0]["path"] == "/v1/predict" and lines[0]["status"] == 200 and lines[0]["request_id"]
     )
@@ -191,3 +192,24 @@ def test_no_json_body_produces_a_server_error(client, body) -> None:
         headers={"content-type": "application/json"},
     )
     assert r.status_code < 500, r.text
+
+
+def test_json_logging_writes_one_object_per_line() -> None:
+    import io
+
+    from agent.jsonlog import setup_json_logging
+
+    stream = io.StringIO()
+    level = logging.getLogger("edgefleet").level
+    handler = setup_json_logging(stream=stream)
+    try:
+        logging.getLogger("edgefleet.agent.installer").info("install %s", "installed")
+        logging.getLogger("edgefleet.agent.access").info(
+            "x", extra={"fields": {"path": "/v1/ready"}}
+        )
+    finally:
+        logging.getLogger("edgefleet").removeHandler(handler)
+        logging.getLogger("edgefleet").setLevel(level)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["msg"] == "install installed" and first["logger"] == "edgefleet.agent.installer"
+    assert second["path"] == "/v1/ready" and "msg" not in second

@@ -150,10 +150,15 @@ def _load_csv(p: Path, target: str | None) -> Dataset:
                 f"{p.name} has no column {target!r} (columns: {list(frame.columns)[:8]})"
             )
         y = frame.pop(target).to_numpy()
-    return _from_frame(frame, y, p.name)
+    return _from_frame(frame, y, p.name, csv=True)
 
 
-def _from_frame(frame: Any, y: np.ndarray | None, origin: str) -> Dataset:
+def _where(row: int, csv: bool) -> str:
+    """Rows count from 0; in a CSV also name the line (header = line 1)."""
+    return f"row {row} (line {row + 2})" if csv else f"row {row}"
+
+
+def _from_frame(frame: Any, y: np.ndarray | None, origin: str, csv: bool = False) -> Dataset:
     import pandas as pd
 
     names = [str(c) for c in frame.columns]
@@ -163,20 +168,21 @@ def _from_frame(frame: Any, y: np.ndarray | None, origin: str) -> Dataset:
         col = frame[name]
         if pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col):
             values = col.to_numpy(dtype=np.float64)
-            _check_finite(values.reshape(-1, 1), [str(name)], origin)
+            _check_finite(values.reshape(-1, 1), [str(name)], origin, csv)
             kinds.append("numeric")
             columns.append(values)
             continue
         raw = col.to_numpy(dtype=object)
         missing = [i for i, v in enumerate(raw) if v is None or (isinstance(v, float) and v != v)]
         if missing:
-            raise DataError(f"{origin}: column {name!r} row {missing[0]} is empty/NaN")
+            raise DataError(f"{origin}: column {name!r} {_where(missing[0], csv)} is empty/NaN")
         as_num = pd.to_numeric(col, errors="coerce")
         bad = as_num.isna().to_numpy()
         if bad.mean() < 0.5:  # mostly numbers: a numeric column with stray strings
             row = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"{origin}: numeric column {name!r} holds a string in row {row}: {raw[row]!r}"
+                f"{origin}: numeric column {name!r} holds a string in {_where(row, csv)}: "
+                f"{raw[row]!r}"
             )
         kinds.append("categorical")
         columns.append(np.array([str(v) for v in raw], dtype=object))
@@ -191,7 +197,7 @@ def _from_frame(frame: Any, y: np.ndarray | None, origin: str) -> Dataset:
     return Dataset(X, y, names, kinds)
 
 
-def _check_finite(arr: np.ndarray, names: list[str] | None, origin: str) -> None:
+def _check_finite(arr: np.ndarray, names: list[str] | None, origin: str, csv: bool = False) -> None:
     if arr.dtype.kind != "f":
         return
     bad = ~np.isfinite(arr)
@@ -199,4 +205,4 @@ def _check_finite(arr: np.ndarray, names: list[str] | None, origin: str) -> None
         row, col = (int(v) for v in np.argwhere(bad)[0])
         name = names[col] if names else f"f{col}"
         what = "NaN" if np.isnan(arr[row, col]) else "infinite"
-        raise DataError(f"{origin}: {what} value in numeric column {name!r}, row {row}")
+        raise DataError(f"{origin}: {what} value in numeric column {name!r}, {_where(row, csv)}")

@@ -69,14 +69,16 @@ def test_load_data_rejects_missing_file(tmp_path):
 def test_csv_rejects_nan_in_numeric_column_naming_row_and_column(tmp_path):
     path = tmp_path / "nan.csv"
     path.write_text("a,b\n1,2\n3,\n5,6\n")
-    with pytest.raises(DataError, match="NaN value in numeric column 'b', row 1"):
+    with pytest.raises(DataError, match=r"NaN value in numeric column 'b', row 1 \(line 3\)"):
         load_data(path)
 
 
 def test_csv_rejects_a_string_in_a_numeric_column(tmp_path):
     path = tmp_path / "str.csv"
     path.write_text("a,b\n1,2\n3,oops\n5,6\n7,8\n")
-    with pytest.raises(DataError, match="numeric column 'b' holds a string in row 1: 'oops'"):
+    with pytest.raises(
+        DataError, match=r"numeric column 'b' holds a string in row 1 \(line 3\): 'oops'"
+    ):
         load_data(path)
 
 

@@ -141,6 +141,8 @@ class Predictor:
         self._shadow: LoadedModel | None = None
         self._shadow_queue: queue.Queue | None = None
         self._shadow_thread: threading.Thread | None = None
+        # (slot, why) when from_config found the active slot unusable and fell back.
+        self.recovered_from: tuple[str, str] | None = None
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
@@ -157,6 +159,9 @@ class Predictor:
         pred = cls(config, threads=threads)
         slots = Slots(config.data_dir / "slots", config.slots.keep_previous)
         active = slots.load_active()
+        pred.recovered_from = slots.recovered_from
+        if slots.recovered_from is not None:
+            log.error("slot %s unusable, serving an earlier slot: %s", *slots.recovered_from)
         if active is None:
             return pred
         pred.swap(active.manifest, active.model_bytes)

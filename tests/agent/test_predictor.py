@@ -242,3 +242,21 @@ def test_nan_passes_only_where_the_schema_allows_it() -> None:
         validate_rows([[1.0, math.nan]], plan)
     with pytest.raises(InputError, match="'a' is not finite"):
         validate_rows(np.array([[np.inf, 1.0]]), plan)
+
+
+def test_corrupt_active_slot_at_start_serves_the_previous_verified_slot(
+    tmp_path: Path, signing_key, v1
+) -> None:
+    dev = make_device(tmp_path, signing_key)
+    dev.installer.install_bytes(v1[0])
+    dev.installer.install_bytes(make_bundle(signing_key, version="1.1.0", release=2)[0])
+    active = dev.slots.active_id()
+    assert active is not None
+    bundle = dev.slots.root / active / "bundle.efb"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # bit rot inside the model
+    bundle.write_bytes(bytes(data))
+    restarted = Predictor.from_config(dev.config)
+    assert restarted.model is not None and restarted.model.version == "1.0.0"
+    assert restarted.recovered_from is not None and restarted.recovered_from[0] == active
+    assert restarted.predict([IRIS_ROW]).labels == [0]

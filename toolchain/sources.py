@@ -183,11 +183,16 @@ def _load_saved_model(p: Path) -> SourceModel:
 
 
 def keras_task(model: Any) -> Task:
-    """Softmax (or a 1-unit sigmoid) output → classification, anything else → regression."""
+    """A softmax output over ≥ 2 units → classification; anything else → regression.
+
+    A 1-unit sigmoid (binary classifier) is treated as regression on its score: the
+    contract's predictions take labels from the argmax of a probability tensor, which a
+    single column cannot carry. Parity then compares the scores themselves.
+    """
     last = model.layers[-1] if getattr(model, "layers", None) else None
     act = getattr(getattr(last, "activation", None), "__name__", "")
     units = model.outputs[0].shape[-1] if getattr(model, "outputs", None) else 1
-    if act == "softmax" or (act == "sigmoid" and units == 1):
+    if act == "softmax" and (units or 0) > 1:
         return "classification"
     return "regression"
 

@@ -96,3 +96,21 @@ def test_saved_model_directory_converts_to_tflite(keras_models, tmp_path):
     converted = convert(source, load_data(keras_models["data"]), to="tflite")
     assert converted.path == tmp_path / "digits_saved_model.tflite"
     assert converted.parity.passed and converted.parity.label_agreement == 1.0
+
+
+def test_keras_regressor_converts_to_tflite_with_value_parity(datasets, tmp_path):
+    import keras
+
+    diabetes = datasets["diabetes"]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((10,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(diabetes.X, diabetes.y, epochs=2, verbose=0)
+    model.save(tmp_path / "reg.keras")
+    source = load_source(tmp_path / "reg.keras")
+    assert source.task == "regression"
+    converted = convert(source, load_data(diabetes.npz), to="tflite")
+    assert converted.parity.passed and converted.parity.max_abs_error is not None
+    assert converted.sidecar.output_schema.task == "regression"

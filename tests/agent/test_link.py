@@ -99,7 +99,7 @@ def deliver(node: Node) -> None:
 
 
 def test_birth_is_retained_and_the_last_will_replaces_it_when_the_device_vanishes(world):
-    broker, sim, node = world
+    broker, _sim, node = world
     state = decode(DeviceState, broker.retained[TOPICS.state(DEV)])
     assert state.online and state.model.version == "1.0.0" and state.tags == ["line-3"]
     assert state.api_url == "http://127.0.0.1:8765"
@@ -112,7 +112,7 @@ def test_birth_is_retained_and_the_last_will_replaces_it_when_the_device_vanishe
 
 
 def test_deploy_over_chunks_reports_every_step_and_switches_the_model(world, signing_key, v2):
-    broker, sim, node = world
+    _broker, sim, node = world
     bundle, manifest = v2
     cmd = deploy_command(DEV, bundle, manifest, signing_key, chunk_size=2048)
     sim.send(cmd)
@@ -132,7 +132,7 @@ def test_deploy_over_chunks_reports_every_step_and_switches_the_model(world, sig
 def test_redelivered_deploy_does_not_install_twice_and_resends_the_last_status(
     world, signing_key, v2
 ):
-    broker, sim, node = world
+    _broker, sim, node = world
     bundle, manifest = v2
     cmd = deploy_command(DEV, bundle, manifest, signing_key)
     sim.send(cmd)
@@ -147,7 +147,7 @@ def test_redelivered_deploy_does_not_install_twice_and_resends_the_last_status(
 
 
 def test_unsigned_rollback_is_refused_and_a_signed_one_rolls_back(world, signing_key, v2):
-    broker, sim, node = world
+    _broker, sim, node = world
     node.device.installer.install_bytes(v2[0])
     unsigned = rollback_command(DEV, None)
     sim.send(unsigned)
@@ -163,7 +163,7 @@ def test_unsigned_rollback_is_refused_and_a_signed_one_rolls_back(world, signing
 
 
 def test_rollback_signed_by_an_untrusted_key_is_refused(world, other_key):
-    broker, sim, node = world
+    _broker, sim, node = world
     cmd = rollback_command(DEV, other_key)
     sim.send(cmd)
     deliver(node)
@@ -173,7 +173,7 @@ def test_rollback_signed_by_an_untrusted_key_is_refused(world, other_key):
 def test_deploy_whose_manifest_is_signed_by_an_unknown_key_is_refused_before_download(
     world, other_key
 ):
-    broker, sim, node = world
+    _broker, sim, node = world
     bundle, manifest = make_bundle(other_key, version="2.0.0", release=2)
     cmd = deploy_command(DEV, bundle, manifest, other_key)
     sim.send(cmd)
@@ -186,7 +186,7 @@ def test_deploy_whose_manifest_is_signed_by_an_unknown_key_is_refused_before_dow
 def test_bundle_that_fails_install_checks_is_rejected_with_its_reason_and_v1_keeps_serving(
     world, signing_key
 ):
-    broker, sim, node = world
+    _broker, sim, node = world
     bundle, manifest = make_bundle(signing_key, version="0.9.0", release=1)  # not newer
     cmd = deploy_command(DEV, bundle, manifest, signing_key)
     sim.send(cmd)
@@ -200,7 +200,7 @@ def test_bundle_that_fails_install_checks_is_rejected_with_its_reason_and_v1_kee
 def test_corrupt_chunks_are_ignored_and_a_good_resend_completes_the_download(
     world, signing_key, v2
 ):
-    broker, sim, node = world
+    _broker, sim, node = world
     bundle, manifest = v2
     cmd = deploy_command(DEV, bundle, manifest, signing_key)
     sim.send(cmd)
@@ -225,7 +225,7 @@ def test_corrupt_chunks_are_ignored_and_a_good_resend_completes_the_download(
 
 
 def test_artifact_that_does_not_match_its_sha256_fails_with_hash_mismatch(world, signing_key, v2):
-    broker, sim, node = world
+    _broker, sim, node = world
     bundle, manifest = v2
     fake_sha = "0" * 64
     cmd = deploy_command(DEV, bundle, manifest, signing_key, bundle_sha256=fake_sha)
@@ -252,7 +252,7 @@ def test_command_for_another_device_or_garbage_is_rejected_as_invalid(world):
 
 
 def test_shadow_deploy_runs_the_candidate_beside_the_active_model(world, signing_key, v2):
-    broker, sim, node = world
+    _broker, sim, node = world
     bundle, manifest = v2
     cmd = deploy_command(DEV, bundle, manifest, signing_key, shadow=True)
     sim.send(cmd)

@@ -77,6 +77,11 @@ def quantize(
     if suffix not in (".onnx", ".tflite"):
         raise QuantizationError(f"cannot quantize {path.name}: expected a .onnx or .tflite file")
     sidecar = describe(path, data)
+    if sidecar.quantization.mode != "none":
+        raise QuantizationError(
+            f"{path.name} is already quantized ({sidecar.quantization.mode}); quantize the "
+            f"fp32 model it came from ({sidecar.lineage.settings.get('quantized_from', '?')})"
+        )
     target = Path(out) if out is not None else default_out(path, mode)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.resolve() == path.resolve():

@@ -78,6 +78,12 @@ def test_fp16_keeps_float32_inputs_and_outputs(onnx_variants):
     assert any(i.data_type == TensorProto.FLOAT16 for i in model.graph.initializer)
 
 
+def test_quantizing_a_quantized_model_points_back_to_fp32(onnx_variants, digits_mlp_onnx):
+    with pytest.raises(QuantizationError, match="already quantized \\(dynamic\\)") as info:
+        quantize(onnx_variants["dynamic"].path, mode="fp16")
+    assert str(digits_mlp_onnx.resolve()) in str(info.value)
+
+
 def test_static_quantization_needs_calibration_data(digits_mlp_onnx, tmp_path):
     with pytest.raises(QuantizationError, match="needs calibration data: pass --data"):
         quantize(digits_mlp_onnx, mode="static", out=tmp_path / "s.onnx")

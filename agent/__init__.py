@@ -5,6 +5,7 @@ a model is opened, the API is created or the daemon runs. Nothing here imports t
 toolchain (scikit-learn, skl2onnx, tensorflow, onnx).
 """
 
+from .app import create_app
 from .config import AgentConfig, example_config, load_config, parse_config
 from .errors import (
     AgentError,
@@ -19,6 +20,7 @@ from .errors import (
 )
 from .events import InstallEvent, PredictionEvent, PredictionObserver
 from .installer import Installer
+from .prediction_log import PredictionLog
 from .predictor import Predictor, PredictResult
 from .runtimes import Runtime, open_runtime, runtime_versions
 from .slots import Slots
@@ -36,12 +38,14 @@ __all__ = [
     "NoModelError",
     "PredictResult",
     "PredictionEvent",
+    "PredictionLog",
     "PredictionObserver",
     "Predictor",
     "Runtime",
     "RuntimeUnavailableError",
     "SlotError",
     "Slots",
+    "create_app",
     "example_config",
     "load_config",
     "open_runtime",

@@ -45,7 +45,7 @@ def _one_line_errors(fn: Callable[..., None]) -> Callable[..., None]:
             if os.environ.get("EDGEFLEET_DEBUG"):
                 raise
             print(f"error: {exc}", file=sys.stderr)
-            raise typer.Exit(1) from None
+            raise SystemExit(1) from None  # typer.Exit is not click.Exit under typer>=0.2x
 
     return wrapper
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -19,7 +20,7 @@ from tests.support.bundles import make_bundle
 
 class _Handler(BaseHTTPRequestHandler):
     body = b""
-    ranges_seen: list[str] = []
+    ranges_seen: ClassVar[list[str]] = []
     honour_range = True
 
     def do_GET(self) -> None:

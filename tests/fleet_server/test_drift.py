@@ -277,3 +277,75 @@ def test_ingest_writes_through_once_max_pending_reports_are_held(tmp_path):
     assert (
         db["drift_reports"].count == 3 and db["drift_windows"].get(("m", "1.0", T0))["rows"] == 300
     )
+
+
+def test_fleet_service_merges_device_sketches_publishes_one_alert_and_fires_the_hook(
+    tmp_path, signing_key
+):
+    """Through the real seams: bridge → engine → alerts topic, and the configured command hook."""
+    import json
+    import sys
+    import time
+
+    from fleet_server.service import FleetService
+    from protocol.messages import decode
+    from protocol.topics import Topics
+    from protocol.transport import MemoryBroker
+    from tests.fleet_server.fleetkit import make_config
+    from tests.support.bundles import make_bundle, trained
+
+    out = tmp_path / "hook.json"
+    script = f"import sys; open({str(out)!r}, 'w').write(sys.stdin.read())"
+    cfg = make_config(tmp_path, signing_key)
+    cfg = cfg.model_copy(
+        update={
+            "hooks": cfg.hooks.model_copy(
+                update={"drift_command": f'{sys.executable} -c "{script}"'}
+            )
+        }
+    )
+    broker = MemoryBroker()
+    service = FleetService(cfg, transport=broker.client("server"))
+    service.bridge.start()
+    service.transport.connect()
+    alerts: list[Alert] = []
+    watcher = broker.client("watcher")
+    watcher.set_handler(lambda topic, payload: alerts.append(decode(Alert, payload)))
+    watcher.connect()
+    watcher.subscribe(Topics().alerts())
+    try:
+        service.upload_bundle(
+            make_bundle(signing_key, version="1.0.0")[0]
+        )  # registers the reference
+        tm = trained("iris-logreg")
+        now = datetime.now(timezone.utc)
+        ref = ModelRef(name="iris", version="1.0.0", release=1)
+        for i in range(2):
+            b = SketchBuilder(tm.input_schema)
+            b.update_rows(tm.X + np.array([0.0, 0.0, 1.5, 0.8]))  # petal features move
+            rep = SketchReport(
+                device_id=f"d{i}",
+                model=ref,
+                window_start=now,
+                window_end=now,
+                seq=1,
+                sketches=b.build(),
+            )
+            broker.route(Topics().sketch(f"d{i}"), rep.to_json(), False)
+            broker.route(Topics().sketch(f"d{i}"), rep.to_json(), False)  # QoS 1 duplicate
+        assert service.sketches_merged == 2
+        result = service.evaluate_drift("iris", "1.0.0")
+        service.evaluate_drift("iris", "1.0.0")
+        assert result is not None and result["rows"] == 300 and result["dataset_drift"]
+        assert sorted(f["name"] for f in result["features"] if f["drift"]) == [
+            "petal_length",
+            "petal_width",
+        ]
+        assert [a.kind for a in alerts] == ["drift"] and alerts[0].version == "1.0.0"
+        deadline = time.monotonic() + 10
+        while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert json.loads(out.read_text())["model"] == "iris"
+        assert service.drift_results("iris", "1.0.0")[0]["dataset_drift"] is True
+    finally:
+        service.repo.close()

@@ -1,0 +1,151 @@
+"""The whole agent on real brokers (amqtt in-process; Mosquitto when installed)."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from agent.daemon import Agent
+from tests.agent.agent_env import IRIS_ROW
+from tests.agent.daemon_env import agent_config, preinstall, server
+from tests.agent.fleet_sim import deploy_command, wait_for
+from tests.support.brokers import MOSQUITTO, EmbeddedBroker, Mosquitto, free_port
+from tests.support.bundles import make_bundle, trained
+
+pytestmark = pytest.mark.slow
+
+
+def predict(agent: Agent, rows) -> dict:
+    r = httpx.post(f"{agent.api_url}/v1/predict", json={"inputs": rows}, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_birth_is_retained_and_the_broker_publishes_the_last_will(
+    tmp_path, broker_url, signing_key
+):
+    cfg = agent_config(tmp_path, broker_url, signing_key, "dev-will")
+    preinstall(cfg, signing_key)
+    agent = Agent(cfg, max_backoff=1).start()
+    try:
+        wait_for(agent.transport.is_connected)
+        late = server(broker_url, "dev-will")  # subscribes after the birth: gets the retained one
+        birth = wait_for(lambda: [s for s in late.states if s.online])[-1]
+        assert birth.model.version == "1.0.0" and birth.api_url == agent.api_url
+        assert birth.profile == "host" and "onnxruntime" in birth.runtimes and birth.agent_version
+        # The device vanishes without a goodbye: the broker publishes the retained will.
+        client = agent.transport._client
+        client.loop_stop()
+        client.socket().close()
+        dead = wait_for(lambda: [s for s in late.states if not s.online])[-1]
+        assert dead.device_id == "dev-will" and dead.model.version == "1.0.0"
+        late.t.close()
+    finally:
+        if agent.started:
+            agent.stop(timeout=1)
+
+
+def test_deploy_over_mqtt_in_chunks_end_to_end(tmp_path, broker_url, signing_key):
+    cfg = agent_config(tmp_path, broker_url, signing_key, "dev-deploy")
+    preinstall(cfg, signing_key)
+    sim = server(broker_url, "dev-deploy")
+    with Agent(cfg, max_backoff=1) as agent:
+        wait_for(lambda: [s for s in sim.states if s.online])
+        assert predict(agent, [IRIS_ROW])["model"]["version"] == "1.0.0"
+        bundle, manifest = make_bundle(signing_key, version="2.0.0", release=2)
+        cmd = deploy_command(
+            "dev-deploy", bundle, manifest, signing_key, chunk_size=2048, sign=True
+        )
+        sim.send(cmd, bundle)
+        sim.send_chunks(bundle, cmd)
+        wait_for(
+            lambda: sim.states_of(cmd.command_id)[-1:] in (["installed"], ["rejected"], ["failed"])
+        )
+        states = sim.states_of(cmd.command_id)
+        assert states[0] == "accepted" and states[-2:] == ["verifying", "installed"], states
+        assert predict(agent, [IRIS_ROW])["model"]["version"] == "2.0.0"
+        wait_for(lambda: sim.states[-1].model.version == "2.0.0")  # birth follows the model
+    sim.t.close()
+
+
+@pytest.mark.parametrize("kind", ["amqtt", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+def test_broker_down_at_start_serving_continues_and_telemetry_flushes_when_it_appears(
+    tmp_path, signing_key, kind
+):
+    if kind == "mosquitto" and MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (CI installs it)")
+    port = free_port()
+    url = f"mqtt://127.0.0.1:{port}"
+    cfg = agent_config(tmp_path, url, signing_key, f"dev-late-{kind}")
+    preinstall(cfg, signing_key)
+    X = trained("iris-logreg").X
+    with Agent(cfg, max_backoff=1) as agent:
+        for i in range(0, 60, 3):  # 60 rows → 3 windows of 20, all while offline
+            predict(agent, X[i : i + 3].tolist())
+        wait_for(lambda: agent.outbox.count("sketch") == 3)
+        assert not agent.transport.is_connected()
+        broker = (
+            EmbeddedBroker(port=port).start() if kind == "amqtt" else Mosquitto(port=port).start()
+        )
+        try:
+            sim = server(url, cfg.device_id)
+            wait_for(lambda: len({r.seq for r in sim.sketches}) == 3)
+            assert sorted(r.sketches.rows for r in sim.sketches[:3]) == [20, 20, 20]
+            wait_for(lambda: agent.outbox.count("sketch") == 0)
+            assert predict(agent, [IRIS_ROW])["model"]["version"] == "1.0.0"
+            sim.t.close()
+        finally:
+            agent.stop(timeout=1)
+            broker.stop()
+
+
+@pytest.mark.mosquitto
+def test_broker_stopped_mid_run_loses_no_window_and_no_request(tmp_path, signing_key):
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (CI installs it)")
+    X = trained("iris-logreg").X
+    with Mosquitto() as mosq:
+        cfg = agent_config(tmp_path, mosq.url, signing_key, "dev-outage", window_rows=10)
+        preinstall(cfg, signing_key)
+        sim = server(mosq.url, cfg.device_id)
+        agent = Agent(cfg, max_backoff=1).start()
+        wait_for(agent.transport.is_connected)
+        answered: list[str] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    answered.append(predict(agent, [X[i % 150].tolist()])["request_id"])
+                except AssertionError as exc:
+                    failures.append(str(exc))
+                i += 1
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        try:
+            wait_for(lambda: len(answered) >= 50)
+            mosq.stop()
+            during = len(answered)
+            wait_for(lambda: not agent.transport.is_connected())
+            wait_for(lambda: len(answered) >= during + 100)  # inference goes on offline
+            assert agent.outbox.count("sketch") > 0  # windows wait in the outbox
+            mosq.start()
+            wait_for(agent.transport.is_connected)
+            wait_for(lambda: len(answered) >= during + 200)
+        finally:
+            stop.set()
+            worker.join()
+            agent.stop()
+        assert failures == []
+        windows = agent.sketcher.closed
+        assert windows >= (len(answered) // 10)
+        wait_for(lambda: {r.seq for r in sim.sketches} == set(range(windows)), timeout=30)
+        assert sum(r.sketches.rows for r in {r.seq: r for r in sim.sketches}.values()) == len(
+            answered
+        )
+        sim.t.close()

@@ -89,6 +89,18 @@ def align_data(source: SourceModel, data: Dataset) -> Dataset:
         idx = [data.feature_names.index(n) for n in names]
         X = data.X[:, idx]
         return Dataset(X, data.y, names, [data.kinds[i] for i in idx])
+    if source.kind == "onnx":
+        initializers = {i.name for i in source.obj.graph.initializer}
+        inputs = [i.name for i in source.obj.graph.input if i.name not in initializers]
+        if len(inputs) > 1:  # one input per column: take the data's columns by name
+            missing = [n for n in inputs if n not in data.feature_names]
+            if missing:
+                raise DataError(
+                    f"{source.name} has inputs {missing[:5]} that the data has no columns for "
+                    f"(data has {data.feature_names[:8]})"
+                )
+            idx = [data.feature_names.index(n) for n in inputs]
+            return Dataset(data.X[:, idx], data.y, inputs, [data.kinds[i] for i in idx])
     n = source.n_features
     if n is not None and n != data.n_features:
         raise DataError(

@@ -243,9 +243,13 @@ def _keras_predict(source: SourceModel, X: np.ndarray) -> Prediction:
 
 def _onnx_predict(source: SourceModel, X: np.ndarray) -> Prediction:
     from .data import Dataset
+    from .errors import UnsupportedModelError
     from .sidecar import infer_onnx_schema
 
-    inp, out = infer_onnx_schema(source.obj, Dataset(X))
+    try:
+        inp, out = infer_onnx_schema(source.obj)
+    except UnsupportedModelError:  # dynamic feature dimension: the data's width fixes it
+        inp, out = infer_onnx_schema(source.obj, Dataset(np.zeros((1, X.shape[1]), np.float32)))
     if inp.n_features != X.shape[1]:
         raise DataError(
             f"{source.name} expects {inp.n_features} features but the data has {X.shape[1]}"

@@ -136,9 +136,8 @@ def _load_onnx(p: Path) -> SourceModel:
 
         model = onnx.load(str(p))
         onnx.checker.check_model(model)
-    return SourceModel(
-        "onnx", p, file_sha256(p), model, onnx_task(model), model.graph.name or p.stem
-    )
+    # named after the file, not graph.name: skl2onnx names graphs with a random hex id
+    return SourceModel("onnx", p, file_sha256(p), model, onnx_task(model), p.name)
 
 
 def onnx_task(model: Any) -> Task:

@@ -181,3 +181,52 @@ def test_pytorch_export_passes_through_with_parity(datasets, tmp_path):
     expected = net(x).argmax(dim=1).tolist()
     assert labels == expected
     assert np.mean(np.array(labels) == iris.y) > 0.8
+
+
+def test_multi_input_onnx_takes_data_columns_by_name(mixed_csv, save_model, tmp_path):
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    frame = pd.read_csv(mixed_csv)
+    y = frame.pop("species")
+    pipe = Pipeline(
+        [
+            (
+                "prep",
+                ColumnTransformer(
+                    [
+                        ("num", "passthrough", ["sepal_length", "petal_width"]),
+                        ("cat", OneHotEncoder(handle_unknown="ignore"), ["size"]),
+                    ]
+                ),
+            ),
+            ("clf", LogisticRegression(max_iter=1000)),
+        ]
+    ).fit(frame, y)
+    first = convert(
+        load_source(save_model(pipe, "ct")),
+        load_data(mixed_csv, target="species"),
+        out=tmp_path / "ct.onnx",
+    )
+    # the same columns in another order
+    shuffled = tmp_path / "shuffled.csv"
+    order = ["size", "shape", "petal_width", "sepal_width", "sepal_length"]
+    frame[order].assign(species=y).to_csv(shuffled, index=False)
+    again = convert(
+        load_source(first.path), load_data(shuffled, target="species"), out=tmp_path / "ct2.onnx"
+    )
+    assert again.parity.passed and again.path.read_bytes() == first.path.read_bytes()
+    names = [i.name for i in again.sidecar.input_schema.inputs]
+    assert names == [i.name for i in first.sidecar.input_schema.inputs]
+    assert sorted(names) == sorted(order)
+    size = next(f for f in again.sidecar.input_schema.features if f.name == "size")
+    assert size.kind == "categorical" and size.dtype == "string"
+    missing = tmp_path / "missing.csv"
+    frame[order[1:]].assign(species=y).to_csv(missing, index=False)
+    with pytest.raises(DataError, match=r"ct\.onnx has inputs \['size'\] that the data has no"):
+        convert(
+            load_source(first.path), load_data(missing, target="species"), out=tmp_path / "ct3.onnx"
+        )

@@ -11,6 +11,7 @@ exit code 1 (``--debug`` shows the traceback instead).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -37,7 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _load(name: str) -> click.Command | None:
+def _load(name: str) -> Any:
+    """The program's command object for ``name`` (Typer's, whichever click it is built on)."""
     module_name, _ = COMMANDS[name]
     try:
         module = importlib.import_module(module_name)
@@ -50,16 +52,21 @@ def _load(name: str) -> click.Command | None:
     import typer
 
     cmd = typer.main.get_command(module.app)
-    if isinstance(cmd, click.Group):
-        return cmd.commands.get(name)
+    subs = getattr(cmd, "commands", None)
+    if subs is not None:
+        return subs.get(name)
     return cmd if cmd.name == name else None
 
 
 class LazyGroup(click.Group):
+    """The root group. Typer (0.29+) builds on its own fork of click, so the root does not
+    nest the programs' commands as click objects: :meth:`main` reads the root options and
+    hands the rest of the command line to the program's own Typer group."""
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Any:
         if cmd_name not in COMMANDS:
             return None
         return _load(cmd_name)
@@ -69,16 +76,54 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        prog = prog_name or "edgefleet"
+        debug = bool(os.environ.get("EDGEFLEET_DEBUG"))
+        while argv and argv[0] == "--debug":
+            debug = True
+            argv.pop(0)
+        if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
+            # --help, --version, nothing, or an unknown command: click renders it.
+            return super().main(argv, prog, complete_var, standalone_mode, **extra)
+        name = argv[0]
+        if debug:
+            os.environ["EDGEFLEET_DEBUG"] = "1"
+        try:
+            module = importlib.import_module(COMMANDS[name][0])
+        except ModuleNotFoundError as exc:
+            return self._fail(
+                f"'edgefleet {name}' needs a module that is not installed ({exc.name}); "
+                "install the matching extra, e.g. pip install 'edgefleet[all]'",
+                standalone_mode,
+            )
+        import typer
+
+        group = typer.main.get_command(module.app)
+        if getattr(group, "commands", None) is None:
+            argv = argv[1:]  # the module's app is that single command
         from protocol.errors import EdgefleetError
 
         try:
-            return super().invoke(ctx)
+            return group.main(args=argv, prog_name=prog, standalone_mode=standalone_mode)
         except EdgefleetError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+            if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
+            return self._fail(str(exc), standalone_mode)
+
+    @staticmethod
+    def _fail(message: str, standalone_mode: bool) -> Any:
+        click.echo(f"error: {message}", err=True)
+        if standalone_mode:
+            sys.exit(1)
+        raise SystemExit(1)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -370,3 +370,33 @@ def test_convert_rejects_sklearn_to_tflite(datasets, save_model, tmp_path):
             to="tflite",
             out=tmp_path / "m.tflite",
         )
+
+
+# --- parity arithmetic ------------------------------------------------------------------
+
+
+def test_regression_parity_uses_absolute_bound_near_zero_and_relative_bound_for_large_values():
+    from protocol.feeds import Prediction
+    from toolchain.parity import compare
+
+    ref = Prediction(values=np.array([[0.0], [1000.0]]))
+    close = Prediction(values=np.array([[0.0009], [1000.9]]))  # abs 9e-4; rel 9e-4
+    assert compare(ref, close, "regression").passed
+    far = Prediction(values=np.array([[0.0011], [1000.0]]))
+    report = compare(ref, far, "regression")
+    assert not report.passed and "1 of 2 values differ" in report.failures[0]
+    assert report.max_abs_error == pytest.approx(0.0011)
+
+
+def test_classification_parity_counts_label_flips_and_compares_string_and_int_labels():
+    from protocol.feeds import Prediction
+    from toolchain.parity import ParityThresholds, compare
+
+    ref = Prediction(labels=[0, 1, 1, 2] * 250)
+    cand = Prediction(labels=["0", "1", "1", "2"] * 250)
+    assert compare(ref, cand, "classification").label_agreement == 1.0
+    flipped = Prediction(labels=[0, 1, 1, 2] * 249 + [0, 1, 2, 2])
+    report = compare(ref, flipped, "classification")
+    assert report.label_agreement == pytest.approx(0.999) and report.passed
+    strict = compare(ref, flipped, "classification", ParityThresholds(min_label_agreement=1.0))
+    assert not strict.passed and "1 of 1000 rows differ" in strict.failures[0]

@@ -239,3 +239,39 @@ def test_build_makes_a_signed_verifiable_bundle_from_a_keras_model(iris, keys, t
     np.testing.assert_allclose(
         np.sum(manifest.smoke_tests[0].expected_probabilities, axis=1), 1, atol=0.02
     )
+
+
+def test_root_edgefleet_command_runs_keys_build_verify_and_over_budget_exit_3(
+    iris, iris_joblib, iris_onnx, tmp_path
+):
+    import os
+    import subprocess
+    import sys
+
+    def edgefleet(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edgefleet", *map(str, args)],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "160"},
+        )  # fmt: skip
+
+    assert edgefleet("keys", "generate", "--out", tmp_path / "keys").returncode == 0
+    built = edgefleet(
+        "build", iris_joblib, "--data", iris.npz, "--name", "iris", "--version", "3.0.0",
+        "--profile", "host", "--key", tmp_path / "keys" / "edgefleet.key",
+        "--out", tmp_path / "dist", "--runs", 10,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    verified = edgefleet(
+        "verify",
+        tmp_path / "dist" / "iris-3.0.0.efb",
+        "--trust",
+        tmp_path / "keys" / "edgefleet.pub",
+    )
+    assert verified.returncode == 0 and verified.stdout.startswith("OK iris 3.0.0")
+    slow = fx.profile_toml(tmp_path, "slow", speed_factor=10000.0)
+    over = edgefleet("bench", iris_onnx, "--profile", slow, "--runs", 10)
+    assert over.returncode == 3 and "OVER BUDGET" in over.stdout and "Traceback" not in over.stderr
+    unknown = edgefleet("bench", iris_onnx, "--profile", "toaster")
+    lines = unknown.stderr.strip().splitlines()
+    assert unknown.returncode == 1 and len(lines) == 1
+    assert lines[0].startswith("error: unknown profile 'toaster'")

@@ -102,6 +102,7 @@ class Agent:
         self.started = False
         self.direct_published = 0  # reports sent around a full outbox
         self.lost_reports = 0  # reports neither stored nor sent (full disk and offline)
+        self._log_errors_seen = 0
 
     # -- composition -----------------------------------------------------------------------
     def start(self) -> Agent:
@@ -290,6 +291,11 @@ class Agent:
 
     def _conditions(self) -> list[str]:
         out = []
+        if self.prediction_log is not None:
+            errors = self.prediction_log.stats.write_errors
+            if errors > self._log_errors_seen:  # latched by Metrics until the next report
+                self._log_errors_seen = errors
+                out.append("log_write_error")
         if self.lost_reports:
             out.append("reports_lost")
         if self.telemetry.dropped:
@@ -357,6 +363,7 @@ class Agent:
             try:
                 now = self.clock()
                 self.processor.tick(now)
+                self.metrics.observe_conditions()
                 if now >= next_metrics:
                     self.publish_metrics(now)
                     next_metrics = now + self.metrics_interval

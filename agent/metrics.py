@@ -118,6 +118,7 @@ class Metrics:
         self._models: dict[tuple[str, str], ModelRef] = {}
         self._period_start = clock()
         self._proc: Any = None
+        self._latched: set[str] = set()  # conditions seen since the last report
 
     # PredictionObserver ------------------------------------------------------------------
     def on_prediction(self, event: PredictionEvent) -> None:
@@ -172,7 +173,7 @@ class Metrics:
             start, self._period_start = self._period_start, now
             models = dict(self._models)
         system = self.system()
-        conditions = self.conditions(system)
+        conditions = sorted(set(self.conditions(system)) | self._take_latched())
         shadow = self.shadow_source() if self.shadow_source else None
         common: dict[str, Any] = {
             "device_id": self.device_id,
@@ -221,6 +222,18 @@ class Metrics:
                 pass
         return {"cpu_percent": cpu, "rss_mb": rss, "disk_free_mb": disk}
 
+    def observe_conditions(self) -> None:
+        """Poll the condition sources now; the next report includes what was seen (a full
+        disk that clears a second later is still reported)."""
+        found = self.conditions()
+        with self._lock:
+            self._latched.update(found)
+
+    def _take_latched(self) -> set[str]:
+        with self._lock:
+            out, self._latched = self._latched, set()
+        return out
+
     def conditions(self, system: dict[str, float | None] | None = None) -> list[str]:
         found: set[str] = set()
         for src in self.condition_sources:
@@ -261,7 +274,7 @@ class Metrics:
         head("edgefleet_request_latency_ms", "histogram", "Predict latency in milliseconds.")
         for m, c in totals.values():
             cum = 0
-            for ub, n in zip([*map(str, BUCKETS_MS), "+Inf"], c.buckets):
+            for ub, n in zip([*map(str, BUCKETS_MS), "+Inf"], c.buckets, strict=True):
                 cum += n
                 le = 'le="' + ub + '"'
                 lines.append(f"edgefleet_request_latency_ms_bucket{lab(m, le)} {cum}")
@@ -303,7 +316,7 @@ def latency_summary(c: _Counters) -> LatencySummary:
     arr = np.asarray(c.samples, dtype=np.float64)
     p50, p95, p99 = (float(x) for x in np.percentile(arr, [50, 95, 99]))
     hist = {}
-    for ub, n in zip([*map(str, BUCKETS_MS), "inf"], c.buckets):
+    for ub, n in zip([*map(str, BUCKETS_MS), "inf"], c.buckets, strict=True):
         if n:
             hist[ub] = n
     return LatencySummary(count=c.seen, p50_ms=p50, p95_ms=p95, p99_ms=p99, histogram=hist)

@@ -216,16 +216,33 @@ class Outbox:
             self._db.execute("DELETE FROM outbox WHERE id=?", (pair[0][0],))
             return True
         payload = merged.to_json()
+        older = self._db.execute(
+            "SELECT kind, topic, created, group_key FROM outbox WHERE id=?", (pair[0][0],)
+        ).fetchone()
         try:
+            # Delete both, then insert the merged window under the older id: the pages the
+            # two rows free are reused, so this works on a full disk too.
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM outbox WHERE id=?", (pair[1][0],))
+            self._db.executemany("DELETE FROM outbox WHERE id=?", [(pair[0][0],), (pair[1][0],)])
             self._db.execute(
-                "UPDATE outbox SET payload=?, size=?, window_start=? WHERE id=?",
-                (payload, len(payload), merged.window_start.timestamp(), pair[0][0]),
+                "INSERT INTO outbox(id, kind, topic, payload, size, created, group_key,"
+                " window_start)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    pair[0][0],
+                    older[0],
+                    older[1],
+                    payload,
+                    len(payload),
+                    older[2],
+                    older[3],
+                    merged.window_start.timestamp(),
+                ),
             )
             self._db.execute("COMMIT")
         except (sqlite3.DatabaseError, OSError) as exc:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             if not is_disk_full(exc):
                 raise
             # Not even room to rewrite: keep both windows, free space by thinning instead.
@@ -351,7 +368,8 @@ class Outbox:
         with self._lock:
             try:
                 self._db.execute(
-                    "INSERT INTO commands(command_id, kind, state, last_status, ts) VALUES (?,?,?,?,?)"
+                    "INSERT INTO commands(command_id, kind, state, last_status, ts)"
+                    " VALUES (?,?,?,?,?)"
                     " ON CONFLICT(command_id) DO UPDATE SET state=excluded.state,"
                     " last_status=excluded.last_status, ts=excluded.ts",
                     (command_id, kind, state, status, self.clock()),

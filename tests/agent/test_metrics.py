@@ -21,7 +21,9 @@ def ev(latency: float, model=V1, *, error=None, fallback=False, shadow=False) ->
 
 def metrics(tmp_path=None, **kw) -> Metrics:
     counter = iter(range(10**6))
-    return Metrics("dev-1", next_seq=lambda: next(counter), data_dir=tmp_path, clock=lambda: 100.0, **kw)
+    return Metrics(
+        "dev-1", next_seq=lambda: next(counter), data_dir=tmp_path, clock=lambda: 100.0, **kw
+    )
 
 
 def test_report_has_latency_percentiles_and_counts_per_model_version():
@@ -81,3 +83,13 @@ def test_prometheus_text_is_cumulative_with_a_histogram_per_version():
     assert 'edgefleet_request_latency_ms_bucket{model="iris",version="1.0.0",le="+Inf"} 4' in text
     assert "edgefleet_outbox_pending 3" in text
     assert text.endswith("\n") and "# TYPE edgefleet_request_latency_ms histogram" in text
+
+
+def test_a_condition_that_clears_before_the_report_is_still_reported():
+    state = {"now": ["disk_full"]}
+    m = metrics(conditions=[lambda: state["now"]])
+    m.observe_conditions()
+    state["now"] = []
+    (first,) = m.report()
+    (second,) = m.report()
+    assert first.conditions == ["disk_full"] and second.conditions == []

@@ -74,20 +74,40 @@ def _console(stderr: bool = False) -> Console:
 
 
 @contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Hide third-party advice logged on the root logger (onnxruntime's quantizer suggests
+    "pre-processing" on every call) unless EDGEFLEET_DEBUG is set; restored afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    if not os.environ.get("EDGEFLEET_DEBUG"):
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+@contextmanager
 def _progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
     """A rich spinner whose text the library's progress callback updates (on stderr)."""
     if not enabled:
-        yield lambda _msg: None
+        with _quiet_libraries():
+            yield lambda _msg: None
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=_console(stderr=True),
-        transient=True,
-    ) as bar:
+    with (
+        Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=_console(stderr=True),
+            transient=True,
+        ) as bar,
+        _quiet_libraries(),
+    ):
         task = bar.add_task("starting", total=None)
         yield lambda msg: bar.update(task, description=msg)
 
@@ -276,7 +296,8 @@ def quantize(
     if mode not in ("dynamic", "static", "fp16", "int8"):
         raise typer.BadParameter("must be dynamic, static, fp16 or int8", param_hint="--mode")
     dataset = load_data(data, target) if data else None
-    result = run_quantize(model, mode=mode, data=dataset, out=out)  # type: ignore[arg-type]
+    with _quiet_libraries():
+        result = run_quantize(model, mode=mode, data=dataset, out=out)  # type: ignore[arg-type]
     before = Path(model).stat().st_size
     typer.echo(
         f"wrote {result.path} ({result.format}, {result.mode}): {result.size_bytes} bytes, "

@@ -132,7 +132,7 @@ class Agent:
             k=cfg.sketch.k,
         )
         self.telemetry = Telemetry(self.sketcher, self._queue_sketch, clock=self.clock)
-        self.shadow = ShadowComparer()
+        self.shadow = ShadowComparer(running=lambda: self.predictor.shadow is not None)
         self.prediction_log = (
             PredictionLog(cfg.data_dir / PREDICTIONS_FILE, cfg.log, max_pages=self._log_max_pages)
             if cfg.log.enabled

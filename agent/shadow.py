@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,11 +33,19 @@ MAX_PENDING = 5_000
 
 class ShadowComparer:
     def __init__(
-        self, *, atol: float = 1e-6, rtol: float = 1e-3, max_pending: int = MAX_PENDING
+        self,
+        *,
+        atol: float = 1e-6,
+        rtol: float = 1e-3,
+        max_pending: int = MAX_PENDING,
+        running: Callable[[], bool] | None = None,
     ) -> None:
+        """``running`` says whether a shadow model is loaded; while it is not, active
+        predictions are not kept for pairing (no cost, no false "unmatched")."""
         self.atol = atol
         self.rtol = rtol
         self.max_pending = max_pending
+        self.running = running
         self._lock = threading.Lock()
         self._active: OrderedDict[str, PredictionEvent] = OrderedDict()
         self._shadow: OrderedDict[str, PredictionEvent] = OrderedDict()
@@ -69,6 +78,8 @@ class ShadowComparer:
                         return
                     mine, other = self._shadow, self._active
                 else:
+                    if self.running is not None and not self.running():
+                        return
                     mine, other = self._active, self._shadow
                 peer = other.pop(event.request_id, None)
                 if peer is None:

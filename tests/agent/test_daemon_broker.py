@@ -149,3 +149,54 @@ def test_broker_stopped_mid_run_loses_no_window_and_no_request(tmp_path, signing
             answered
         )
         sim.t.close()
+
+
+def test_agent_run_stops_gracefully_on_sigterm_delivering_the_open_window(
+    tmp_path, amqtt_broker, signing_key
+):
+    import signal
+    import subprocess
+    import sys
+
+    url = str(amqtt_broker.url)
+    port = free_port()
+    cfg = agent_config(tmp_path, url, signing_key, "dev-sigterm", window_rows=1000)
+    preinstall(cfg, signing_key)
+    toml = tmp_path / "agent.toml"
+    toml.write_text(
+        f'device_id = "dev-sigterm"\ndata_dir = "{cfg.data_dir}"\n'
+        f'[broker]\nurl = "{url}"\n[trust]\npublic_keys = ["{cfg.trust.public_keys[0]}"]\n'
+        f"[api]\nport = {port}\n[sketch]\nwindow_rows = 1000\n"
+    )
+    sim = server(url, "dev-sigterm")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from edgefleet.cli import main; main()",
+            "agent",
+            "run",
+            "--config",
+            str(toml),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: [s for s in sim.states if s.online], timeout=60)
+        for row in trained("iris-logreg").X[:7].tolist():
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v1/predict", json={"inputs": [row]}, timeout=10
+            )
+            assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stdout.read().decode() if proc.stdout else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The open window (7 rows, far from window_rows) was closed and delivered on the way out,
+    # and the retained state now says offline.
+    (report,) = wait_for(lambda: sim.sketches)
+    assert report.sketches.rows == 7
+    wait_for(lambda: not sim.states[-1].online)
+    sim.t.close()

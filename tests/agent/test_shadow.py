@@ -73,3 +73,15 @@ def test_shadow_statistics_reach_the_metrics_report_from_live_traffic(tmp_path, 
     assert report.shadow["agreement"] == 1.0  # same training data and model: the same answers
     assert report.shadow["latency_p95_ms"] > 0
     device.predictor.close()
+
+
+def test_nothing_is_kept_or_counted_while_no_shadow_model_runs():
+    running = {"now": False}
+    c = ShadowComparer(max_pending=2, running=lambda: running["now"])
+    for rid in "pqrs":
+        c.on_prediction(ev(rid, [0]))
+    assert c.snapshot() is None and c.unmatched == 0
+    running["now"] = True
+    c.on_prediction(ev("t", [0]))
+    c.on_prediction(ev("t", [0], shadow=True))
+    assert c.snapshot()["agreement"] == 1.0

@@ -1,8 +1,9 @@
 """The dashboard end to end in headless Chromium (Debian's, driven by Playwright).
 
-A real fleet server (uvicorn in a thread on 127.0.0.1) on a real broker with devices
-attached: log in, upload a bundle and start a staged rollout, watch the stages advance on
-the self-refreshing rollout page, press rollback (and confirm), see every device return to
+A real fleet server (uvicorn in a thread on 127.0.0.1) on a real broker (amqtt) with real
+agents attached (``agent.daemon.Agent`` in process, each starting on the 1.0.0 bundle):
+log in, upload a bundle and start a staged rollout, watch the stages advance on the
+self-refreshing rollout page, press rollback (and confirm), see every device return to
 the previous version. Screenshots of the overview and rollout pages go to /tmp.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,8 @@ import pytest
 
 from fleet_server.config import FleetConfig
 from fleet_server.serve import FleetServer
-from protocol import KeyPair, TrustStore
-from protocol.messages import DeviceState, ModelRef
-from protocol.topics import Topics
-from protocol.transport import Will
-from protocol.transport_paho import PahoTransport
-from tests.fleet_server.fleetkit import SimDevice, write_keys
+from protocol import KeyPair
+from tests.fleet_server.fleetkit import write_keys
 from tests.support.brokers import free_port
 from tests.support.bundles import make_bundle
 
@@ -51,42 +49,65 @@ pytestmark = [
 
 @pytest.fixture
 def fleet(tmp_path: Path, signing_key: KeyPair, amqtt_broker: Any) -> Iterator[dict[str, Any]]:
+    from agent.config import AgentConfig, ApiConfig, BrokerConfig, SketchConfig, TrustConfig
+    from agent.daemon import Agent
+    from agent.installer import Installer
+
+    prefix = f"bt{uuid.uuid4().hex[:8]}"  # this test's own topics on the shared broker
     priv, pub = write_keys(tmp_path, signing_key)
     cfg = FleetConfig.model_validate(
         {
             "data_dir": str(tmp_path / "fleet"),
-            "broker": {"url": amqtt_broker.url, "client_id": f"fleet-{free_port()}"},
+            "broker": {
+                "url": amqtt_broker.url,
+                "topic_prefix": prefix,
+                "client_id": f"{prefix}-fleet",
+            },
             "api": {"host": "127.0.0.1", "port": free_port()},
             "signing": {"key": str(priv), "trusted": [str(pub)]},
             "rollout": {"tick_s": 0.1, "soak_s": 0.0},
         }
     )
+    v1, _ = make_bundle(signing_key, version="1.0.0", release=1)
+    v2, _ = make_bundle(signing_key, version="2.0.0", release=2)
+    (tmp_path / "iris-2.0.0.efb").write_bytes(v2)
+    agents = []
+    for i in range(N_DEVICES):
+        config = AgentConfig(
+            device_id=f"{prefix}-pi-{i}",
+            data_dir=tmp_path / f"agent-{i}",
+            broker=BrokerConfig(url=amqtt_broker.url, topic_prefix=prefix),
+            trust=TrustConfig(public_keys=[pub]),
+            api=ApiConfig(port=0),
+            sketch=SketchConfig(window_seconds=3600),
+        )
+        Installer.from_config(config).install_bytes(v1)  # every device starts on 1.0.0
+        agents.append(Agent(config, serve_api=False, max_backoff=2))
     server = FleetServer(cfg).start()
     service = server.service
     assert service is not None
-    service.add_user("ops", PASSWORD, "operator")
-    v1, _ = make_bundle(signing_key, version="1.0.0", release=1)
-    v2, _ = make_bundle(signing_key, version="2.0.0", release=2)
-    service.upload_bundle(v1)
-    (tmp_path / "iris-2.0.0.efb").write_bytes(v2)
-    trust = TrustStore.from_keys([signing_key.public])
-    devices = []
-    for i in range(N_DEVICES):
-        did = f"pi-{i}"
-        will = Will(Topics().state(did), DeviceState(device_id=did, online=False).to_json())
-        t = PahoTransport(amqtt_broker.url, did, clean_session=True, will=will)
-        dev = SimDevice(did, t, trust, model=ModelRef(name="iris", version="1.0.0", release=1))
-        devices.append(dev.start())
-    _wait(lambda: len(service.list_devices(online=True)) == N_DEVICES, "devices online")
-    yield {
-        "server": server,
-        "service": service,
-        "devices": devices,
-        "bundle": tmp_path / "iris-2.0.0.efb",
-    }
-    for dev in devices:
-        dev.stop()
-    server.stop()
+    try:
+        service.add_user("ops", PASSWORD, "operator")
+        service.upload_bundle(v1)
+        for a in agents:
+            a.start()
+        _wait(lambda: len(service.list_devices(online=True)) == N_DEVICES, "agents online")
+        yield {
+            "server": server,
+            "service": service,
+            "agents": agents,
+            "bundle": tmp_path / "iris-2.0.0.efb",
+        }
+    finally:
+        for a in agents:
+            if a.started:
+                a.stop()
+        server.stop()
+
+
+def active_version(agent: Any) -> str | None:
+    model = agent.birth().model
+    return model.version if model else None
 
 
 def _wait(cond: Any, what: str, timeout: float = 20.0) -> None:
@@ -139,7 +160,7 @@ def test_login_rollout_stages_advance_then_rollback_returns_devices(fleet: dict[
             expect(page.locator("tr[data-device][data-state=installed]")).to_have_count(N_DEVICES)
             page.screenshot(path="/tmp/edgefleet-rollout.png", full_page=True)
             assert seen_partial
-            assert all(d.model.version == "2.0.0" for d in fleet["devices"])
+            assert [active_version(a) for a in fleet["agents"]] == ["2.0.0"] * N_DEVICES
 
             # 4. roll back, through the confirmation step
             page.click("#action-rollback")
@@ -160,4 +181,4 @@ def test_login_rollout_stages_advance_then_rollback_returns_devices(fleet: dict[
             page.screenshot(path="/tmp/edgefleet-overview.png", full_page=True)
         finally:
             browser.close()
-    assert all(d.model.version == "1.0.0" for d in fleet["devices"])
+    assert [active_version(a) for a in fleet["agents"]] == ["1.0.0"] * N_DEVICES

@@ -1,0 +1,41 @@
+"""The README's main job: ``edgefleet demo`` on the embedded broker, checked by outcome."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.tflite]
+
+
+def test_demo_halts_failing_canaries_rolls_back_and_fires_drift(tmp_path):
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "demo", "--devices", "20", "--summary-json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads(out.read_text())
+    versions = {d["device_id"]: d["version"] for d in s["devices"]}
+    assert len(versions) == 20
+    # v1 everywhere at the end: v2 halted at stage 1 and its canaries were rolled back.
+    assert set(versions.values()) == {"1.0.0"}, versions
+    assert s["v2_halted"] is True
+    assert s["failing"] and set(s["failing"]) <= set(s["canaries"])
+    assert s["stage1_only"] is True
+    v1, v2 = s["rollouts"]
+    assert v1["state"] == "succeeded"
+    assert v2["state"] in ("halted", "rolled_back")
+    outside = [d for d in v2["devices"] if d["stage"] != 0]
+    assert outside and all(d["state"] == "queued" for d in outside)
+    # Drift fired centrally and reached the alert log the dashboard shows.
+    assert s["drift"]["dataset_drift"] is True
+    assert any("drift" in json.dumps(a) for a in s["alerts"])
+    # Traffic flowed through every agent's local API with no errors.
+    assert all(d["requests"] > 0 and d["errors"] == 0 for d in s["devices"])
+    assert "Dashboard: http://127.0.0.1:" in proc.stdout

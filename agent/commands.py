@@ -37,6 +37,7 @@ from typing import Any
 
 from protocol.bundle import read_bundle
 from protocol.errors import BundleError, EdgefleetError, ProtocolError, ReasonCode, SignatureError
+from protocol.manifest import canonical_bytes
 from protocol.messages import (
     BenchmarkPayload,
     Command,
@@ -366,7 +367,16 @@ class CommandProcessor:
                 raise BundleError(
                     ReasonCode.MANIFEST_INVALID, "bundle manifest differs from the deploy command's"
                 )
-            manifest = self.installer.install_bytes(data, activate=not p.shadow)
+            active = self.installer.active()
+            if (
+                not p.shadow
+                and active is not None
+                and canonical_bytes(active) == p.manifest_bytes()
+            ):
+                # Installed before a crash cut the report short: do not install twice.
+                manifest = active
+            else:
+                manifest = self.installer.install_bytes(data, activate=not p.shadow)
             if p.shadow:
                 self.predictor.set_shadow(manifest, read_bundle(data).model_bytes())
         except BundleError as exc:

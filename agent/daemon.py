@@ -37,6 +37,7 @@ from protocol.transport import Transport
 from .commands import CommandProcessor
 from .config import AgentConfig
 from .download import Downloads
+from .errors import ConfigError
 from .events import InstallEvent
 from .fieldbench import FieldBench
 from .installer import Installer
@@ -155,7 +156,14 @@ class Agent:
             self.prediction_log.start()
         self.telemetry.start()
         if self.serve_api:
-            self._start_api()
+            try:
+                self._start_api()
+            except BaseException:
+                self.telemetry.stop()
+                if self.prediction_log is not None:
+                    self.prediction_log.close()
+                self.outbox.close()
+                raise
         self.transport = self._transport or self._paho()
         self.downloads = Downloads(cfg.data_dir / "downloads", clock=self.clock)
         self.processor = CommandProcessor(
@@ -212,7 +220,13 @@ class Agent:
         )
         sock = socket.socket(socket.AF_INET6 if ":" in api.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((api.host, api.port))
+        try:
+            sock.bind((api.host, api.port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"api: cannot listen on {api.host}:{api.port}: {exc.strerror}"
+            ) from None
         port = sock.getsockname()[1]
         self.api_url = f"http://{api.host}:{port}"
         server = uvicorn.Server(

@@ -200,3 +200,21 @@ def test_agent_run_stops_gracefully_on_sigterm_delivering_the_open_window(
     assert report.sketches.rows == 7
     wait_for(lambda: not sim.states[-1].online)
     sim.t.close()
+
+
+def test_agent_refuses_to_start_on_a_busy_api_port_with_a_readable_error(tmp_path, signing_key):
+    import socket
+
+    from agent.errors import ConfigError
+    from protocol.transport import MemoryBroker
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cfg = agent_config(tmp_path, "mqtt://unused:1", signing_key, "dev-busy")
+    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"port": busy.getsockname()[1]})})
+    try:
+        with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1"):
+            Agent(cfg, transport=MemoryBroker().client("dev-busy")).start()
+    finally:
+        busy.close()

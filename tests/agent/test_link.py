@@ -277,3 +277,18 @@ def test_statuses_queue_while_the_broker_is_down_and_flush_in_order_after(world,
     sim.t.connect()
     deliver(node)
     assert sim.states_of(cmd.command_id) == ["rejected"] and node.outbox.count() == 0
+
+
+def test_a_bundle_installed_just_before_a_crash_is_reported_installed_not_reinstalled(
+    world, signing_key, v2
+):
+    _broker, sim, node = world
+    bundle, manifest = v2
+    node.device.installer.install_bytes(bundle)  # installed; the status never went out
+    installs = len([e for e in node.device.events if e.state == "installed"])
+    cmd = deploy_command(DEV, bundle, manifest, signing_key)
+    sim.send(cmd)
+    sim.send_chunks(bundle, cmd)
+    deliver(node)
+    assert sim.states_of(cmd.command_id)[-1] == "installed"
+    assert len([e for e in node.device.events if e.state == "installed"]) == installs

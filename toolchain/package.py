@@ -248,8 +248,15 @@ def package(
     created = (now or datetime.now(timezone.utc)).replace(microsecond=0)
     member = f"model.{facts.format}"
     model_bytes = model_path.read_bytes()
+    # The bundle leaves this machine: keep the source's file name, not its local path.
+    settings = dict(sidecar.lineage.settings)
+    if "source_path" in settings:
+        settings["source_path"] = Path(str(settings["source_path"])).name
     lineage = sidecar.lineage.model_copy(
-        update={"tool_versions": {**tool_versions(), **sidecar.lineage.tool_versions}}
+        update={
+            "tool_versions": {**tool_versions(), **sidecar.lineage.tool_versions},
+            "settings": settings,
+        }
     )
     files = {member: model_bytes, REFERENCE_SKETCH_NAME: sketch_bytes}
 

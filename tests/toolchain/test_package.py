@@ -181,3 +181,37 @@ def test_mixed_numeric_and_categorical_pipeline_packages_with_categorical_sketch
     rows = m.smoke_tests[0].rows
     assert all(isinstance(r[2], str) for r in rows)
     assert set(m.smoke_tests[0].expected_labels or []) <= {"setosa", "versicolor", "virginica"}
+
+
+def test_bundle_lineage_names_the_source_file_but_not_its_local_path(tmp_path):
+    """A bundle leaves the build machine: no home directories in its manifest."""
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    from protocol import read_bundle
+    from protocol.profiles import load_profile
+    from toolchain.build import build
+    from toolchain.data import dataset_from_arrays
+    from toolchain.keys import generate_keys
+
+    X, y = load_iris(return_X_y=True)
+    src = tmp_path / "secret-home" / "iris.joblib"
+    src.parent.mkdir()
+    joblib.dump(LogisticRegression(max_iter=500).fit(X, y), src)
+    key = generate_keys(tmp_path / "keys", "k")
+    res = build(
+        src,
+        dataset_from_arrays(X.astype("float32"), y),
+        name="iris",
+        version="1.0.0",
+        profiles=[load_profile("host")],
+        key_path=key.private_path,
+        out_dir=tmp_path / "out",
+        release=1,
+        runs=20,
+    )
+    assert res.bundle is not None
+    manifest = read_bundle(res.bundle).manifest
+    assert "secret-home" not in manifest.model_dump_json()
+    assert manifest.lineage.settings["source_path"] == "iris.joblib"

@@ -17,6 +17,11 @@ written at that instant — at most ``queue_size + batch_size`` rows, and in ste
 about ``flush_interval_s`` seconds of traffic. :meth:`flush` returns once everything
 queued before the call is committed.
 
+Storage: one row per prediction (time, request id, model name/version/release, inputs,
+outputs JSON, latency, error, fallback). Numeric inputs are stored as float64 bytes
+(``inputs_format = "f8:<n>"``; JSON encoding them would be most of the writer's cost) and
+every reader here returns them as JSON text; other inputs are stored as JSON.
+
 Retention runs in the writer after commits: the oldest rows go first until there are at
 most ``max_rows`` rows, none older than ``max_age_days`` and at most ``max_bytes`` of
 logged payload (the sum of the inputs/outputs JSON sizes, tracked per row).
@@ -71,7 +76,8 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     model TEXT NOT NULL,
     version TEXT NOT NULL,
     release INTEGER NOT NULL,
-    inputs TEXT NOT NULL,
+    inputs BLOB NOT NULL,
+    inputs_format TEXT NOT NULL DEFAULT 'json',
     outputs TEXT,
     latency_ms REAL NOT NULL,
     error TEXT,
@@ -99,11 +105,30 @@ def _json_value(v: Any) -> Any:
     return v
 
 
-def _encode_inputs(rows: np.ndarray) -> str:
+def _json_inputs(rows: np.ndarray) -> str:
     if rows.dtype.kind == "f" and np.isfinite(rows).all():
         return json.dumps(rows.tolist(), separators=(",", ":"))
     data = [[_json_value(v) for v in row] for row in rows.tolist()]
     return json.dumps(data, separators=(",", ":"))
+
+
+def _encode_inputs(rows: np.ndarray) -> tuple[bytes | str, str]:
+    """Numeric rows → little-endian float64 bytes (``f8:<n_features>``); others → JSON.
+
+    Encoding 64 floats as JSON costs ~10 µs of the writer's GIL time per row; the bytes
+    cost ~0.5 µs. Readers (:func:`read_rows`, export, ``log tail``) always see JSON.
+    """
+    if rows.ndim == 2 and rows.dtype.kind in "fiub":
+        return rows.astype("<f8", copy=False).tobytes(), f"f8:{rows.shape[1]}"
+    return _json_inputs(rows), "json"
+
+
+def _decode_inputs(data: bytes | str, fmt: str) -> str:
+    if fmt.startswith("f8:"):
+        width = int(fmt[3:])
+        raw = data if isinstance(data, bytes) else data.encode()
+        return _json_inputs(np.frombuffer(raw, dtype="<f8").reshape(-1, width))
+    return data if isinstance(data, str) else data.decode()
 
 
 def _encode_outputs(event: PredictionEvent) -> str | None:
@@ -113,12 +138,13 @@ def _encode_outputs(event: PredictionEvent) -> str | None:
     out: dict[str, Any] = {}
     if pred.labels is not None:
         out["labels"] = [_json_value(v) for v in pred.labels]
-    if pred.probabilities is not None:
-        out["probabilities"] = np.round(
-            np.asarray(pred.probabilities, dtype=np.float64), 6
-        ).tolist()
-    if pred.values is not None:
-        out["values"] = np.asarray(pred.values, dtype=np.float64).tolist()
+    for key, value in (("probabilities", pred.probabilities), ("values", pred.values)):
+        if value is not None:
+            arr = np.round(np.asarray(value, dtype=np.float64), 6)
+            if np.isfinite(arr).all():
+                out[key] = arr.tolist()
+            else:
+                out[key] = [[_json_value(v) for v in r] for r in arr.tolist()]
     return json.dumps(out, separators=(",", ":"), allow_nan=False, default=str)
 
 
@@ -239,7 +265,7 @@ class PredictionLog:
         assert self._db is not None
         rows = []
         for ev in batch:
-            inputs = _encode_inputs(ev.rows)
+            inputs, fmt = _encode_inputs(ev.rows)
             outputs = _encode_outputs(ev)
             nbytes = len(inputs) + len(outputs or "")
             rows.append(
@@ -250,6 +276,7 @@ class PredictionLog:
                     ev.model.version,
                     ev.model.release,
                     inputs,
+                    fmt,
                     outputs,
                     ev.latency_ms,
                     ev.error,
@@ -260,8 +287,9 @@ class PredictionLog:
         try:
             with self._db:
                 self._db.executemany(
-                    f"INSERT INTO {TABLE}(ts, request_id, model, version, release, inputs, outputs,"
-                    " latency_ms, error, fallback, nbytes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO {TABLE}(ts, request_id, model, version, release, inputs,"
+                    " inputs_format, outputs, latency_ms, error, fallback, nbytes)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
             self.stats.written += len(rows)
@@ -322,23 +350,29 @@ def _open_ro(path: Path) -> Any:
     return sqlite_utils.Database(str(path))
 
 
+_SELECT = ", ".join([*COLUMNS, "inputs_format"])
+
+
+def _row(r: dict[str, Any]) -> dict[str, Any]:
+    r["inputs"] = _decode_inputs(r["inputs"], r.pop("inputs_format"))
+    return r
+
+
 def read_rows(path: Path, *, last: int | None = None, after_id: int = 0) -> list[dict[str, Any]]:
-    """Rows with ``id > after_id`` in id order (only the ``last`` N when given)."""
+    """Rows with ``id > after_id`` in id order (only the ``last`` N when given); ``inputs``
+    and ``outputs`` are JSON text."""
     db = _open_ro(path)
     try:
         if TABLE not in db.table_names():
             return []
-        cols = ", ".join(COLUMNS)
         if last is not None:
             sql = (
-                f"SELECT * FROM (SELECT {cols} FROM {TABLE} WHERE id > ?"
+                f"SELECT * FROM (SELECT {_SELECT} FROM {TABLE} WHERE id > ?"
                 " ORDER BY id DESC LIMIT ?) ORDER BY id"
             )
-            return [dict(r) for r in db.query(sql, [after_id, last])]
-        return [
-            dict(r)
-            for r in db.query(f"SELECT {cols} FROM {TABLE} WHERE id > ? ORDER BY id", [after_id])
-        ]
+            return [_row(dict(r)) for r in db.query(sql, [after_id, last])]
+        sql = f"SELECT {_SELECT} FROM {TABLE} WHERE id > ? ORDER BY id"
+        return [_row(dict(r)) for r in db.query(sql, [after_id])]
     finally:
         db.close()
 
@@ -348,13 +382,8 @@ def iter_rows(path: Path, batch: int = 1000) -> Iterator[dict[str, Any]]:
     while True:
         db = _open_ro(path)
         try:
-            cols = ", ".join(COLUMNS)
-            rows = [
-                dict(r)
-                for r in db.query(
-                    f"SELECT {cols} FROM {TABLE} WHERE id > ? ORDER BY id LIMIT ?", [after, batch]
-                )
-            ]
+            sql = f"SELECT {_SELECT} FROM {TABLE} WHERE id > ? ORDER BY id LIMIT ?"
+            rows = [_row(dict(r)) for r in db.query(sql, [after, batch])]
         finally:
             db.close()
         if not rows:

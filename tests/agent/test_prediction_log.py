@@ -196,3 +196,22 @@ def test_read_rows_tails_and_follows(tmp_path: Path) -> None:
     assert [r["request_id"] for r in last3] == ["req-7", "req-8", "req-9"]
     assert read_rows(tmp_path / "p.db", after_id=last3[-1]["id"]) == []
     assert _count(tmp_path / "p.db") == 10
+
+
+def test_numeric_nan_and_mixed_rows_read_back_as_json(tmp_path: Path) -> None:
+    nan_rows = np.array([[1.5, np.nan, -2.0]])
+    mixed = np.array([[1.0, "red", None]], dtype=object)
+    values = Prediction(values=np.array([[np.inf], [0.25]]))
+    with PredictionLog(tmp_path / "p.db") as plog:
+        plog.on_prediction(
+            PredictionEvent(time.time(), "nan", REF, nan_rows, None, 1.0, "boom", True)
+        )
+        plog.on_prediction(
+            PredictionEvent(time.time(), "mixed", REF, mixed, values, 1.0, None, False)
+        )
+        plog.flush()
+    first, second = read_rows(tmp_path / "p.db")
+    assert json.loads(first["inputs"]) == [[1.5, None, -2.0]]
+    assert first["outputs"] is None and first["error"] == "boom" and first["fallback"] == 1
+    assert json.loads(second["inputs"]) == [[1.0, "red", None]]
+    assert json.loads(second["outputs"]) == {"values": [[None], [0.25]]}

@@ -163,6 +163,11 @@ def build_router(service: Any) -> Any:
         )
         return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
+    def tls(request: Request) -> bool:
+        """Mark cookies Secure when the page was served over HTTPS (directly or via a proxy)."""
+        proto = request.headers.get("x-forwarded-proto", request.url.scheme)
+        return proto == "https"
+
     def to_login(request: Request) -> RedirectResponse:
         nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"/ui/login?next={quote(nxt)}", status_code=303)
@@ -204,7 +209,9 @@ def build_router(service: Any) -> Any:
     def login_form(request: Request, next: str = "/ui/") -> HTMLResponse:
         nonce = new_nonce()
         resp = render(request, "login.html", nonce=nonce, next=_safe_next(next), failed=False)
-        resp.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict", max_age=3600)
+        resp.set_cookie(
+            LOGIN_COOKIE, nonce, httponly=True, samesite="strict", max_age=3600, secure=tls(request)
+        )
         return resp
 
     @router.post("/ui/login")
@@ -226,12 +233,24 @@ def build_router(service: Any) -> Any:
                 failed=True,
                 username=form.get("username", ""),
             )
-            page.set_cookie(LOGIN_COOKIE, fresh, httponly=True, samesite="strict", max_age=3600)
+            page.set_cookie(
+                LOGIN_COOKIE,
+                fresh,
+                httponly=True,
+                samesite="strict",
+                max_age=3600,
+                secure=tls(request),
+            )
             return page
         cookie, _ = sessions.issue(form["username"], role, time.time())
         resp = RedirectResponse(nxt, status_code=303)
         resp.set_cookie(
-            COOKIE, cookie, httponly=True, samesite="lax", max_age=int(sessions.max_age_s)
+            COOKIE,
+            cookie,
+            httponly=True,
+            samesite="lax",
+            max_age=int(sessions.max_age_s),
+            secure=tls(request),
         )
         resp.delete_cookie(LOGIN_COOKIE)
         return resp

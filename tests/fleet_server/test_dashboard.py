@@ -356,3 +356,16 @@ def test_assets_ship_in_the_package_and_nothing_loads_from_elsewhere(fleet: Flee
         text = path.read_text()
         assert not re.search(r"(src|href)=\"(https?:)?//", text), path
         assert "@import" not in text and "url(http" not in text, path
+
+
+def test_session_cookie_is_secure_behind_an_https_proxy(fleet: Fleet) -> None:
+    b = fleet.browser()
+    form = b.get("/ui/login")
+    nonce = re.search(r'name="nonce" value="([^"]+)"', form.text).group(1)
+    r = b.post(
+        "/ui/login",
+        data={"username": "viewer", "password": PASSWORD, "nonce": nonce},
+        headers={"x-forwarded-proto": "https"},
+    )
+    assert r.status_code == 303 and "secure" in r.headers["set-cookie"].lower()
+    assert "secure" not in form.headers["set-cookie"].lower()  # plain http here

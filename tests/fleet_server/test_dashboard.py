@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleet_server.app import create_app
 from fleet_server.service import FleetService
@@ -369,3 +371,22 @@ def test_session_cookie_is_secure_behind_an_https_proxy(fleet: Fleet) -> None:
     )
     assert r.status_code == 303 and "secure" in r.headers["set-cookie"].lower()
     assert "secure" not in form.headers["set-cookie"].lower()  # plain http here
+
+
+@given(user=st.text(min_size=1, max_size=40), flip=st.integers(min_value=0, max_value=10_000))
+@settings(max_examples=60, deadline=None)
+def test_a_session_cookie_round_trips_and_any_flipped_character_invalidates_it(
+    user: str, flip: int
+) -> None:
+    from fleet_server.dashboard.session import Sessions
+
+    sessions = Sessions(b"k" * 32)
+    cookie, issued = sessions.issue(user, "operator", now=1000.0)
+    assert sessions.read(cookie, now=1001.0) == issued
+    assert sessions.read(cookie, now=issued.expires + 1) is None  # expired
+    assert Sessions(b"x" * 32).read(cookie, now=1001.0) is None  # another server's secret
+    i = flip % len(cookie)
+    swapped = "A" if cookie[i] != "A" else "B"
+    tampered = cookie[:i] + swapped + cookie[i + 1 :]
+    got = sessions.read(tampered, now=1001.0)
+    assert got is None or got == issued  # base64 padding bits may decode to the same bytes

@@ -167,6 +167,11 @@ class PahoTransport:
     def is_connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def last_error(self) -> str:
+        """Why the last connection attempt failed ('' when none did)."""
+        return self._last_error
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         return _PahoDelivery(info)

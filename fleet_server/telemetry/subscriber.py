@@ -46,7 +46,7 @@ def _connect(
     while not t.is_connected():
         # PahoTransport keeps the broker's refusal; an MQTT 3.1.1-only broker answers an
         # MQTT 5 CONNECT with "Unsupported protocol version" at once, so fail fast on it.
-        refused = getattr(t, "_last_error", "")
+        refused = getattr(t, "last_error", "")
         if refused or time.monotonic() > deadline:
             t.close()
             raise TransportError(f"cannot connect to {url}: {refused or 'timed out'}")

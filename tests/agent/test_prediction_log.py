@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from agent.config import LogConfig
 from agent.events import PredictionEvent
@@ -215,3 +219,19 @@ def test_numeric_nan_and_mixed_rows_read_back_as_json(tmp_path: Path) -> None:
     assert first["outputs"] is None and first["error"] == "boom" and first["fallback"] == 1
     assert json.loads(second["inputs"]) == [[1.0, "red", None]]
     assert json.loads(second["outputs"]) == {"values": [[None], [0.25]]}
+
+
+@given(
+    hnp.arrays(
+        np.float64,
+        hnp.array_shapes(min_dims=2, max_dims=2, max_side=6),
+        elements=st.floats(allow_nan=True, allow_infinity=True, width=64),
+    )
+)
+def test_logged_numeric_inputs_round_trip_to_json(rows: np.ndarray) -> None:
+    from agent.prediction_log import _decode_inputs, _encode_inputs
+
+    data, fmt = _encode_inputs(rows)
+    back = json.loads(_decode_inputs(data, fmt))
+    want = [[v if math.isfinite(v) else None for v in row] for row in rows.tolist()]
+    assert back == want

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.errors import InferenceError, InputError, NoModelError
 from agent.predictor import Predictor
@@ -260,3 +262,25 @@ def test_corrupt_active_slot_at_start_serves_the_previous_verified_slot(
     assert restarted.model is not None and restarted.model.version == "1.0.0"
     assert restarted.recovered_from is not None and restarted.recovered_from[0] == active
     assert restarted.predict([IRIS_ROW]).labels == [0]
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.one_of(
+                st.integers(-(10**6), 10**6),
+                st.floats(-1e30, 1e30, allow_nan=False, allow_infinity=False),
+            ),
+            min_size=4,
+            max_size=4,
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_any_finite_numeric_rows_validate_to_the_same_values(rows) -> None:
+    from agent.inputs import SchemaPlan, validate_rows
+    from tests.support.bundles import trained
+
+    out = validate_rows(rows, SchemaPlan(trained("iris-logreg").input_schema))
+    np.testing.assert_array_equal(out.astype(np.float64), np.array(rows, dtype=np.float64))

@@ -53,6 +53,9 @@ class LoadedModel:
     plan: SchemaPlan
 
     feed_plan: FeedPlan
+    # (label, probability) output names when both exist: decoded without the general path
+    # (same result as protocol.feeds.decode_outputs for integer labels; tested).
+    fast_outputs: tuple[str, str] | None = None
 
     @classmethod
     def open(cls, manifest: Manifest, model_bytes: bytes, threads: int) -> LoadedModel:
@@ -64,7 +67,12 @@ class LoadedModel:
             sha256=sha256_hex(model_bytes),
         )
         schema = manifest.input_schema
-        return cls(runtime, manifest, ref, SchemaPlan(schema), FeedPlan(schema))
+        out = manifest.output_schema
+        fast = None
+        names = set(runtime.output_names)
+        if out.task == "classification" and {out.label_output, out.probability_output} <= names:
+            fast = (str(out.label_output), str(out.probability_output))
+        return cls(runtime, manifest, ref, SchemaPlan(schema), FeedPlan(schema), fast)
 
     def infer(self, arr: np.ndarray) -> Prediction:
         try:
@@ -72,6 +80,16 @@ class LoadedModel:
         except FeedError as exc:
             raise InputError(str(exc)) from None
         outputs = self.runtime.run(feeds)
+        fast = self.fast_outputs
+        if fast is not None:
+            labels = outputs.get(fast[0])
+            probs = outputs.get(fast[1])
+            if labels is not None and probs is not None and labels.dtype.kind in "iu":
+                n = probs.shape[0]
+                p = probs if probs.dtype == np.float64 else probs.astype(np.float64)
+                return Prediction(
+                    labels=labels.reshape(-1).tolist(), probabilities=p.reshape(n, -1)
+                )
         try:
             return decode_outputs(outputs, self.manifest.output_schema)
         except (KeyError, IndexError, ValueError, TypeError) as exc:

@@ -26,6 +26,7 @@ from .errors import (
     ModelLoadError,
     RuntimeUnavailableError,
     translate_runtime_errors,
+    translated,
 )
 
 _ORT_TYPES = {
@@ -76,8 +77,10 @@ class OnnxRuntime(Runtime):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         dtypes = self._dtypes
         if all(dtypes.get(k) in (None, v.dtype) for k, v in feeds.items()):
-            with translate_runtime_errors(InferenceError, "onnxruntime failed"):
+            try:
                 outs = self._session.run(self.output_names, feeds)
+            except Exception as exc:
+                raise translated(exc, InferenceError, "onnxruntime failed") from exc
             return dict(zip(self.output_names, outs, strict=True))
         cast = {}
         for name, tensor in feeds.items():

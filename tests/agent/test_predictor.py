@@ -284,3 +284,20 @@ def test_any_finite_numeric_rows_validate_to_the_same_values(rows) -> None:
 
     out = validate_rows(rows, SchemaPlan(trained("iris-logreg").input_schema))
     np.testing.assert_array_equal(out.astype(np.float64), np.array(rows, dtype=np.float64))
+
+
+def test_fast_output_decoding_matches_the_protocol(device) -> None:
+    from protocol.feeds import decode_outputs, make_feeds
+    from tests.support.bundles import trained
+
+    cur = device.predictor._current
+    assert cur is not None and cur.fast_outputs is not None
+    X = trained("iris-logreg").X[::7]
+    ours = cur.infer(X)
+    theirs = decode_outputs(
+        cur.runtime.run(make_feeds(X, cur.manifest.input_schema)), cur.manifest.output_schema
+    )
+    assert ours.labels == theirs.labels
+    assert ours.probabilities is not None and theirs.probabilities is not None
+    assert ours.probabilities.dtype == theirs.probabilities.dtype
+    np.testing.assert_array_equal(ours.probabilities, theirs.probabilities)

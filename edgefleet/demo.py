@@ -78,6 +78,7 @@ class DemoResult:
     canaries: list[str]
     failing: list[str]
     stage1_only: bool
+    dashboard_shows_drift: bool = False
     error_samples: list[str] = field(default_factory=list)
     durations: dict[str, float] = field(default_factory=dict)
 
@@ -280,6 +281,34 @@ class _Traffic:
             t.join(5)
 
 
+def dashboard_alerts(base_url: str, username: str, password: str) -> str:
+    """Log in to the dashboard like a person would and return the overview's alert panel text."""
+    import html
+    import re
+
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=10.0, follow_redirects=True) as client:
+        form = client.get("/ui/login").text
+        nonce = re.search(r'name="nonce" value="([^"]+)"', form)
+        if nonce is None:
+            raise DemoError("the dashboard login page has no form nonce")
+        page = client.post(
+            "/ui/login",
+            data={
+                "username": username,
+                "password": password,
+                "nonce": nonce.group(1),
+                "next": "/ui/",
+            },
+        )
+        if page.status_code != 200 or "Fleet overview" not in page.text:
+            raise DemoError(f"dashboard login failed (HTTP {page.status_code})")
+        text = re.sub(r"<[^>]+>", " ", page.text)
+        start = text.find("Alerts")
+        return " ".join(html.unescape(text[start : start + 3000]).split())
+
+
 def _versions(service: Any) -> dict[str, str]:
     return {d["device_id"]: d.get("version") or "-" for d in service.list_devices()}
 
@@ -441,6 +470,9 @@ def run_demo(
 
         _wait("the drift alert", drifted, options.timeout_s, every=2.0)
         alerts = [e for e in service.events(limit=500) if e["kind"] == "alert"]
+        panel = dashboard_alerts(server.url, "admin", password)
+        drift_alerts = [a for a in alerts if (a.get("data") or {}).get("alert_kind") == "drift"]
+        shown = any(a["message"][:40] in panel for a in drift_alerts)
         progress(
             "drift",
             f"drift alert fired: {drift_result.get('drifted_share', 0):.0%} of features drifted"
@@ -477,7 +509,7 @@ def run_demo(
         durations["total"] = round(time.monotonic() - t_start, 1)
         result = DemoResult(
             workdir=work,
-            dashboard_url=server.url,
+            dashboard_url=f"{server.url}/ui/",
             username="admin",
             password=password,
             devices=rows,
@@ -489,6 +521,7 @@ def run_demo(
             canaries=canaries,
             failing=failing,
             stage1_only=stage1_only,
+            dashboard_shows_drift=shown,
             error_samples=traffic.error_samples[:20],
             durations=durations,
         )

@@ -35,7 +35,9 @@ def test_demo_halts_failing_canaries_rolls_back_and_fires_drift(tmp_path):
     assert outside and all(d["state"] == "queued" for d in outside)
     # Drift fired centrally and reached the alert log the dashboard shows.
     assert s["drift"]["dataset_drift"] is True
-    assert any("drift" in json.dumps(a) for a in s["alerts"])
+    assert any((a.get("data") or {}).get("alert_kind") == "drift" for a in s["alerts"])
+    assert s["dashboard_shows_drift"] is True  # logged in, read off the overview page
     # Traffic flowed through every agent's local API with no errors.
-    assert all(d["requests"] > 0 and d["errors"] == 0 for d in s["devices"])
-    assert "Dashboard: http://127.0.0.1:" in proc.stdout
+    # ("not ready" answers before v1 reached a device are counted apart, not as errors)
+    assert all(d["requests"] > 0 and d["errors"] == 0 for d in s["devices"]), s["error_samples"]
+    assert "Dashboard: http://127.0.0.1:" in proc.stdout and "/ui/" in proc.stdout

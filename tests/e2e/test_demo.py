@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.tflite]
+pytestmark = [pytest.mark.slow]
 
 
 def test_demo_halts_failing_canaries_rolls_back_and_fires_drift(tmp_path):

@@ -282,9 +282,10 @@ class Predictor:
         labels, probs, values = _plain(pred)
         result = PredictResult(rid, model.ref, labels, probs, values, latency, fallback, error)
         self._remember(rid, model.ref, labels if labels is not None else values)
-        self._notify(
-            PredictionEvent(time.time(), rid, model.ref, arr, pred, latency, error, fallback)
-        )
+        if self._observers:  # no event object at all when nobody listens
+            self._notify(
+                PredictionEvent(time.time(), rid, model.ref, arr, pred, latency, error, fallback)
+            )
         if self._shadow_queue is not None:
             try:
                 self._shadow_queue.put_nowait((rid, arr))

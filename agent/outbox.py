@@ -279,11 +279,11 @@ class Outbox:
         """Publish pending messages in order; delete each once acknowledged. Returns how many."""
         sent = 0
         while transport.is_connected():
-            entries = self.pending(batch)
+            with self._lock:  # read and mark in one step: a merge must not slip in between
+                entries = self.pending(batch)
+                self._inflight = {e.id for e in entries}
             if not entries:
                 break
-            with self._lock:
-                self._inflight = {e.id for e in entries}
             try:
                 acked = self._publish_batch(transport, entries, timeout)
             finally:

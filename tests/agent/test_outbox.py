@@ -163,3 +163,37 @@ def test_command_ledger_remembers_handled_commands_across_restarts(tmp_path):
 def test_unknown_kind_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown outbox kind"):
         Outbox(tmp_path / "o.db", 10**6).put("bogus", "t", b"")
+
+
+def test_windows_being_published_are_not_merged_so_none_is_lost_mid_flush(tmp_path):
+    one = len(sketch_report(0, 0).to_json())
+    ob = Outbox(tmp_path / "o.db", max_bytes=int(one * 2.5))
+    ob.put_message("sketch", "x/sketch", sketch_report(0, 0))
+    ob.put_message("sketch", "x/sketch", sketch_report(1, 60))
+    delivered: list[SketchReport] = []
+    more = iter(range(2, 8))
+
+    class Racing:
+        """Each publish lets telemetry close another window (which overflows the bound)."""
+
+        client_id = "racing"
+
+        def is_connected(self) -> bool:
+            return True
+
+        def publish(self, topic, payload, qos=1, retain=False):
+            delivered.append(decode(SketchReport, payload))
+            i = next(more, None)
+            if i is not None:
+                ob.put_message("sketch", "x/sketch", sketch_report(i, 60.0 * i))
+
+            class D:
+                def wait(self, timeout: float) -> bool:
+                    return True
+
+            return D()
+
+    while ob.count():
+        ob.flush(Racing(), batch=2)  # type: ignore[arg-type]
+    assert sum(r.merged_windows for r in delivered) == 8
+    assert sum(r.sketches.rows for r in delivered) == 8 * 200

@@ -138,8 +138,13 @@ class PredictorStats:
 
 
 def _plain(pred: Prediction) -> tuple[Any, Any, Any]:
-    probs = None if pred.probabilities is None else np.asarray(pred.probabilities).tolist()
-    values = None if pred.values is None else np.asarray(pred.values).tolist()
+    p, v = pred.probabilities, pred.values
+    probs = (
+        None if p is None else (p.tolist() if isinstance(p, np.ndarray) else np.asarray(p).tolist())
+    )
+    values = (
+        None if v is None else (v.tolist() if isinstance(v, np.ndarray) else np.asarray(v).tolist())
+    )
     return pred.labels, probs, values
 
 

@@ -76,7 +76,11 @@ class OnnxRuntime(Runtime):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         dtypes = self._dtypes
-        if all(dtypes.get(k) in (None, v.dtype) for k, v in feeds.items()):
+        for k, v in feeds.items():  # (a loop, not all(genexpr): this is the hot path)
+            want = dtypes.get(k)
+            if want is not None and want != v.dtype:
+                break
+        else:
             try:
                 outs = self._session.run(self.output_names, feeds)
             except Exception as exc:

@@ -248,9 +248,10 @@ class CommandProcessor:
             return Job("fetch", cmd, d)
         if d.complete:
             return Job("install", cmd, d)
-        self.status(
-            cmd, "downloading", progress=d.progress, result={"missing": d.missing()[:MAX_MISSING]}
-        )
+        if d.progress > 0:  # chunks kept from an earlier attempt: ask only for the rest
+            self._ask_missing(d)
+        else:  # the server is sending; asking for "everything missing" would double it
+            self.status(cmd, "downloading", progress=0.0)
         return None
 
     def on_chunk(self, sha256: str, payload: bytes) -> Job | None:

@@ -150,8 +150,11 @@ class Download:
 class Downloads:
     """The downloads under ``root`` (``data_dir/downloads``), by artifact sha256."""
 
-    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, root: Path, clock: Callable[[], float] = time.time, max_age_s: float = 7 * 86400
+    ) -> None:
         self.root = Path(root)
+        self.max_age_s = max_age_s  # interrupted downloads older than this are not resumed
         self.clock = clock
         self.active: dict[str, Download] = {}
         self.unknown_chunks = 0
@@ -182,6 +185,10 @@ class Downloads:
                 shutil.rmtree(session.parent, ignore_errors=True)
                 continue
             if cmd.deploy is None or cmd.deploy.bundle_sha256 != session.parent.name:
+                shutil.rmtree(session.parent, ignore_errors=True)
+                continue
+            if time.time() - session.stat().st_mtime > self.max_age_s:
+                log.info("download %s: abandoned for too long, discarded", session.parent.name)
                 shutil.rmtree(session.parent, ignore_errors=True)
                 continue
             d = Download(self.root, cmd, self.clock)

@@ -190,3 +190,18 @@ def test_interrupted_transfer_resumes_after_a_restart_asking_only_for_missing_ch
     sim.send(Command.model_validate(cmd.model_dump()))
     restarted.link.flush(timeout=0.1)
     assert sim.states_of(cmd.command_id).count("installed") == 2  # last status re-sent once
+
+
+def test_downloads_abandoned_for_longer_than_max_age_are_discarded_not_resumed(
+    tmp_path, signing_key, v2
+):
+    import os
+
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key)
+    d = Downloads(tmp_path / "dl").begin(cmd)
+    d.add(chunks(bundle, cmd)[0])
+    assert [x.sha256 for x in Downloads(tmp_path / "dl").resume()] == [d.sha256]
+    old = os.stat(d.dir / "session.json").st_mtime - 8 * 86400
+    os.utime(d.dir / "session.json", (old, old))
+    assert Downloads(tmp_path / "dl").resume() == [] and not d.dir.exists()

@@ -292,3 +292,20 @@ def test_a_bundle_installed_just_before_a_crash_is_reported_installed_not_reinst
     deliver(node)
     assert sim.states_of(cmd.command_id)[-1] == "installed"
     assert len([e for e in node.device.events if e.state == "installed"]) == installs
+
+
+def test_a_fresh_deploy_does_not_ask_for_every_chunk_but_a_retry_asks_only_for_the_rest(
+    world, signing_key, v2
+):
+    _broker, sim, node = world
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key, chunk_size=1024)
+    sim.send(cmd)
+    deliver(node)
+    assert [s.result for s in sim.statuses if s.command_id == cmd.command_id] == [None, None]
+    sim.send_chunks(bundle, cmd, [0, 1])
+    retry = cmd.model_copy(update={"command_id": "retry-1"})  # the server gave up and retried
+    sim.send(retry)
+    deliver(node)
+    n = cmd.deploy.n_chunks
+    assert sim.last("retry-1").result == {"missing": list(range(2, n))}

@@ -247,13 +247,13 @@ class Agent:
     # -- callbacks -------------------------------------------------------------------------
     def birth(self) -> DeviceState:
         cfg = self.config
-        prev = []
-        try:
-            prev = (
-                [_ref(m) for m in self.installer.history()[1:]]
-                if hasattr(self, "installer")
-                else []
-            )
+        active = self.predictor.model
+        try:  # the installed versions a rollback can go back to, newest first
+            prev = [
+                _ref(m)
+                for m in self.installer.history()
+                if active is None or (m.name, m.version) != (active.name, active.version)
+            ]
         except Exception:
             prev = []
         return DeviceState(
@@ -261,7 +261,7 @@ class Agent:
             online=True,
             agent_version=agent_version(),
             profile=cfg.profile,
-            model=self.predictor.model,
+            model=active,
             previous=prev,
             runtimes=runtime_versions(),
             tags=list(cfg.tags),
@@ -271,11 +271,14 @@ class Agent:
     def _schema_for(self, model: ModelRef) -> InputSchema | None:
         key = (model.name, model.version)
         if key not in self._schemas:
-            candidates = [self.predictor.manifest, *self.installer.history()]
-            for m in candidates:
-                if m is not None and (m.name, m.version) == key:
-                    self._schemas[key] = m.input_schema
-                    break
+            current = self.predictor.manifest
+            if current is not None and (current.name, current.version) == key:
+                self._schemas[key] = current.input_schema
+            else:
+                for m in self.installer.history():
+                    if (m.name, m.version) == key:
+                        self._schemas[key] = m.input_schema
+                        break
         return self._schemas.get(key)
 
     def _on_install_event(self, event: InstallEvent) -> None:

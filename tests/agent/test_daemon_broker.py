@@ -67,6 +67,7 @@ def test_deploy_over_mqtt_in_chunks_end_to_end(tmp_path, broker_url, signing_key
         assert states[0] == "accepted" and states[-2:] == ["verifying", "installed"], states
         assert predict(agent, [IRIS_ROW])["model"]["version"] == "2.0.0"
         wait_for(lambda: sim.states[-1].model.version == "2.0.0")  # birth follows the model
+        assert [m.version for m in sim.states[-1].previous] == ["1.0.0"]
     sim.t.close()
 
 

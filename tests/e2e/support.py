@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -135,28 +134,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-@functools.lru_cache(maxsize=1)
-def root_cli_mounts_agent() -> bool:
-    """Whether ``python -m edgefleet agent --help`` works (the lazy root CLI mounts agent)."""
-    probe = subprocess.run(
-        [sys.executable, "-m", "edgefleet", "agent", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env(),
-        cwd=REPO,
-    )
-    return probe.returncode == 0
-
-
-# The agent's own Typer app, run as ``edgefleet``: the very command functions the root CLI
-# mounts. Used only while the root CLI cannot mount ``agent`` (see root_cli_mounts_agent).
-_AGENT_APP = "import sys; from agent.cli import app; sys.exit(app(prog_name='edgefleet'))"
-
-
 def edgefleet_argv(*args: str) -> list[str]:
-    if args and args[0] == "agent" and not root_cli_mounts_agent():
-        return [sys.executable, "-c", _AGENT_APP, *args]
+    """``edgefleet ARGS`` through the real root CLI (``python -m edgefleet``)."""
     return [sys.executable, "-m", "edgefleet", *args]
 
 
@@ -396,11 +375,22 @@ class CountingSink:
         self.service = service
         self.seen: dict[tuple[str, str], list[int]] = {}
         self.merged_windows = 0
+        # (device, received at, window_end) of every telemetry window taken
+        self.windows: list[tuple[str, float, float]] = []
         self._lock = threading.Lock()
 
     def _record(self, device_id: str, kind: str, seq: int) -> None:
         with self._lock:
             self.seen.setdefault((device_id, kind), []).append(seq)
+
+    def forwarded(self, device_id: str, closed: tuple[float, float], after: float) -> int:
+        """Windows of ``device_id`` closed within ``closed`` and received after ``after``."""
+        with self._lock:
+            return sum(
+                1
+                for d, received, end in self.windows
+                if d == device_id and closed[0] <= end <= closed[1] and received > after
+            )
 
     def seqs(self, device_id: str, kind: str) -> set[int]:
         with self._lock:
@@ -416,6 +406,8 @@ class CountingSink:
     def on_metrics(self, msg: Any) -> None:
         self.service.on_metrics(msg)
         self._record(msg.device_id, "metrics", msg.seq)
+        with self._lock:
+            self.windows.append((msg.device_id, time.time(), msg.window_end.timestamp()))
 
     def on_sketch(self, msg: Any) -> None:
         self.service.on_sketch(msg)
@@ -423,6 +415,8 @@ class CountingSink:
             with self._lock:
                 self.merged_windows += 1
         self._record(msg.device_id, "sketch", msg.seq)
+        with self._lock:
+            self.windows.append((msg.device_id, time.time(), msg.window_end.timestamp()))
 
     def on_dropped(self, reason: str) -> None:
         self.service.on_dropped(reason)

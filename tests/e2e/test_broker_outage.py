@@ -131,10 +131,15 @@ def test_sixty_second_broker_outage_loses_no_request_and_no_telemetry(
                 f"windows lost (device, kind) → first missing seqs: {missing()}"
             ) from None
         assert counting.merged_windows == 0, "the outbox merged windows although it had room"
+        # Store and forward really happened: windows closed while the broker was down
+        # reached the server after it came back (2 kinds × one per 2 s × 60 s per agent).
+        forwarded = {d: counting.forwarded(d, (down + 3, up - 3), up) for d in ids}
+        assert all(n >= OUTAGE_S / 2 for n in forwarded.values()), forwarded
         produced = sum(len(v) for v in expected.values())
         print(
             f"\n{traffic.count()} requests answered 200 ({traffic.count(down, up)} during the "
-            f"{OUTAGE_S:.0f}s outage); {produced} status/metrics/sketch messages produced, 0 lost"
+            f"{OUTAGE_S:.0f}s outage); {produced} status/metrics/sketch messages produced, 0 lost; "
+            f"windows closed during the outage and forwarded after it: {forwarded}"
         )
         # What the service persisted agrees for metrics (unique per device and seq).
         for d in ids:

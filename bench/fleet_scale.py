@@ -1,0 +1,482 @@
+"""Fleet server at scale: N simulated devices on Mosquitto, a 4-stage rollout, telemetry ingest.
+
+The fleet server (``FleetService`` + paho) runs in its own process so its CPU time and
+memory are measured alone. The devices are lightweight simulated agents in this process,
+many per MQTT connection (``DEVICES_PER_CLIENT``), speaking the real protocol: retained
+birth state, signed deploy command verified with Ed25519, bundle chunks reassembled and
+checked against their sha256, status reports ``downloading → verifying → installed``.
+
+Measured for N = 100, 300, 1000:
+
+* rollout time: start of a 4-stage rollout (5/25/50/100 %, zero soak) to 100 % installed,
+* telemetry ingest: sketch reports merged per second by the drift engine,
+* server CPU seconds and peak RSS.
+
+Anchors in the same run: the time for the same devices to merely *answer* one round of
+commands (a broadcast ping → status), i.e. the broker + client floor, so the rollout
+time is reported as a multiple of four such rounds (one per stage).
+
+    python -m bench.fleet_scale [--quick]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import itertools
+import multiprocessing as mp
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench._common import run_cli, table, write_result
+
+DEVICES_PER_CLIENT = 50
+PREFIX = "bench"
+TARGET_S = 60.0
+
+
+# --- the server process ------------------------------------------------------------------
+def _server(
+    conn: Any, url: str, tmp: str, priv: bytes, pub: bytes, bundle: bytes, n: int, sketches: int
+) -> None:
+    import psutil
+
+    from fleet_server.config import FleetConfig
+    from fleet_server.service import FleetService, RolloutRequest
+    from protocol.transport_paho import PahoTransport
+
+    d = Path(tmp)
+    (d / "k.pem").write_bytes(priv)
+    (d / "k.pub").write_bytes(pub)
+    cfg = FleetConfig.model_validate(
+        {
+            "data_dir": str(d / "fleet"),
+            "broker": {"url": url, "topic_prefix": PREFIX},
+            "signing": {"key": str(d / "k.pem"), "trusted": [str(d / "k.pub")]},
+            "rollout": {"tick_s": 0.05},
+        }
+    )
+    proc = psutil.Process()
+    svc = FleetService(cfg, transport=PahoTransport(url, "bench-server", clean_session=True))
+    svc.start()
+    conn.send(("ready", None))
+
+    def cpu() -> float:
+        t = proc.cpu_times()
+        return float(t.user + t.system)
+
+    def rss() -> float:
+        return float(proc.memory_info().rss / 2**20)
+
+    t0, c0 = time.monotonic(), cpu()
+    while len(svc._online()) < n:
+        time.sleep(0.01)
+    conn.send(
+        ("registered", {"seconds": time.monotonic() - t0, "cpu_s": cpu() - c0, "rss_mb": rss()})
+    )
+
+    svc.upload_bundle(bundle)
+    rid = svc.create_rollout(
+        RolloutRequest(
+            bundle="bench@2.0.0",
+            stages=[5, 25, 50, 100],
+            soak_s=0,
+            success_threshold=1.0,
+            device_timeout_s=120,
+            min_devices=1,
+        )
+    )["rollout_id"]
+    c0, peak = cpu(), rss()
+    t0 = time.monotonic()
+    svc.start_rollout(rid)
+    stage_done: list[float] = []
+    while True:
+        r = svc._rollouts[rid]
+        done = [s for s in r.stages if s.state == "passed"]
+        while len(stage_done) < len(done):
+            stage_done.append(time.monotonic() - t0)
+        if r.state in ("succeeded", "halted", "aborted"):
+            break
+        if time.monotonic() - t0 > 600:
+            break
+        peak = max(peak, rss())
+        time.sleep(0.005)
+    seconds = time.monotonic() - t0
+    conn.send(
+        (
+            "rollout",
+            {
+                "seconds": seconds,
+                "state": r.state,
+                "counts": r.counts(),
+                "stage_done_s": stage_done,
+                "cpu_s": cpu() - c0,
+                "rss_mb": max(peak, rss()),
+            },
+        )
+    )
+
+    # telemetry ingest
+    base = svc.sketches_merged
+    c0 = cpu()
+    conn.send(("ingest_ready", None))
+    first = None
+    deadline = time.monotonic() + 300
+    while svc.sketches_merged - base < sketches and time.monotonic() < deadline:
+        if first is None and svc.sketches_merged > base:
+            first = time.monotonic()
+        time.sleep(0.002)
+    end = time.monotonic()
+    merged = svc.sketches_merged - base
+    dropped = svc.bridge.stats()["dropped"] if svc.bridge else {}
+    conn.send(
+        (
+            "ingest",
+            {
+                "merged": merged,
+                "seconds": end - (first or end),
+                "cpu_s": cpu() - c0,
+                "rss_mb": rss(),
+                "dropped": dropped,
+            },
+        )
+    )
+    svc.stop()
+    svc.repo.close()
+
+
+# --- the simulated devices ---------------------------------------------------------------
+class SimClient:
+    """One MQTT connection carrying many simulated devices."""
+
+    def __init__(self, url: str, name: str, device_ids: list[str], trust: Any) -> None:
+        from protocol.topics import Topics
+        from protocol.transport_paho import PahoTransport
+
+        self.t = PahoTransport(url, name, clean_session=True)
+        self.topics = Topics(PREFIX)
+        self.ids = device_ids
+        self.trust = trust
+        self.chunks: dict[str, dict[int, bytes]] = {}
+        self.pending: dict[str, Any] = {}
+        self.installed: set[str] = set()
+        self.pings = 0
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.t.set_handler(self.handle)
+        for d in self.ids:
+            self.t.subscribe(self.topics.cmd(d), 1)
+            self.t.subscribe(self.topics.artifact_filter(d), 1)
+        self.t.connect()
+
+    def birth(self) -> None:
+        from protocol.messages import DeviceState, ModelRef
+
+        old = ModelRef(name="bench", version="1.0.0", release=1)
+        for d in self.ids:
+            msg = DeviceState(
+                device_id=d, online=True, profile="host", model=old, agent_version="sim"
+            )
+            self.t.publish(self.topics.state(d), msg.to_json(), qos=1, retain=True)
+
+    def offline(self) -> None:
+        from protocol.messages import DeviceState
+
+        for d in self.ids:
+            self.t.publish(
+                self.topics.state(d),
+                DeviceState(device_id=d, online=False).to_json(),
+                qos=1,
+                retain=True,
+            )
+
+    def status(self, device_id: str, cid: str, state: str, **kw: Any) -> None:
+        from protocol.messages import CommandStatus
+
+        self._seq += 1
+        msg = CommandStatus(device_id=device_id, command_id=cid, state=state, seq=self._seq, **kw)
+        self.t.publish(self.topics.status(device_id), msg.to_json(), qos=1)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        from protocol.messages import ArtifactChunk, Command, decode, verify_command
+
+        p = self.topics.parse(topic)
+        if p is None:
+            return
+        with self._lock:
+            if p.kind == "cmd":
+                cmd = decode(Command, payload)
+                if cmd.kind == "config":  # the anchor's ping
+                    self.pings += 1
+                    self.status(p.device_id, cmd.command_id, "done")
+                    return
+                verify_command(cmd, self.trust)
+                self.pending[p.device_id] = cmd
+                self.status(p.device_id, cmd.command_id, "downloading")
+                self._try(p.device_id)
+            elif p.kind == "artifact":
+                c = decode(ArtifactChunk, payload)
+                piece = c.payload()
+                if hashlib.sha256(piece).hexdigest() == c.chunk_sha256:
+                    self.chunks.setdefault(p.device_id, {})[c.index] = piece
+                self._try(p.device_id)
+
+    def _try(self, device_id: str) -> None:
+        cmd = self.pending.get(device_id)
+        got = self.chunks.get(device_id, {})
+        if cmd is None or cmd.deploy is None or len(got) < cmd.deploy.n_chunks:
+            return
+        data = b"".join(got[i] for i in range(cmd.deploy.n_chunks))
+        del self.pending[device_id]
+        self.chunks.pop(device_id, None)
+        self.status(device_id, cmd.command_id, "verifying")
+        if hashlib.sha256(data).hexdigest() != cmd.deploy.bundle_sha256:
+            self.status(device_id, cmd.command_id, "failed", reason="hash_mismatch")
+            return
+        self.installed.add(device_id)
+        self.status(device_id, cmd.command_id, "installed")
+
+    def send_sketches(self, report: Any, count: int) -> None:
+        for i in range(count):
+            d = self.ids[i % len(self.ids)]
+            msg = report.model_copy(update={"device_id": d, "seq": i})
+            self.t.publish(self.topics.sketch(d), msg.to_json(), qos=1)
+
+    def close(self) -> None:
+        self.t.close()
+
+
+def _ping_round(clients: list[SimClient], key: Any, server_t: Any) -> float:
+    """Anchor: one command to every device and every status back, through the same broker."""
+    from protocol.messages import Command, CommandStatus, decode
+    from protocol.topics import Topics
+
+    topics = Topics(PREFIX)
+    ids = [d for c in clients for d in c.ids]
+    got: set[str] = set()
+    done = threading.Event()
+
+    def on_status(topic: str, payload: bytes) -> None:
+        s = decode(CommandStatus, payload)
+        if s.command_id.startswith("ping"):
+            got.add(s.device_id)
+            if len(got) == len(ids):
+                done.set()
+
+    server_t.set_handler(on_status)
+    server_t.subscribe(topics.all_status(), 1)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    for d in ids:
+        server_t.publish(
+            topics.cmd(d),
+            Command(command_id=f"ping-{d}", device_id=d, kind="config").to_json(),
+            qos=1,
+        )
+    done.wait(120)
+    return time.monotonic() - t0
+
+
+def _sketch_report() -> Any:
+    from protocol import build_reference
+    from protocol.messages import ModelRef, SketchReport
+    from tests.support.bundles import trained
+
+    tm = trained("iris-logreg")
+    sk = build_reference(tm.X[:50], tm.input_schema)
+    now = datetime.now(timezone.utc)
+    return SketchReport(
+        device_id="x",
+        model=ModelRef(name="bench", version="2.0.0", release=2),
+        window_start=now,
+        window_end=now,
+        seq=0,
+        sketches=sk,
+    )
+
+
+def run_once(n: int, sketches: int, bundle: bytes, key: Any) -> dict[str, Any]:
+    from protocol import TrustStore
+    from protocol.transport_paho import PahoTransport
+    from tests.support.brokers import Mosquitto
+
+    conf = (
+        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 1000000\nmax_inflight_messages 0\n"
+    )
+    trust = TrustStore.from_keys([key.public])
+    with Mosquitto(config=conf) as broker, tempfile.TemporaryDirectory() as tmp:
+        ids = [f"dev-{i:05d}" for i in range(n)]
+        clients = [
+            SimClient(broker.url, f"sim-{j}", ids[j : j + DEVICES_PER_CLIENT], trust)
+            for j in range(0, n, DEVICES_PER_CLIENT)
+        ]
+        for c in clients:
+            c.start()
+        anchor_t = PahoTransport(broker.url, "anchor", clean_session=True)
+        anchor_t.connect()
+        ping_s = _ping_round(clients, key, anchor_t)
+        anchor_t.close()
+
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        # by module path, so it pickles the same when this file runs as __main__
+        target = importlib.import_module("bench.fleet_scale")._server
+        per = -(-sketches // len(clients))  # every connection sends the same number
+        args = (
+            child,
+            broker.url,
+            tmp,
+            key.private_pem(),
+            key.public_pem(),
+            bundle,
+            n,
+            per * len(clients),
+        )
+        proc = ctx.Process(target=target, args=args)
+        proc.start()
+        out: dict[str, Any] = {"n": n, "ping_round_s": ping_s}
+        try:
+            if not (parent.poll(120) and parent.recv()[0] == "ready"):
+                raise RuntimeError("the server process did not start")
+            for c in clients:
+                c.birth()
+            for name in ("registered", "rollout"):
+                if not parent.poll(900):
+                    raise RuntimeError(f"server gave no {name} result")
+                tag, data = parent.recv()
+                out[tag] = data
+            if not (parent.poll(60) and parent.recv()[0] == "ingest_ready"):
+                raise RuntimeError("the server process did not reach the ingest phase")
+            report = _sketch_report()
+            threads = [
+                threading.Thread(target=c.send_sketches, args=(report, per)) for c in clients
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if parent.poll(600):
+                out["ingest"] = parent.recv()[1]
+            out["installed_seen_by_devices"] = sum(len(c.installed) for c in clients)
+        finally:
+            proc.join(60)
+            if proc.is_alive():
+                proc.terminate()
+            for c in clients:
+                c.offline()
+                c.close()
+    return out
+
+
+def _bundle(key: Any) -> bytes:
+    from tests.support.bundles import make_bundle
+
+    return make_bundle(key, name="bench", version="2.0.0", release=2)[0]
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    from protocol import KeyPair
+
+    key = KeyPair.generate()
+    bundle = _bundle(key)
+    sizes = (100, 300) if quick else (100, 300, 1000)
+    sketches = 500 if quick else 2000
+    runs = [run_once(n, sketches, bundle, key) for n in sizes]
+    rows = []
+    for r in runs:
+        ro, ing = r["rollout"], r.get("ingest", {})
+        rate = ing.get("merged", 0) / ing["seconds"] if ing.get("seconds") else 0.0
+        r["ingest_rate_per_s"] = rate
+        rows.append(
+            [
+                r["n"],
+                ro["state"],
+                ro["seconds"],
+                ro["seconds"] / max(4 * r["ping_round_s"], 1e-9),
+                r["ping_round_s"],
+                ro["cpu_s"],
+                ro["cpu_s"] / r["n"] * 1000,
+                ro["rss_mb"],
+                rate,
+                ing.get("cpu_s", 0.0),
+            ]
+        )
+    print(
+        table(
+            "fleet_scale: 4-stage rollout (5/25/50/100 %, no soak) on Mosquitto, "
+            f"{DEVICES_PER_CLIENT} simulated devices per MQTT connection",
+            [
+                "devices",
+                "state",
+                "rollout s",
+                "× 4 ping rounds",
+                "ping round s",
+                "server CPU s",
+                "CPU ms/device",
+                "server RSS MB",
+                "sketches merged/s",
+                "ingest CPU s",
+            ],
+            rows,
+        )
+    )
+    big = runs[-1]
+    growth = []
+    for a, b in itertools.pairwise(runs):
+        k = b["n"] / a["n"]
+        growth.append(
+            {
+                "from": a["n"],
+                "to": b["n"],
+                "devices_x": k,
+                "rollout_time_x": b["rollout"]["seconds"] / a["rollout"]["seconds"],
+                "server_cpu_x": b["rollout"]["cpu_s"] / max(a["rollout"]["cpu_s"], 1e-9),
+                "rss_x": b["rollout"]["rss_mb"] / a["rollout"]["rss_mb"],
+            }
+        )
+    for g in growth:
+        print(
+            f"  {g['from']}→{g['to']} devices (×{g['devices_x']:.1f}): "
+            f"rollout time ×{g['rollout_time_x']:.2f}, "
+            f"server CPU ×{g['server_cpu_x']:.2f}, RSS ×{g['rss_x']:.2f}"
+        )
+    headline = [
+        {
+            "metric": f"rollout_seconds_{big['n']}_devices",
+            "value": big["rollout"]["seconds"],
+            "anchor": f"target {TARGET_S:.0f} s",
+            "ratio": big["rollout"]["seconds"] / TARGET_S,
+        },
+        {
+            "metric": f"rollout_vs_4_ping_rounds_{big['n']}",
+            "value": big["rollout"]["seconds"],
+            "anchor": "4 × broadcast command/status round",
+            "ratio": big["rollout"]["seconds"] / max(4 * big["ping_round_s"], 1e-9),
+        },
+        {
+            "metric": "sketches_merged_per_s",
+            "value": big["ingest_rate_per_s"],
+            "anchor": None,
+            "ratio": None,
+        },
+    ]
+    result = {
+        "quick": quick,
+        "devices_per_client": DEVICES_PER_CLIENT,
+        "runs": runs,
+        "growth": growth,
+        "headline": headline,
+    }
+    write_result("fleet_scale", result)
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, __doc__)

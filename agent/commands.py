@@ -56,6 +56,8 @@ from .outbox import Outbox
 
 log = logging.getLogger(__name__)
 
+MAX_MISSING = 2000  # indices per status message (keeps it far under MAX_MESSAGE_BYTES)
+MAX_BUNDLE_BYTES = 512 * 1024 * 1024  # protocol.bundle.MAX_MEMBER_BYTES: nothing bigger installs
 TERMINAL = frozenset({"installed", "rejected", "failed", "rolled_back", "done", "timed_out"})
 FAILED_NOT_REJECTED = frozenset(
     {ReasonCode.DISK_FULL, ReasonCode.INTERNAL, ReasonCode.DOWNLOAD_FAILED}
@@ -85,6 +87,7 @@ class CommandProcessor:
         apply_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         stall_seconds: float = 10.0,
         http_client: Any = None,
+        max_bundle_bytes: int = MAX_BUNDLE_BYTES,
     ) -> None:
         self.device_id = device_id
         self.ledger = ledger
@@ -98,6 +101,7 @@ class CommandProcessor:
         self.apply_config = apply_config
         self.stall_seconds = stall_seconds
         self.http_client = http_client
+        self.max_bundle_bytes = max_bundle_bytes
         self.duplicates = 0
         self.invalid = 0
         self._quarter: dict[str, int] = {}
@@ -231,6 +235,15 @@ class CommandProcessor:
             self.status(
                 cmd, "rejected", reason=ReasonCode.MANIFEST_INVALID, detail="manifest is not base64"
             )
+            return None
+        expected_chunks = -(-p.bundle_size // p.chunk_size)
+        if p.bundle_size > self.max_bundle_bytes or p.n_chunks != expected_chunks:
+            why = (
+                f"bundle of {p.bundle_size} bytes is over the {self.max_bundle_bytes} limit"
+                if p.bundle_size > self.max_bundle_bytes
+                else f"n_chunks {p.n_chunks} does not match {p.bundle_size} bytes in {p.chunk_size}"
+            )
+            self.status(cmd, "rejected", reason=ReasonCode.COMMAND_INVALID, detail=why)
             return None
         preview = manifest_preview(p)
         self.status(cmd, "accepted", detail=f"{preview.get('name')} {preview.get('version')}")
@@ -437,9 +450,6 @@ class CommandProcessor:
             self.status(cmd, "rejected", reason=ReasonCode.COMMAND_INVALID, detail=str(exc))
             return
         self.status(cmd, "done", result={"applied": applied})
-
-
-MAX_MISSING = 2000
 
 
 def _os_reason(exc: OSError) -> ReasonCode:

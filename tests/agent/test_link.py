@@ -309,3 +309,23 @@ def test_a_fresh_deploy_does_not_ask_for_every_chunk_but_a_retry_asks_only_for_t
     deliver(node)
     n = cmd.deploy.n_chunks
     assert sim.last("retry-1").result == {"missing": list(range(2, n))}
+
+
+def test_deploy_with_an_absurd_size_or_chunk_count_is_refused_before_anything_is_stored(
+    world, signing_key, v2
+):
+    _broker, sim, node = world
+    bundle, manifest = v2
+    good = deploy_command(DEV, bundle, manifest, signing_key)
+    for cid, update in (
+        ("huge", {"bundle_size": 10**12, "n_chunks": 10**12 // good.deploy.chunk_size}),
+        ("lying", {"n_chunks": 10**9}),
+    ):
+        cmd = good.model_copy(
+            update={"command_id": cid, "deploy": good.deploy.model_copy(update=update)}
+        )
+        sim.send(cmd)
+    deliver(node)
+    assert sim.last("huge").reason == "command_invalid" and "over the" in sim.last("huge").detail
+    assert sim.last("lying").reason == "command_invalid"
+    assert node.downloads.active == {}

@@ -155,7 +155,7 @@ def test_kill_9_during_install_always_restarts_on_a_verified_model(
     assert sum(outcomes.values()) == KILLS
 
 
-DAEMON_KILLS = 4
+DAEMON_KILLS = 6
 
 
 def test_kill_9_of_the_daemon_during_a_deploy_restarts_on_a_verified_model_and_reports_it(
@@ -181,6 +181,7 @@ def test_kill_9_of_the_daemon_during_a_deploy_restarts_on_a_verified_model_and_r
     bundle = service.upload_bundle(v2.data)
     base = v1.write(tmp_path)
     rng = random.Random(SEED + 1)
+    outcomes: list[tuple[float, str]] = []
     try:
         for i in range(DAEMON_KILLS):
             device = f"crash-d{i}"
@@ -199,7 +200,8 @@ def test_kill_9_of_the_daemon_during_a_deploy_restarts_on_a_verified_model_and_r
                     RolloutRequest(bundle=bundle["sha256"], selector=f"id={device}", stages=[100])
                 )["rollout_id"]
                 service.start_rollout(rid)
-                time.sleep(rng.uniform(0.0, 1.2))
+                delay = rng.uniform(0.0, 0.6)
+                time.sleep(delay)
                 agent.kill()
                 killed_at = time.time()
                 agent = AgentProcess(config).start()
@@ -230,11 +232,13 @@ def test_kill_9_of_the_daemon_during_a_deploy_restarts_on_a_verified_model_and_r
                     st = service.rollout_status(r)
                     return st if st["state"] in ("succeeded", "halted") else None
 
+                outcomes.append((round(delay, 2), served["version"]))
                 st = wait_until(finished, 90, f"the rollout to {device} to finish")
                 assert st["state"] == "succeeded", st["devices"]
                 assert (agent.model() or {}).get("version") == v2.version
             finally:
                 agent.close()
+        print(f"\ndaemon killed (delay s, version served after restart): {outcomes}")
     finally:
         recorder.close()
         service.stop()

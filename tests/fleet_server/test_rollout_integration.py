@@ -1,9 +1,11 @@
-"""Rollouts end to end on a real broker (amqtt always, Mosquitto when installed).
+"""Rollouts end to end: real agents (``agent.daemon.Agent``, in process, each with its own
+data dir) and the fleet service on a real broker (amqtt always, Mosquitto when installed).
 
-The devices here are simulated agents speaking the real protocol over their own paho
-connections (tests/fleet_server/fleetkit.py: signed commands verified, bundles verified
-with ``protocol``, chunks reassembled, retained birth + last will). They stand in for
-``agent.daemon`` until that lands; the assertions are about the server's behaviour.
+Every agent starts on iris 1.0.0; the rollouts deliver 2.0.0 as signed commands plus MQTT
+chunks; the agents verify, smoke-test, install and report. Scenarios: a staged rollout
+succeeds; failing canaries (agent ``faults.fail_smoke_test``) halt the rollout at stage 1,
+stage 2 never sees the deploy, and the canary that installed is rolled back; a device
+that is offline at the start gets its pending command when it comes online.
 """
 
 from __future__ import annotations
@@ -12,23 +14,21 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fleet_server.rollout_engine import RolloutSpec, assign_stages
 from fleet_server.service import FleetService, RolloutRequest
-from protocol import KeyPair, TrustStore
-from protocol.messages import ModelRef
+from protocol import KeyPair
 from protocol.transport_paho import PahoTransport
-from tests.fleet_server.fleetkit import SimDevice, make_config
+from tests.fleet_server.fleetkit import make_config
 from tests.support.bundles import make_bundle
 
 pytestmark = pytest.mark.slow
 
-V1 = ModelRef(name="iris", version="1.0.0", release=1)
 
-
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+def wait_for(cond: Callable[[], bool], timeout: float = 40.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -38,106 +38,131 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condi
 
 
 @pytest.fixture(scope="module")
-def bundle_v2(signing_key: KeyPair) -> bytes:
-    return make_bundle(signing_key, version="2.0.0", release=2)[0]
+def bundles(signing_key: KeyPair) -> dict[str, bytes]:
+    return {
+        "1.0.0": make_bundle(signing_key, version="1.0.0", release=1)[0],
+        "2.0.0": make_bundle(signing_key, version="2.0.0", release=2)[0],
+    }
 
 
 class RealFleet:
-    def __init__(self, tmp: Path, key: KeyPair, url: str) -> None:
-        self.url = url
-        self.key = key
-        self.tag = "t" + secrets.token_hex(4)
+    def __init__(self, tmp: Path, key: KeyPair, url: str, bundles: dict[str, bytes]) -> None:
+        self.tmp, self.url, self.key, self.bundles = tmp, url, key, bundles
+        self.prefix = "it" + secrets.token_hex(4)  # this test's own topics on a shared broker
         cfg = make_config(tmp, key, broker_url=url)
         broker = cfg.broker.model_copy(
-            update={"topic_prefix": f"it-{self.tag}", "client_id": f"srv-{self.tag}"}
+            update={"topic_prefix": self.prefix, "client_id": f"{self.prefix}-srv"}
         )
         self.cfg = cfg.model_copy(update={"broker": broker})
-        self.service = FleetService(
-            self.cfg, transport=PahoTransport(url, broker.client_id, clean_session=False)
-        )
+        transport = PahoTransport(url, broker.client_id, clean_session=False, max_backoff=2)
+        self.service = FleetService(self.cfg, transport=transport)
         self.service.start()
-        self.devices: dict[str, SimDevice] = {}
+        self.service.upload_bundle(bundles["1.0.0"])
+        self.service.upload_bundle(bundles["2.0.0"])
+        self.agents: dict[str, Any] = {}
 
-    def device(self, name: str, **kw: object) -> SimDevice:
-        dev_id = f"{self.tag}-{name}"
-        trust = TrustStore.from_keys([self.key.public])
-        prefix = self.cfg.broker.topic_prefix
-        probe = SimDevice(dev_id, None, trust, prefix=prefix)  # type: ignore[arg-type]
-        t = PahoTransport(self.url, dev_id, will=probe.will(), clean_session=False)
-        dev = SimDevice(dev_id, t, trust, prefix=prefix, **kw)  # type: ignore[arg-type]
-        self.devices[dev_id] = dev.start()
-        return dev
+    def name(self, i: int) -> str:
+        return f"{self.prefix}-d{i}"
 
-    def registered(self, n: int) -> None:
+    def agent_config(self, device_id: str, *, fail: bool = False) -> Any:
+        from agent.config import (
+            AgentConfig,
+            ApiConfig,
+            BrokerConfig,
+            FaultsConfig,
+            SketchConfig,
+            TrustConfig,
+        )
+
+        return AgentConfig(
+            device_id=device_id,
+            data_dir=self.tmp / device_id,
+            broker=BrokerConfig(url=self.url, topic_prefix=self.prefix),
+            trust=TrustConfig(public_keys=[self.cfg.signing.trusted[0]]),
+            api=ApiConfig(port=0),  # own API port each
+            sketch=SketchConfig(window_seconds=3600),
+            faults=FaultsConfig(fail_smoke_test=fail),
+        )
+
+    def agent(self, device_id: str, *, fail: bool = False, preinstall: bool = True) -> Any:
+        from agent.daemon import Agent
+        from agent.installer import Installer
+
+        if preinstall:  # every device starts on 1.0.0 (installed before any fault is switched on)
+            Installer.from_config(self.agent_config(device_id)).install_bytes(self.bundles["1.0.0"])
+        a = Agent(self.agent_config(device_id, fail=fail), max_backoff=2).start()
+        self.agents[device_id] = a
+        return a
+
+    def online(self, n: int) -> None:
         wait_for(
-            lambda: len(self.service.list_devices(online=True)) >= n, what=f"{n} devices online"
+            lambda: len(self.service.list_devices(online=True)) >= n, what=f"{n} agents online"
         )
 
     def close(self) -> None:
-        for d in self.devices.values():
-            try:
-                d.t.close()
-            except Exception:
-                pass
+        for a in self.agents.values():
+            if a.started:
+                a.stop()
         self.service.stop()
         self.service.repo.close()
 
 
+def version(agent: Any) -> str | None:
+    model = agent.birth().model
+    return model.version if model else None
+
+
 @pytest.fixture
-def fleet(tmp_path: Path, signing_key: KeyPair, broker_url: str) -> Iterator[RealFleet]:
-    f = RealFleet(tmp_path, signing_key, broker_url)
+def fleet(
+    tmp_path: Path, signing_key: KeyPair, broker_url: str, bundles: dict[str, bytes]
+) -> Iterator[RealFleet]:
+    f = RealFleet(tmp_path, signing_key, broker_url, bundles)
     yield f
     f.close()
 
 
-def state(svc: FleetService, rid: str) -> str:
-    return str(svc.rollout_status(rid)["state"])
+def status(svc: FleetService, rid: str) -> dict[str, Any]:
+    return svc.rollout_status(rid)
 
 
-def test_staged_rollout_succeeds_on_a_real_broker(fleet: RealFleet, bundle_v2: bytes) -> None:
+def test_staged_rollout_with_real_agents_succeeds(fleet: RealFleet) -> None:
     for i in range(6):
-        fleet.device(f"d{i}", model=V1)
-    fleet.registered(6)
-    fleet.service.upload_bundle(bundle_v2)
-    rid = fleet.service.create_rollout(
-        RolloutRequest(bundle="iris@2.0.0", stages=[20, 50, 100], success_threshold=1.0)
-    )["rollout_id"]
+        fleet.agent(fleet.name(i))
+    fleet.online(6)
+    req = RolloutRequest(bundle="iris@2.0.0", stages=[20, 50, 100], success_threshold=1.0)
+    rid = fleet.service.create_rollout(req)["rollout_id"]
     fleet.service.start_rollout(rid)
-    wait_for(lambda: state(fleet.service, rid) == "succeeded", what="rollout success")
-    status = fleet.service.rollout_status(rid)
-    assert [s["state"] for s in status["stages"]] == ["passed"] * 3
-    assert all(
-        d.model == ModelRef(name="iris", version="2.0.0", release=2) for d in fleet.devices.values()
-    )
+    wait_for(lambda: status(fleet.service, rid)["state"] == "succeeded", what="rollout success")
+    st = status(fleet.service, rid)
+    assert [s["state"] for s in st["stages"]] == ["passed"] * 3
+    assert st["counts"] == {"installed": 6}
+    assert {version(a) for a in fleet.agents.values()} == {"2.0.0"}
     wait_for(
         lambda: {d["version"] for d in fleet.service.list_devices()} == {"2.0.0"},
         what="registry versions",
     )
-    # stages passed in order, each after the previous one
     passed = [
         a
         for a in reversed(fleet.service.audit(target=f"rollout:{rid}"))
         if a["action"] == "stage.passed"
     ]
     assert [a["data"]["stage"] for a in passed] == [0, 1, 2]
+    history = fleet.service.get_device(fleet.name(0))["history"]
+    assert [h["version"] for h in history][:2] == ["2.0.0", "1.0.0"]
 
 
-def test_failing_canaries_halt_at_stage_one_and_installed_canaries_roll_back(
-    fleet: RealFleet, bundle_v2: bytes
+def test_failing_canaries_halt_at_stage_one_and_the_installed_canary_rolls_back(
+    fleet: RealFleet,
 ) -> None:
-    rid = f"r-canary-{fleet.tag}"
-    names = [f"{fleet.tag}-d{i}" for i in range(6)]
-    spec = RolloutSpec(bundle_sha256="x", stages=(3, 6), stage_unit="count")
-    canaries = assign_stages(rid, names, spec)[0]
+    rid = f"r-canary-{fleet.prefix}"
+    names = [fleet.name(i) for i in range(6)]
+    canaries = assign_stages(
+        rid, names, RolloutSpec(bundle_sha256="-", stages=(3, 6), stage_unit="count")
+    )[0]
     failing = set(canaries[:2])
     for n in names:
-        fleet.device(
-            n.removeprefix(f"{fleet.tag}-"),
-            model=V1,
-            fail_versions=frozenset({"2.0.0"}) if n in failing else frozenset(),
-        )
-    fleet.registered(6)
-    fleet.service.upload_bundle(bundle_v2)
+        fleet.agent(n, fail=n in failing)
+    fleet.online(6)
     req = RolloutRequest(
         bundle="iris@2.0.0",
         rollout_id=rid,
@@ -150,50 +175,38 @@ def test_failing_canaries_halt_at_stage_one_and_installed_canaries_roll_back(
     )
     fleet.service.create_rollout(req)
     fleet.service.start_rollout(rid)
-    wait_for(lambda: state(fleet.service, rid) == "halted", what="halt")
-    ok_canary = next(c for c in canaries if c not in failing)
+    wait_for(lambda: status(fleet.service, rid)["state"] == "halted", what="halt")
+    ok = next(c for c in canaries if c not in failing)
     wait_for(
-        lambda: fleet.service.rollout_status(rid)["counts"].get("rolled_back") == 1,
+        lambda: status(fleet.service, rid)["counts"].get("rolled_back") == 1,
         what="rollback confirmed",
     )
-    status = fleet.service.rollout_status(rid)
-    assert [s["state"] for s in status["stages"]] == ["failed", "pending"]
-    assert "failure share 67%" in status["reason"]
-    assert fleet.devices[ok_canary].model == V1  # back on the previous version
-    assert [c.kind for c in fleet.devices[ok_canary].commands] == ["deploy", "rollback"]
+    st = status(fleet.service, rid)
+    assert [s["state"] for s in st["stages"]] == ["failed", "pending"]
+    assert "failure share 67%" in st["reason"]
+    by_id = {d["device_id"]: d for d in st["devices"]}
+    assert {by_id[f]["state"] for f in failing} <= {"rejected", "failed"}
+    assert version(fleet.agents[ok]) == "1.0.0"  # back on the previous version
     for n in names:
         if n not in canaries:
-            assert fleet.devices[n].commands == []  # stage 2 never saw the deploy
+            assert by_id[n]["attempts"] == 0 and by_id[n]["state"] == "queued"
+            assert version(fleet.agents[n]) == "1.0.0"
     assert any(e["kind"] == "alert" for e in fleet.service.events(rollout_id=rid))
 
 
-def test_a_late_device_gets_its_pending_command_when_it_comes_online(
-    fleet: RealFleet, bundle_v2: bytes
-) -> None:
-    for i in range(5):
-        fleet.device(f"d{i}", model=V1)
-    late = fleet.device("late", model=V1)
-    fleet.registered(6)
-    late.stop()
-    wait_for(
-        lambda: not fleet.service.get_device(late.device_id)["online"], what="late device offline"
-    )
-    fleet.service.upload_bundle(bundle_v2)
-    rid = fleet.service.create_rollout(
-        RolloutRequest(bundle="iris@2.0.0", stages=[100], success_threshold=0.8)
-    )["rollout_id"]
+def test_a_late_agent_gets_its_pending_command_when_it_comes_online(fleet: RealFleet) -> None:
+    for i in range(6):
+        fleet.agent(fleet.name(i))
+    fleet.online(6)
+    late = fleet.name(5)
+    fleet.agents[late].stop()
+    wait_for(lambda: not fleet.service.get_device(late)["online"], what="late agent offline")
+    req = RolloutRequest(bundle="iris@2.0.0", stages=[100], success_threshold=0.8)
+    rid = fleet.service.create_rollout(req)["rollout_id"]
     fleet.service.start_rollout(rid)
-    wait_for(
-        lambda: fleet.service.rollout_status(rid)["counts"].get("installed") == 5,
-        what="5 installed",
-    )
-    assert late.commands == []
-    again = fleet.device("late", model=V1)
-    wait_for(
-        lambda: again.model is not None and again.model.version == "2.0.0",
-        what="late device installs",
-    )
-    wait_for(
-        lambda: fleet.service.rollout_status(rid)["counts"] == {"installed": 6}, what="6 installed"
-    )
-    assert state(fleet.service, rid) == "succeeded"
+    wait_for(lambda: status(fleet.service, rid)["counts"].get("installed") == 5, what="5 installed")
+    assert version(fleet.agents[late]) == "1.0.0"
+    again = fleet.agent(late, preinstall=False)  # same data dir: comes back on 1.0.0
+    wait_for(lambda: version(again) == "2.0.0", what="late agent installs")
+    wait_for(lambda: status(fleet.service, rid)["counts"] == {"installed": 6}, what="6 installed")
+    assert status(fleet.service, rid)["state"] == "succeeded"

@@ -863,8 +863,7 @@ class FleetService:
         summary = self.repo.metrics_summary(bundle["name"], bundle["version"], started, installed)
         drift = False
         if spec.halt_on_drift and self.drift is not None:
-            latest = self.drift.results(model=bundle["name"], version=bundle["version"], limit=1)
-            drift = bool(latest and latest[0].get("dataset_drift"))
+            drift = bool(self.drift.is_drifting(bundle["name"], bundle["version"]))
         return Telemetry(p95_ms=summary["p95_ms"], error_rate=summary["error_rate"], drift=drift)
 
     def _apply(self, r: Rollout, decisions: list[Decision], actor: str) -> None:

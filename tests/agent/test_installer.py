@@ -211,3 +211,24 @@ def test_requests_in_flight_during_swaps_are_never_dropped(
         t.join()
     assert not errors
     assert set(answered) == {"1.0.0", "1.1.0"}
+
+
+def test_install_rejects_unsigned_bundle(tmp_path: Path, signing_key, v1) -> None:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(v1[0])) as src, zipfile.ZipFile(buf, "w") as dst:
+        for info in src.infolist():
+            if info.filename != "manifest.sig":
+                dst.writestr(info.filename, src.read(info))
+    dev = make_device(tmp_path, signing_key)
+    dev.installer.install_bytes(v1[0])
+    _reject(dev, buf.getvalue(), ReasonCode.MISSING_FILE)
+    assert dev.predictor.predict([IRIS_ROW]).model.version == "1.0.0"
+
+
+def test_install_rejects_truncated_bundle(tmp_path: Path, signing_key, v1) -> None:
+    _reject(
+        make_device(tmp_path, signing_key), v1[0][: len(v1[0]) // 2], ReasonCode.ARCHIVE_INVALID
+    )

@@ -260,9 +260,16 @@ class Rollout:
     # construction ---------------------------------------------------------------------
     @classmethod
     def plan(
-        cls, rollout_id: str, spec: RolloutSpec, device_ids: Iterable[str], now: float
+        cls,
+        rollout_id: str,
+        spec: RolloutSpec,
+        device_ids: Iterable[str],
+        now: float,
+        already: Iterable[str] = (),
     ) -> Rollout:
+        """Assign devices to stages; devices in ``already`` run this version: installed."""
         spec.validate()
+        done = set(already)
         groups = assign_stages(rollout_id, device_ids, spec)
         if not any(groups):
             raise InvalidInput("the selector matches no device", field="selector")
@@ -271,6 +278,10 @@ class Rollout:
             r.stages.append(StageProgress(index=i, target=target, devices=list(group)))
             for d in group:
                 r.devices[d] = DeviceProgress(d, i)
+                if d in done:
+                    r.devices[d] = DeviceProgress(
+                        d, i, state="installed", updated_at=now, reason="already runs this version"
+                    )
         return r
 
     # operator actions -----------------------------------------------------------------

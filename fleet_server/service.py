@@ -410,6 +410,12 @@ class FleetService:
             max_error_rate=req.max_error_rate,
             halt_on_drift=req.halt_on_drift,
         ).validate()
+        expires = _manifest_expiry(bundle)
+        if expires is not None and expires <= _dt(self.clock()):
+            raise InvalidInput(
+                f"bundle {bundle['name']} {bundle['version']} expired at {expires.isoformat()}",
+                field="bundle",
+            )
         targets = [p for p in bundle["profiles"].split(",") if p]
         off_profile = sorted(
             {d["profile"] for d in chosen if targets and d["profile"] not in targets}
@@ -425,7 +431,20 @@ class FleetService:
         if req.rollout_id and (rid in self._rollouts or self.repo.get_rollout(rid) is not None):
             raise Conflict(f"rollout {rid} already exists", field="rollout_id")
         now = self.clock()
-        rollout = Rollout.plan(rid, spec, [d["device_id"] for d in chosen], now)
+        busy = self._busy_devices({d["device_id"] for d in chosen})
+        if busy:
+            rid_, dev = busy
+            raise Conflict(
+                f"device {dev!r} is in rollout {rid_}, which is still running; pause is not "
+                "enough: abort it or wait for it to end",
+                field="selector",
+            )
+        already = [
+            d["device_id"]
+            for d in chosen
+            if d.get("model") == bundle["name"] and d.get("version") == bundle["version"]
+        ]
+        rollout = Rollout.plan(rid, spec, [d["device_id"] for d in chosen], now, already)
         rollout.dry_run = dry_run
         if dry_run:
             return self._status(rollout, bundle, decisions=False)
@@ -448,6 +467,14 @@ class FleetService:
             )
         self.flush()
         return self.rollout_status(rid)
+
+    def _busy_devices(self, wanted: set[str]) -> tuple[str, str] | None:
+        with self._lock:
+            for rid, r in self._rollouts.items():
+                if r.state in ("running", "paused"):
+                    for d in sorted(wanted & set(r.devices)):
+                        return rid, d
+        return None
 
     def _rollout(self, rollout_id: str) -> Rollout:
         r = self._rollouts.get(rollout_id)
@@ -936,6 +963,17 @@ class FleetService:
 
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def _manifest_expiry(bundle: dict[str, Any]) -> Any:
+    import json
+
+    from protocol.manifest import Manifest
+
+    try:
+        return Manifest.model_validate(json.loads(bundle["manifest"])).expires_at
+    except (ValueError, KeyError):
+        return None
 
 
 def _dt(ts: float) -> Any:

@@ -362,3 +362,33 @@ def test_openapi_is_published_and_metrics_render(fleet: Fleet) -> None:
     m = fleet.api.get("/metrics")
     assert m.status_code == 200
     assert m.headers["content-type"].startswith("text/plain")
+
+
+def test_a_second_rollout_over_devices_of_a_running_one_is_a_conflict(
+    fleet: Fleet, bundle_v1: bytes, bundle_v2: bytes
+) -> None:
+    _upload(fleet, bundle_v1)
+    _upload(fleet, bundle_v2)
+    fleet.device("d1", fail_install=True)
+    op = fleet.as_("operator")
+    body = {"bundle": "iris@1.0.0", "stages": [100], "failure_threshold": 1.0, "max_retries": 5}
+    assert op.post("/v1/rollouts", json=body, params={"start": "true"}).status_code == 201
+    r = op.post("/v1/rollouts", json={"bundle": "iris@2.0.0", "stages": [100]})
+    assert r.status_code == 409
+    assert r.json()["field"] == "selector" and "d1" in r.json()["detail"]
+
+
+def test_expired_bundle_cannot_be_rolled_out(tmp_path: Path, signing_key: KeyPair) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    clock = [datetime.now(timezone.utc).timestamp()]
+    f = Fleet(tmp_path, signing_key)
+    f.service.clock = lambda: clock[0]
+    data, _ = make_bundle(signing_key, expires_in=timedelta(hours=1))
+    _upload(f, data)
+    f.device("d1")
+    clock[0] += 2 * 3600
+    r = f.as_("operator").post("/v1/rollouts", json={"bundle": "iris@1.0.0", "stages": [100]})
+    assert r.status_code == 422
+    assert r.json()["field"] == "bundle" and "expired" in r.json()["detail"]
+    f.service.repo.close()

@@ -446,3 +446,11 @@ def test_no_device_outside_a_running_or_passed_stage_is_ever_sent_the_deploy(
             seen_pending = True
         else:
             assert not seen_pending, states
+
+
+def test_devices_already_on_the_version_count_as_installed_and_get_nothing() -> None:
+    r = Rollout.plan("r", spec(stages=(100,)), DEVICES, 0, already=DEVICES[:5])
+    out = r.start(0, DEVICES)
+    assert sorted(sends(out)) == sorted(DEVICES[5:])
+    assert r.devices[DEVICES[0]].state == "installed"
+    assert r.devices[DEVICES[0]].reason == "already runs this version"

@@ -184,9 +184,9 @@ def log_tail(
 
     Example: edgefleet agent log tail -n 20 --follow
     """
-    from .prediction_log import read_rows
+    from .prediction_log import LOG_FILE, read_rows
 
-    path = _config(config).data_dir / "predictions.db"
+    path = _config(config).data_dir / LOG_FILE
     rows = read_rows(path, last=n)
     for row in rows:
         print(_fmt_row(row))
@@ -209,9 +209,9 @@ def log_export(
 
     Example: edgefleet agent log export --format csv --out predictions.csv
     """
-    from .prediction_log import export
+    from .prediction_log import LOG_FILE, export
 
-    path = _config(config).data_dir / "predictions.db"
+    path = _config(config).data_dir / LOG_FILE
     if out is None:
         export(path, sys.stdout, fmt)
         return

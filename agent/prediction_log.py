@@ -55,6 +55,7 @@ from .events import PredictionEvent
 log = logging.getLogger("edgefleet.agent.prediction_log")
 
 TABLE = "predictions"
+LOG_FILE = "predictions.db"  # under data_dir
 COLUMNS = [
     "id",
     "ts",

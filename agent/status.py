@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import AgentConfig
 from .errors import SlotError
+from .prediction_log import LOG_FILE
 from .runtimes import runtime_versions
 from .slots import Slots
 
@@ -52,7 +53,7 @@ def agent_status(config: AgentConfig) -> AgentStatus:
         except SlotError as exc:
             infos.append(SlotInfo(slot, "?", "?", int(slot[1:9]), slot == active, False, str(exc)))
     log_rows = None
-    db_path = config.data_dir / "predictions.db"
+    db_path = config.data_dir / LOG_FILE
     if db_path.is_file():
         import sqlite3
 

@@ -213,3 +213,16 @@ def test_json_logging_writes_one_object_per_line() -> None:
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first["msg"] == "install installed" and first["logger"] == "edgefleet.agent.installer"
     assert second["path"] == "/v1/ready" and "msg" not in second
+
+
+def test_mixed_schema_over_http(tmp_path, signing_key) -> None:
+    dev = make_device(tmp_path, signing_key)
+    dev.installer.install_bytes(make_bundle(signing_key, name="iris-mixed", kind="mixed-logreg")[0])
+    inst = dict(zip([*NAMES, "size"], [*IRIS_ROW, "small"], strict=True))
+    with ASGIClient(create_app(dev.predictor, config=dev.config)) as c:
+        r = c.post("/v1/predict", json={"instances": [inst]})
+        assert r.status_code == 200 and r.json()["labels"] == [0]
+        r = c.post("/v1/predict", json={"inputs": [[*IRIS_ROW, {"colour": "red"}]]})
+        assert r.status_code == 422 and "'size' must be a string" in r.json()["detail"]
+        model = c.get("/v1/model").json()
+        assert model["features"][-1]["kind"] == "categorical"

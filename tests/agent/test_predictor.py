@@ -301,3 +301,30 @@ def test_fast_output_decoding_matches_the_protocol(device) -> None:
     assert ours.probabilities is not None and theirs.probabilities is not None
     assert ours.probabilities.dtype == theirs.probabilities.dtype
     np.testing.assert_array_equal(ours.probabilities, theirs.probabilities)
+
+
+@pytest.fixture(scope="module")
+def mixed_bundle(signing_key):
+    return make_bundle(signing_key, name="iris-mixed", kind="mixed-logreg")
+
+
+def test_mixed_numeric_and_categorical_model_serves_rows_and_instances(
+    tmp_path: Path, signing_key, mixed_bundle
+) -> None:
+    dev = make_device(tmp_path, signing_key)
+    dev.installer.install_bytes(mixed_bundle[0])  # the smoke test ran through 5 named inputs
+    rec = Recorder()
+    dev.predictor.add_observer(rec)
+    smoke = mixed_bundle[1].smoke_tests[0]
+    assert dev.predictor.predict(smoke.rows).labels == smoke.expected_labels
+    inst = dict(zip([*NAMES, "size"], [*IRIS_ROW, "small"], strict=True))
+    assert dev.predictor.predict(instances=[inst]).labels == [0]
+    assert rec.events[-1].rows.dtype == object and rec.events[-1].rows[0, 4] == "small"
+    with pytest.raises(InputError, match="'size' must be a string"):
+        dev.predictor.predict([[*IRIS_ROW, ["small"]]])
+    with pytest.raises(InputError, match="'sepal_length' is not a number"):
+        dev.predictor.predict([["5.1", 3.5, 1.4, 0.2, "small"]])
+    with pytest.raises(InputError, match="'size' is missing"):
+        dev.predictor.predict([[*IRIS_ROW, None]])
+    unseen = dev.predictor.predict([[*IRIS_ROW, "enormous"]])  # unknown category: the model's call
+    assert unseen.labels is not None

@@ -86,6 +86,65 @@ def trained(kind: str = "iris-logreg") -> TrainedModel:
     return TrainedModel(kind, onx.SerializeToString(), X, y, schema, out)
 
 
+@functools.lru_cache(maxsize=1)
+def trained_mixed() -> TrainedModel:
+    """Iris plus a categorical ``size`` column through a ColumnTransformer pipeline: five
+    named ONNX inputs, one of them a string tensor (kind ``mixed-logreg``)."""
+    import pandas as pd
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+    from sklearn.compose import ColumnTransformer
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    X, y = load_iris(return_X_y=True)
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    df = pd.DataFrame(X.astype(np.float32), columns=names)
+    df["size"] = np.where(X[:, 2] < 2.5, "small", np.where(X[:, 2] < 5, "medium", "large"))
+    pipe = Pipeline(
+        [
+            (
+                "ct",
+                ColumnTransformer(
+                    [
+                        ("num", StandardScaler(), names),
+                        ("cat", OneHotEncoder(handle_unknown="ignore"), ["size"]),
+                    ]
+                ),
+            ),
+            ("lr", LogisticRegression(max_iter=500)),
+        ]
+    ).fit(df, y)
+    types = [(n, FloatTensorType([None, 1])) for n in names] + [
+        ("size", StringTensorType([None, 1]))
+    ]
+    onx = to_onnx(
+        pipe,
+        initial_types=types,
+        options={id(pipe): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    feats = [FeatureSpec(name=n, min=float(df[n].min()), max=float(df[n].max())) for n in names]
+    feats.append(
+        FeatureSpec(
+            name="size", kind="categorical", dtype="string", categories=["large", "medium", "small"]
+        )
+    )
+    inputs = [ModelInput(name=n, dtype="float32", shape=[None, 1], features=[n]) for n in names]
+    inputs.append(ModelInput(name="size", dtype="string", shape=[None, 1], features=["size"]))
+    schema = InputSchema(features=feats, inputs=inputs)
+    out = OutputSchema(
+        task="classification",
+        classes=[0, 1, 2],
+        label_output="label",
+        probability_output="probabilities",
+    )
+    rows = df.astype(object).to_numpy()
+    return TrainedModel("mixed-logreg", onx.SerializeToString(), rows, y, schema, out)
+
+
 def smoke_test(tm: TrainedModel, rows: int = 5) -> SmokeTest:
     import onnxruntime as ort
 
@@ -118,7 +177,7 @@ def make_bundle(
     fallback: Fallback = Fallback(),
 ) -> tuple[bytes, Manifest]:
     """Return ``(bundle bytes, manifest)`` for a signed bundle."""
-    tm = trained(kind)
+    tm = trained_mixed() if kind == "mixed-logreg" else trained(kind)
     model = model_bytes if model_bytes is not None else tm.onnx
     ref = build_reference(tm.X, tm.input_schema)
     files = {

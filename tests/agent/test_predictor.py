@@ -328,3 +328,14 @@ def test_mixed_numeric_and_categorical_model_serves_rows_and_instances(
         dev.predictor.predict([[*IRIS_ROW, None]])
     unseen = dev.predictor.predict([[*IRIS_ROW, "enormous"]])  # unknown category: the model's call
     assert unseen.labels is not None
+
+
+def test_inference_threads_come_from_the_profile_unless_configured(tmp_path: Path) -> None:
+    from agent.config import AgentConfig
+    from protocol import load_profile
+
+    profile = load_profile("raspberry-pi-4")
+    by_profile = Predictor.from_config(AgentConfig(data_dir=tmp_path, profile="raspberry-pi-4"))
+    assert by_profile.threads == profile.inference_threads
+    configured = AgentConfig(data_dir=tmp_path, profile="raspberry-pi-4", runtime={"threads": 3})
+    assert Predictor.from_config(configured).threads == 3

@@ -154,13 +154,18 @@ def final_status(v: Victim, cid: str) -> CommandStatus | None:
 
 
 def server_recorded(service: Any, device_id: str, reason: str, cid: str | None = None) -> bool:
-    """The reason appears in the server's events or device record for this device."""
-    for e in service.events(limit=500, device_id=device_id):
-        text = json.dumps(e, default=str)
-        if reason in text and (cid is None or cid in text or "rollout" in text):
-            return True
+    """The reason is in the server's events or device record for this device (next to the
+    command id when one is given, so two attacks with the same reason are told apart)."""
+
+    def mentions(entry: Any) -> bool:
+        text = json.dumps(entry, default=str)
+        return reason in text and (cid is None or cid in text)
+
+    if any(mentions(e) for e in service.events(limit=500, device_id=device_id)):
+        return True
     device = service.get_device(device_id)
-    return any(reason in (r.get("reason") or "") for r in device.get("rollouts", []))
+    entries = [v for k, v in device.items() if k not in ("events", "metrics")]
+    return any(mentions(e) for e in entries + device.get("rollouts", []))
 
 
 def assert_still_serving(v: Victim) -> None:

@@ -160,6 +160,7 @@ def test_kill_9_during_install_always_restarts_on_a_verified_model(
 DAEMON_KILLS = 6
 
 
+@pytest.mark.mosquitto
 def test_kill_9_of_the_daemon_during_a_deploy_restarts_on_a_verified_model_and_reports_it(
     tmp_path: Path,
     mosquitto: Any,

@@ -87,7 +87,7 @@ def test_rollout_halts_at_stage_one_when_30_percent_of_canaries_fail(
         failing = sorted(canaries)[:FAILING]
         # Make 30 % of the canaries fail: restart them with the smoke-test fault injected.
         for d in failing:
-            agents[d].stop()
+            agents[d].close()
             agents[d] = AgentProcess(config(d, fail=True)).start()
         for d in failing:
             agents[d].wait_api(ready=True, timeout=60)

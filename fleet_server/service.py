@@ -42,6 +42,9 @@ from .rollout_engine import Decision, Rollout, RolloutSpec, Selector, Telemetry
 log = logging.getLogger(__name__)
 
 
+_FINAL_STATUS = frozenset({"installed", "failed", "rejected", "timed_out", "rolled_back", "done"})
+
+
 class RolloutRequest(BaseModel):
     """What a client sends to create a rollout; unset thresholds come from the config."""
 
@@ -611,30 +614,30 @@ class FleetService:
     def _audit(
         self, actor: str, action: str, target: str, reason: str, data: dict[str, Any] | None = None
     ) -> None:
-        self._audit_buf.append(
-            {
-                "ts": self.clock(),
-                "actor": actor,
-                "action": action,
-                "target": target,
-                "reason": reason,
-                "data": data,
-            }
-        )
+        row = {
+            "ts": self.clock(),
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "reason": reason,
+            "data": data,
+        }
+        with self._lock:
+            self._audit_buf.append(row)
 
     def _event(self, kind: str, message: str, **data: Any) -> None:
         import json
 
-        self._event_buf.append(
-            {
-                "ts": self.clock(),
-                "kind": kind,
-                "message": message,
-                "rollout_id": data.pop("rollout_id", None),
-                "device_id": data.pop("device_id", None),
-                "data": json.dumps(data, default=str),
-            }
-        )
+        row = {
+            "ts": self.clock(),
+            "kind": kind,
+            "message": message,
+            "rollout_id": data.pop("rollout_id", None),
+            "device_id": data.pop("device_id", None),
+            "data": json.dumps(data, default=str),
+        }
+        with self._lock:
+            self._event_buf.append(row)
 
     def flush(self) -> None:
         """Write buffered audit entries, events and changed rollouts."""
@@ -782,6 +785,18 @@ class FleetService:
     def on_status(self, msg: CommandStatus) -> None:
         self.exporter.observe_status(msg)
         parsed = parse_command_id(msg.command_id)
+        if msg.state in _FINAL_STATUS:  # every verdict is kept, also for commands we did not send
+            why = f" ({msg.reason})" if msg.reason else ""
+            self._event(
+                "status",
+                f"{msg.device_id}: command {msg.command_id} {msg.state}{why}",
+                device_id=msg.device_id,
+                rollout_id=parsed[0] if parsed else msg.rollout_id,
+                command_id=msg.command_id,
+                state=msg.state,
+                reason=msg.reason,
+                detail=msg.detail[:300],
+            )
         if parsed is None:
             return
         rid, device_id, kind, attempt = parsed

@@ -140,3 +140,19 @@ def test_shared_subscription_only_with_mqtt5(tmp_path: Path, signing_key: KeyPai
     assert "$share/g/edgefleet/devices/+/telemetry/+" in b5.filters()
     assert all(not f.startswith("$share") for f in b3.filters())
     assert json.dumps(b3.filters())
+
+
+def test_a_device_verdict_on_a_command_the_server_did_not_send_is_recorded(
+    fleet: tuple[FleetService, MemoryBroker],
+) -> None:
+    from protocol.messages import CommandStatus
+
+    svc, broker = fleet
+    st = CommandStatus(
+        device_id="d1", command_id="someone-else-1", state="rejected", reason="key_unknown"
+    )
+    _pub(broker, "edgefleet/devices/d1/status", st.to_json())
+    events = svc.events(device_id="d1")
+    assert events[0]["kind"] == "status"
+    assert events[0]["data"]["command_id"] == "someone-else-1"
+    assert events[0]["data"]["reason"] == "key_unknown"

@@ -540,20 +540,26 @@ def drift_report(
     if not rows:
         print("no drift results yet")
         return
-    _table(
-        "drift",
-        ["model", "version", "window", "rows", "drifted features", "dataset drift"],
-        [
+    out = []
+    for r in rows:
+        feats = [f for f in r.get("features", []) if f.get("role", "feature") == "feature"]
+        drifted = [f["name"] for f in feats if f.get("drift")]
+        window = r.get("window_start")
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(window)) if window else "-"
+        out.append(
             [
                 r.get("model"),
                 r.get("version"),
-                r.get("window_start", r.get("window", "")),
+                when,
                 r.get("rows", ""),
-                f"{r.get('n_drifted', len(r.get('drifted', []) or []))}/{r.get('n_features', '')}",
+                f"{len(drifted)}/{len(feats)} {', '.join(drifted[:4])}".strip(),
                 "YES" if r.get("dataset_drift") else "no",
             ]
-            for r in rows
-        ],
+        )
+    _table(
+        "drift",
+        ["model", "version", "window (UTC)", "rows", "drifted features", "dataset drift"],
+        out,
     )
 
 

@@ -212,7 +212,33 @@ def test_rollout_actions_and_status(fleet: Fleet, bundle_file: Path) -> None:
     assert "r-" in run("rollout", "list", token=op).output
 
 
-def test_drift_report_goes_through_the_api(fleet: Fleet) -> None:
+def test_drift_report_shows_the_servers_drift_results(fleet: Fleet, bundle_file: Path) -> None:
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from protocol import build_reference
+    from protocol.messages import ModelRef, SketchReport
+    from tests.support.bundles import trained
+
+    if fleet.service.drift is None:
+        pytest.skip("fleet_server.drift is not installed")
     r = run("drift", "report", token=fleet.tokens["viewer"])
-    assert r.exit_code == 0
-    assert "no drift results yet" in r.output or "drift" in r.output
+    assert r.exit_code == 0 and "no drift results yet" in r.output
+    run("fleet", "bundles", "push", str(bundle_file), token=fleet.tokens["operator"])
+    fleet.service.drift.config = type(fleet.service.drift.config)(min_rows=50)
+    tm = trained("iris-logreg")
+    now = datetime.now(timezone.utc)
+    report = SketchReport(
+        device_id="d1",
+        model=ModelRef(name="iris", version="1.0.0", release=1),
+        window_start=now,
+        window_end=now,
+        seq=1,
+        sketches=build_reference(tm.X + np.float32(3.0), tm.input_schema),
+    )
+    fleet.service.on_sketch(report)
+    fleet.service.evaluate_drift("iris", "1.0.0")
+    r = run("drift", "report", "--model", "iris", token=fleet.tokens["viewer"])
+    assert r.exit_code == 0, r.output
+    assert "iris" in r.output and "YES" in r.output and "4/4" in r.output

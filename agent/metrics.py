@@ -21,6 +21,7 @@ import random
 import shutil
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -66,10 +67,7 @@ class _Counters:
 
 
 def _bucket(ms: float) -> int:
-    for i, ub in enumerate(BUCKETS_MS):
-        if ms <= ub:
-            return i
-    return len(BUCKETS_MS)
+    return bisect_left(BUCKETS_MS, ms)  # first bucket whose upper bound is >= ms
 
 
 def _is_regression(predicted: Any) -> bool:
@@ -127,19 +125,18 @@ class Metrics:
         try:
             n = int(event.rows.shape[0]) if event.rows is not None and event.rows.ndim == 2 else 1
             k = _key(event.model)
-            with self._lock:
-                self._models[k] = event.model
-                for c in (
-                    self._period.setdefault(k, _Counters()),
-                    self._total.setdefault(k, _Counters()),
-                ):
-                    c.requests += 1
-                    c.rows += n
-                    c.errors += event.error is not None and not event.fallback
-                    c.fallbacks += bool(event.fallback)
-                    if event.error is None or event.fallback:  # a failed call has no latency
-                        c.observe(float(event.latency_ms), self._rng)
-                self._total[k].samples.clear()  # cumulative view keeps buckets, not samples
+            with self._lock:  # only the period's counters: totals are folded in at report time
+                c = self._period.get(k)
+                if c is None:
+                    c = self._period[k] = _Counters()
+                    self._models[k] = event.model
+                c.requests += 1
+                c.rows += n
+                if event.error is None or event.fallback:  # a failed call has no latency
+                    c.fallbacks += event.fallback
+                    c.observe(event.latency_ms, self._rng)
+                else:
+                    c.errors += 1
         except Exception:  # an observer never raises
             pass
 
@@ -153,16 +150,13 @@ class Metrics:
         k = _key(model)
         with self._lock:
             self._models[k] = model
-            for c in (
-                self._period.setdefault(k, _Counters()),
-                self._total.setdefault(k, _Counters()),
-            ):
-                c.feedback += 1
-                if reg:
-                    c.regression += 1
-                    c.abs_err_sum += err
-                else:
-                    c.correct += ok
+            c = self._period.setdefault(k, _Counters())
+            c.feedback += 1
+            if reg:
+                c.regression += 1
+                c.abs_err_sum += err
+            else:
+                c.correct += ok
 
     # period reports ----------------------------------------------------------------------
     def report(self, now: float | None = None) -> list[MetricsReport]:
@@ -172,6 +166,8 @@ class Metrics:
             period, self._period = self._period, {}
             start, self._period_start = self._period_start, now
             models = dict(self._models)
+            for k, c in period.items():
+                _fold(self._total.setdefault(k, _Counters()), c)
         system = self.system()
         conditions = sorted(set(self.conditions(system)) | self._take_latched())
         shadow = self.shadow_source() if self.shadow_source else None
@@ -250,7 +246,11 @@ class Metrics:
     def prometheus_text(self) -> str:
         """Cumulative counters in the Prometheus text exposition format (0.0.4)."""
         with self._lock:
-            totals = {k: (self._models[k], _copy(c)) for k, c in self._total.items()}
+            merged: dict[tuple[str, str], _Counters] = {}
+            for part in (self._total, self._period):
+                for k, c in part.items():
+                    _fold(merged.setdefault(k, _Counters()), c)
+            totals = {k: (self._models[k], c) for k, c in merged.items()}
         lines: list[str] = []
 
         def head(name: str, kind: str, help_: str) -> None:
@@ -331,20 +331,19 @@ def _mae(c: _Counters) -> float | None:
     return c.abs_err_sum / c.regression if c.regression else None
 
 
-def _copy(c: _Counters) -> _Counters:
-    return _Counters(
-        requests=c.requests,
-        rows=c.rows,
-        errors=c.errors,
-        fallbacks=c.fallbacks,
-        buckets=list(c.buckets),
-        latency_sum_ms=c.latency_sum_ms,
-        seen=c.seen,
-        feedback=c.feedback,
-        correct=c.correct,
-        abs_err_sum=c.abs_err_sum,
-        regression=c.regression,
-    )
+def _fold(dst: _Counters, src: _Counters) -> None:
+    """Add ``src``'s counts to ``dst`` (latency samples are per period and not folded)."""
+    dst.requests += src.requests
+    dst.rows += src.rows
+    dst.errors += src.errors
+    dst.fallbacks += src.fallbacks
+    dst.buckets = [a + b for a, b in zip(dst.buckets, src.buckets, strict=True)]
+    dst.latency_sum_ms += src.latency_sum_ms
+    dst.seen += src.seen
+    dst.feedback += src.feedback
+    dst.correct += src.correct
+    dst.abs_err_sum += src.abs_err_sum
+    dst.regression += src.regression
 
 
 def _esc(s: str) -> str:

@@ -83,6 +83,8 @@ def test_prometheus_text_is_cumulative_with_a_histogram_per_version():
     assert 'edgefleet_request_latency_ms_bucket{model="iris",version="1.0.0",le="+Inf"} 4' in text
     assert "edgefleet_outbox_pending 3" in text
     assert text.endswith("\n") and "# TYPE edgefleet_request_latency_ms histogram" in text
+    m.on_prediction(ev(1.0))  # the open period counts too
+    assert 'edgefleet_requests_total{model="iris",version="1.0.0"} 5' in m.prometheus_text()
 
 
 def test_a_condition_that_clears_before_the_report_is_still_reported():

@@ -210,3 +210,51 @@ def test_a_late_agent_gets_its_pending_command_when_it_comes_online(fleet: RealF
     wait_for(lambda: version(again) == "2.0.0", what="late agent installs")
     wait_for(lambda: status(fleet.service, rid)["counts"] == {"installed": 6}, what="6 installed")
     assert status(fleet.service, rid)["state"] == "succeeded"
+
+
+def test_serve_runs_api_bridge_and_embedded_broker_in_one_process(
+    tmp_path: Path, signing_key: KeyPair, bundles: dict[str, bytes]
+) -> None:
+    """What `edgefleet fleet serve --embedded-broker` runs, over real HTTP and MQTT."""
+    from fleet_server.client import FleetClient
+    from fleet_server.embedded_broker import free_port
+    from fleet_server.serve import FleetServer
+
+    cfg = make_config(tmp_path, signing_key, broker_url=f"mqtt://127.0.0.1:{free_port()}")
+    cfg = cfg.model_copy(
+        update={
+            "api": cfg.api.model_copy(update={"port": free_port()}),
+            "broker": cfg.broker.model_copy(
+                update={"mqtt5": True, "shared_group": "g"}
+            ),  # amqtt: degrades to 3.1.1
+        }
+    )
+    with FleetServer(cfg, embedded_broker=True) as server:
+        assert server.service is not None
+        token = server.service.create_token("operator", "t")
+        c = FleetClient(server.url, token)
+        (tmp_path / "iris.efb").write_bytes(bundles["1.0.0"])
+        assert c.push_bundle(tmp_path / "iris.efb")["version"] == "1.0.0"
+        from agent.config import AgentConfig, ApiConfig, BrokerConfig, TrustConfig
+        from agent.daemon import Agent
+
+        agent = Agent(
+            AgentConfig(
+                device_id="served-1",
+                data_dir=tmp_path / "a",
+                broker=BrokerConfig(url=cfg.broker.url),
+                trust=TrustConfig(public_keys=[cfg.signing.trusted[0]]),
+                api=ApiConfig(port=0),
+            ),
+            serve_api=False,
+            max_backoff=2,
+        ).start()
+        try:
+            wait_for(
+                lambda: [d["device_id"] for d in c.devices(online=True)] == ["served-1"],
+                what="agent listed over HTTP",
+            )
+        finally:
+            agent.stop()
+        assert server.service.bridge is not None
+        assert all(not f.startswith("$share") for f in server.service.bridge.filters())

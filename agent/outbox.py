@@ -117,6 +117,7 @@ class Outbox:
         self.stats = OutboxStats()
         self.disk_full = False
         self._mem_seq: dict[str, int] = {}
+        self._drops_polled = 0
         self._inflight: set[int] = set()  # being published: never merged under flush's feet
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -326,9 +327,12 @@ class Outbox:
             )
 
     def conditions(self) -> list[str]:
+        """``disk_full`` while full or when messages were refused since the last call."""
         out = []
-        if self.disk_full:
+        drops = self.stats.dropped_disk_full
+        if self.disk_full or drops > self._drops_polled:
             out.append("disk_full")
+        self._drops_polled = drops
         if self.stats.thinned:
             out.append("outbox_thinned")
         return out

@@ -28,7 +28,9 @@ def sketcher(outbox: Outbox | None = None, **kw) -> WindowSketcher:
     return WindowSketcher("dev-1", schemas=schema_lookup, next_seq=seq, **kw)
 
 
-def event(rows, model=V1, *, ts=0.0, labels=None, probs=None, shadow=False, error=None) -> PredictionEvent:
+def event(
+    rows, model=V1, *, ts=0.0, labels=None, probs=None, shadow=False, error=None
+) -> PredictionEvent:
     rows = np.asarray(rows, dtype=np.float32)
     pred = None if error else Prediction(labels=labels, probabilities=probs)
     return PredictionEvent(ts, "r", model, rows, pred, 1.0, error, False, shadow)

@@ -242,3 +242,34 @@ def test_drift_report_shows_the_servers_drift_results(fleet: Fleet, bundle_file:
     r = run("drift", "report", "--model", "iris", token=fleet.tokens["viewer"])
     assert r.exit_code == 0, r.output
     assert "iris" in r.output and "YES" in r.output and "4/4" in r.output
+
+
+def test_telemetry_tail_shows_a_readable_line_per_message(amqtt_broker: object) -> None:
+    from protocol.messages import DeviceState
+    from protocol.transport_paho import PahoTransport
+
+    url = amqtt_broker.url  # type: ignore[attr-defined]
+    t = PahoTransport(url, "tail-pub", clean_session=True)
+    t.connect()
+    state = DeviceState(device_id="tail-dev", online=True, profile="raspberry-pi-4")
+    assert t.publish("tailtest/devices/tail-dev/state", state.to_json(), retain=True).wait(5)
+    t.close()
+    r = runner.invoke(
+        cli.app,
+        [
+            "telemetry",
+            "tail",
+            "tailtest/devices/+/state",
+            "--broker",
+            url,
+            "--prefix",
+            "tailtest",
+            "--limit",
+            "1",
+            "--duration",
+            "10",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "tail-dev" in r.output and "raspberry-pi-4" in r.output
+    assert r.output.count("\n") == 1

@@ -104,6 +104,7 @@ class SimDevice:
         model: ModelRef | None = None,
         fail_install: bool = False,
         fail_versions: frozenset[str] = frozenset(),
+        silent: bool = False,
         drop_chunks: frozenset[int] = frozenset(),
         http: Callable[[str, dict[str, str]], bytes] | None = None,
         http_cut: int | None = None,
@@ -118,6 +119,7 @@ class SimDevice:
         self.previous: list[ModelRef] = []
         self.fail_install = fail_install
         self.fail_versions = fail_versions
+        self.silent = silent  # receives commands, never answers (a hung device)
         self.drop_chunks = set(drop_chunks)
         self.http = http
         self.http_cut = http_cut
@@ -194,6 +196,8 @@ class SimDevice:
 
     def on_command(self, cmd: Command) -> None:
         self.commands.append(cmd)
+        if self.silent:
+            return
         try:
             verify_command(cmd, self.trust)
         except EdgefleetError as exc:

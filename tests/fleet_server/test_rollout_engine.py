@@ -404,6 +404,7 @@ def test_no_device_outside_a_running_or_passed_stage_is_ever_sent_the_deploy(
 
     def check(decisions: list, state_before: str) -> None:
         for d in decisions:
+            assert d.reason  # every decision carries a reason for the audit log
             if d.kind == "send_deploy":
                 stage = r.stages[r.devices[d.device_id].stage]
                 assert stage.state in ("running", "passed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -130,4 +131,40 @@ def test_dashboard_helpers_overview_users_and_device_detail(
     detail = f.service.get_device("h-1")
     assert [h["version"] for h in detail["history"]] == ["1.0.0"]
     assert detail["events"][0]["message"] == "h-1 online"
+    f.service.repo.close()
+
+
+def test_a_hung_device_times_out_is_retried_and_then_halts_the_rollout(
+    tmp_path: Path, signing_key: KeyPair, bundle_v1: bytes
+) -> None:
+    clock = [time.time()]
+    f = Fleet(tmp_path, signing_key)
+    f.service.clock = lambda: clock[0]
+    f.service.upload_bundle(bundle_v1)
+    f.device("hung", silent=True)
+    f.device("ok")
+    req = RolloutRequest(
+        bundle="iris@1.0.0",
+        stages=[100],
+        device_timeout_s=60,
+        max_retries=1,
+        failure_threshold=0.4,
+        min_devices=2,
+    )
+    rid = f.service.create_rollout(req)["rollout_id"]
+    f.service.start_rollout(rid)
+    assert len(f.devices["hung"].commands) == 1
+    clock[0] += 61
+    f.service.tick()  # timed out → retried
+    assert len(f.devices["hung"].commands) == 2
+    assert f.devices["hung"].commands[1].command_id.endswith(":deploy:2")
+    assert f.service.rollout_status(rid)["state"] == "running"
+    clock[0] += 61
+    f.service.tick()  # out of retries: counts as failed, 1 of 2 > 40 %
+    f.service.tick()
+    st = f.service.rollout_status(rid)
+    assert st["state"] == "halted"
+    by_id = {d["device_id"]: d for d in st["devices"]}
+    assert by_id["hung"]["state"] == "timed_out" and by_id["hung"]["attempts"] == 2
+    assert by_id["ok"]["state"] == "rolled_back"
     f.service.repo.close()

@@ -145,7 +145,8 @@ class FleetService:
         self.exporter: Any = self._exporter()
         self.drift: Any = self._drift_engine()
         self.sketches_merged = 0
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the engine state; taken before any other lock
+        self._buf_lock = threading.Lock()  # leaf lock for the audit/event buffers (drift alerts)
         self._rollouts: dict[str, Rollout] = {}
         self._bundle_cache: dict[str, tuple[Any, bytes]] = {}
         self._dirty: set[str] = set()
@@ -622,7 +623,7 @@ class FleetService:
             "reason": reason,
             "data": data,
         }
-        with self._lock:
+        with self._buf_lock:
             self._audit_buf.append(row)
 
     def _event(self, kind: str, message: str, **data: Any) -> None:
@@ -636,14 +637,15 @@ class FleetService:
             "device_id": data.pop("device_id", None),
             "data": json.dumps(data, default=str),
         }
-        with self._lock:
+        with self._buf_lock:
             self._event_buf.append(row)
 
     def flush(self) -> None:
         """Write buffered audit entries, events and changed rollouts."""
         with self._lock:
-            audits, self._audit_buf = self._audit_buf, []
-            events, self._event_buf = self._event_buf, []
+            with self._buf_lock:
+                audits, self._audit_buf = self._audit_buf, []
+                events, self._event_buf = self._event_buf, []
             dirty, self._dirty = self._dirty, set()
             for rid in dirty:
                 r = self._rollouts.get(rid)

@@ -258,3 +258,63 @@ def test_serve_runs_api_bridge_and_embedded_broker_in_one_process(
             agent.stop()
         assert server.service.bridge is not None
         assert all(not f.startswith("$share") for f in server.service.bridge.filters())
+
+
+@pytest.mark.mosquitto
+def test_two_servers_split_telemetry_through_an_mqtt5_shared_subscription(
+    tmp_path: Path, signing_key: KeyPair, mosquitto_broker: Any
+) -> None:
+    from datetime import datetime, timezone
+
+    from protocol.messages import MetricsReport, ModelRef
+
+    prefix = "sh" + secrets.token_hex(4)
+    services = []
+    for i in range(2):
+        (tmp_path / f"s{i}").mkdir()
+        cfg = make_config(tmp_path / f"s{i}", signing_key, broker_url=mosquitto_broker.url)
+        broker = cfg.broker.model_copy(
+            update={
+                "topic_prefix": prefix,
+                "mqtt5": True,
+                "shared_group": "ingest",
+                "client_id": f"{prefix}-{i}",
+            }
+        )
+        cfg = cfg.model_copy(update={"broker": broker})
+        svc = FleetService(
+            cfg, transport=PahoTransport(mosquitto_broker.url, broker.client_id, mqtt5=True)
+        )
+        svc.start()
+        services.append(svc)
+    try:
+        time.sleep(0.5)
+        pub = PahoTransport(mosquitto_broker.url, f"{prefix}-dev", clean_session=True)
+        pub.connect()
+        now = datetime.now(timezone.utc)
+        for seq in range(40):
+            m = MetricsReport(
+                device_id="d1",
+                seq=seq,
+                window_start=now,
+                window_end=now,
+                model=ModelRef(name="iris", version="1.0.0", release=1),
+                requests=1,
+            )
+            assert pub.publish(f"{prefix}/devices/d1/telemetry/metrics", m.to_json()).wait(5)
+        pub.close()
+
+        def counts() -> list[int]:
+            return [s.bridge.stats()["accepted"].get("metrics", 0) for s in services]  # type: ignore[union-attr]
+
+        wait_for(
+            lambda: sum(counts()) >= 40,
+            timeout=10,
+            what=f"40 reports ingested once in total {[s.bridge.stats() for s in services]}",
+        )  # type: ignore[union-attr]
+        assert sum(counts()) == 40
+        assert all(c > 0 for c in counts()), counts()  # both workers took a share
+    finally:
+        for s in services:
+            s.stop()
+            s.repo.close()

@@ -455,3 +455,24 @@ def test_devices_already_on_the_version_count_as_installed_and_get_nothing() -> 
     assert sorted(sends(out)) == sorted(DEVICES[5:])
     assert r.devices[DEVICES[0]].state == "installed"
     assert r.devices[DEVICES[0]].reason == "already runs this version"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    cuts=st.lists(st.integers(1, 99), max_size=4, unique=True),
+    rid=st.text("abcdef0123456789", min_size=1, max_size=10),
+)
+def test_percentage_assignment_covers_every_device_once_and_canaries_come_first(
+    n: int, cuts: list[int], rid: str
+) -> None:
+    devices = [f"d{i}" for i in range(n)]
+    stages = (*sorted(cuts), 100)
+    groups = assign_stages(rid, devices, spec(stages=stages))
+    flat = [d for g in groups for d in g]
+    assert sorted(flat) == sorted(devices)  # everyone, exactly once
+    cum = 0
+    for target, g in zip(stages, groups, strict=True):
+        cum += len(g)
+        assert cum == min(n, -(-n * target // 100))  # cumulative share, rounded up
+    assert assign_stages(rid, reversed(devices), spec(stages=stages)) == groups

@@ -7,6 +7,7 @@ toolchain (scikit-learn, skl2onnx, tensorflow, onnx).
 
 from .app import create_app
 from .config import AgentConfig, example_config, load_config, parse_config
+from .daemon import Agent, run_agent
 from .errors import (
     AgentError,
     ConfigError,
@@ -26,6 +27,7 @@ from .runtimes import Runtime, open_runtime, runtime_versions
 from .slots import Slots
 
 __all__ = [
+    "Agent",
     "AgentConfig",
     "AgentError",
     "ConfigError",
@@ -50,5 +52,6 @@ __all__ = [
     "load_config",
     "open_runtime",
     "parse_config",
+    "run_agent",
     "runtime_versions",
 ]

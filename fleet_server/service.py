@@ -234,6 +234,8 @@ class FleetService:
         self.flush()
         if self.transport is not None:
             self.transport.close()
+        if self.drift is not None:
+            self.drift.flush()  # the open window is merged in memory; keep it across restarts
 
     def _on_connection(self, up: bool) -> None:
         self._event("broker", "connected to the broker" if up else "lost the broker connection")

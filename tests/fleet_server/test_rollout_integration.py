@@ -288,6 +288,13 @@ def test_two_servers_split_telemetry_through_an_mqtt5_shared_subscription(
         svc.start()
         services.append(svc)
     try:
+        # Shared subscriptions keep no session for a group nobody joined yet: publish only
+        # once both workers are connected (they subscribe in on_connect) and subscribed.
+        wait_for(
+            lambda: all(s.transport.is_connected() for s in services),  # type: ignore[union-attr]
+            timeout=20,
+            what="both workers connected",
+        )
         time.sleep(0.5)
         pub = PahoTransport(mosquitto_broker.url, f"{prefix}-dev", clean_session=True)
         pub.connect()

@@ -178,7 +178,14 @@ def token_create(
 def user_add(
     username: str = typer.Argument(..., help="Login name."),
     role: str = typer.Option("viewer", "--role", help="viewer, operator or admin."),
-    password: str = typer.Option(..., prompt=True, hide_input=True, confirmation_prompt=True),
+    password: str = typer.Option(
+        ...,
+        prompt=True,
+        hide_input=True,
+        confirmation_prompt=True,
+        envvar="EDGEFLEET_USER_PASSWORD",
+        help="Asked for (hidden) when not given; prefer the prompt or the env var to a flag.",
+    ),
     config: Path = ConfigOpt,
 ) -> None:
     """Add (or reset) a dashboard user; the password is stored as a scrypt hash.

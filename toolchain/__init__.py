@@ -10,7 +10,12 @@ onnx or TensorFlow until a function that needs them is called).
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# TensorFlow's converter logs every SavedModel read at INFO from C++; a person running
+# `edgefleet build` wants our progress, not that. Set before TF can be imported anywhere.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _EXPORTS = {
     "ToolchainError": "errors",

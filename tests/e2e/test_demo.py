@@ -1,26 +1,28 @@
-"""The README's main job: ``edgefleet demo`` on the embedded broker, checked by outcome."""
+"""The README's main job: ``edgefleet demo``, run through the CLI and checked by outcome."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 pytestmark = [pytest.mark.slow]
 
 
-def test_demo_halts_failing_canaries_rolls_back_and_fires_drift(tmp_path):
+def run_demo(tmp_path: Any, *extra: str) -> tuple[dict[str, Any], str]:
     out = tmp_path / "summary.json"
+    argv = ["demo", "--devices", "20", "--summary-json", str(out), *extra]
     proc = subprocess.run(
-        [sys.executable, "-m", "edgefleet", "demo", "--devices", "20", "--summary-json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "-m", "edgefleet", *argv], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    s = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def check_outcome(s: dict[str, Any]) -> None:
     versions = {d["device_id"]: d["version"] for d in s["devices"]}
     assert len(versions) == 20
     # v1 everywhere at the end: v2 halted at stage 1 and its canaries were rolled back.
@@ -40,4 +42,16 @@ def test_demo_halts_failing_canaries_rolls_back_and_fires_drift(tmp_path):
     # Traffic flowed through every agent's local API with no errors.
     # ("not ready" answers before v1 reached a device are counted apart, not as errors)
     assert all(d["requests"] > 0 and d["errors"] == 0 for d in s["devices"]), s["error_samples"]
-    assert "Dashboard: http://127.0.0.1:" in proc.stdout and "/ui/" in proc.stdout
+
+
+def test_demo_halts_failing_canaries_rolls_back_and_fires_drift(tmp_path):
+    s, stdout = run_demo(tmp_path)
+    check_outcome(s)
+    assert "Dashboard: http://127.0.0.1:" in stdout and "/ui/" in stdout
+
+
+@pytest.mark.mosquitto
+def test_demo_runs_the_same_story_against_an_external_mosquitto(tmp_path, mosquitto_broker):
+    s, stdout = run_demo(tmp_path, "--broker", mosquitto_broker.url)
+    check_outcome(s)
+    assert f"external broker at {mosquitto_broker.url}" in stdout

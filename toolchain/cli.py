@@ -683,8 +683,8 @@ def _inspect_print(info: dict[str, Any]) -> None:
                 f"{b[k]:.3f}" if b.get(k) is not None else "–"
                 for k in ("p50_ms", "p95_ms", "p99_ms")
             ),
-            "yes" if b.get("fits_budget") else "no",
-            "yes" if b.get("estimated", True) else "no",
+            ("yes" if b.get("fits_budget") else "no") if b else "not measured",
+            ("yes" if b.get("estimated", True) else "no") if b else "–",
         )
     console.print(targets)
     n_rows = sum(len(s["rows"]) for s in m["smoke_tests"])

@@ -149,6 +149,50 @@ def _encode_outputs(event: PredictionEvent) -> str | None:
     return json.dumps(out, separators=(",", ":"), allow_nan=False, default=str)
 
 
+def _encode_outputs_batch(events: list[PredictionEvent]) -> list[str | None]:
+    """:func:`_encode_outputs` for a batch, byte for byte, with the common case (integer
+    labels + finite probabilities) rounded in one numpy call per batch and written without
+    the json module: ``float.__repr__`` is what json writes for a finite float, and an
+    ``int``'s ``str`` is its JSON. Anything else goes through :func:`_encode_outputs`."""
+    out: list[str | None] = [None] * len(events)
+    groups: dict[int, list[tuple[int, np.ndarray, list[int]]]] = {}
+    for i, ev in enumerate(events):
+        pred = ev.prediction
+        if pred is None:
+            continue
+        probs, labels = pred.probabilities, pred.labels
+        if (
+            pred.values is None
+            and type(probs) is np.ndarray
+            and probs.ndim == 2
+            and probs.dtype.kind == "f"
+            and type(labels) is list
+            and all(type(v) is int for v in labels)
+        ):
+            groups.setdefault(probs.shape[1], []).append((i, probs, labels))
+        else:
+            out[i] = _encode_outputs(ev)
+    for members in groups.values():
+        stacked = np.concatenate([m[1] for m in members]).astype(np.float64, copy=False)
+        rounded = np.round(stacked, 6)
+        bad = set(np.flatnonzero(~np.isfinite(rounded).all(axis=1)).tolist())
+        values: list[list[float]] = rounded.tolist()
+        start = 0
+        for i, probs, labels in members:
+            end = start + probs.shape[0]
+            if not bad or bad.isdisjoint(range(start, end)):
+                rows = ",".join(
+                    "[" + ",".join(map(float.__repr__, r)) + "]" for r in values[start:end]
+                )
+                out[i] = (
+                    '{"labels":[' + ",".join(map(str, labels)) + '],"probabilities":[' + rows + "]}"
+                )
+            else:
+                out[i] = _encode_outputs(events[i])
+            start = end
+    return out
+
+
 def connect(path: Path, *, max_pages: int | None = None) -> sqlite3.Connection:
     """Open the log database (WAL, synchronous=FULL) and create the table."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +226,10 @@ class PredictionLog:
         self._condition: str | None = None
         self._db: sqlite3.Connection | None = None
         self._last_retention = 0.0
+        # Logged payload bytes in the table: summed once at start, then kept up to date by
+        # the writer (the only one that inserts or deletes), so retention reads only the
+        # rows it deletes instead of scanning the table every second.
+        self._bytes = 0
 
     # -- observer (request path: enqueue only) ------------------------------------------
     def on_prediction(self, event: PredictionEvent) -> None:
@@ -203,6 +251,9 @@ class PredictionLog:
     def start(self) -> PredictionLog:
         if self._thread is None:
             self._db = connect(self.path, max_pages=self._max_pages)
+            self._bytes = self._db.execute(
+                f"SELECT COALESCE(SUM(nbytes), 0) FROM {TABLE}"
+            ).fetchone()[0]
             self._thread = threading.Thread(target=self._run, name="edgefleet-predlog", daemon=True)
             self._thread.start()
         return self
@@ -265,10 +316,11 @@ class PredictionLog:
     def _write(self, batch: list[PredictionEvent]) -> None:
         assert self._db is not None
         rows = []
-        for ev in batch:
+        added = 0
+        for ev, outputs in zip(batch, _encode_outputs_batch(batch), strict=True):
             inputs, fmt = _encode_inputs(ev.rows)
-            outputs = _encode_outputs(ev)
             nbytes = len(inputs) + len(outputs or "")
+            added += nbytes
             rows.append(
                 (
                     ev.ts,
@@ -294,6 +346,7 @@ class PredictionLog:
                     rows,
                 )
             self.stats.written += len(rows)
+            self._bytes += added
             self._condition = None
         except (sqlite3.Error, OSError) as exc:
             self.stats.write_errors += 1
@@ -309,35 +362,41 @@ class PredictionLog:
     def _retain(self) -> None:
         assert self._db is not None
         c = self.config
+        db = self._db
         try:
-            with self._db:
-                deleted = self._db.execute(
-                    f"DELETE FROM {TABLE} WHERE ts < ?", (time.time() - c.max_age_days * 86400,)
-                ).rowcount
-                deleted += self._db.execute(
-                    f"DELETE FROM {TABLE} WHERE id <= (SELECT MAX(id) FROM {TABLE}) - ?",
-                    (c.max_rows,),
-                ).rowcount
-                total = self._db.execute(
-                    f"SELECT COALESCE(SUM(nbytes), 0) FROM {TABLE}"
-                ).fetchone()[0]
-                if total > c.max_bytes:
-                    # Walk from the newest row back to the byte budget; delete everything older.
+            with db:
+                deleted, freed = self._delete("ts < ?", (time.time() - c.max_age_days * 86400,))
+                last = db.execute(f"SELECT MAX(id) FROM {TABLE}").fetchone()[0]
+                if last is not None:
+                    n, b = self._delete("id <= ?", (last - c.max_rows,))
+                    deleted, freed = deleted + n, freed + b
+                excess = self._bytes - freed - c.max_bytes
+                if excess > 0:
+                    # Oldest rows first until the rest fits the byte budget: reads only the
+                    # rows that go (the same cut as keeping the newest that fit).
                     acc, cut = 0, None
-                    for rid, nb in self._db.execute(
-                        f"SELECT id, nbytes FROM {TABLE} ORDER BY id DESC"
-                    ):
+                    for rid, nb in db.execute(f"SELECT id, nbytes FROM {TABLE} ORDER BY id"):
                         acc += nb
-                        if acc > c.max_bytes:
-                            cut = rid
+                        cut = rid
+                        if acc >= excess:
                             break
                     if cut is not None:
-                        deleted += self._db.execute(
-                            f"DELETE FROM {TABLE} WHERE id <= ?", (cut,)
-                        ).rowcount
+                        n, b = self._delete("id <= ?", (cut,))
+                        deleted, freed = deleted + n, freed + b
+            self._bytes -= freed
             self.stats.deleted += deleted
         except (sqlite3.Error, OSError) as exc:
             log.error("prediction log retention failed: %s", exc)
+
+    def _delete(self, where: str, args: tuple[Any, ...]) -> tuple[int, int]:
+        """Delete the rows matching ``where``; (rows, payload bytes) deleted."""
+        assert self._db is not None
+        n, nbytes = self._db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM {TABLE} WHERE {where}", args
+        ).fetchone()
+        if n:
+            self._db.execute(f"DELETE FROM {TABLE} WHERE {where}", args)
+        return n, nbytes
 
 
 # -- reading (CLI: log tail / log export) ---------------------------------------------------

@@ -235,3 +235,45 @@ def test_logged_numeric_inputs_round_trip_to_json(rows: np.ndarray) -> None:
     back = json.loads(_decode_inputs(data, fmt))
     want = [[v if math.isfinite(v) else None for v in row] for row in rows.tolist()]
     assert back == want
+
+
+def test_batched_output_encoding_matches_the_per_event_encoder_byte_for_byte() -> None:
+    from agent.prediction_log import _encode_outputs, _encode_outputs_batch
+
+    rng = np.random.default_rng(3)
+    rows = np.zeros((1, 4))
+    preds = [
+        Prediction(labels=[1], probabilities=rng.random((1, 3))),
+        Prediction(labels=[0, 2], probabilities=rng.random((2, 3)) * 1e-7),  # rounds to 0.0
+        Prediction(labels=[5], probabilities=np.array([[np.nan, 0.5, 0.5]])),
+        Prediction(labels=[3], probabilities=rng.random((1, 5)).astype(np.float32)),
+        Prediction(labels=["setosa"], probabilities=rng.random((1, 3))),
+        Prediction(labels=[True], probabilities=rng.random((1, 3))),
+        Prediction(values=rng.random((2, 1)) * 1e6),
+        Prediction(labels=[7]),
+        None,
+        Prediction(labels=[-4], probabilities=np.array([[-0.0, 1.0, 123456.7654321]])),
+    ]
+    events = [
+        PredictionEvent(1.0, f"r{i}", REF, rows, p, 0.1, None if p else "boom", False)
+        for i, p in enumerate(preds)
+    ]
+    assert _encode_outputs_batch(events) == [_encode_outputs(ev) for ev in events]
+
+
+def test_byte_retention_keeps_a_running_total_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    with PredictionLog(path, LogConfig(max_bytes=5000)) as plog:
+        for i in range(10):
+            plog.on_prediction(_event(i, width=64))
+        plog.flush()
+    with PredictionLog(path, LogConfig(max_bytes=5000)) as plog:  # total read back at start
+        for i in range(10, 40):
+            plog.on_prediction(_event(i, width=64))
+        plog.flush()
+        con = sqlite3.connect(path)
+        total, n = con.execute("SELECT SUM(nbytes), COUNT(*) FROM predictions").fetchone()
+        con.close()
+        assert plog._bytes == total
+    assert total <= 5000 and 5 < n < 40
+    assert total + total // n > 5000  # equal rows: no row was deleted that would fit

@@ -68,6 +68,27 @@ class _Batch:
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[Any] = field(default_factory=list)
     last_ts: float = 0.0
+    # While every event has an (n, k) probability array for its n rows, the arrays are
+    # kept and reduced to scores (max per row) in one numpy call for the whole batch.
+    probs: list[np.ndarray] | None = field(default_factory=list)
+
+    def add_scores(self, scores: np.ndarray) -> None:
+        if self.probs is not None:  # leave the all-probabilities path, keeping the order
+            self.scores = [_max_rows(p) for p in self.probs]
+            self.probs = None
+        self.scores.append(scores)
+
+    def all_scores(self) -> np.ndarray | None:
+        if self.probs is not None:
+            if not self.probs:
+                return None
+            return _max_rows(_stack(self.probs))
+        return np.concatenate(self.scores) if self.scores else None
+
+
+def _max_rows(probs: np.ndarray) -> np.ndarray:
+    """What ``Prediction.scores`` gives for probabilities, as float64."""
+    return np.asarray(probs.max(axis=1), dtype=np.float64).reshape(-1)
 
 
 class WindowSketcher:
@@ -283,26 +304,40 @@ class Telemetry:
     def _sketch(self, events: list[PredictionEvent]) -> list[SketchReport]:
         batches: dict[tuple[str, str], _Batch] = {}
         for ev in events:
-            b = batches.setdefault((ev.model.name, ev.model.version), _Batch(ev.model))
+            key = (ev.model.name, ev.model.version)
+            b = batches.get(key)
+            if b is None:
+                b = batches[key] = _Batch(ev.model)
             rows = ev.rows if ev.rows.ndim == 2 else ev.rows.reshape(1, -1)
             b.rows.append(rows)
             p = ev.prediction
             n = rows.shape[0]
             if p is not None and ev.error is None:
-                b.scores.append(np.asarray(p.scores, dtype=np.float64).reshape(-1)[:n])
+                probs = p.probabilities
+                if (
+                    b.probs is not None
+                    and type(probs) is np.ndarray
+                    and probs.ndim == 2
+                    and probs.shape[0] == n
+                    and (not b.probs or b.probs[0].shape[1] == probs.shape[1])
+                ):
+                    b.probs.append(probs)
+                else:
+                    b.add_scores(np.asarray(p.scores, dtype=np.float64).reshape(-1)[:n])
                 if p.labels is not None:
                     b.labels.extend(p.labels[:n])
                 else:
                     b.labels.extend([None] * n)
             else:
-                b.scores.append(np.full(n, np.nan))
+                b.add_scores(np.full(n, np.nan))
                 b.labels.extend([None] * n)
-            b.last_ts = max(b.last_ts, ev.ts)
+            if ev.ts > b.last_ts:
+                b.last_ts = ev.ts
         out: list[SketchReport] = []
         now = self.clock()
         for b in batches.values():
             rows = _stack(b.rows)
-            scores = np.concatenate(b.scores) if b.scores else None
+            scores = b.all_scores()
             has_labels = any(lab is not None for lab in b.labels)
             out += self.sketcher.add(
                 b.model, rows, now, scores=scores, labels=b.labels if has_labels else None

@@ -131,3 +131,39 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking():
     for i in range(5):
         tel.on_prediction(event(X[i : i + 1]))
     assert tel.dropped == 2
+
+
+class RecordingSketcher(WindowSketcher):
+    def __init__(self) -> None:
+        super().__init__("dev-1", schemas=schema_lookup, next_seq=lambda: 1, window_rows=1000)
+        self.scores: list[np.ndarray] = []
+
+    def add(self, model, rows, now, *, scores=None, labels=None):
+        self.scores.append(scores)
+        return super().add(model, rows, now, scores=scores, labels=labels)
+
+
+def test_batched_scores_are_the_per_event_scores_in_row_order():
+    X = trained("iris-logreg").X
+    rng = np.random.default_rng(1)
+    events = []
+    for i in range(6):  # probabilities only: the one-reduction path
+        events.append(event(X[i : i + 2], labels=[0, 1], probs=rng.random((2, 3))))
+    mixed = list(events)
+    mixed.insert(3, event(X[:1], error="boom"))  # NaN score in the middle
+    values = Prediction(values=rng.random((1, 1)))
+    row = X[:1].astype(np.float32)
+    mixed.insert(5, PredictionEvent(0.0, "r", V1, row, values, 1.0, None, False))
+    mixed.append(event(X[:2], labels=[2, 2], probs=rng.random((2, 4))))  # other width
+    for batch in (events, mixed):
+        sk = RecordingSketcher()
+        Telemetry(sk, lambda r: None)._sketch(batch)
+        expected = [
+            np.full(e.rows.shape[0], np.nan)
+            if e.prediction is None
+            else np.asarray(e.prediction.scores, dtype=np.float64)
+            for e in batch
+        ]
+        (scores,) = sk.scores
+        assert scores.dtype == np.float64
+        np.testing.assert_array_equal(scores, np.concatenate(expected))

@@ -49,6 +49,13 @@ def test_runtime_failure_is_translated(iris) -> None:
     assert "onnxruntime" not in type(info.value).__module__
 
 
+def test_a_missing_input_reads_as_onnxruntime_session_run_words_it(iris) -> None:
+    tm, manifest = iris
+    rt = open_runtime(tm.onnx, manifest)
+    with pytest.raises(InferenceError, match=r"Required inputs \(\['X'\]\) are missing"):
+        rt.run({"not_x": tm.X[:1]})
+
+
 def test_runtime_versions_reports_installed_runtimes_without_importing_them() -> None:
     versions = runtime_versions()
     assert "onnxruntime" in versions and versions["onnxruntime"][0].isdigit()

@@ -5,8 +5,7 @@ returns an array ready for :func:`protocol.feeds.make_feeds`, or raises
 :class:`agent.errors.InputError` whose message names the row and feature at fault: wrong
 row length, a non-number for a numeric feature, NaN/None where the schema does not allow
 it, infinities and values beyond float32's range (JSON ``1e400`` parses as infinity), or
-an empty batch. All-numeric schemas take a vectorized fast path, and a float ndarray of
-the schema's width needs only a finiteness check (what in-process callers pass).
+an empty batch. All-numeric schemas take a vectorized fast path.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ from protocol.schema import InputSchema
 from .errors import InputError
 
 _F32_MAX = float(np.finfo(np.float32).max)
-_ALL = np.logical_and.reduce  # skips ndarray.all's Python wrapper
-_ISFINITE = np.isfinite
 
 
 class SchemaPlan:
@@ -42,18 +39,6 @@ class SchemaPlan:
 
 
 def validate_rows(rows: Any, plan: SchemaPlan, max_rows: int | None = None) -> np.ndarray:
-    if (
-        type(rows) is np.ndarray
-        and plan.all_numeric
-        and rows.ndim == 2
-        and rows.shape[1] == plan.n
-        and rows.dtype.kind == "f"
-        and rows.shape[0] > 0
-        and (max_rows is None or rows.shape[0] <= max_rows)
-        and (rows.dtype.itemsize <= 4 or not plan.any_f32)
-        and _ALL(_ISFINITE(rows), axis=None)
-    ):
-        return rows
     if isinstance(rows, np.ndarray):
         if rows.ndim != 2:
             raise InputError(f"inputs must be 2-D (rows × features), got {rows.ndim} dimension(s)")
@@ -125,17 +110,8 @@ class FeedPlan:
             self.parts.append(
                 (inp.name, None if identity else np.asarray(cols), _NP.get(inp.dtype), reshape)
             )
-        # One input taking every column as it is: an array already of its dtype is the feed.
-        self.direct: tuple[str, Any] | None = None
-        if self.fast and len(self.parts) == 1:
-            name, cols, dtype, reshape = self.parts[0]
-            if cols is None and reshape is None and dtype is not None:
-                self.direct = (name, np.dtype(dtype))
 
     def feeds(self, arr: np.ndarray) -> dict[str, np.ndarray]:
-        direct = self.direct
-        if direct is not None and arr.dtype == direct[1]:
-            return {direct[0]: arr}
         if not self.fast:
             from protocol.feeds import make_feeds
 

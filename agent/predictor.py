@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,6 @@ FEEDBACK_MEMORY = 10_000
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count(1)
 SHADOW_QUEUE = 1_000
-_F64 = np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,11 @@ class LoadedModel:
             labels = outputs.get(fast[0])
             probs = outputs.get(fast[1])
             if labels is not None and probs is not None and labels.dtype.kind in "iu":
-                p = probs if probs.dtype is _F64 else probs.astype(_F64)
-                if p.ndim != 2:
-                    p = p.reshape(p.shape[0], -1)
-                if labels.ndim != 1:
-                    labels = labels.reshape(-1)
-                return Prediction(labels=labels.tolist(), probabilities=p)
+                n = probs.shape[0]
+                p = probs if probs.dtype == np.float64 else probs.astype(np.float64)
+                return Prediction(
+                    labels=labels.reshape(-1).tolist(), probabilities=p.reshape(n, -1)
+                )
         try:
             return decode_outputs(outputs, self.manifest.output_schema)
         except (KeyError, IndexError, ValueError, TypeError) as exc:
@@ -159,12 +158,8 @@ class Predictor:
         self._previous: LoadedModel | None = None
         self._observers: tuple[PredictionObserver, ...] = ()
         self._lock = threading.Lock()
-        # Feedback memory: request id → (model, prediction) for the last FEEDBACK_MEMORY
-        # requests. A ring of ids says which entry to forget; each request takes its own
-        # ring slot from an atomic counter, so no lock is needed on the request path.
-        self._recent: dict[str, tuple[ModelRef, Any]] = {}
-        self._ring: list[str | None] = [None] * FEEDBACK_MEMORY
-        self._ring_pos = itertools.count()
+        self._recent: OrderedDict[str, tuple[ModelRef, Any]] = OrderedDict()
+        self._recent_lock = threading.Lock()
         self.stats = PredictorStats()
         self._shadow: LoadedModel | None = None
         self._shadow_queue: queue.Queue | None = None
@@ -333,16 +328,15 @@ class Predictor:
     def _remember(self, rid: str, ref: ModelRef, predicted: Any) -> None:
         if predicted is not None and len(predicted) == 1:
             predicted = predicted[0]
-        ring = self._ring
-        slot = next(self._ring_pos) % FEEDBACK_MEMORY
-        old, ring[slot] = ring[slot], rid
-        if old is not None and old != rid:
-            self._recent.pop(old, None)
-        self._recent[rid] = (ref, predicted)
+        with self._recent_lock:
+            self._recent[rid] = (ref, predicted)
+            if len(self._recent) > FEEDBACK_MEMORY:
+                self._recent.popitem(last=False)
 
     def feedback(self, request_id: str, truth: Any) -> None:
         """Report the true label/value of an earlier request (KeyError if unknown/too old)."""
-        ref, predicted = self._recent[request_id]
+        with self._recent_lock:
+            ref, predicted = self._recent[request_id]
         for obs in self._observers:
             try:
                 obs.on_feedback(request_id, ref, truth, predicted)

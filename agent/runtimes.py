@@ -72,17 +72,7 @@ class OnnxRuntime(Runtime):
             )
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
-        self._dtypes = {
-            i.name: (None if t is None else np.dtype(t))
-            for i in self._session.get_inputs()
-            for t in [_ORT_TYPES.get(i.type)]
-        }  # dtype objects: comparing a dtype with a scalar type costs a conversion per call
-        # The binding under InferenceSession.run. The wrapper's per-call checks (every input
-        # named, WebGPU graph capture, OrtValue ownership, EP fallback) cannot apply to numpy
-        # feeds on the CPU provider, and cost ~1.5 µs of a 7-15 µs single-row run. A call the
-        # binding refuses is repeated through ``run``, so errors read as they always did.
-        binding = getattr(self._session, "_sess", None)
-        self._binding = binding if callable(getattr(binding, "run", None)) else None
+        self._dtypes = {i.name: _ORT_TYPES.get(i.type) for i in self._session.get_inputs()}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         dtypes = self._dtypes
@@ -91,13 +81,6 @@ class OnnxRuntime(Runtime):
             if want is not None and want != v.dtype:
                 break
         else:
-            binding = self._binding
-            if binding is not None:
-                try:
-                    outs = binding.run(self.output_names, feeds, None)
-                    return dict(zip(self.output_names, outs, strict=True))
-                except Exception:
-                    pass  # once more through the wrapper below: its checks, its messages
             try:
                 outs = self._session.run(self.output_names, feeds)
             except Exception as exc:

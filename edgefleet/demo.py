@@ -263,7 +263,9 @@ class _Traffic:
                 continue
             if r.status_code == 200:
                 self.latency[device_id].append((time.perf_counter() - t0) * 1000)
-            elif r.status_code == 503 and agent.predictor.model is None:
+            elif r.status_code == 503 and '"no_model"' in r.text:
+                # Read from the answer itself: checking the predictor afterwards races with
+                # the install that lands between the answer and the check.
                 self.not_ready[device_id] += 1
             else:
                 self.errors[device_id] += 1

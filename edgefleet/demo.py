@@ -180,7 +180,16 @@ def _fleet_config(
             "broker": {"url": broker_url, "client_id": f"edgefleet-server-{secrets.token_hex(3)}"},
             "api": {"host": "127.0.0.1", "port": api_port},
             "signing": {"key": str(fleet_key), "trusted": [str(release_pub)]},
-            "rollout": {"tick_s": 0.25, "soak_s": 1.0, "min_devices": 2, "failure_threshold": 0.2},
+            # A device that has not confirmed in 20 s is timed out and sent the deploy again
+            # (the default 300 s suits real fleets, not a 3-minute story).
+            "rollout": {
+                "tick_s": 0.25,
+                "soak_s": 1.0,
+                "min_devices": 2,
+                "failure_threshold": 0.2,
+                "device_timeout_s": 20.0,
+                "max_retries": 3,
+            },
             "drift": {"min_rows": 150, "window_seconds": 3600},
         }
     )

@@ -121,10 +121,27 @@ class DriftStore:
         return rows[0] if rows else None
 
     def save_windows(self, windows: list[dict[str, Any]], keys: list[dict[str, Any]]) -> None:
-        """Store merged windows and mark the reports they absorbed as seen, atomically."""
-        with self.db.atomic():
+        """Store merged windows and mark the reports they absorbed as seen, atomically.
+
+        ``BEGIN IMMEDIATE`` takes the write lock before sqlite-utils reads the schema: a
+        deferred transaction that reads first cannot upgrade to a write once the registry's
+        connection (same file) has committed, and SQLite then answers "database is locked"
+        at once instead of waiting (seen in CI under load).
+        """
+        conn = self.db.conn
+        if conn.in_transaction:
+            with self.db.atomic():
+                self.db[REPORTS].insert_all(keys)
+                self.db[WINDOWS].upsert_all(windows, pk=("model", "version", "window"))
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             self.db[REPORTS].insert_all(keys)
             self.db[WINDOWS].upsert_all(windows, pk=("model", "version", "window"))
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
 
     def mark_window(self, model: str, version: str, window: float, **fields: Any) -> None:
         self.db[WINDOWS].update((model, version, window), fields)

@@ -170,14 +170,18 @@ def _build_bundles(work: Path, progress: Progress) -> tuple[Path, Path, Path, Pa
 
 # 3: fleet server ----------------------------------------------------------------------
 def _fleet_config(
-    work: Path, broker_url: str, api_port: int, release_pub: Path, fleet_key: Path
+    work: Path, broker_url: str, api_port: int, release_pub: Path, fleet_key: Path, prefix: str
 ) -> Any:
     from fleet_server.config import FleetConfig
 
     return FleetConfig.model_validate(
         {
             "data_dir": str(work / "fleet"),
-            "broker": {"url": broker_url, "client_id": f"edgefleet-server-{secrets.token_hex(3)}"},
+            "broker": {
+                "url": broker_url,
+                "client_id": f"edgefleet-server-{secrets.token_hex(3)}",
+                "topic_prefix": prefix,
+            },
             "api": {"host": "127.0.0.1", "port": api_port},
             "signing": {"key": str(fleet_key), "trusted": [str(release_pub)]},
             # A device that has not confirmed in 20 s is timed out and sent the deploy again
@@ -197,7 +201,7 @@ def _fleet_config(
 
 # 4: agents ----------------------------------------------------------------------------
 def _agent_config(
-    work: Path, i: int, broker_url: str, trusted: list[Path], failing: bool = False
+    work: Path, i: int, broker_url: str, trusted: list[Path], prefix: str, failing: bool = False
 ) -> Any:
     from agent.config import AgentConfig
 
@@ -210,7 +214,7 @@ def _agent_config(
             "profile": profile,
             "data_dir": str(work / "devices" / device_id),
             "tags": [f"site-{'north' if i % 3 else 'south'}"],
-            "broker": {"url": broker_url},
+            "broker": {"url": broker_url, "topic_prefix": prefix},
             "trust": {"public_keys": [str(p) for p in trusted]},
             "api": {"host": "127.0.0.1", "port": _free_port()},
             "sketch": {"window_seconds": 2.0, "window_rows": 5000},
@@ -361,14 +365,17 @@ def run_demo(
 
     broker = None
     broker_url = options.broker_url
+    # On someone's own broker the demo gets a topic tree of its own, so it never sees (or
+    # rolls out to) real devices, nor retained state left there by earlier runs.
+    prefix = "edgefleet" if broker_url is None else f"edgefleet-demo-{secrets.token_hex(4)}"
     if broker_url is None:
         broker = EmbeddedBroker().start()
         broker_url = broker.url
         progress("fleet", f"embedded MQTT broker (amqtt) on {broker_url}")
     else:
-        progress("fleet", f"using the external broker at {broker_url}")
+        progress("fleet", f"using the external broker at {broker_url}, topics under {prefix}/")
     api_port = options.api_port or _free_port()
-    config = _fleet_config(work, broker_url, api_port, release_pub, fleet_key)
+    config = _fleet_config(work, broker_url, api_port, release_pub, fleet_key, prefix)
     server = FleetServer(config).start()
     service = server.service
     assert service is not None
@@ -386,7 +393,7 @@ def run_demo(
     try:
         trusted = [release_pub, fleet_pub]
         for i in range(options.devices):
-            cfg = _agent_config(work, i, broker_url, trusted)
+            cfg = _agent_config(work, i, broker_url, trusted, prefix)
             agents[cfg.device_id] = Agent(cfg).start()
         progress(
             "agents",
@@ -431,7 +438,7 @@ def run_demo(
         for device_id in failing:
             agents[device_id].stop()
             idx = int(device_id.split("-")[1])
-            cfg = _agent_config(work, idx, broker_url, trusted, failing=True)
+            cfg = _agent_config(work, idx, broker_url, trusted, prefix, failing=True)
             cfg = cfg.model_copy(update={"api": agents[device_id].config.api})
             agents[device_id] = Agent(cfg).start()
         traffic.agents = agents

@@ -52,6 +52,17 @@ def test_demo_halts_failing_canaries_rolls_back_and_fires_drift(tmp_path):
 
 @pytest.mark.mosquitto
 def test_demo_runs_the_same_story_against_an_external_mosquitto(tmp_path, mosquitto_broker):
+    # A broker in use: a real device's retained state must not be pulled into the demo.
+    from protocol import Topics
+    from protocol.messages import DeviceState
+    from protocol.transport_paho import PahoTransport
+
+    other = PahoTransport(mosquitto_broker.url, "stranger-device", clean_session=True)
+    other.connect()
+    state = DeviceState(device_id="stranger", online=True, profile="host")
+    assert other.publish(Topics().state("stranger"), state.to_json(), retain=True).wait(5)
+    other.close()
     s, stdout = run_demo(tmp_path, "--broker", mosquitto_broker.url)
     check_outcome(s)
+    assert "stranger" not in json.dumps(s)
     assert f"external broker at {mosquitto_broker.url}" in stdout

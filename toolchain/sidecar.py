@@ -215,6 +215,21 @@ def _py(v: Any) -> Any:
 # --- TFLite ----------------------------------------------------------------------------
 
 
+def single_input_schema(name: str, tail: list[int], features: list[Any]) -> InputSchema:
+    """The schema of a one-tensor (TFLite) model: every feature feeds tensor ``name``."""
+    return InputSchema(
+        features=features,
+        inputs=[
+            ModelInput(
+                name=name,
+                dtype="float32",
+                shape=[None, *tail],
+                features=[f.name for f in features],
+            )
+        ],
+    )
+
+
 def infer_tflite_schema(
     path: Path, data: Dataset | None = None
 ) -> tuple[InputSchema, OutputSchema]:
@@ -228,20 +243,8 @@ def infer_tflite_schema(
         raise UnsupportedModelError(
             f"{path.name}: TFLite models with {len(ins)} inputs are not supported"
         )
-    shape = [int(d) for d in ins[0]["shape"]]
-    tail = shape[1:] or [1]
-    features = plain_features(int(np.prod(tail)), data)
-    inp = InputSchema(
-        features=features,
-        inputs=[
-            ModelInput(
-                name=ins[0]["name"],
-                dtype="float32",
-                shape=[None, *tail],
-                features=[f.name for f in features],
-            )
-        ],
-    )
+    tail = [int(d) for d in ins[0]["shape"][1:]] or [1]
+    inp = single_input_schema(ins[0]["name"], tail, plain_features(int(np.prod(tail)), data))
     width = int(outs[0]["shape"][-1]) if len(outs[0]["shape"]) > 1 else 1
     if width > 1:
         classes: list[Any] = list(range(width))

@@ -19,11 +19,11 @@ from typing import Any, Literal
 import numpy as np
 
 from protocol.manifest import Lineage
-from protocol.schema import InputSchema, ModelInput, OutputSchema
+from protocol.schema import InputSchema, OutputSchema
 
 from .data import Dataset
 from .errors import ConversionError, DataError, QuantizationError, translate
-from .sidecar import plain_features
+from .sidecar import plain_features, single_input_schema
 from .sources import SourceModel
 
 TfliteMode = Literal["none", "dynamic", "fp16", "int8"]
@@ -98,18 +98,7 @@ def tflite_schema(
             f"feature-count mismatch: the model takes {n} values per row but the data has "
             f"{data.n_features}"
         )
-    features = plain_features(n, data)
-    inp = InputSchema(
-        features=features,
-        inputs=[
-            ModelInput(
-                name=ins[0]["name"],
-                dtype="float32",
-                shape=[None, *tail],
-                features=[f.name for f in features],
-            )
-        ],
-    )
+    inp = single_input_schema(ins[0]["name"], tail, plain_features(n, data))
     width = int(outs[0]["shape"][-1]) if len(outs[0]["shape"]) > 1 else 1
     if task == "classification":
         return inp, OutputSchema(

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,79 @@ _ID_COUNTER = itertools.count(1)
 SHADOW_QUEUE = 1_000
 
 
+_F32 = np.dtype(np.float32)
+_INT_TENSORS = ("tensor(int64)", "tensor(int32)")
+_FLOAT_TENSORS = ("tensor(float)", "tensor(double)")
+
+
+@dataclass(frozen=True)
+class DirectPath:
+    """Rows straight to the runtime and outputs straight to the answer.
+
+    Taken when the rows are the model's only input as they are (every feature in order,
+    one float32 (n, features) tensor) and the outputs are integer labels with float
+    probabilities, or float values. ``label``, ``proba`` and ``value`` are positions in
+    the runtime's output list. The arrays are returned as the runtime made them (labels
+    1-D, the others 2-D); :class:`PredictResult` turns them into lists when read.
+    """
+
+    run_array: Callable[[np.ndarray], list[np.ndarray]]
+    label: int | None
+    proba: int | None
+    value: int | None
+
+    @classmethod
+    def plan(
+        cls, runtime: Runtime, feed_plan: FeedPlan, plan: SchemaPlan, out: Any
+    ) -> DirectPath | None:
+        names = list(runtime.output_names)
+        types = list(getattr(runtime, "output_types", None) or [])
+        if (
+            not plan.all_numeric
+            or len(runtime.input_names) != 1
+            or feed_plan.single != runtime.input_names[0]
+            or runtime.input_type(runtime.input_names[0]) != _F32
+            or len(types) != len(names)
+        ):
+            return None
+
+        def pos(name: str | None, allowed: tuple[str, ...]) -> int | None:
+            if name is None or name not in names:
+                return None
+            i = names.index(name)
+            return i if types[i] in allowed else None
+
+        if out.task == "regression":
+            value = pos(out.value_output or names[0], _FLOAT_TENSORS)
+            return None if value is None else cls(runtime.run_array, None, None, value)
+        label = pos(out.label_output, _INT_TENSORS)
+        proba = pos(out.probability_output, _FLOAT_TENSORS)
+        if label is None or (out.probability_output is not None and proba is None):
+            return None  # string labels, labels from classes, ...: the general decoder
+        return cls(runtime.run_array, label, proba, None)
+
+    def __call__(self, x: np.ndarray) -> tuple[Any, Any, Any]:
+        """(labels, probabilities, values) for a C-contiguous float32 (n, features) array."""
+        outs = self.run_array(x)
+        labels = probs = values = None
+        try:
+            if self.label is not None:
+                labels = outs[self.label]
+                if labels.ndim != 1:
+                    labels = labels.reshape(-1)
+            if self.proba is not None:
+                probs = outs[self.proba]
+                if probs.ndim != 2:
+                    probs = probs.reshape(x.shape[0], -1)
+            if self.value is not None:
+                values = outs[self.value]
+                if values.ndim != 2:
+                    values = values.reshape(x.shape[0], -1)
+        except ValueError as exc:
+            raise InferenceError(f"model outputs do not match the output schema: {exc}") from None
+        return labels, probs, values
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     runtime: Runtime
@@ -56,6 +129,7 @@ class LoadedModel:
     # (label, probability) output names when both exist: decoded without the general path
     # (same result as protocol.feeds.decode_outputs for integer labels; tested).
     fast_outputs: tuple[str, str] | None = None
+    direct: DirectPath | None = None
 
     @classmethod
     def open(cls, manifest: Manifest, model_bytes: bytes, threads: int) -> LoadedModel:
@@ -72,9 +146,25 @@ class LoadedModel:
         names = set(runtime.output_names)
         if out.task == "classification" and {out.label_output, out.probability_output} <= names:
             fast = (str(out.label_output), str(out.probability_output))
-        return cls(runtime, manifest, ref, SchemaPlan(schema), FeedPlan(schema), fast)
+        plan, feed_plan = SchemaPlan(schema), FeedPlan(schema)
+        direct = DirectPath.plan(runtime, feed_plan, plan, out)
+        return cls(runtime, manifest, ref, plan, feed_plan, fast, direct)
+
+    def run(self, arr: np.ndarray) -> tuple[Any, Any, Any]:
+        """(labels, probabilities, values) for validated rows. Labels may be a 1-D integer
+        array and the others 2-D arrays in the model's dtype; see :class:`PredictResult`."""
+        direct = self.direct
+        if direct is not None:
+            if arr.dtype is not _F32 or not arr.flags.c_contiguous:
+                arr = np.ascontiguousarray(arr, dtype=np.float32)
+            return direct(arr)
+        pred = self.infer(arr)
+        return pred.labels, pred.probabilities, pred.values
 
     def infer(self, arr: np.ndarray) -> Prediction:
+        if self.direct is not None:
+            labels, probs, values = self.run(arr)
+            return Prediction(_as_list(labels), probs, values)
         try:
             feeds = self.feed_plan.feeds(arr)
         except FeedError as exc:
@@ -96,16 +186,71 @@ class LoadedModel:
             raise InferenceError(f"model outputs do not match the output schema: {exc}") from None
 
 
-@dataclass(slots=True)
+def _request_id(key: str | int) -> str:
+    """A request id from what the predictor keeps: the caller's string, or our counter
+    (formatted only when someone reads it)."""
+    return key if type(key) is str else f"{_ID_PREFIX}{key:08x}"
+
+
+def _as_list(v: Any) -> Any:
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
 class PredictResult:
-    request_id: str
-    model: ModelRef
-    labels: list[Any] | None = None
-    probabilities: list[list[float]] | None = None
-    values: list[list[float]] | None = None
-    latency_ms: float = 0.0
-    fallback: bool = False
-    error: str | None = None
+    """One answer: request id, model, outputs, latency, and whether a fallback answered.
+
+    ``labels``, ``probabilities`` and ``values`` are plain lists, built when first read
+    from the arrays the runtime returned (nothing is converted that nobody reads);
+    :meth:`arrays` gives the arrays themselves.
+    """
+
+    __slots__ = ("_out", "_rid", "error", "fallback", "latency_ms", "model")
+
+    def __init__(
+        self,
+        request_id: str | int,
+        model: ModelRef,
+        labels: Any = None,
+        probabilities: Any = None,
+        values: Any = None,
+        latency_ms: float = 0.0,
+        fallback: bool = False,
+        error: str | None = None,
+    ) -> None:
+        self._rid = request_id
+        self.model = model
+        self.latency_ms = latency_ms
+        self.fallback = fallback
+        self.error = error
+        self._out = (labels, probabilities, values)
+
+    @property
+    def request_id(self) -> str:
+        return _request_id(self._rid)
+
+    @property
+    def labels(self) -> list[Any] | None:
+        return _as_list(self._out[0])
+
+    @property
+    def probabilities(self) -> list[list[float]] | None:
+        return _as_list(self._out[1])
+
+    @property
+    def values(self) -> list[list[float]] | None:
+        return _as_list(self._out[2])
+
+    def arrays(self) -> tuple[Any, Any, Any]:
+        """(labels, probabilities, values) as the runtime returned them (None if absent)."""
+        return self._out
+
+    def __repr__(self) -> str:
+        return (
+            f"PredictResult(request_id={self.request_id!r}, model={self.model.version!r}, "
+            f"labels={self.labels!r}, probabilities={self.probabilities!r}, "
+            f"values={self.values!r}, latency_ms={self.latency_ms:.4f}, "
+            f"fallback={self.fallback})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -116,10 +261,9 @@ class PredictResult:
                 "release": self.model.release,
             },
         }
-        for key in ("labels", "probabilities", "values"):
-            value = getattr(self, key)
+        for key, value in zip(("labels", "probabilities", "values"), self._out, strict=True):
             if value is not None:
-                out[key] = value
+                out[key] = _as_list(value)
         out["latency_ms"] = round(self.latency_ms, 4)
         out["fallback"] = self.fallback
         return out
@@ -137,17 +281,6 @@ class PredictorStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-def _plain(pred: Prediction) -> tuple[Any, Any, Any]:
-    p, v = pred.probabilities, pred.values
-    probs = (
-        None if p is None else (p.tolist() if isinstance(p, np.ndarray) else np.asarray(p).tolist())
-    )
-    values = (
-        None if v is None else (v.tolist() if isinstance(v, np.ndarray) else np.asarray(v).tolist())
-    )
-    return pred.labels, probs, values
-
-
 class Predictor:
     """Answers predictions from the active model; safe to call from many threads."""
 
@@ -158,7 +291,10 @@ class Predictor:
         self._previous: LoadedModel | None = None
         self._observers: tuple[PredictionObserver, ...] = ()
         self._lock = threading.Lock()
-        self._recent: OrderedDict[str, tuple[ModelRef, Any]] = OrderedDict()
+        # Feedback memory in two generations: requests go into _recent without a lock;
+        # when it holds FEEDBACK_MEMORY it becomes _older (the one before is dropped).
+        self._recent: dict[str | int, tuple[ModelRef, Any]] = {}
+        self._older: dict[str | int, tuple[ModelRef, Any]] = {}
         self._recent_lock = threading.Lock()
         self.stats = PredictorStats()
         self._shadow: LoadedModel | None = None
@@ -256,7 +392,46 @@ class Predictor:
         cur = self._current
         if cur is None:
             raise NoModelError("no model is installed yet")
-        rid = request_id or f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+        rid: str | int = request_id or next(_ID_COUNTER)
+        run: Callable[[np.ndarray], tuple[Any, Any, Any]] = cur.run
+        arr = None
+        if cur.direct is not None and instances is None and type(rows) is np.ndarray:
+            arr = cur.plan.fast_array(rows, max_rows)  # None: the full checks decide
+            if arr is not None:
+                run = cur.direct
+        if arr is None:
+            arr = self._validated(cur, rows, instances, max_rows)
+        error: str | None = None
+        model = cur
+        try:
+            labels, probs, values = run(arr)
+        except ModelError as exc:
+            error = str(exc)
+            pred, model = self._fallback(cur, arr, exc)
+            labels, probs, values = pred.labels, pred.probabilities, pred.values
+        latency = (time.perf_counter() - t0) * 1000.0
+        fallback = error is not None
+        stats = self.stats
+        stats.requests += 1
+        stats.rows += len(arr)
+        if fallback:
+            stats.fallbacks += 1
+        self._remember(rid, model.ref, labels if labels is not None else values)
+        if self._observers:  # no event object at all when nobody listens
+            pred = Prediction(_as_list(labels), probs, values)
+            event = PredictionEvent(
+                time.time(), _request_id(rid), model.ref, arr, pred, latency, error, fallback
+            )
+            self._notify(event)
+        if self._shadow_queue is not None:
+            try:
+                self._shadow_queue.put_nowait((_request_id(rid), arr))
+            except queue.Full:
+                stats.shadow_dropped += 1
+        return PredictResult(rid, model.ref, labels, probs, values, latency, fallback, error)
+
+    @staticmethod
+    def _validated(cur: LoadedModel, rows: Any, instances: Any, max_rows: int | None) -> np.ndarray:
         if instances is not None:
             if rows is not None:
                 raise InputError("send either inputs or instances, not both")
@@ -268,35 +443,7 @@ class Predictor:
                 raise InputError(str(exc)) from None
         if rows is None:
             raise InputError("no inputs given")
-        arr = validate_rows(rows, cur.plan, max_rows)
-        error: str | None = None
-        fallback = False
-        model = cur
-        try:
-            pred: Prediction | None = cur.infer(arr)
-        except ModelError as exc:
-            error = str(exc)
-            pred, model = self._fallback(cur, arr, exc)
-            fallback = True
-        latency = (time.perf_counter() - t0) * 1000.0
-        self.stats.requests += 1
-        self.stats.rows += len(arr)
-        if fallback:
-            self.stats.fallbacks += 1
-        assert pred is not None
-        labels, probs, values = _plain(pred)
-        result = PredictResult(rid, model.ref, labels, probs, values, latency, fallback, error)
-        self._remember(rid, model.ref, labels if labels is not None else values)
-        if self._observers:  # no event object at all when nobody listens
-            self._notify(
-                PredictionEvent(time.time(), rid, model.ref, arr, pred, latency, error, fallback)
-            )
-        if self._shadow_queue is not None:
-            try:
-                self._shadow_queue.put_nowait((rid, arr))
-            except queue.Full:
-                self.stats.shadow_dropped += 1
-        return result
+        return validate_rows(rows, cur.plan, max_rows)
 
     def _fallback(
         self, cur: LoadedModel, arr: np.ndarray, exc: ModelError
@@ -325,23 +472,38 @@ class Predictor:
                 self.stats.observer_errors += 1
 
     # -- feedback -----------------------------------------------------------------------
-    def _remember(self, rid: str, ref: ModelRef, predicted: Any) -> None:
-        if predicted is not None and len(predicted) == 1:
-            predicted = predicted[0]
-        with self._recent_lock:
-            self._recent[rid] = (ref, predicted)
-            if len(self._recent) > FEEDBACK_MEMORY:
-                self._recent.popitem(last=False)
+    def _remember(self, rid: str | int, ref: ModelRef, predicted: Any) -> None:
+        recent = self._recent
+        recent[rid] = (ref, predicted)
+        if len(recent) >= FEEDBACK_MEMORY:
+            with self._recent_lock:
+                if self._recent is recent:
+                    self._older, self._recent = recent, {}
 
     def feedback(self, request_id: str, truth: Any) -> None:
-        """Report the true label/value of an earlier request (KeyError if unknown/too old)."""
-        with self._recent_lock:
-            ref, predicted = self._recent[request_id]
+        """Report the true label/value of an earlier request (KeyError if unknown/too old).
+
+        At least the last FEEDBACK_MEMORY requests are remembered (at most twice that)."""
+        hit = self._recall(request_id)
+        if hit is None and request_id.startswith(_ID_PREFIX):
+            try:  # one of ours: remembered by its counter
+                hit = self._recall(int(request_id[len(_ID_PREFIX) :], 16))
+            except ValueError:
+                pass
+        if hit is None:
+            raise KeyError(request_id)
+        ref, raw = hit
+        predicted = _as_list(raw)
+        if predicted is not None and len(predicted) == 1:
+            predicted = predicted[0]
         for obs in self._observers:
             try:
                 obs.on_feedback(request_id, ref, truth, predicted)
             except Exception:
                 self.stats.observer_errors += 1
+
+    def _recall(self, key: str | int) -> tuple[ModelRef, Any] | None:
+        return self._recent.get(key) or self._older.get(key)
 
     # -- shadow -------------------------------------------------------------------------
     def set_shadow(self, manifest: Manifest | None, model_bytes: bytes | None) -> None:

@@ -51,6 +51,16 @@ class Runtime:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def input_type(self, name: str) -> Any:
+        """The numpy dtype the model declares for input ``name`` (None if unknown)."""
+        return None
+
+    def run_array(self, x: np.ndarray) -> list[np.ndarray]:
+        """Outputs in ``output_names`` order for a one-input model; ``x`` is already in the
+        input's declared dtype and C-contiguous (the predictor's direct path)."""
+        outs = self.run({self.input_names[0]: x})
+        return [outs[n] for n in self.output_names]
+
 
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
@@ -72,7 +82,44 @@ class OnnxRuntime(Runtime):
             )
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        self.output_types = [o.type for o in self._session.get_outputs()]
         self._dtypes = {i.name: _ORT_TYPES.get(i.type) for i in self._session.get_inputs()}
+        # run_array binds through IOBinding, which returns tensors only (not ZipMap's maps).
+        self._bindable = len(self.input_names) == 1 and all(
+            t.startswith("tensor(") for t in self.output_types
+        )
+        self._local = threading.local()  # one IOBinding per thread: a binding is not shared
+
+    def input_type(self, name: str) -> Any:
+        return self._dtypes.get(name)
+
+    def run_array(self, x: np.ndarray) -> list[np.ndarray]:
+        """One input through IOBinding (public API). It skips the feed checks in Python that
+        ``InferenceSession.run`` repeats on every call, about 1 µs of a 6-9 µs single-row
+        run; the predictor has validated the rows and the dtype before this.
+
+        Each thread keeps its own binding (a binding is not thread-safe). Bound outputs keep
+        the shape of the last run, so they are bound afresh when the batch size changes.
+        """
+        if not self._bindable:
+            return super().run_array(x)
+        local = self._local
+        binding = getattr(local, "binding", None)
+        try:
+            if binding is None or local.rows != x.shape[0]:
+                binding = self._session.io_binding()
+                for name in self.output_names:
+                    binding.bind_output(name)
+                local.binding, local.rows = binding, x.shape[0]
+            binding.bind_cpu_input(self.input_names[0], x)
+            self._session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+        except Exception:
+            # Start the next call with a fresh binding, and answer this one (or raise the
+            # translated error) the ordinary way, so a model whose output shapes change in
+            # other ways than by batch size still works.
+            local.binding = None
+            return super().run_array(x)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         dtypes = self._dtypes

@@ -309,21 +309,31 @@ def test_any_finite_numeric_rows_validate_to_the_same_values(rows) -> None:
     np.testing.assert_array_equal(out.astype(np.float64), np.array(rows, dtype=np.float64))
 
 
-def test_fast_output_decoding_matches_the_protocol(device) -> None:
+def test_direct_and_fast_output_decoding_match_the_protocol(device) -> None:
+    """Both shortcuts (the direct path, and the label/probability decoder it bypasses) give
+    what protocol.feeds.decode_outputs gives; the direct path keeps the model's float32."""
+    import dataclasses
+
     from protocol.feeds import decode_outputs, make_feeds
     from tests.support.bundles import trained
 
     cur = device.predictor._current
-    assert cur is not None and cur.fast_outputs is not None
+    assert cur is not None and cur.fast_outputs is not None and cur.direct is not None
     X = trained("iris-logreg").X[::7]
-    ours = cur.infer(X)
     theirs = decode_outputs(
         cur.runtime.run(make_feeds(X, cur.manifest.input_schema)), cur.manifest.output_schema
     )
-    assert ours.labels == theirs.labels
-    assert ours.probabilities is not None and theirs.probabilities is not None
-    assert ours.probabilities.dtype == theirs.probabilities.dtype
-    np.testing.assert_array_equal(ours.probabilities, theirs.probabilities)
+    assert theirs.probabilities is not None
+    direct = cur.infer(X)
+    general = dataclasses.replace(cur, direct=None).infer(X)
+    for ours, dtype in ((direct, np.float32), (general, np.float64)):
+        assert ours.labels == theirs.labels
+        assert ours.probabilities is not None and ours.probabilities.dtype == dtype
+        np.testing.assert_array_equal(ours.probabilities, theirs.probabilities)
+    # PredictResult's lists are the same numbers either way (float32 → Python float is exact)
+    res = device.predictor.predict(X.astype(np.float32))
+    assert res.probabilities == theirs.probabilities.tolist()
+    assert res.labels == theirs.labels
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +372,80 @@ def test_inference_threads_come_from_the_profile_unless_configured(tmp_path: Pat
     assert by_profile.threads == profile.inference_threads
     configured = AgentConfig(data_dir=tmp_path, profile="raspberry-pi-4", runtime={"threads": 3})
     assert Predictor.from_config(configured).threads == 3
+
+
+def test_fast_array_takes_only_finite_float32_rows_of_the_right_shape() -> None:
+    """The predictor's shortcut for ndarray rows: anything it declines goes through
+    validate_rows, so it must decline every NaN and infinity, wherever it sits."""
+    from agent.inputs import SchemaPlan
+    from tests.support.bundles import trained
+
+    plan = SchemaPlan(trained("iris-logreg").input_schema)
+    ok = np.array([[5.1, 3.5, 1.4, 0.2], [0.0, -0.0, 1e38, -1e-45]], dtype=np.float32)
+    assert plan.fast_array(ok) is ok
+    assert plan.fast_array(ok[:1]) is not None
+    for bad in (np.nan, np.inf, -np.inf):
+        for n in (1, 3):
+            for i in range(n):
+                for j in range(4):
+                    rows = np.ones((n, 4), dtype=np.float32)
+                    rows[i, j] = bad
+                    assert plan.fast_array(rows) is None, (bad, n, i, j)
+    assert plan.fast_array(ok.astype(np.float64)) is None  # float64: range checks needed
+    assert plan.fast_array(np.ones((2, 4), dtype=np.int64)) is None
+    assert plan.fast_array(np.asfortranarray(np.ones((3, 4), dtype=np.float32))) is None
+    assert plan.fast_array(np.ones((2, 5), dtype=np.float32)) is None
+    assert plan.fast_array(np.ones((0, 4), dtype=np.float32)) is None
+    assert plan.fast_array(np.ones(4, dtype=np.float32)) is None
+    assert plan.fast_array(ok, max_rows=1) is None
+    big = np.ones((20_000, 4), dtype=np.float32)  # beyond the zero vector: isfinite path
+    assert plan.fast_array(big) is big
+    big[12_345, 2] = np.inf
+    assert plan.fast_array(big) is None
+
+
+def test_ndarray_rows_the_shortcut_declines_still_get_exact_errors(device) -> None:
+    p = device.predictor
+    assert p._current is not None and p._current.direct is not None
+    with pytest.raises(InputError, match="'petal_length' is NaN"):
+        p.predict(np.array([[5.1, 3.5, np.nan, 0.2]], dtype=np.float32))
+    with pytest.raises(InputError, match="not finite"):
+        p.predict(np.array([[5.1, 3.5, 1.4, np.inf]], dtype=np.float32))
+    with pytest.raises(InputError, match="over the limit of 1"):
+        p.predict(np.ones((2, 4), dtype=np.float32), max_rows=1)
+    a = p.predict(np.array([IRIS_ROW], dtype=np.float32))
+    b = p.predict([IRIS_ROW])  # lists take the full checks; same answer
+    assert a.labels == b.labels and a.probabilities == b.probabilities
+
+
+def test_result_lists_are_built_on_read_and_arrays_are_available(device) -> None:
+    res = device.predictor.predict(np.array([IRIS_ROW, IRIS_ROW], dtype=np.float32))
+    labels, probs, values = res.arrays()
+    assert isinstance(labels, np.ndarray) and isinstance(probs, np.ndarray) and values is None
+    assert res.labels == labels.tolist() and isinstance(res.labels[0], int)
+    assert isinstance(res.probabilities, list) and isinstance(res.probabilities[0][0], float)
+    assert res.to_dict()["probabilities"] == probs.tolist()
+    assert "PredictResult(request_id=" in repr(res)
+
+
+def test_feedback_finds_generated_and_caller_ids_across_memory_generations(
+    device, monkeypatch
+) -> None:
+    import agent.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "FEEDBACK_MEMORY", 10)
+    rec = Recorder()
+    p = device.predictor
+    p.add_observer(rec)
+    ids = [p.predict([IRIS_ROW]).request_id for _ in range(15)]
+    ids.append(p.predict([IRIS_ROW], request_id="caller-7").request_id)
+    for rid in (ids[0], ids[9], ids[14], "caller-7"):  # older and newer generation
+        p.feedback(rid, 0)
+    assert [f[0] for f in rec.feedback] == [ids[0], ids[9], ids[14], "caller-7"]
+    assert all(f[3] == 0 for f in rec.feedback)  # the predicted label, as a plain value
+    for _ in range(20):  # two rotations later the first ones are forgotten
+        p.predict([IRIS_ROW])
+    with pytest.raises(KeyError):
+        p.feedback(ids[0], 0)
+    with pytest.raises(KeyError):
+        p.feedback(ids[0][:-1] + "g", 0)  # ours in form, not a hex counter

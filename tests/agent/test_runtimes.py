@@ -123,3 +123,50 @@ def test_litert_full_int8_model_quantizes_inputs_and_dequantizes_outputs(keras_i
     assert out.dtype == np.float32  # dequantized
     assert np.abs(out - expected).max() < 0.05
     assert (out.argmax(1) == expected.argmax(1)).mean() > 0.95
+
+
+def test_run_array_matches_run_across_batch_sizes_rows_and_threads(iris) -> None:
+    """run_array reuses one IOBinding per thread: a change of batch size, of rows, or of
+    thread must never hand back another call's outputs."""
+    import threading
+
+    tm, manifest = iris
+    rt = open_runtime(tm.onnx, manifest, threads=1)
+    X = np.ascontiguousarray(tm.X, dtype=np.float32)
+    name = rt.input_names[0]
+
+    def expected(lo: int, hi: int) -> list[np.ndarray]:
+        outs = rt.run({name: X[lo:hi]})
+        return [outs[n] for n in rt.output_names]
+
+    for lo, hi in ((0, 2), (5, 6), (50, 55), (100, 105), (7, 8), (0, 150)):
+        got = rt.run_array(np.ascontiguousarray(X[lo:hi]))
+        for a, b in zip(got, expected(lo, hi), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    wrong: list[tuple[int, int]] = []
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            lo = int(rng.integers(0, 149))
+            hi = lo + int(rng.integers(1, min(4, 150 - lo) + 1))
+            got = rt.run_array(np.ascontiguousarray(X[lo:hi]))
+            if not all(np.array_equal(a, b) for a, b in zip(got, expected(lo, hi), strict=True)):
+                wrong.append((lo, hi))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_run_array_failure_is_translated_and_the_next_call_works(iris) -> None:
+    tm, manifest = iris
+    rt = open_runtime(tm.onnx, manifest, threads=1)
+    with pytest.raises(InferenceError, match="onnxruntime failed"):
+        rt.run_array(np.zeros((1, 7), dtype=np.float32))  # 7 features, the model takes 4
+    out = rt.run_array(np.ascontiguousarray(tm.X[:1], dtype=np.float32))
+    assert out[0].tolist() == [0]

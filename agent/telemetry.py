@@ -1,6 +1,6 @@
 """Feature sketches per window, computed off the request path.
 
-    request thread ──on_prediction()──▶ bounded queue ──▶ one worker thread
+    request thread ──on_prediction()──▶ bounded deque ──▶ one worker thread
                                                            │ batches rows into numpy arrays
                                                            ▼
                                         WindowSketcher (pure: events + now in, reports out)
@@ -26,9 +26,9 @@ per model version); closed windows are in the outbox. A graceful stop closes ope
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -191,7 +191,13 @@ def _part(values: Any, sl: slice) -> Any:
 
 
 class Telemetry:
-    """The :class:`PredictionObserver` that feeds a :class:`WindowSketcher` from a worker."""
+    """The :class:`PredictionObserver` that feeds a :class:`WindowSketcher` from a worker.
+
+    The request path only appends the event to a bounded deque (no lock, no wake-up); the
+    worker wakes every ``interval_s`` and sketches everything queued, ``max_batch`` events
+    at a time. A KLL update per feature costs about the same for one row as for hundreds,
+    so sketching in large batches is what keeps its cost per request small.
+    """
 
     def __init__(
         self,
@@ -200,18 +206,22 @@ class Telemetry:
         *,
         clock: Callable[[], float] = time.time,
         queue_size: int = 10_000,
-        max_batch: int = 512,
-        coalesce_s: float = 0.05,
+        max_batch: int = 1024,
+        interval_s: float = 0.25,
     ) -> None:
         self.sketcher = sketcher
-        self.coalesce_s = coalesce_s
+        self.interval_s = interval_s
         self.sink = sink
         self.clock = clock
+        self.queue_size = queue_size
         self.max_batch = max_batch
         self.dropped = 0
         self.errors = 0
         self.emitted = 0
-        self._q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._buf: deque[PredictionEvent] = deque()
+        self._markers: list[threading.Event] = []
+        self._lock = threading.Lock()  # the worker's step and the markers
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -219,10 +229,11 @@ class Telemetry:
     def on_prediction(self, event: PredictionEvent) -> None:
         if event.shadow or event.rows is None:
             return
-        try:
-            self._q.put_nowait(event)
-        except queue.Full:
+        buf = self._buf
+        if len(buf) >= self.queue_size:
             self.dropped += 1
+            return
+        buf.append(event)  # deque.append is atomic; the worker is not woken per event
 
     def on_feedback(self, request_id: str, model: ModelRef, truth: Any, predicted: Any) -> None:
         return None
@@ -242,6 +253,7 @@ class Telemetry:
         if self._thread is not None:
             self.drain(timeout)
             self._stop.set()
+            self._wake.set()
             self._thread.join(timeout)
             self._thread = None
         self._emit(self.sketcher.close_all(self.clock()))
@@ -252,54 +264,44 @@ class Telemetry:
             self.process_pending()
             return True
         done = threading.Event()
-        try:
-            self._q.put(done, timeout=timeout)
-        except queue.Full:
-            return False
+        with self._lock:
+            self._markers.append(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def process_pending(self) -> int:
         """Sketch what is queued now (the worker's step; tests call it without a thread)."""
-        items: list[Any] = []
-        try:
-            while len(items) < self.max_batch:
-                items.append(self._q.get_nowait())
-        except queue.Empty:
-            pass
-        self._handle(items)
-        return len(items)
+        with self._lock:
+            markers, self._markers = self._markers, []
+            n = len(self._buf)  # what is queued now; later events wait for the next step
+            done = 0
+            while True:
+                items: list[PredictionEvent] = []
+                buf = self._buf
+                while buf and done < n and len(items) < self.max_batch:
+                    items.append(buf.popleft())
+                    done += 1
+                self._handle(items)
+                if done >= n:
+                    break
+        for m in markers:
+            m.set()
+        return done
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self._q.get(timeout=0.25)
-            except queue.Empty:
-                first = None
-            if first is not None and self._q.qsize() < self.max_batch:
-                # Let the request path queue more rows first: a KLL update per feature costs
-                # the same for one row as for hundreds, so one wake per request (what a bare
-                # get() gives) made sketching ~10× dearer per request than batching.
-                self._stop.wait(self.coalesce_s)
-            items = [] if first is None else [first]
-            try:
-                while len(items) < self.max_batch:
-                    items.append(self._q.get_nowait())
-            except queue.Empty:
-                pass
-            self._handle(items)
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            self.process_pending()
 
-    def _handle(self, items: list[Any]) -> None:
-        markers = [i for i in items if isinstance(i, threading.Event)]
-        events = [i for i in items if not isinstance(i, threading.Event)]
+    def _handle(self, events: list[PredictionEvent]) -> None:
         try:
-            reports = self._sketch(events)
+            reports = self._sketch(events) if events else []
             reports += self.sketcher.due(self.clock())
             self._emit(reports)
         except Exception:  # a telemetry bug must never take the worker down
             self.errors += 1
             log.exception("telemetry: sketching failed")
-        for m in markers:
-            m.set()
 
     def _sketch(self, events: list[PredictionEvent]) -> list[SketchReport]:
         batches: dict[tuple[str, str], _Batch] = {}

@@ -92,7 +92,7 @@ def _first_non_numeric(block: np.ndarray) -> tuple[int, int]:
     return 0, 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Prediction:
     labels: list[Any] | None = None
     probabilities: np.ndarray | None = None  # (n, n_classes)

@@ -96,6 +96,20 @@ def decode_frequent(data: str) -> Any:
         raise ProtocolError(f"not a frequent-items sketch: {exc}") from None
 
 
+class _ColumnPlan:
+    """A schema's columns as SketchBuilder.update_rows reads them, computed once."""
+
+    def __init__(self, schema: InputSchema) -> None:
+        num = [(j, f) for j, f in enumerate(schema.features) if f.kind == "numeric"]
+        self.index = np.array([j for j, _ in num], dtype=np.intp)
+        self.numeric = [f.name for _, f in num]
+        self.all_numeric = len(num) == len(schema.features)
+        # reference range per numeric column; ±inf where unknown (never out of range)
+        self.lo = np.array([-np.inf if f.min is None else f.min for _, f in num], dtype=np.float64)
+        self.hi = np.array([np.inf if f.max is None else f.max for _, f in num], dtype=np.float64)
+        self.categorical = [(j, f) for j, f in enumerate(schema.features) if f.kind != "numeric"]
+
+
 class SketchBuilder:
     """Accumulate rows into sketches. Not thread-safe: one writer at a time."""
 
@@ -121,6 +135,7 @@ class SketchBuilder:
                     self._new_numeric(f.name)
                 else:
                     self._new_categorical(f.name)
+            self._plan = _ColumnPlan(schema)
 
     def _new_numeric(self, name: str) -> None:
         self._kll[name] = _ds().kll_floats_sketch(self.k)
@@ -152,32 +167,58 @@ class SketchBuilder:
     ) -> None:
         if name not in self._freq:
             self._new_categorical(name)
+        counts: dict[str, int] = {}
+        total = missing = 0
+        for v in values:
+            total += 1
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                missing += 1
+                continue
+            s = v if type(v) is str else str(v)
+            counts[s] = counts.get(s, 0) + 1
         sk = self._freq[name]
         known_set = set(known) if known else None
-        for v in values:
-            self._count[name] += 1
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                self._missing[name] += 1
-                continue
-            s = str(v)
-            sk.update(s)
+        for s, c in counts.items():  # one weighted update per distinct value
+            sk.update(s, c)
             if known_set is not None and s not in known_set:
-                self._oor[name] += 1
+                self._oor[name] += c
+        self._count[name] += total
+        self._missing[name] += missing
 
     def update_rows(self, rows: Any) -> None:
-        """Add a 2-D batch of rows in schema feature order (needs a schema)."""
+        """Add a 2-D batch of rows in schema feature order (needs a schema).
+
+        The numeric columns are counted in a few whole-matrix numpy calls (NaN, below the
+        reference minimum, above its maximum), then each column goes to its KLL sketch in
+        one call: the per-batch cost hardly depends on the batch size.
+        """
         if self.schema is None:
             raise ValueError("update_rows needs an InputSchema")
         arr = np.asarray(rows, dtype=object) if not isinstance(rows, np.ndarray) else rows
         if arr.ndim == 1:
             arr = arr.reshape(1, -1)
-        for j, f in enumerate(self.schema.features):
-            col = arr[:, j]
-            if f.kind == "numeric":
-                self.update_numeric(f.name, col.astype(np.float64), f.min, f.max)
-            else:
-                self.update_categorical(f.name, col.tolist(), f.categories)
-        self.rows += int(arr.shape[0])
+        plan = self._plan
+        n = int(arr.shape[0])
+        if plan.numeric:
+            block = arr if plan.all_numeric else arr[:, plan.index]
+            vals = np.asarray(block, dtype=np.float64)
+            nan = np.isnan(vals)
+            has_nan = bool(nan.any())
+            missing = nan.sum(axis=0).tolist() if has_nan else None
+            oor = ((vals < plan.lo).sum(axis=0) + (vals > plan.hi).sum(axis=0)).tolist()
+            cols = np.ascontiguousarray(vals.T, dtype=np.float32)
+            for i, name in enumerate(plan.numeric):
+                col = cols[i]
+                if missing is not None and missing[i]:
+                    col = col[~nan[:, i]]
+                    self._missing[name] += missing[i]
+                if col.size:
+                    self._kll[name].update(col)
+                self._count[name] += n
+                self._oor[name] += oor[i]
+        for j, f in plan.categorical:
+            self.update_categorical(f.name, arr[:, j].tolist(), f.categories)
+        self.rows += n
 
     def update_predictions(self, scores: Any = None, labels: Iterable[Any] | None = None) -> None:
         if scores is not None:

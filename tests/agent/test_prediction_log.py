@@ -79,10 +79,9 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> No
 
 
 def test_shadow_events_are_not_logged(tmp_path: Path) -> None:
-    from dataclasses import replace
 
     with PredictionLog(tmp_path / "p.db") as plog:
-        plog.on_prediction(replace(_event(1), shadow=True))
+        plog.on_prediction(_event(1)._replace(shadow=True))
         plog.on_prediction(_event(2))
         plog.flush()
     assert [r["request_id"] for r in read_rows(tmp_path / "p.db")] == ["req-2"]
@@ -237,28 +236,62 @@ def test_logged_numeric_inputs_round_trip_to_json(rows: np.ndarray) -> None:
     assert back == want
 
 
-def test_batched_output_encoding_matches_the_per_event_encoder_byte_for_byte() -> None:
-    from agent.prediction_log import _encode_outputs, _encode_outputs_batch
+def test_packed_outputs_read_back_as_the_json_encoder_writes_them() -> None:
+    """Outputs are stored as bytes where they can be; every reader must still see exactly
+    the JSON the plain encoder writes (rounded, non-finite as null, strings as strings)."""
+    from agent.prediction_log import _encode_outputs, _pack_outputs, _unpack_outputs
 
     rng = np.random.default_rng(3)
-    rows = np.zeros((1, 4))
     preds = [
         Prediction(labels=[1], probabilities=rng.random((1, 3))),
         Prediction(labels=[0, 2], probabilities=rng.random((2, 3)) * 1e-7),  # rounds to 0.0
-        Prediction(labels=[5], probabilities=np.array([[np.nan, 0.5, 0.5]])),
+        Prediction(labels=[5], probabilities=np.array([[np.nan, 0.5, np.inf]])),
         Prediction(labels=[3], probabilities=rng.random((1, 5)).astype(np.float32)),
         Prediction(labels=["setosa"], probabilities=rng.random((1, 3))),
         Prediction(labels=[True], probabilities=rng.random((1, 3))),
+        Prediction(labels=[2**70], probabilities=rng.random((1, 3))),  # beyond int64
         Prediction(values=rng.random((2, 1)) * 1e6),
+        Prediction(values=np.array([[1.5, np.nan]], dtype=np.float32)),
         Prediction(labels=[7]),
+        Prediction(labels=[7, 8], probabilities=rng.random((1, 3))),  # inconsistent: JSON
         None,
         Prediction(labels=[-4], probabilities=np.array([[-0.0, 1.0, 123456.7654321]])),
     ]
-    events = [
-        PredictionEvent(1.0, f"r{i}", REF, rows, p, 0.1, None if p else "boom", False)
-        for i, p in enumerate(preds)
-    ]
-    assert _encode_outputs_batch(events) == [_encode_outputs(ev) for ev in events]
+    formats = []
+    for pred in preds:
+        data, fmt = _pack_outputs(pred)
+        formats.append(fmt.split(":")[0])
+        assert _unpack_outputs(data, fmt) == _encode_outputs(pred), pred
+    assert formats.count("c") == 6 and formats.count("v") == 2  # the rest went as JSON
+
+
+def test_a_log_written_before_outputs_were_packed_still_reads_and_grows(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """CREATE TABLE predictions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, request_id TEXT NOT NULL,
+            model TEXT NOT NULL, version TEXT NOT NULL, release INTEGER NOT NULL,
+            inputs BLOB NOT NULL, inputs_format TEXT NOT NULL DEFAULT 'json', outputs TEXT,
+            latency_ms REAL NOT NULL, error TEXT, fallback INTEGER NOT NULL DEFAULT 0,
+            nbytes INTEGER NOT NULL);
+        """
+    )
+    old.execute(
+        "INSERT INTO predictions(ts, request_id, model, version, release, inputs, outputs,"
+        " latency_ms, nbytes) VALUES (?, 'old-1', 'm', '1.0.0', 1, '[[1.0]]',"
+        " '{\"labels\":[1]}', 0.5, 20)",
+        (time.time(),),
+    )
+    old.commit()
+    old.close()
+    with PredictionLog(path) as plog:
+        plog.on_prediction(_event(2))
+        plog.flush()
+    rows = read_rows(path)
+    assert [r["request_id"] for r in rows] == ["old-1", "req-2"]
+    assert json.loads(rows[0]["outputs"]) == {"labels": [1]}
+    assert json.loads(rows[1]["outputs"]) == {"labels": [2], "probabilities": [[0.2, 0.3, 0.5]]}
 
 
 def test_byte_retention_keeps_a_running_total_across_restarts(tmp_path: Path) -> None:

@@ -123,3 +123,69 @@ def test_merge_refuses_kind_mismatch():
     b.features["x"], b.features["color"] = b.features["color"], b.features["x"]
     with pytest.raises(ProtocolError, match="numeric"):
         merge(a, b)
+
+
+WIDE = InputSchema(
+    features=[
+        FeatureSpec(name="a", min=0.0, max=1.0, allow_nan=True),
+        FeatureSpec(name="size", kind="categorical", dtype="string", categories=["s", "m"]),
+        FeatureSpec(name="b", allow_nan=True),  # no reference range: never out of range
+        FeatureSpec(name="c", min=-5.0, allow_nan=True),
+    ],
+    inputs=[
+        ModelInput(name="num", dtype="float32", shape=[None, 3], features=["a", "b", "c"]),
+        ModelInput(name="size", dtype="string", shape=[None, 1], features=["size"]),
+    ],
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.floats(-10, 10), st.just(float("nan")), st.just(float("inf"))),
+            st.sampled_from(["s", "m", "xl", None]),
+            st.one_of(st.floats(-1e6, 1e6), st.just(float("nan"))),
+            st.one_of(st.floats(-10, 10), st.just(float("nan")), st.just(-float("inf"))),
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_update_rows_counts_and_sketches_as_feature_by_feature_updates(batch):
+    """update_rows works on the whole matrix at once; it must count and sketch exactly what
+    one update per feature does."""
+    X = np.array(batch, dtype=object)
+    whole = SketchBuilder(WIDE)
+    whole.update_rows(X)
+    one = SketchBuilder(WIDE)
+    for j, f in enumerate(WIDE.features):
+        if f.kind == "numeric":
+            one.update_numeric(f.name, X[:, j].astype(np.float64), f.min, f.max)
+        else:
+            one.update_categorical(f.name, X[:, j].tolist(), f.categories)
+    a, b = whole.build(), one.build()
+    for name in ("a", "size", "b", "c"):
+        fa, fb = a.features[name], b.features[name]
+        assert (fa.count, fa.missing, fa.out_of_range) == (fb.count, fb.missing, fb.out_of_range)
+        if fa.kind == "numeric":
+            ka, kb = fa.kll(), fb.kll()
+            assert ka.n == kb.n
+            if ka.n:
+                assert (ka.get_min_value(), ka.get_max_value()) == (
+                    kb.get_min_value(),
+                    kb.get_max_value(),
+                )
+                assert ka.get_quantile(0.5) == kb.get_quantile(0.5)
+        else:
+            assert frequent_distribution(fa.frequent()) == frequent_distribution(fb.frequent())
+    assert a.rows == len(batch)
+
+
+def test_weighted_categorical_updates_keep_counts_and_unknown_categories():
+    b = SketchBuilder()
+    b.update_categorical("size", ["s", "s", "m", None, float("nan"), "xl", "xl", 3], ["s", "m"])
+    f = b.build().features["size"]
+    assert (f.count, f.missing, f.out_of_range) == (8, 2, 3)  # "xl" twice and 3
+    sk = f.frequent()
+    assert sk.get_estimate("s") == 2 and sk.get_estimate("xl") == 2 and sk.get_estimate("3") == 1

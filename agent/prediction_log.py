@@ -18,13 +18,19 @@ about ``flush_interval_s`` seconds of traffic. :meth:`flush` returns once everyt
 queued before the call is committed.
 
 Storage: one row per prediction (time, request id, model name/version/release, inputs,
-outputs JSON, latency, error, fallback). Numeric inputs are stored as float64 bytes
-(``inputs_format = "f8:<n>"``; JSON encoding them would be most of the writer's cost) and
-every reader here returns them as JSON text; other inputs are stored as JSON.
+outputs, latency, error, fallback). Numeric inputs are stored as float64 bytes
+(``inputs_format = "f8:<n>"``) and the common outputs as bytes too (``outputs_format``:
+``c:<k>`` integer labels + k probabilities, ``v:<k>`` values); JSON encoding them was
+most of the writer's cost. Every reader here returns both as JSON text; other inputs and
+outputs are stored as JSON. The table has no index besides its integer primary key:
+each index is another B-tree insert per prediction.
 
-Retention runs in the writer after commits: the oldest rows go first until there are at
-most ``max_rows`` rows, none older than ``max_age_days`` and at most ``max_bytes`` of
-logged payload (the sum of the inputs/outputs JSON sizes, tracked per row).
+Retention runs in the writer after commits: the oldest rows (in the order they were
+logged) go first until there are at most ``max_rows`` rows, none older than
+``max_age_days`` and at most ``max_bytes`` of logged payload (the stored inputs and
+outputs, tracked per row). Age is read from the oldest rows forward, so a row stamped
+out of order (a clock step) goes with its neighbours. The newest row always stays, so
+ids only grow.
 
 A full disk (``SQLITE_FULL`` / ``ENOSPC``) or another write error is caught and counted;
 the batch is dropped, :meth:`conditions` reports ``"disk_full"`` (or ``"log_write_error"``)
@@ -73,7 +79,7 @@ COLUMNS = [
 ]
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
     request_id TEXT NOT NULL,
     model TEXT NOT NULL,
@@ -88,7 +94,7 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     fallback INTEGER NOT NULL DEFAULT 0,
     nbytes INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS {TABLE}_ts ON {TABLE}(ts);
+DROP INDEX IF EXISTS {TABLE}_ts;
 """
 
 
@@ -399,22 +405,33 @@ class PredictionLog:
             self._retain()
 
     def _retain(self) -> None:
+        """Delete the oldest rows (in id order) that break a bound. The newest row always
+        stays, so ids only grow (``log tail --follow`` reads by id)."""
         assert self._db is not None
         c = self.config
         db = self._db
         try:
             with db:
-                deleted, freed = self._delete("ts < ?", (time.time() - c.max_age_days * 86400,))
                 last = db.execute(f"SELECT MAX(id) FROM {TABLE}").fetchone()[0]
-                if last is not None:
-                    n, b = self._delete("id <= ?", (last - c.max_rows,))
-                    deleted, freed = deleted + n, freed + b
+                if last is None:
+                    return
+                # Age: rows are appended in time order, so the old ones are a prefix. The
+                # scan stops at the first row young enough (no index on ts to maintain).
+                young = db.execute(
+                    f"SELECT id FROM {TABLE} WHERE ts >= ? ORDER BY id LIMIT 1",
+                    (time.time() - c.max_age_days * 86400,),
+                ).fetchone()
+                cut = (young[0] if young else last) - 1
+                cut = max(cut, last - c.max_rows)
+                deleted, freed = self._delete("id <= ?", (cut,))
                 excess = self._bytes - freed - c.max_bytes
                 if excess > 0:
                     # Oldest rows first until the rest fits the byte budget: reads only the
                     # rows that go (the same cut as keeping the newest that fit).
                     acc, cut = 0, None
-                    for rid, nb in db.execute(f"SELECT id, nbytes FROM {TABLE} ORDER BY id"):
+                    for rid, nb in db.execute(
+                        f"SELECT id, nbytes FROM {TABLE} WHERE id < ? ORDER BY id", (last,)
+                    ):
                         acc += nb
                         cut = rid
                         if acc >= excess:

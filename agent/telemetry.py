@@ -67,7 +67,6 @@ class _Batch:
     rows: list[np.ndarray] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[Any] = field(default_factory=list)
-    last_ts: float = 0.0
     # While every event has an (n, k) probability array for its n rows, the arrays are
     # kept and reduced to scores (max per row) in one numpy call for the whole batch.
     probs: list[np.ndarray] | None = field(default_factory=list)
@@ -304,46 +303,16 @@ class Telemetry:
             log.exception("telemetry: sketching failed")
 
     def _sketch(self, events: list[PredictionEvent]) -> list[SketchReport]:
-        batches: dict[tuple[str, str], _Batch] = {}
+        groups: dict[tuple[str, str], list[PredictionEvent]] = {}
         for ev in events:
-            key = (ev.model.name, ev.model.version)
-            b = batches.get(key)
-            if b is None:
-                b = batches[key] = _Batch(ev.model)
-            rows = ev.rows if ev.rows.ndim == 2 else ev.rows.reshape(1, -1)
-            b.rows.append(rows)
-            p = ev.prediction
-            n = rows.shape[0]
-            if p is not None and ev.error is None:
-                probs = p.probabilities
-                if (
-                    b.probs is not None
-                    and type(probs) is np.ndarray
-                    and probs.ndim == 2
-                    and probs.shape[0] == n
-                    and (not b.probs or b.probs[0].shape[1] == probs.shape[1])
-                ):
-                    b.probs.append(probs)
-                else:
-                    b.add_scores(np.asarray(p.scores, dtype=np.float64).reshape(-1)[:n])
-                if p.labels is not None:
-                    b.labels.extend(p.labels[:n])
-                else:
-                    b.labels.extend([None] * n)
-            else:
-                b.add_scores(np.full(n, np.nan))
-                b.labels.extend([None] * n)
-            if ev.ts > b.last_ts:
-                b.last_ts = ev.ts
+            m = ev.model
+            groups.setdefault((m.name, m.version), []).append(ev)
         out: list[SketchReport] = []
         now = self.clock()
-        for b in batches.values():
-            rows = _stack(b.rows)
-            scores = b.all_scores()
-            has_labels = any(lab is not None for lab in b.labels)
-            out += self.sketcher.add(
-                b.model, rows, now, scores=scores, labels=b.labels if has_labels else None
-            )
+        for evs in groups.values():
+            batch = _answered(evs) or _gathered(evs)
+            rows, scores, labels = batch
+            out += self.sketcher.add(evs[0].model, rows, now, scores=scores, labels=labels)
         return out
 
     def _emit(self, reports: list[SketchReport]) -> None:
@@ -354,6 +323,60 @@ class Telemetry:
             except Exception:
                 self.errors += 1
                 log.exception("telemetry: sink failed for window seq %s", r.seq)
+
+
+_Arrays = tuple[np.ndarray, "np.ndarray | None", "list[Any] | None"]
+
+
+def _answered(events: list[PredictionEvent]) -> _Arrays | None:
+    """(rows, scores, labels) of one model version's events in a few whole-batch calls,
+    when every event was answered by the model with probabilities and labels for each of
+    its rows (the usual case); None sends the batch to :func:`_gathered`."""
+    preds = [ev.prediction for ev in events]
+    if any(p is None for p in preds) or any(ev.error is not None for ev in events):
+        return None
+    try:
+        rows = np.concatenate([ev.rows for ev in events])
+        probs = np.concatenate([p.probabilities for p in preds])  # type: ignore[union-attr]
+        labels = [lab for p in preds for lab in p.labels]  # type: ignore[union-attr]
+    except (ValueError, TypeError):  # other widths, no probabilities or no labels
+        return None
+    n = rows.shape[0]
+    if rows.ndim != 2 or probs.ndim != 2 or probs.shape[0] != n or len(labels) != n:
+        return None
+    return rows, _max_rows(probs), labels
+
+
+def _gathered(events: list[PredictionEvent]) -> _Arrays:
+    """(rows, scores, labels) event by event: failed requests (NaN score, no label),
+    fallbacks, values instead of probabilities, rows of other widths."""
+    b = _Batch(events[0].model)
+    for ev in events:
+        rows = ev.rows if ev.rows.ndim == 2 else ev.rows.reshape(1, -1)
+        b.rows.append(rows)
+        p = ev.prediction
+        n = rows.shape[0]
+        if p is not None and ev.error is None:
+            probs = p.probabilities
+            if (
+                b.probs is not None
+                and type(probs) is np.ndarray
+                and probs.ndim == 2
+                and probs.shape[0] == n
+                and (not b.probs or b.probs[0].shape[1] == probs.shape[1])
+            ):
+                b.probs.append(probs)
+            else:
+                b.add_scores(np.asarray(p.scores, dtype=np.float64).reshape(-1)[:n])
+            if p.labels is not None:
+                b.labels.extend(p.labels[:n])
+            else:
+                b.labels.extend([None] * n)
+        else:
+            b.add_scores(np.full(n, np.nan))
+            b.labels.extend([None] * n)
+    has_labels = any(lab is not None for lab in b.labels)
+    return _stack(b.rows), b.all_scores(), b.labels if has_labels else None
 
 
 def _stack(parts: list[np.ndarray]) -> np.ndarray:

@@ -96,6 +96,17 @@ def decode_frequent(data: str) -> Any:
         raise ProtocolError(f"not a frequent-items sketch: {exc}") from None
 
 
+def _int_counts(values: Iterable[Any]) -> dict[str, int] | None:
+    """{str(value): count} for a list of plain ints, else None."""
+    if type(values) is not list or not values or not all(type(v) is int for v in values):
+        return None
+    try:
+        uniq, counts = np.unique(np.array(values, dtype=np.int64), return_counts=True)
+    except OverflowError:
+        return None
+    return {str(u): c for u, c in zip(uniq.tolist(), counts.tolist(), strict=True)}
+
+
 class _ColumnPlan:
     """A schema's columns as SketchBuilder.update_rows reads them, computed once."""
 
@@ -167,15 +178,19 @@ class SketchBuilder:
     ) -> None:
         if name not in self._freq:
             self._new_categorical(name)
-        counts: dict[str, int] = {}
+        counts = _int_counts(values)  # predicted labels: one numpy call
         total = missing = 0
-        for v in values:
-            total += 1
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                missing += 1
-                continue
-            s = v if type(v) is str else str(v)
-            counts[s] = counts.get(s, 0) + 1
+        if counts is not None:
+            total = sum(counts.values())
+        else:
+            counts = {}
+            for v in values:
+                total += 1
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    missing += 1
+                    continue
+                s = v if type(v) is str else str(v)
+                counts[s] = counts.get(s, 0) + 1
         sk = self._freq[name]
         known_set = set(known) if known else None
         for s, c in counts.items():  # one weighted update per distinct value

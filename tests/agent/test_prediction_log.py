@@ -106,6 +106,24 @@ def test_retention_drops_rows_older_than_max_age(tmp_path: Path) -> None:
     assert [r["request_id"] for r in read_rows(tmp_path / "p.db")] == ["req-99"]
 
 
+def test_retention_keeps_the_newest_row_so_ids_never_repeat(tmp_path: Path) -> None:
+    """With no AUTOINCREMENT, SQLite reuses the largest id once that row is gone; a reader
+    following the log by id would then miss rows. Retention therefore never takes it."""
+    path = tmp_path / "p.db"
+    old = time.time() - 3 * 86400
+    with PredictionLog(path, LogConfig(max_age_days=1)) as plog:
+        for i in range(4):
+            plog.on_prediction(_event(i, ts=old))
+        plog.flush()
+        rows = read_rows(path)
+        assert [r["request_id"] for r in rows] == ["req-3"]  # too old, but the newest
+        last_id = rows[0]["id"]
+        plog.on_prediction(_event(4))
+        plog.flush()
+    rows = read_rows(path)
+    assert [r["request_id"] for r in rows] == ["req-4"] and rows[0]["id"] == last_id + 1
+
+
 def test_retention_bounds_logged_bytes(tmp_path: Path) -> None:
     with PredictionLog(tmp_path / "p.db", LogConfig(max_bytes=5000)) as plog:
         for i in range(100):

@@ -189,3 +189,7 @@ def test_weighted_categorical_updates_keep_counts_and_unknown_categories():
     assert (f.count, f.missing, f.out_of_range) == (8, 2, 3)  # "xl" twice and 3
     sk = f.frequent()
     assert sk.get_estimate("s") == 2 and sk.get_estimate("xl") == 2 and sk.get_estimate("3") == 1
+    b.update_categorical("label", [3, 1, 3, 3], ["1", "2"])  # plain ints: counted by numpy
+    f = b.build().features["label"]
+    assert (f.count, f.missing, f.out_of_range) == (4, 0, 3)
+    assert f.frequent().get_estimate("3") == 3 and f.frequent().get_estimate("1") == 1

@@ -70,7 +70,7 @@ class LogConfig(_Section):
     max_rows: int = Field(default=100_000, gt=0)
     max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     max_age_days: float = Field(default=7.0, gt=0)
-    batch_size: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=1024, gt=0)
     flush_interval_s: float = Field(default=0.5, gt=0)
     queue_size: int = Field(default=10_000, gt=0)
 
@@ -226,7 +226,7 @@ enabled = true
 max_rows = 100000              # prediction log retention: whichever limit is hit first
 max_bytes = 67108864
 max_age_days = 7.0
-batch_size = 256               # rows per SQLite transaction
+batch_size = 1024              # rows per SQLite transaction (one fsync each)
 flush_interval_s = 0.5         # the longest a row waits in memory before it is committed
 queue_size = 10000             # rows buffered in memory; beyond that rows are dropped and counted
 

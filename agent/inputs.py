@@ -40,9 +40,11 @@ class SchemaPlan:
         self.f32_cols = np.array([f.dtype in ("float32", "float16") for f in schema.features])
         self.any_f32 = bool(self.f32_cols.any())
         # fast_array's zero vector: at least one row, at most _FAST_VALUES values
-        size = max(self.n, min(self.n * 256, _FAST_VALUES)) if self.all_numeric else 0
-        self._zeros = np.zeros(size, dtype=np.float32) if self.all_numeric else None
-        self._zeros1 = None if self._zeros is None else self._zeros[: self.n]
+        self._zeros: np.ndarray | None = None
+        self._zeros1: np.ndarray | None = None
+        if self.all_numeric:
+            self._zeros = np.zeros(max(self.n, min(self.n * 256, _FAST_VALUES)), np.float32)
+            self._zeros1 = self._zeros[: self.n]
 
     def fast_array(self, rows: np.ndarray, max_rows: int | None = None) -> np.ndarray | None:
         """``rows`` itself when it is a C-contiguous float32 (n, features) array of 1 to

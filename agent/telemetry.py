@@ -63,7 +63,6 @@ class _Window:
 class _Batch:
     """Events of one model version gathered by the worker, as arrays."""
 
-    model: ModelRef
     rows: list[np.ndarray] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[Any] = field(default_factory=list)
@@ -350,7 +349,7 @@ def _answered(events: list[PredictionEvent]) -> _Arrays | None:
 def _gathered(events: list[PredictionEvent]) -> _Arrays:
     """(rows, scores, labels) event by event: failed requests (NaN score, no label),
     fallbacks, values instead of probabilities, rows of other widths."""
-    b = _Batch(events[0].model)
+    b = _Batch()
     for ev in events:
         rows = ev.rows if ev.rows.ndim == 2 else ev.rows.reshape(1, -1)
         b.rows.append(rows)

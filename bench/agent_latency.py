@@ -286,7 +286,7 @@ class _RawClient:
         ).encode()
         self.sock.sendall(head + body)
         while b"\r\n\r\n" not in self.buf:
-            self._recv()
+            self.buf += self._recv_chunk()
         header, _, rest = self.buf.partition(b"\r\n\r\n")
         status = int(header.split(b" ", 2)[1])
         length = 0
@@ -298,9 +298,6 @@ class _RawClient:
             rest += self._recv_chunk()
         self.buf = rest[length:]
         return status
-
-    def _recv(self) -> None:
-        self.buf += self._recv_chunk()
 
     def _recv_chunk(self) -> bytes:
         data = self.sock.recv(65536)

@@ -129,19 +129,19 @@ class DriftStore:
         at once instead of waiting (seen in CI under load).
         """
         conn = self.db.conn
-        if conn.in_transaction:
+        nested = conn.in_transaction  # inside a caller's transaction: a savepoint
+        if not nested:
+            conn.execute("BEGIN IMMEDIATE")
+        try:
             with self.db.atomic():
                 self.db[REPORTS].insert_all(keys)
                 self.db[WINDOWS].upsert_all(windows, pk=("model", "version", "window"))
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            self.db[REPORTS].insert_all(keys)
-            self.db[WINDOWS].upsert_all(windows, pk=("model", "version", "window"))
         except BaseException:
-            conn.rollback()
+            if not nested:
+                conn.rollback()
             raise
-        conn.commit()
+        if not nested:
+            conn.commit()
 
     def mark_window(self, model: str, version: str, window: float, **fields: Any) -> None:
         self.db[WINDOWS].update((model, version, window), fields)

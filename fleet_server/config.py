@@ -81,6 +81,13 @@ class RolloutDefaults(_Section):
     chunk_bytes: int = Field(default=64 * 1024, gt=0, le=512 * 1024)
 
 
+class RegistrySection(_Section):
+    # unset: SQLite in data_dir (fleet.db); "postgresql://user:password@host:5432/db":
+    # PostgreSQL (the 'postgres' extra), shared by every fleet serve process
+    url: str | None = Field(default=None, pattern=r"^postgres(ql)?://", repr=False)
+    pool_size: int = Field(default=10, ge=1, le=200)
+
+
 class HooksSection(_Section):
     drift_webhook: str | None = None
     drift_command: str | None = None
@@ -88,6 +95,7 @@ class HooksSection(_Section):
 
 class FleetConfig(_Section):
     data_dir: Path = Path("edgefleet-fleet")
+    registry: RegistrySection = RegistrySection()
     broker: BrokerSection = BrokerSection()
     api: ApiSection = ApiSection()
     signing: SigningSection = SigningSection()
@@ -148,6 +156,10 @@ def example_config() -> str:
 
 # Registry (SQLite) and the content-addressed artifact store live here.
 data_dir = "edgefleet-fleet"
+
+[registry]
+# url = "postgresql://fleet:…@db.example:5432/edgefleet"   # unset: SQLite in data_dir
+pool_size = 10                  # PostgreSQL connections per fleet serve process
 
 [broker]
 url = "mqtt://127.0.0.1:1883"   # mqtts:// for TLS

@@ -53,6 +53,7 @@ from protocol.sketches import (
 )
 
 from .drift_store import DriftStore
+from .drift_store_pg import PgDriftStore
 from .drift_window import OpenWindow, decode_set
 from .errors import ConfigError
 
@@ -280,7 +281,8 @@ class DriftEngine:
         self.publish_alert = publish_alert
         self.hook = hook
         self._lock = threading.RLock()
-        self._store = DriftStore(db)
+        # db: the SQLite registry's sqlite_utils.Database, or a PgDriftStore (PostgreSQL)
+        self._store = db if isinstance(db, PgDriftStore) else DriftStore(db)
         self._refs: dict[tuple[str, str], SketchSet] = {}
         self._open: dict[tuple[str, str, float], OpenWindow] = {}
         self._pending_keys: set[tuple[Any, ...]] = set()

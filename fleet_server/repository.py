@@ -1,12 +1,19 @@
 """The registry behind a small interface (:class:`Repository`), with a SQLite implementation.
 
-Everything the service stores goes through these methods, so a PostgreSQL implementation
-can replace :class:`SQLiteRepository` when one server is not enough. Rows come back as
-plain dicts. sqlite3 errors are translated into :class:`StorageError` here.
+Everything the service stores goes through these methods; :mod:`.repository_pg` implements
+the same interface on PostgreSQL, and ``tests/fleet_server/test_repository_contract.py``
+holds both to one contract. :func:`open_repository` picks the backend from the config
+(``registry.url``; SQLite in the data dir when unset). Rows come back as plain dicts.
+sqlite3 errors are translated into :class:`StorageError` here.
 
 Tables: bundles, devices, device_history, rollouts, rollout_stages, rollout_devices,
-metrics, events, audit, tokens, users. (The drift engine keeps its own tables in the same
-file through its own connection.)
+metrics, events, audit, tokens, users, schema_version. The schema is the numbered list
+:data:`.migrations.SQLITE`, applied on open. (The drift engine keeps its own tables in
+the same file through its own connection.)
+
+Lists that grow with the fleet also come as cursor pages (``*_page(limit, cursor)``, see
+:mod:`.pagination`), and the overview's device counts come from :meth:`device_counts`
+(GROUP BY queries, not a device listing).
 """
 
 from __future__ import annotations
@@ -14,12 +21,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from . import migrations, pagination
 from .errors import StorageError
+from .pagination import Page
 
 T = TypeVar("T")
 
@@ -70,7 +80,48 @@ class Repository(Protocol):
     def list_tokens(self) -> list[dict[str, Any]]: ...
     def add_user(self, username: str, password_hash: str, role: str) -> None: ...
     def get_user(self, username: str) -> dict[str, Any] | None: ...
+    # cursor pages and aggregate counts (lists that grow with the fleet)
+    def devices_page(self, limit: int = 100, cursor: str | None = None) -> Page: ...
+    def bundles_page(self, limit: int = 100, cursor: str | None = None) -> Page: ...
+    def rollouts_page(
+        self, limit: int = 100, cursor: str | None = None, states: list[str] | None = None
+    ) -> Page: ...
+    def events_page(
+        self,
+        limit: int = 100,
+        cursor: str | None = None,
+        rollout_id: str | None = None,
+        device_id: str | None = None,
+    ) -> Page: ...
+    def audit_page(
+        self, limit: int = 100, cursor: str | None = None, target: str | None = None
+    ) -> Page: ...
+    def device_counts(self) -> dict[str, Any]: ...
+    def schema_version(self) -> int: ...
     def close(self) -> None: ...
+
+
+def open_repository(config: Any) -> Repository:
+    """The registry the config names: PostgreSQL when ``registry.url`` is set, else the
+    SQLite file in the data dir. (``config`` is a :class:`~.config.FleetConfig`.)"""
+    url = config.registry.url
+    if url:
+        from .repository_pg import PostgresRepository
+
+        return PostgresRepository(url, pool_size=config.registry.pool_size)
+    return SQLiteRepository(config.db_path)
+
+
+def drift_database(config: Any, repo: Repository) -> Any:
+    """What the drift engine stores into: on PostgreSQL a ``PgDriftStore`` sharing the
+    registry's pool, else its own connection to the SQLite file."""
+    if config.registry.url:
+        from .drift_store_pg import PgDriftStore
+        from .repository_pg import PostgresRepository, open_pool
+
+        pool = repo.pool if isinstance(repo, PostgresRepository) else None
+        return PgDriftStore(pool or open_pool(config.registry.url, config.registry.pool_size))
+    return connect(config.db_path)
 
 
 def connect(path: Path) -> Any:
@@ -116,153 +167,54 @@ class SQLiteRepository:
                 raise StorageError(f"registry: {exc}") from None
 
     def _migrate(self) -> None:
-        with self._tx() as db:
-            t = db.table
-            if not t("bundles").exists():
-                t("bundles").create(
-                    {
-                        "sha256": str,
-                        "name": str,
-                        "version": str,
-                        "release": int,
-                        "size": int,
-                        "model_sha256": str,
-                        "profiles": str,
-                        "manifest": str,
-                        "signer": str,
-                        "uploaded_at": float,
-                        "uploaded_by": str,
-                    },
-                    pk="sha256",
-                )
-            if not t("devices").exists():
-                t("devices").create(
-                    {
-                        "device_id": str,
-                        "profile": str,
-                        "tags": str,
-                        "online": int,
-                        "last_seen": float,
-                        "model": str,
-                        "version": str,
-                        "release": int,
-                        "model_sha256": str,
-                        "agent_version": str,
-                        "api_url": str,
-                        "state": str,
-                        "manual_tags": str,
-                    },
-                    pk="device_id",
-                )
-            if not t("device_history").exists():
-                t("device_history").create(
-                    {
-                        "id": int,
-                        "device_id": str,
-                        "ts": float,
-                        "model": str,
-                        "version": str,
-                        "release": int,
-                    },
-                    pk="id",
-                )
-                t("device_history").create_index(["device_id", "ts"])
-            if not t("rollouts").exists():
-                t("rollouts").create(
-                    {
-                        "rollout_id": str,
-                        "bundle_sha256": str,
-                        "state": str,
-                        "created_at": float,
-                        "updated_at": float,
-                        "dry_run": int,
-                        "doc": str,
-                    },
-                    pk="rollout_id",
-                )
-            if not t("rollout_stages").exists():
-                t("rollout_stages").create(
-                    {
-                        "rollout_id": str,
-                        "idx": int,
-                        "state": str,
-                        "target": float,
-                        "devices": int,
-                        "started_at": float,
-                        "finished_at": float,
-                    },
-                    pk=("rollout_id", "idx"),
-                )
-            if not t("rollout_devices").exists():
-                t("rollout_devices").create(
-                    {
-                        "rollout_id": str,
-                        "device_id": str,
-                        "stage": int,
-                        "state": str,
-                        "attempts": int,
-                        "updated_at": float,
-                        "reason": str,
-                    },
-                    pk=("rollout_id", "device_id"),
-                )
-                t("rollout_devices").create_index(["device_id"])
-            if not t("metrics").exists():
-                t("metrics").create(
-                    {
-                        "id": int,
-                        "device_id": str,
-                        "model": str,
-                        "version": str,
-                        "ts": float,
-                        "seq": int,
-                        "requests": int,
-                        "errors": int,
-                        "p95_ms": float,
-                        "p50_ms": float,
-                        "accuracy": float,
-                        "feedback": int,
-                    },
-                    pk="id",
-                )
-                t("metrics").create_index(["model", "version", "ts"])
-                t("metrics").create_index(["device_id", "seq"], unique=True)
-            if not t("events").exists():
-                t("events").create(
-                    {
-                        "id": int,
-                        "ts": float,
-                        "kind": str,
-                        "message": str,
-                        "rollout_id": str,
-                        "device_id": str,
-                        "data": str,
-                    },
-                    pk="id",
-                )
-                t("events").create_index(["rollout_id"])
-            if not t("audit").exists():
-                t("audit").create(
-                    {
-                        "id": int,
-                        "ts": float,
-                        "actor": str,
-                        "action": str,
-                        "target": str,
-                        "reason": str,
-                        "data": str,
-                    },
-                    pk="id",
-                )
-            if not t("tokens").exists():
-                t("tokens").create(
-                    {"token_hash": str, "role": str, "name": str, "created_at": float},
-                    pk="token_hash",
-                )
-            if not t("users").exists():
-                t("users").create(
-                    {"username": str, "password_hash": str, "role": str}, pk="username"
-                )
+        """Apply the pending :data:`.migrations.SQLITE` entries, each in its own transaction.
+
+        ``BEGIN IMMEDIATE`` takes the write lock before the version is read, so two
+        processes opening one file cannot both apply the same migration.
+        """
+        conn = self.db.conn
+        with self._lock:
+            try:
+                conn.execute(migrations.SCHEMA_VERSION_DDL.format(real="REAL"))
+                conn.commit()
+                while True:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        current = conn.execute(
+                            "select coalesce(max(version), 0) from schema_version"
+                        ).fetchone()[0]
+                        todo = migrations.pending(migrations.SQLITE, current)
+                        if current > len(migrations.SQLITE):
+                            raise StorageError(
+                                f"registry {self.path} has schema version {current}; this "
+                                f"edgefleet knows up to {len(migrations.SQLITE)}"
+                            )
+                        if not todo:
+                            conn.rollback()
+                            return
+                        step = todo[0]
+                        for statement in step.statements:
+                            conn.execute(statement)
+                        conn.execute(
+                            "insert into schema_version (version, name, applied_at) "
+                            "values (?, ?, ?)",
+                            [step.version, step.name, time.time()],
+                        )
+                    except BaseException:
+                        conn.rollback()
+                        raise
+                    conn.commit()
+            except sqlite3.Error as exc:
+                raise StorageError(f"registry {self.path}: migration failed: {exc}") from None
+
+    def schema_version(self) -> int:
+        return int(
+            self._read(
+                lambda db: db.execute(
+                    "select coalesce(max(version), 0) from schema_version"
+                ).fetchone()[0]
+            )
+        )
 
     # bundles ------------------------------------------------------------------------
     def add_bundle(self, row: dict[str, Any]) -> None:
@@ -274,7 +226,9 @@ class SQLiteRepository:
         return rows[0] if rows else None
 
     def list_bundles(self) -> list[dict[str, Any]]:
-        return self._read(lambda db: list(db["bundles"].rows_where(order_by="uploaded_at desc")))
+        return self._read(
+            lambda db: list(db["bundles"].rows_where(order_by=pagination.BUNDLES.order_by()))
+        )
 
     # devices ------------------------------------------------------------------------
     def upsert_device(self, device_id: str, **fields: Any) -> None:
@@ -312,7 +266,7 @@ class SQLiteRepository:
         return self._read(
             lambda db: list(
                 db["device_history"].rows_where(
-                    "device_id = ?", [device_id], order_by="ts desc", limit=limit
+                    "device_id = ?", [device_id], order_by="ts desc, id desc", limit=limit
                 )
             )
         )
@@ -376,10 +330,15 @@ class SQLiteRepository:
                 marks = ",".join("?" * len(states))
                 return list(
                     db["rollouts"].rows_where(
-                        f"state in ({marks})", states, select=cols, order_by="created_at desc"
+                        f"state in ({marks})",
+                        states,
+                        select=cols,
+                        order_by=pagination.ROLLOUTS.order_by(),
                     )
                 )
-            return list(db["rollouts"].rows_where(select=cols, order_by="created_at desc"))
+            return list(
+                db["rollouts"].rows_where(select=cols, order_by=pagination.ROLLOUTS.order_by())
+            )
 
         return self._read(q)
 
@@ -430,7 +389,7 @@ class SQLiteRepository:
         return self._read(
             lambda db: list(
                 db["metrics"].rows_where(
-                    "device_id = ?", [device_id], order_by="ts desc", limit=limit
+                    "device_id = ?", [device_id], order_by="ts desc, id desc", limit=limit
                 )
             )
         )
@@ -512,7 +471,13 @@ class SQLiteRepository:
         return str(rows[0]["role"]) if rows else None
 
     def list_tokens(self) -> list[dict[str, Any]]:
-        return self._read(lambda db: list(db["tokens"].rows_where(select="name, role, created_at")))
+        return self._read(
+            lambda db: list(
+                db["tokens"].rows_where(
+                    select="name, role, created_at", order_by="created_at, token_hash"
+                )
+            )
+        )
 
     def add_user(self, username: str, password_hash: str, role: str) -> None:
         with self._tx() as db:
@@ -524,9 +489,91 @@ class SQLiteRepository:
         rows = self._read(lambda db: list(db["users"].rows_where("username = ?", [username])))
         return rows[0] if rows else None
 
+    # cursor pages and aggregate counts ------------------------------------------------
+    def _page(
+        self,
+        table: str,
+        keyset: pagination.Keyset,
+        limit: int,
+        cursor: str | None,
+        filters: list[tuple[str, Any]],
+        select: str = "*",
+    ) -> Page:
+        pagination.check_limit(limit)
+        clauses: list[str] = []
+        args: list[Any] = []
+        for col, value in filters:
+            if isinstance(value, list):
+                clauses.append(f'"{col}" in ({",".join("?" * len(value))})')
+                args += value
+            else:
+                clauses.append(f'"{col}" = ?')
+                args.append(value)
+        if cursor is not None:
+            clauses.append(keyset.after("?"))
+            args += keyset.decode(cursor)
+        where = f" where {' and '.join(clauses)}" if clauses else ""
+        sql = f'select {select} from "{table}"{where} order by {keyset.order_by()} limit ?'
+        rows = self._read(lambda db: [dict(r) for r in db.query(sql, [*args, limit + 1])])
+        return keyset.page(rows, limit)
+
+    def devices_page(self, limit: int = 100, cursor: str | None = None) -> Page:
+        page = self._page("devices", pagination.DEVICES, limit, cursor, [])
+        return Page([_device(r) for r in page.items], page.next_cursor)
+
+    def bundles_page(self, limit: int = 100, cursor: str | None = None) -> Page:
+        return self._page("bundles", pagination.BUNDLES, limit, cursor, [])
+
+    def rollouts_page(
+        self, limit: int = 100, cursor: str | None = None, states: list[str] | None = None
+    ) -> Page:
+        cols = "rollout_id, bundle_sha256, state, created_at, updated_at, dry_run"
+        filters: list[tuple[str, Any]] = [("state", list(states))] if states else []
+        return self._page("rollouts", pagination.ROLLOUTS, limit, cursor, filters, cols)
+
+    def events_page(
+        self,
+        limit: int = 100,
+        cursor: str | None = None,
+        rollout_id: str | None = None,
+        device_id: str | None = None,
+    ) -> Page:
+        filters: list[tuple[str, Any]] = [
+            (k, v) for k, v in (("rollout_id", rollout_id), ("device_id", device_id)) if v
+        ]
+        page = self._page("events", pagination.EVENTS, limit, cursor, filters)
+        return Page(_with_data(page.items), page.next_cursor)
+
+    def audit_page(
+        self, limit: int = 100, cursor: str | None = None, target: str | None = None
+    ) -> Page:
+        filters: list[tuple[str, Any]] = [("target", target)] if target else []
+        page = self._page("audit", pagination.AUDIT, limit, cursor, filters)
+        return Page(_with_data(page.items), page.next_cursor)
+
+    def device_counts(self) -> dict[str, Any]:
+        def q(db: Any) -> dict[str, Any]:
+            total, online = db.execute(
+                "select count(*), coalesce(sum(case when coalesce(online, 0) <> 0 "
+                "then 1 else 0 end), 0) from devices"
+            ).fetchone()
+            profiles = db.execute("select profile, count(*) from devices group by profile")
+            versions = db.execute(
+                "select model, version, count(*) from devices group by model, version"
+            )
+            return pagination.counts_from_groups(
+                total, online, [tuple(r) for r in profiles], [tuple(r) for r in versions]
+            )
+
+        return self._read(q)
+
     def close(self) -> None:
         with self._lock:
             self.db.conn.close()
+
+
+def _with_data(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**r, "data": json.loads(r["data"] or "{}")} for r in rows]
 
 
 def _device(row: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .bridge import Bridge
 from .config import FleetConfig
 from .delivery import Sender, command_id, deploy_command, parse_command_id, rollback_command
 from .errors import BundleRejected, ConfigError, Conflict, InvalidInput, NotFound
-from .repository import Repository, SQLiteRepository
+from .repository import Repository, open_repository
 from .rollout_engine import Decision, Rollout, RolloutSpec, Selector, Telemetry
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class FleetService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.repo: Repository = repo if repo is not None else SQLiteRepository(config.db_path)
+        self.repo: Repository = repo if repo is not None else open_repository(config)
         self.clock = clock
         self.topics = Topics(config.broker.topic_prefix)
         self.artifacts = ArtifactStore(config.artifacts_dir)
@@ -197,11 +197,11 @@ class FleetService:
         mod = _optional_module("fleet_server.drift")
         if mod is None:
             return None
-        from .repository import connect
+        from .repository import drift_database
 
         cfg = mod.DriftConfig.from_dict(dict(self.config.drift))
         return mod.DriftEngine(
-            connect(self.config.db_path), cfg, self.publish_alert, hook=self._drift_hook()
+            drift_database(self.config, self.repo), cfg, self.publish_alert, hook=self._drift_hook()
         )
 
     def _drift_hook(self) -> Callable[[dict[str, Any]], Any] | None:

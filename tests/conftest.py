@@ -1,4 +1,4 @@
-"""Session-wide fixtures: signing keys and real MQTT brokers.
+"""Session-wide fixtures: signing keys, real MQTT brokers and a real PostgreSQL.
 
 ``broker_url`` is parametrized over amqtt (in-process, always) and Mosquitto (a real
 subprocess, when ``mosquitto`` is installed; otherwise that parameter is skipped and shows
@@ -13,6 +13,7 @@ import pytest
 
 from protocol import KeyPair
 from tests.support.brokers import MOSQUITTO, EmbeddedBroker, Mosquitto
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,145 @@
+"""Keyset (cursor) pagination shared by both registry backends. No I/O.
+
+A list is read in a fixed total order (:class:`Keyset`: sort columns, the last one unique)
+and a page is ``limit`` rows after a position. The position travels to the client as an
+opaque cursor: base64url of ``["devices", [last row's sort values]]``. Because the next page
+starts strictly after the last row shown, rows inserted between two page reads never make a
+row that existed before appear twice or go missing; a new row shows up on a later page when
+it sorts after the position, and not at all when it sorts before (newest-first lists start
+again from the top to see it).
+
+A cursor is client input: :meth:`Keyset.decode` checks its size before decoding, then its
+shape, list kind, arity and every value's type against the column's, and answers
+:class:`~.errors.InvalidInput` naming ``cursor``. It is a position, not a credential: a
+forged one only moves where a listing the caller may already read starts.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidInput
+
+MAX_LIMIT = 1000
+MAX_CURSOR_CHARS = 512
+_MAX_TEXT = 256
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a list; ``next_cursor`` is None on the last page."""
+
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"items": self.items, "next_cursor": self.next_cursor}
+
+
+@dataclass(frozen=True)
+class Keyset:
+    kind: str
+    columns: tuple[tuple[str, type], ...]  # (name, python type); the last one is unique
+    descending: bool
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.columns)
+
+    def order_by(self) -> str:
+        direction = " desc" if self.descending else ""
+        return ", ".join(f'"{n}"{direction}' for n in self.names)
+
+    def after(self, mark: str) -> str:
+        """The WHERE condition "sorts after the cursor", with ``mark`` as placeholder."""
+        op = "<" if self.descending else ">"
+        if len(self.columns) == 1:
+            return f'"{self.names[0]}" {op} {mark}'
+        cols = ", ".join(f'"{n}"' for n in self.names)
+        return f"({cols}) {op} ({', '.join([mark] * len(self.columns))})"
+
+    def encode(self, row: dict[str, Any]) -> str:
+        raw = json.dumps([self.kind, [row[n] for n in self.names]], separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    def decode(self, cursor: str) -> list[Any]:
+        def bad(why: str) -> InvalidInput:
+            return InvalidInput(f"cursor: {why}", field="cursor")
+
+        if not isinstance(cursor, str) or not 0 < len(cursor) <= MAX_CURSOR_CHARS:
+            raise bad(f"must be 1–{MAX_CURSOR_CHARS} characters")
+        try:
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+            doc = json.loads(raw, parse_constant=_no_constant)
+        except (binascii.Error, ValueError):
+            raise bad("not a cursor this server issued") from None
+        if (
+            not isinstance(doc, list)
+            or len(doc) != 2
+            or doc[0] != self.kind
+            or not isinstance(doc[1], list)
+            or len(doc[1]) != len(self.columns)
+        ):
+            raise bad(f"not a cursor for the {self.kind} list")
+        values = doc[1]
+        for (name, typ), value in zip(self.columns, values, strict=True):
+            ok = (
+                isinstance(value, str) and len(value) <= _MAX_TEXT
+                if typ is str
+                else isinstance(value, (int, float) if typ is float else int)
+                and not isinstance(value, bool)
+            )
+            if not ok:
+                raise bad(f"bad value for {name}")
+        return values
+
+    def page(self, rows: list[dict[str, Any]], limit: int) -> Page:
+        """``rows`` were read with ``limit + 1``: the extra row only says there is more."""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            return Page(rows, self.encode(rows[-1]))
+        return Page(rows, None)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def check_limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise InvalidInput(f"limit must be an integer from 1 to {MAX_LIMIT}", field="limit")
+    return limit
+
+
+DEVICES = Keyset("devices", (("device_id", str),), descending=False)
+BUNDLES = Keyset("bundles", (("uploaded_at", float), ("sha256", str)), descending=True)
+ROLLOUTS = Keyset("rollouts", (("created_at", float), ("rollout_id", str)), descending=True)
+EVENTS = Keyset("events", (("id", int),), descending=True)
+AUDIT = Keyset("audit", (("id", int),), descending=True)
+
+
+def counts_from_groups(
+    total: int,
+    online: int,
+    profiles: list[tuple[str | None, int]],
+    versions: list[tuple[str | None, str | None, int]],
+) -> dict[str, Any]:
+    """The overview's device counts from GROUP BY results, in the shape the overview uses:
+    ``{"devices": n, "by": {"profile": …, "version": …, "online": …}}`` (a key appears only
+    when its count is above zero; a device without a profile counts as "?", one without a
+    model as "-")."""
+    by: dict[str, dict[str, int]] = {"profile": {}, "version": {}, "online": {}}
+    for profile, n in profiles:
+        key = profile or "?"
+        by["profile"][key] = by["profile"].get(key, 0) + n
+    for model, version, n in versions:
+        key = f"{model or '-'} {version or ''}".strip()
+        by["version"][key] = by["version"].get(key, 0) + n
+    for key, n in (("online", online), ("offline", total - online)):
+        if n:
+            by["online"][key] = n
+    return {"devices": total, "by": by}

@@ -148,7 +148,11 @@ class SQLiteRepository:
         self.path = Path(path)
         self.db = connect(self.path)
         self._lock = threading.RLock()
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self.db.conn.close()
+            raise
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:

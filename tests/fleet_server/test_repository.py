@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
+from fleet_server import migrations
+from fleet_server.errors import StorageError
 from fleet_server.repository import Repository, SQLiteRepository
 from fleet_server.rollout_engine import Rollout, RolloutSpec
 
@@ -102,3 +105,75 @@ def test_reopening_the_file_keeps_everything(tmp_path: Path) -> None:
     b = SQLiteRepository(tmp_path / "f.db")
     assert b.get_bundle("b" * 64)["name"] == "iris"  # type: ignore[index]
     b.close()
+
+
+# the layout edgefleet wrote before the schema was versioned (sqlite-utils' DDL, verbatim)
+_OLD_LAYOUT = """
+CREATE TABLE "bundles" ("sha256" TEXT PRIMARY KEY, "name" TEXT, "version" TEXT,
+  "release" INTEGER, "size" INTEGER, "model_sha256" TEXT, "profiles" TEXT, "manifest" TEXT,
+  "signer" TEXT, "uploaded_at" REAL, "uploaded_by" TEXT);
+CREATE TABLE "devices" ("device_id" TEXT PRIMARY KEY, "profile" TEXT, "tags" TEXT,
+  "online" INTEGER, "last_seen" REAL, "model" TEXT, "version" TEXT, "release" INTEGER,
+  "model_sha256" TEXT, "agent_version" TEXT, "api_url" TEXT, "state" TEXT, "manual_tags" TEXT);
+CREATE TABLE "device_history" ("id" INTEGER PRIMARY KEY, "device_id" TEXT, "ts" REAL,
+  "model" TEXT, "version" TEXT, "release" INTEGER);
+CREATE INDEX "idx_device_history_device_id_ts" ON "device_history" ("device_id", "ts");
+CREATE TABLE "rollouts" ("rollout_id" TEXT PRIMARY KEY, "bundle_sha256" TEXT, "state" TEXT,
+  "created_at" REAL, "updated_at" REAL, "dry_run" INTEGER, "doc" TEXT);
+CREATE TABLE "rollout_stages" ("rollout_id" TEXT, "idx" INTEGER, "state" TEXT, "target" REAL,
+  "devices" INTEGER, "started_at" REAL, "finished_at" REAL, PRIMARY KEY ("rollout_id", "idx"));
+CREATE TABLE "rollout_devices" ("rollout_id" TEXT, "device_id" TEXT, "stage" INTEGER,
+  "state" TEXT, "attempts" INTEGER, "updated_at" REAL, "reason" TEXT,
+  PRIMARY KEY ("rollout_id", "device_id"));
+CREATE INDEX "idx_rollout_devices_device_id" ON "rollout_devices" ("device_id");
+CREATE TABLE "metrics" ("id" INTEGER PRIMARY KEY, "device_id" TEXT, "model" TEXT,
+  "version" TEXT, "ts" REAL, "seq" INTEGER, "requests" INTEGER, "errors" INTEGER,
+  "p95_ms" REAL, "p50_ms" REAL, "accuracy" REAL, "feedback" INTEGER);
+CREATE INDEX "idx_metrics_model_version_ts" ON "metrics" ("model", "version", "ts");
+CREATE UNIQUE INDEX "idx_metrics_device_id_seq" ON "metrics" ("device_id", "seq");
+CREATE TABLE "events" ("id" INTEGER PRIMARY KEY, "ts" REAL, "kind" TEXT, "message" TEXT,
+  "rollout_id" TEXT, "device_id" TEXT, "data" TEXT);
+CREATE INDEX "idx_events_rollout_id" ON "events" ("rollout_id");
+CREATE TABLE "audit" ("id" INTEGER PRIMARY KEY, "ts" REAL, "actor" TEXT, "action" TEXT,
+  "target" TEXT, "reason" TEXT, "data" TEXT);
+CREATE TABLE "tokens" ("token_hash" TEXT PRIMARY KEY, "role" TEXT, "name" TEXT,
+  "created_at" REAL);
+CREATE TABLE "users" ("username" TEXT PRIMARY KEY, "password_hash" TEXT, "role" TEXT);
+INSERT INTO devices (device_id, profile, tags, online, manual_tags)
+  VALUES ('pi-1', 'raspberry-pi-4', '["lab"]', 1, '[]');
+INSERT INTO events (ts, kind, message, data) VALUES (1.0, 'device', 'pi-1 online', '{}');
+INSERT INTO tokens VALUES ('h', 'admin', 'ci', 1.0);
+"""
+
+
+def test_a_registry_file_from_before_versioning_upgrades_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_OLD_LAYOUT)
+    conn.close()
+    repo = SQLiteRepository(path)
+    assert repo.schema_version() == len(migrations.SQLITE)
+    applied = [r["version"] for r in repo.db.query("select version from schema_version")]
+    assert applied == [m.version for m in migrations.SQLITE]
+    d = repo.get_device("pi-1")
+    assert d is not None and d["tags"] == ["lab"] and d["online"] is True
+    assert repo.events()[0]["message"] == "pi-1 online" and repo.token_role("h") == "admin"
+    assert "idx_devices_profile" in {i.name for i in repo.db["devices"].indexes}
+    repo.upsert_device("pi-2", profile="host")  # and it keeps working as a new one does
+    assert repo.device_counts()["devices"] == 2
+    repo.close()
+    again = SQLiteRepository(path)  # reopening applies nothing twice
+    assert again.db.execute("select count(*) from schema_version").fetchone()[0] == len(
+        migrations.SQLITE
+    )
+    again.close()
+
+
+def test_a_registry_from_a_newer_edgefleet_is_refused_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    SQLiteRepository(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("insert into schema_version values (99, 'from the future', 0)")
+    conn.close()
+    with pytest.raises(StorageError, match="schema version 99"):
+        SQLiteRepository(path)

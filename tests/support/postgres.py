@@ -88,6 +88,10 @@ class PostgresServer:
         )
         return self
 
+    def restart(self) -> None:
+        """Stop and start again on the same port and data (an outage connections must survive)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "restart")
+
     def stop(self) -> None:
         try:
             self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")

@@ -151,11 +151,18 @@ _LIST_INDEXES = (
     'ON "bundles" ("uploaded_at", "sha256")',
     'CREATE INDEX IF NOT EXISTS "idx_rollouts_created_at_rollout_id" '
     'ON "rollouts" ("created_at", "rollout_id")',
-    'CREATE INDEX IF NOT EXISTS "idx_devices_profile" ON "devices" ("profile")',
-    'CREATE INDEX IF NOT EXISTS "idx_devices_model_version" ON "devices" ("model", "version")',
-    'CREATE INDEX IF NOT EXISTS "idx_devices_online" ON "devices" ("online")',
+    # covers DEVICE_COUNTS_SQL: one index-only scan gives every count the overview shows
+    'CREATE INDEX IF NOT EXISTS "idx_devices_counts" '
+    'ON "devices" ("profile", "model", "version", "online")',
     'CREATE INDEX IF NOT EXISTS "idx_events_device_id" ON "events" ("device_id")',
     'CREATE INDEX IF NOT EXISTS "idx_audit_target" ON "audit" ("target")',
+)
+
+# The overview's counts in one pass (both backends); :func:`.pagination.counts_from_groups`
+# folds the few groups into per-profile, per-version and online/offline counts.
+DEVICE_COUNTS_SQL = (
+    'select "profile", "model", "version", "online", count(*) as "n" from "devices" '
+    'group by "profile", "model", "version", "online"'
 )
 
 SQLITE: tuple[Migration, ...] = (

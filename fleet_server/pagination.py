@@ -122,24 +122,19 @@ EVENTS = Keyset("events", (("id", int),), descending=True)
 AUDIT = Keyset("audit", (("id", int),), descending=True)
 
 
-def counts_from_groups(
-    total: int,
-    online: int,
-    profiles: list[tuple[str | None, int]],
-    versions: list[tuple[str | None, str | None, int]],
-) -> dict[str, Any]:
-    """The overview's device counts from GROUP BY results, in the shape the overview uses:
-    ``{"devices": n, "by": {"profile": …, "version": …, "online": …}}`` (a key appears only
-    when its count is above zero; a device without a profile counts as "?", one without a
-    model as "-")."""
+def counts_from_groups(groups: list[tuple[Any, Any, Any, Any, int]]) -> dict[str, Any]:
+    """The overview's device counts from one GROUP BY (profile, model, version, online),
+    in the shape the overview uses: ``{"devices": n, "by": {"profile": …, "version": …,
+    "online": …}}``. A key appears only when its count is above zero; a device without a
+    profile counts as "?", one without a model as "-"."""
     by: dict[str, dict[str, int]] = {"profile": {}, "version": {}, "online": {}}
-    for profile, n in profiles:
-        key = profile or "?"
-        by["profile"][key] = by["profile"].get(key, 0) + n
-    for model, version, n in versions:
-        key = f"{model or '-'} {version or ''}".strip()
-        by["version"][key] = by["version"].get(key, 0) + n
-    for key, n in (("online", online), ("offline", total - online)):
-        if n:
-            by["online"][key] = n
+    total = 0
+    for profile, model, version, online, n in groups:
+        total += n
+        for dim, key in (
+            ("profile", profile or "?"),
+            ("version", f"{model or '-'} {version or ''}".strip()),
+            ("online", "online" if online else "offline"),
+        ):
+            by[dim][key] = by[dim].get(key, 0) + n
     return {"devices": total, "by": by}

@@ -556,20 +556,8 @@ class SQLiteRepository:
         return Page(_with_data(page.items), page.next_cursor)
 
     def device_counts(self) -> dict[str, Any]:
-        def q(db: Any) -> dict[str, Any]:
-            total, online = db.execute(
-                "select count(*), coalesce(sum(case when coalesce(online, 0) <> 0 "
-                "then 1 else 0 end), 0) from devices"
-            ).fetchone()
-            profiles = db.execute("select profile, count(*) from devices group by profile")
-            versions = db.execute(
-                "select model, version, count(*) from devices group by model, version"
-            )
-            return pagination.counts_from_groups(
-                total, online, [tuple(r) for r in profiles], [tuple(r) for r in versions]
-            )
-
-        return self._read(q)
+        rows = self._read(lambda db: db.execute(migrations.DEVICE_COUNTS_SQL).fetchall())
+        return pagination.counts_from_groups([tuple(r) for r in rows])
 
     def close(self) -> None:
         with self._lock:

@@ -517,24 +517,9 @@ class PostgresRepository:
         return Page(_with_data(page.items), page.next_cursor)
 
     def device_counts(self) -> dict[str, Any]:
-        with self._conn() as conn:
-            # one snapshot for the three queries
-            conn.execute("set transaction isolation level repeatable read")
-            head = conn.execute(
-                "select count(*) as n, coalesce(sum(case when coalesce(online, 0) <> 0 "
-                "then 1 else 0 end), 0)::bigint as online from devices"
-            ).fetchone()
-            profiles = conn.execute(
-                "select profile, count(*) as n from devices group by profile"
-            ).fetchall()
-            versions = conn.execute(
-                "select model, version, count(*) as n from devices group by model, version"
-            ).fetchall()
+        rows = self._all(migrations.DEVICE_COUNTS_SQL)
         return pagination.counts_from_groups(
-            head["n"],
-            head["online"],
-            [(r["profile"], r["n"]) for r in profiles],
-            [(r["model"], r["version"], r["n"]) for r in versions],
+            [(r["profile"], r["model"], r["version"], r["online"], r["n"]) for r in rows]
         )
 
     def close(self) -> None:

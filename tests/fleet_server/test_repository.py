@@ -158,7 +158,7 @@ def test_a_registry_file_from_before_versioning_upgrades_in_place(tmp_path: Path
     d = repo.get_device("pi-1")
     assert d is not None and d["tags"] == ["lab"] and d["online"] is True
     assert repo.events()[0]["message"] == "pi-1 online" and repo.token_role("h") == "admin"
-    assert "idx_devices_profile" in {i.name for i in repo.db["devices"].indexes}
+    assert "idx_devices_counts" in {i.name for i in repo.db["devices"].indexes}
     repo.upsert_device("pi-2", profile="host")  # and it keeps working as a new one does
     assert repo.device_counts()["devices"] == 2
     repo.close()

@@ -131,7 +131,7 @@ def _q(name: str) -> str:
 
 class PostgresRepository:
     def __init__(self, url: str, pool_size: int = 10, *, pool: Any = None) -> None:
-        self.url = url
+        self.where = redact(url)  # for messages: never the password
         self.pool = pool if pool is not None else open_pool(url, pool_size)
         self._sql: dict[tuple[str, tuple[str, ...], tuple[str, ...]], str] = {}
         try:

@@ -177,3 +177,20 @@ def test_a_registry_from_a_newer_edgefleet_is_refused_unchanged(tmp_path: Path) 
     conn.close()
     with pytest.raises(StorageError, match="schema version 99"):
         SQLiteRepository(path)
+
+
+def test_the_sqlite_default_never_imports_psycopg(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fleet_server.config import FleetConfig\n"
+        "from fleet_server.repository import open_repository\n"
+        "import fleet_server.service, fleet_server.drift\n"
+        f"r = open_repository(FleetConfig(data_dir={str(tmp_path)!r}))\n"
+        "r.close()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('psycopg')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -182,3 +182,36 @@ def test_the_api_serves_devices_bundles_and_a_rollout_from_postgresql(
         )
     finally:
         other.repo.close()
+
+
+def test_the_drift_engine_merges_evaluates_and_alerts_from_postgresql(postgres_url: str) -> None:
+    import numpy as np
+
+    from fleet_server.drift import DriftConfig, DriftEngine
+    from fleet_server.drift_store_pg import PgDriftStore
+    from tests.fleet_server.test_drift import T0, report, sketch_rows
+
+    repo = PostgresRepository(postgres_url, pool_size=2)
+    try:
+        alerts: list[Any] = []
+        eng = DriftEngine(PgDriftStore(repo.pool), DriftConfig(), alerts.append)
+        eng.register_reference("m", "1.0", sketch_rows(np.random.default_rng(1), 3000))
+        shifted = sketch_rows(np.random.default_rng(2), 1000, shift=0.5)
+        assert eng.ingest(report(shifted, device="a"))
+        assert eng.ingest(report(shifted, device="b"))
+        eng.flush()
+        assert eng.ingest(report(shifted, device="a")) is False  # a redelivery counts once
+        result = eng.evaluate("m", "1.0", now=T0 + 10)
+        assert result is not None and result.rows == 2000 and result.dataset_drift
+        assert len(alerts) == 1
+        assert eng.evaluate("m", "1.0", now=T0 + 20) is not None and len(alerts) == 1
+
+        # another process on the same database: same reference, same seen reports, results
+        other = DriftEngine(PgDriftStore(repo.pool), DriftConfig(), alerts.append)
+        assert other.reference("m", "1.0") is not None
+        assert other.ingest(report(shifted, device="b")) is False
+        assert [r["rows"] for r in other.results("m", "1.0", 5)] == [2000]
+        assert [(r.model, r.version) for r in other.evaluate_all(now=T0 + 30)] == [("m", "1.0")]
+        assert len(alerts) == 1  # the window was already alerted, in the database
+    finally:
+        repo.close()

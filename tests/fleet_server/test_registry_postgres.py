@@ -102,6 +102,15 @@ def test_processes_starting_together_migrate_the_database_once(postgres_url: str
         r.close()
 
 
+def test_a_database_from_a_newer_edgefleet_is_refused_unchanged(postgres_url: str) -> None:
+    repo = PostgresRepository(postgres_url, pool_size=1)
+    with repo.pool.connection() as conn:
+        conn.execute("insert into schema_version values (99, 'from the future', 0)")
+    repo.close()
+    with pytest.raises(StorageError, match="schema version 99"):
+        PostgresRepository(postgres_url, pool_size=1)
+
+
 class PgFleet:
     def __init__(self, tmp: Path, key: KeyPair, url: str) -> None:
         self.broker = MemoryBroker()

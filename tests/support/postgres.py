@@ -63,10 +63,14 @@ class PostgresServer:
         if PG_BIN is None:
             raise RuntimeError("PostgreSQL is not installed")
         self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
+        self._as_root = os.geteuid() == 0
+        # as root the server runs as "postgres", which must reach the folder: /tmp always
+        # is traversable, a root-only TMPDIR may not be
+        self.dir = Path(
+            tempfile.mkdtemp(prefix="edgefleet-pg-", dir="/tmp" if self._as_root else None)
+        )
         self.data = self.dir / "data"
         self._names = itertools.count(1)
-        self._as_root = os.geteuid() == 0
         if self._as_root:
             pw = pwd.getpwnam("postgres")
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
@@ -75,7 +79,11 @@ class PostgresServer:
         cmd = [str(PG_BIN / args[0]), *args[1:]]
         if self._as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            log = self.dir / "log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()}\n{tail}")
 
     def start(self) -> PostgresServer:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", SUPERUSER, "-E", "UTF8")

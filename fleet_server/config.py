@@ -154,7 +154,8 @@ def example_config() -> str:
     return """\
 # edgefleet fleet server configuration (edgefleet fleet serve --config fleet.toml)
 
-# Registry (SQLite) and the content-addressed artifact store live here.
+# The SQLite registry (unless [registry] url names PostgreSQL) and the content-addressed
+# artifact store live here.
 data_dir = "edgefleet-fleet"
 
 [registry]

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from fleet_server.app import create_app
-from fleet_server.config import FleetConfig, RegistrySection, parse_config
+from fleet_server.config import FleetConfig, RegistrySection, example_config, parse_config
 from fleet_server.errors import ConfigError, StorageError
 from fleet_server.repository import SQLiteRepository, open_repository
 from fleet_server.repository_pg import PostgresRepository, redact
@@ -48,6 +48,7 @@ def test_fleet_toml_registry_section_is_validated() -> None:
     assert cfg.registry.url == "postgresql://fleet:pw@db:5432/edgefleet"
     assert "pw" not in repr(cfg.registry)
     assert parse_config("").registry.url is None
+    assert parse_config(example_config()) == FleetConfig()  # the commented url stays off
     with pytest.raises(ConfigError) as err:
         parse_config('[registry]\nurl = "mysql://db/edgefleet"\n')
     assert err.value.field == "registry.url"

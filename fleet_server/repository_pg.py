@@ -19,7 +19,8 @@ Errors: every psycopg / pool error is translated into :class:`~.errors.StorageEr
 one place, :func:`_translate`; messages never carry the URL's password.
 
 Connections: a pool of ``pool_size`` connections (at least one kept open), each checked
-before it is handed out, so a restarted PostgreSQL costs no failed call once it is back.
+before it is handed out, so a restarted PostgreSQL costs no failed call once it is back;
+while it is down a call fails with :class:`~.errors.StorageError` after at most 10 s.
 Each method runs in one transaction on one pooled connection.
 """
 
@@ -82,6 +83,7 @@ def open_pool(url: str, pool_size: int = 10, timeout_s: float = 10.0) -> Any:
             max_size=max(1, pool_size),
             kwargs={"row_factory": dict_row, "connect_timeout": max(1, int(timeout_s))},
             check=ConnectionPool.check_connection,
+            timeout=timeout_s,  # a call waits this long for a connection, then StorageError
             name="edgefleet-registry",
             open=False,
         )
@@ -130,9 +132,11 @@ def _q(name: str) -> str:
 
 
 class PostgresRepository:
-    def __init__(self, url: str, pool_size: int = 10, *, pool: Any = None) -> None:
+    def __init__(
+        self, url: str, pool_size: int = 10, *, pool: Any = None, timeout_s: float = 10.0
+    ) -> None:
         self.where = redact(url)  # for messages: never the password
-        self.pool = pool if pool is not None else open_pool(url, pool_size)
+        self.pool = pool if pool is not None else open_pool(url, pool_size, timeout_s)
         self._sql: dict[tuple[str, tuple[str, ...], tuple[str, ...]], str] = {}
         try:
             self._version = migrate(self.pool)

@@ -65,18 +65,27 @@ def test_an_unreachable_registry_is_a_storage_error_without_the_password() -> No
     assert redact("host=h password=p dbname=x") == "host=h password=*** dbname=x"
 
 
-def test_a_restarted_postgresql_costs_no_failed_call() -> None:
+def test_a_postgresql_outage_is_a_storage_error_and_a_restart_costs_no_failed_call() -> None:
     """Pooled connections are checked before use, so calls after a restart just work."""
     from tests.support.postgres import PostgresServer, why_unavailable
 
     if why_unavailable():
         pytest.skip(str(why_unavailable()))
     with PostgresServer() as server:
-        repo = PostgresRepository(server.create_database(), pool_size=2)
+        repo = PostgresRepository(server.create_database(), pool_size=2, timeout_s=2.0)
         repo.upsert_device("d1", profile="host")
         server.restart()
         assert [d["device_id"] for d in repo.list_devices()] == ["d1"]
-        repo.upsert_device("d2", profile="host")
+        server.halt()
+        with pytest.raises(StorageError):
+            repo.upsert_device("d2", profile="host")
+        server.resume()
+        for _ in range(15):  # after an outage the pool reconnects with a backoff: it comes back
+            try:
+                repo.upsert_device("d2", profile="host")
+                break
+            except StorageError:
+                continue
         assert repo.device_counts()["devices"] == 2
         repo.close()
 

@@ -87,6 +87,11 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", SUPERUSER, "-E", "UTF8")
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server on the cluster made by :meth:`start` (same port, same data)."""
         opts = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -94,7 +99,10 @@ class PostgresServer:
         self._run(
             "pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "start"
         )
-        return self
+
+    def halt(self) -> None:
+        """Stop the server but keep its data: an outage, until :meth:`resume`."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def restart(self) -> None:
         """Stop and start again on the same port and data (an outage connections must survive)."""
@@ -102,7 +110,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self.halt()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -5,20 +5,20 @@ Every command except ``run`` works offline against the config's ``data_dir``.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
-agent_app = typer.Typer(no_args_is_help=True, help="Run and manage the on-device agent.")
-log_app = typer.Typer(no_args_is_help=True, help="Read the SQLite prediction log.")
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True)
+agent_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Run and manage the on-device agent."
+)
+log_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Read the SQLite prediction log."
+)
 app.add_typer(agent_app, name="agent")
 agent_app.add_typer(log_app, name="log")
 
@@ -32,24 +32,6 @@ def _root() -> None:
     """edgefleet agent commands."""
 
 
-def _one_line_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Our errors become ``error: …`` on stderr and exit 1, also when run standalone."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        from protocol.errors import EdgefleetError
-
-        try:
-            fn(*args, **kwargs)
-        except EdgefleetError as exc:
-            if os.environ.get("EDGEFLEET_DEBUG"):
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None  # typer.Exit is not click.Exit under typer>=0.2x
-
-    return wrapper
-
-
 def _config(path: Path):  # type: ignore[no-untyped-def]
     from .config import load_config
 
@@ -57,14 +39,15 @@ def _config(path: Path):  # type: ignore[no-untyped-def]
 
 
 @agent_app.command("init")
-@_one_line_errors
 def init(
     out: Path = typer.Option(Path("agent.toml"), "--out", "-o", help="Where to write the config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write a commented example config.
 
-    Example: edgefleet agent init --out /etc/edgefleet/agent.toml
+    \b
+    Example:
+      edgefleet agent init --out /etc/edgefleet/agent.toml
     """
     from .config import example_config
     from .errors import ConfigError
@@ -76,7 +59,6 @@ def init(
 
 
 @agent_app.command("install")
-@_one_line_errors
 def install(
     bundle: Path = typer.Argument(..., help="The .efb bundle to install."),
     config: Path = ConfigOpt,
@@ -84,7 +66,9 @@ def install(
 ) -> None:
     """Verify and install a bundle offline, then make it active.
 
-    Example: edgefleet agent install iris-1.2.0.efb --config agent.toml
+    \b
+    Example:
+      edgefleet agent install iris-1.2.0.efb --config agent.toml
     """
     from .installer import Installer
 
@@ -93,7 +77,6 @@ def install(
 
 
 @agent_app.command("rollback")
-@_one_line_errors
 def rollback(
     config: Path = ConfigOpt,
     to: int | None = typer.Option(
@@ -102,7 +85,9 @@ def rollback(
 ) -> None:
     """Switch back to the previously installed version.
 
-    Example: edgefleet agent rollback --config agent.toml
+    \b
+    Example:
+      edgefleet agent rollback --config agent.toml
     """
     from .installer import Installer
 
@@ -111,14 +96,15 @@ def rollback(
 
 
 @agent_app.command("status")
-@_one_line_errors
 def status(
     config: Path = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show the active model, installed versions and runtimes.
 
-    Example: edgefleet agent status --config agent.toml
+    \b
+    Example:
+      edgefleet agent status --config agent.toml
     """
     from .status import agent_status
 
@@ -152,11 +138,12 @@ def status(
 
 
 @agent_app.command("run")
-@_one_line_errors
 def run(config: Path = ConfigOpt) -> None:
     """Run the agent daemon: local API, prediction log, telemetry and the MQTT link.
 
-    Example: edgefleet agent run --config agent.toml
+    \b
+    Example:
+      edgefleet agent run --config agent.toml
     """
     from . import daemon  # type: ignore[attr-defined]
 
@@ -174,7 +161,6 @@ def _fmt_row(row: dict) -> str:
 
 
 @log_app.command("tail")
-@_one_line_errors
 def log_tail(
     config: Path = ConfigOpt,
     n: int = typer.Option(10, "-n", "--lines", help="How many recent rows."),
@@ -182,7 +168,9 @@ def log_tail(
 ) -> None:
     """Print the most recent predictions.
 
-    Example: edgefleet agent log tail -n 20 --follow
+    \b
+    Example:
+      edgefleet agent log tail -n 20 --follow
     """
     from .prediction_log import LOG_FILE, read_rows
 
@@ -199,7 +187,6 @@ def log_tail(
 
 
 @log_app.command("export")
-@_one_line_errors
 def log_export(
     config: Path = ConfigOpt,
     fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
@@ -207,7 +194,9 @@ def log_export(
 ) -> None:
     """Export the whole prediction log.
 
-    Example: edgefleet agent log export --format csv --out predictions.csv
+    \b
+    Example:
+      edgefleet agent log export --format csv --out predictions.csv
     """
     from .prediction_log import LOG_FILE, export
 

@@ -7,8 +7,6 @@ create`` and ``fleet user add``, which work on the config and its registry direc
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,17 +15,27 @@ from typing import Any
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True)
 fleet_app = typer.Typer(
-    no_args_is_help=True, help="Run the fleet server and manage bundles and devices."
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    help="Run the fleet server and manage bundles and devices.",
 )
-bundles_app = typer.Typer(no_args_is_help=True, help="Upload and list signed bundles.")
-devices_app = typer.Typer(no_args_is_help=True, help="List and tag devices.")
-token_app = typer.Typer(no_args_is_help=True, help="Create API tokens.")
-user_app = typer.Typer(no_args_is_help=True, help="Dashboard users.")
-rollout_app = typer.Typer(no_args_is_help=True, help="Start and steer staged rollouts.")
-drift_app = typer.Typer(no_args_is_help=True, help="Drift reports from merged device sketches.")
-telemetry_app = typer.Typer(no_args_is_help=True, help="Watch MQTT telemetry live.")
+bundles_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Upload and list signed bundles."
+)
+devices_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="List and tag devices.")
+token_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Create API tokens.")
+user_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Dashboard users.")
+rollout_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Start and steer staged rollouts."
+)
+drift_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Drift reports from merged device sketches."
+)
+telemetry_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Watch MQTT telemetry live."
+)
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(drift_app, name="drift")
@@ -50,24 +58,6 @@ FINAL = ("succeeded", "halted", "aborted", "rolled_back")
 @app.callback()
 def _root() -> None:
     """edgefleet fleet server commands."""
-
-
-def _errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Our errors become ``error: …`` on stderr and exit 1, also when run standalone."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        from protocol.errors import EdgefleetError
-
-        try:
-            fn(*args, **kwargs)
-        except EdgefleetError as exc:
-            if os.environ.get("EDGEFLEET_DEBUG"):
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 def client(url: str | None, token: str | None) -> Any:
@@ -105,7 +95,6 @@ def _ago(ts: float | None) -> str:
 
 # fleet ------------------------------------------------------------------------------------
 @fleet_app.command("serve")
-@_errors
 def serve_cmd(
     config: Path = ConfigOpt,
     embedded_broker: bool = typer.Option(
@@ -114,7 +103,9 @@ def serve_cmd(
 ) -> None:
     """Run the fleet server: REST API, dashboard, MQTT bridge, rollout and drift engines.
 
-    Example: edgefleet fleet serve --config fleet.toml --embedded-broker
+    \b
+    Example:
+      edgefleet fleet serve --config fleet.toml --embedded-broker
     """
     from .config import load_config
     from .serve import serve
@@ -128,14 +119,15 @@ def serve_cmd(
 
 
 @fleet_app.command("init")
-@_errors
 def init(
     out: Path = typer.Option(Path("fleet.toml"), "--out", "-o", help="Where to write the config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write a commented example config.
 
-    Example: edgefleet fleet init --out fleet.toml
+    \b
+    Example:
+      edgefleet fleet init --out fleet.toml
     """
     from .config import example_config
     from .errors import ConfigError
@@ -154,7 +146,6 @@ def _local_service(config: Path) -> Any:
 
 
 @token_app.command("create")
-@_errors
 def token_create(
     role: str = typer.Option("viewer", "--role", help="viewer, operator or admin."),
     name: str = typer.Option("", "--name", help="A label for the token."),
@@ -162,7 +153,9 @@ def token_create(
 ) -> None:
     """Create an API token and print it once (only its hash is stored).
 
-    Example: edgefleet fleet token create --role operator --name ci --config fleet.toml
+    \b
+    Example:
+      edgefleet fleet token create --role operator --name ci --config fleet.toml
     """
     svc = _local_service(config)
     try:
@@ -174,7 +167,6 @@ def token_create(
 
 
 @user_app.command("add")
-@_errors
 def user_add(
     username: str = typer.Argument(..., help="Login name."),
     role: str = typer.Option("viewer", "--role", help="viewer, operator or admin."),
@@ -190,7 +182,9 @@ def user_add(
 ) -> None:
     """Add (or reset) a dashboard user; the password is stored as a scrypt hash.
 
-    Example: edgefleet fleet user add ana --role admin --config fleet.toml
+    \b
+    Example:
+      edgefleet fleet user add ana --role admin --config fleet.toml
     """
     svc = _local_service(config)
     try:
@@ -201,7 +195,6 @@ def user_add(
 
 
 @bundles_app.command("push")
-@_errors
 def bundles_push(
     bundle: Path = typer.Argument(..., help="A .efb bundle."),
     url: str | None = UrlOpt,
@@ -209,7 +202,9 @@ def bundles_push(
 ) -> None:
     """Upload a signed bundle; the server refuses unsigned or tampered ones with the reason.
 
-    Example: edgefleet fleet bundles push iris-1.0.0.efb
+    \b
+    Example:
+      edgefleet fleet bundles push iris-1.0.0.efb
     """
     info = client(url, token).push_bundle(bundle)
     profiles = ", ".join(info["profiles"]) or "-"
@@ -220,11 +215,12 @@ def bundles_push(
 
 
 @bundles_app.command("list")
-@_errors
 def bundles_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None:
     """List uploaded bundles.
 
-    Example: edgefleet fleet bundles list
+    \b
+    Example:
+      edgefleet fleet bundles list
     """
     rows = client(url, token).bundles()
     _table(
@@ -245,7 +241,6 @@ def bundles_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None
 
 
 @devices_app.command("list")
-@_errors
 def devices_list(
     profile: str | None = typer.Option(None, "--profile"),
     tag: str | None = typer.Option(None, "--tag"),
@@ -258,7 +253,9 @@ def devices_list(
 ) -> None:
     """List devices, filtered by profile, tag, version or online state.
 
-    Example: edgefleet fleet devices list --profile raspberry-pi-4 --online
+    \b
+    Example:
+      edgefleet fleet devices list --profile raspberry-pi-4 --online
     """
     rows = client(url, token).devices(profile=profile, tag=tag, version=version, online=online)
     _table(
@@ -280,7 +277,6 @@ def devices_list(
 
 
 @devices_app.command("tag")
-@_errors
 def devices_tag(
     device_id: str = typer.Argument(...),
     tags: list[str] = typer.Argument(..., help="Tags to set."),
@@ -289,7 +285,9 @@ def devices_tag(
 ) -> None:
     """Set a device's manual tags.
 
-    Example: edgefleet fleet devices tag pi-0001 canary lab
+    \b
+    Example:
+      edgefleet fleet devices tag pi-0001 canary lab
     """
     c = client(url, token)
     d = c._call("PUT", f"/v1/devices/{device_id}/tags", json={"tags": tags})
@@ -379,7 +377,6 @@ def _finish(c: Any, status: dict[str, Any], wait: bool, timeout: float | None) -
 
 
 @rollout_app.command("start")
-@_errors
 def rollout_start(
     bundle: str = typer.Argument(
         ..., help="Bundle sha256 prefix, name@version, or a .efb file to push first."
@@ -427,7 +424,9 @@ def rollout_start(
 ) -> None:
     """Create and start a staged rollout.
 
-    Example: edgefleet rollout start iris@1.2.0 -s profile=raspberry-pi-4 --stages 5,25,100 --wait
+    \b
+    Example:
+      edgefleet rollout start iris@1.2.0 -s profile=raspberry-pi-4 --stages 5,25,100 --wait
     """
     c = client(url, token)
     if bundle.endswith(".efb") or Path(bundle).is_file():
@@ -462,7 +461,6 @@ def rollout_start(
 
 
 @rollout_app.command("status")
-@_errors
 def rollout_status(
     rollout_id: str = typer.Argument(...),
     wait: bool = typer.Option(False, "--wait", help="Follow until it ends."),
@@ -472,7 +470,9 @@ def rollout_status(
 ) -> None:
     """Show a rollout's stages (and devices).
 
-    Example: edgefleet rollout status r-1a2b3c4d5e --devices
+    \b
+    Example:
+      edgefleet rollout status r-1a2b3c4d5e --devices
     """
     c = client(url, token)
     status = c.rollout(rollout_id)
@@ -491,11 +491,12 @@ def rollout_status(
 
 
 @rollout_app.command("list")
-@_errors
 def rollout_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None:
     """List rollouts, newest first.
 
-    Example: edgefleet rollout list
+    \b
+    Example:
+      edgefleet rollout list
     """
     rows = client(url, token).rollouts()
     _table(
@@ -521,8 +522,8 @@ def _action(action: str) -> Callable[..., None]:
         "resume": "Resume a paused rollout.",
         "abort": "Abort a rollout: stop sending; installed devices keep the new version.",
         "rollback": "Roll back: send signed rollback commands to every device that installed it.",
-    }[action] + f"\n\n    Example: edgefleet rollout {action} r-1a2b3c4d5e"
-    return _errors(command)
+    }[action] + f"\n\n    \b\n    Example:\n      edgefleet rollout {action} r-1a2b3c4d5e\n    "
+    return command
 
 
 for _name in ("pause", "resume", "abort", "rollback"):
@@ -531,7 +532,6 @@ for _name in ("pause", "resume", "abort", "rollback"):
 
 # drift and telemetry --------------------------------------------------------------------------
 @drift_app.command("report")
-@_errors
 def drift_report(
     model: str | None = typer.Option(None, "--model"),
     version: str | None = typer.Option(None, "--version"),
@@ -541,7 +541,9 @@ def drift_report(
 ) -> None:
     """Latest drift results per model version, from the server's merged sketches.
 
-    Example: edgefleet drift report --model iris
+    \b
+    Example:
+      edgefleet drift report --model iris
     """
     rows = client(url, token).drift(model=model, version=version, limit=limit)
     if not rows:
@@ -571,7 +573,6 @@ def drift_report(
 
 
 @telemetry_app.command("tail")
-@_errors
 def telemetry_tail(
     topic_filter: str = typer.Argument(
         "#", help="MQTT topic filter, e.g. 'edgefleet/devices/+/telemetry/#'."
@@ -585,7 +586,9 @@ def telemetry_tail(
 ) -> None:
     """A readable live view of any topic: one line per message.
 
-    Example: edgefleet telemetry tail 'edgefleet/devices/+/status' --broker mqtt://127.0.0.1:1883
+    \b
+    Example:
+      edgefleet telemetry tail 'edgefleet/devices/+/status' --broker mqtt://127.0.0.1:1883
     """
     from .telemetry.tail import follow
 

@@ -2,23 +2,20 @@
 
 Each command is a docstring with an example and a few lines calling one library function.
 Heavy libraries (scikit-learn, onnx, onnxruntime, TensorFlow) are imported inside the
-commands, so importing this module and ``edgefleet --help`` stay fast. Errors derived from
-``EdgefleetError`` become one ``error: …`` line in the root CLI.
-
-Exit codes: 0 ok; 1 error; 3 the model (or every variant) does not fit the profile's budget.
+commands, so importing this module and ``edgefleet --help`` stay fast. Commands raise our
+errors; the root CLI (``edgefleet/cli.py``) turns them into one ``error: …`` line and the
+documented exit code (``OverBudget`` → 3).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -26,32 +23,10 @@ if TYPE_CHECKING:
     from .benchmark import BenchReport
     from .optimize import OptimizeReport
 
-EXIT_OVER_BUDGET = 3
-
-
-class _Group(TyperGroup):
-    """Turn our errors into one ``error: …`` line when this app runs on its own.
-
-    Under the root ``edgefleet`` CLI the root does the same; this keeps ``toolchain.cli.app``
-    usable (and testable with typer's CliRunner) by itself. ``EDGEFLEET_DEBUG=1`` lets the
-    traceback through instead.
-    """
-
-    def invoke(self, ctx: Any) -> Any:
-        from protocol.errors import EdgefleetError
-
-        try:
-            return super().invoke(ctx)
-        except EdgefleetError as exc:
-            if os.environ.get("EDGEFLEET_DEBUG"):
-                raise
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-
 
 def _typer(help_: str | None = None) -> typer.Typer:
     return typer.Typer(
-        cls=_Group, rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=help_
+        rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=help_
     )
 
 
@@ -76,12 +51,13 @@ def _console(stderr: bool = False) -> Console:
 @contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """Hide third-party advice logged on the root logger (onnxruntime's quantizer suggests
-    "pre-processing" on every call) unless EDGEFLEET_DEBUG is set; restored afterwards."""
+    "pre-processing" on every call) unless ``edgefleet --debug`` turned debug logging on;
+    restored afterwards."""
     import logging
 
     root = logging.getLogger()
     level = root.level
-    if not os.environ.get("EDGEFLEET_DEBUG"):
+    if root.getEffectiveLevel() > logging.DEBUG:
         root.setLevel(logging.ERROR)
     try:
         yield
@@ -276,11 +252,15 @@ def quantize(
     ),
     target: str | None = typer.Option(None, "--target", help="CSV target column to drop."),
     out: Path | None = typer.Option(None, "--out", help="Output model path."),
-    min_label_agreement: float = typer.Option(
-        0.98, help="Parity vs the unquantized model: minimum label agreement."
+    min_label_agreement: float | None = typer.Option(
+        None, help="Parity vs the unquantized model: minimum label agreement (default 0.98)."
     ),
-    max_abs_error: float = typer.Option(0.05, help="Parity: maximum absolute error (regressors)."),
-    max_rel_error: float = typer.Option(0.05, help="Parity: maximum relative error (regressors)."),
+    max_abs_error: float | None = typer.Option(
+        None, help="Parity: maximum absolute error, regressors (default 0.05)."
+    ),
+    max_rel_error: float | None = typer.Option(
+        None, help="Parity: maximum relative error, regressors (default 0.05)."
+    ),
 ) -> None:
     """Quantize a converted model; with --data, check it still agrees with the original.
 
@@ -289,33 +269,37 @@ def quantize(
       edgefleet quantize model.onnx --mode static --data calib.csv --out model-int8.onnx
     """
     from .data import load_data
-    from .errors import QuantizationError
-    from .optimize import quantized_parity_failures
+    from .errors import QuantizedParityError
+    from .quantize import QuantizedParityThresholds
     from .quantize import quantize as run_quantize
 
     if mode not in ("dynamic", "static", "fp16", "int8"):
         raise typer.BadParameter("must be dynamic, static, fp16 or int8", param_hint="--mode")
+    overrides = {
+        k: v
+        for k, v in {
+            "min_label_agreement": min_label_agreement,
+            "max_abs_error": max_abs_error,
+            "max_rel_error": max_rel_error,
+        }.items()
+        if v is not None
+    }
+    thresholds = QuantizedParityThresholds(**overrides)
     dataset = load_data(data, target) if data else None
-    with _quiet_libraries():
-        result = run_quantize(model, mode=mode, data=dataset, out=out)  # type: ignore[arg-type]
+    try:
+        with _quiet_libraries():
+            result = run_quantize(model, mode=mode, data=dataset, out=out, thresholds=thresholds)  # type: ignore[arg-type]
+    except QuantizedParityError as exc:
+        _quant_parity_table(exc.parity, exc.failures)
+        raise
     before = Path(model).stat().st_size
     typer.echo(
         f"wrote {result.path} ({result.format}, {result.mode}): {result.size_bytes} bytes, "
         f"{result.size_bytes / before:.2f}× the input"
     )
     parity = result.sidecar.parity if result.sidecar is not None else None
-    if not parity:
-        return
-    failures = quantized_parity_failures(
-        parity, min_label_agreement=min_label_agreement, max_abs_error=max_abs_error,
-        max_rel_error=max_rel_error,
-    )  # fmt: skip
-    _quant_parity_table(parity, failures)
-    if failures:
-        raise QuantizationError(
-            f"{result.path.name} disagrees with {Path(model).name} (kept for inspection): "
-            + "; ".join(failures)
-        )
+    if parity:
+        _quant_parity_table(parity, [])
 
 
 def _quant_parity_table(parity: dict[str, Any], failures: list[str]) -> None:
@@ -393,26 +377,6 @@ def _bench_table(report: BenchReport) -> None:
         console.print(f"  - {reason}")
 
 
-def _bench_json(report: BenchReport) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return {
-        "model": str(report.model),
-        "profile": report.profile.name,
-        "compatible": report.compat.ok,
-        "runtime": report.compat.runtime,
-        "opset": report.compat.facts.opset,
-        "ml_opset": report.compat.facts.ml_opset,
-        "operators": report.compat.facts.operators,
-        "host": None if report.host is None else asdict(report.host),
-        "estimate": report.result.model_dump(mode="json"),
-        "speed_factor": report.profile.speed_factor,
-        "latency_budget_ms": report.profile.latency_budget_ms,
-        "fits_budget": report.fits,
-        "reasons": report.reasons,
-    }
-
-
 @app.command()
 def bench(
     model: Path = typer.Argument(..., help="A converted .onnx or .tflite model."),
@@ -442,11 +406,15 @@ def bench(
     with _progress(not as_json) as say:
         report = benchmark(model, prof, data=dataset, runs=runs, progress=say)
     if as_json:
-        typer.echo(json.dumps(_bench_json(report), indent=2))
+        typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         _bench_table(report)
     if not report.fits:
-        raise typer.Exit(EXIT_OVER_BUDGET)
+        from protocol.errors import OverBudget
+
+        raise OverBudget(
+            f"{model.name} does not fit {prof.name}'s budget: " + "; ".join(report.reasons)
+        )
 
 
 def _optimize_table(report: OptimizeReport) -> None:
@@ -534,8 +502,9 @@ def optimize(
         )
     _optimize_table(report)
     if report.chosen is None:
-        typer.echo("no variant meets both the budget and the accuracy goal", err=True)
-        raise typer.Exit(EXIT_OVER_BUDGET)
+        from protocol.errors import OverBudget
+
+        raise OverBudget("no variant meets both the budget and the accuracy goal")
     typer.echo(f"best: {report.chosen.name} → {report.chosen.path}")
 
 
@@ -742,10 +711,9 @@ def build(
         )
     _optimize_table(result.report)
     if result.manifest is None:
-        typer.echo(
-            "no variant meets both the budget and the accuracy goal; nothing packaged", err=True
-        )
-        raise typer.Exit(EXIT_OVER_BUDGET)
+        from protocol.errors import OverBudget
+
+        raise OverBudget("no variant meets both the budget and the accuracy goal; nothing packaged")
     m = result.manifest
     typer.echo(
         f"wrote {result.bundle}: {m.name} {m.version} release {m.release} "

@@ -6,19 +6,17 @@ from pathlib import Path
 import click
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from agent.cli import app
 from agent.config import AgentConfig, load_config
 from agent.prediction_log import PredictionLog
 from tests.agent.test_prediction_log import _event
 from tests.support.bundles import make_bundle
-
-runner = CliRunner()
+from tests.support.cli import run_cli
 
 
 def invoke(*args: str):
-    return runner.invoke(app, ["agent", *args], catch_exceptions=False)
+    return run_cli(["agent", *args])
 
 
 @pytest.fixture
@@ -142,4 +140,4 @@ def test_every_command_has_help_text_with_an_example() -> None:
     for name, cmd in found.items():
         assert cmd.help, name
         if not hasattr(cmd, "commands"):
-            assert "Example: edgefleet" in cmd.help, name
+            assert "Example:\n  edgefleet" in cmd.help, name

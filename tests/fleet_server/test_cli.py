@@ -1,4 +1,4 @@
-"""The fleet CLI through typer's CliRunner, talking to the API in-process."""
+"""The fleet CLI through the root ``edgefleet`` CLI, talking to the API in-process."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import click
 import httpx
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from fleet_server import cli
 from fleet_server.app import create_app
@@ -19,8 +18,7 @@ from protocol import KeyPair
 from tests.fleet_server.fleetkit import SyncASGITransport, make_config
 from tests.fleet_server.test_api import Fleet
 from tests.support.bundles import make_bundle
-
-runner = CliRunner()
+from tests.support.cli import run_cli
 
 
 @pytest.fixture
@@ -46,7 +44,7 @@ def bundle_file(tmp_path_factory: pytest.TempPathFactory, signing_key: KeyPair) 
 
 def run(*args: str, token: str | None = None) -> object:
     extra = ["--token", token] if token else []
-    return runner.invoke(cli.app, [*args, *extra])
+    return run_cli([*args, *extra])
 
 
 def _walk(cmd: click.Command, path: str = "") -> Iterator[tuple[str, click.Command]]:
@@ -61,16 +59,16 @@ def test_every_command_has_help_with_an_example() -> None:
     for path, cmd in _walk(root):
         assert cmd.help, path
         if not hasattr(cmd, "commands"):
-            assert "Example: edgefleet" in cmd.help, path
+            assert "Example:\n  edgefleet" in cmd.help, path
 
 
 def test_init_writes_a_config_that_loads_into_the_defaults(tmp_path: Path) -> None:
     out = tmp_path / "fleet.toml"
-    r = runner.invoke(cli.app, ["fleet", "init", "--out", str(out)])
+    r = run_cli(["fleet", "init", "--out", str(out)])
     assert r.exit_code == 0, r.output
     cfg = load_config(out)
     assert cfg.api.port == 8700 and cfg.rollout.failure_threshold == 0.2
-    again = runner.invoke(cli.app, ["fleet", "init", "--out", str(out)])
+    again = run_cli(["fleet", "init", "--out", str(out)])
     assert again.exit_code == 1 and "exists" in again.output
 
 
@@ -83,18 +81,14 @@ def test_token_create_prints_a_working_token_once(tmp_path: Path, signing_key: K
         f'data_dir = "{cfg.data_dir}"\n[signing]\ntrusted = ["{cfg.signing.trusted[0]}"]\n',
         encoding="utf-8",
     )
-    r = runner.invoke(
-        cli.app, ["fleet", "token", "create", "--role", "operator", "--config", str(toml)]
-    )
+    r = run_cli(["fleet", "token", "create", "--role", "operator", "--config", str(toml)])
     assert r.exit_code == 0, r.output
     token = r.stdout.strip().splitlines()[0]
     svc = FleetService(load_config(toml))
     assert svc.authenticate_token(token) == "operator"
     assert token not in (tmp_path / "fleet" / "fleet.db").read_bytes().decode("latin-1")
     svc.repo.close()
-    bad = runner.invoke(
-        cli.app, ["fleet", "token", "create", "--role", "root", "--config", str(toml)]
-    )
+    bad = run_cli(["fleet", "token", "create", "--role", "root", "--config", str(toml)])
     assert bad.exit_code == 1 and "role" in bad.output
 
 
@@ -254,8 +248,7 @@ def test_telemetry_tail_shows_a_readable_line_per_message(amqtt_broker: object) 
     state = DeviceState(device_id="tail-dev", online=True, profile="raspberry-pi-4")
     assert t.publish("tailtest/devices/tail-dev/state", state.to_json(), retain=True).wait(5)
     t.close()
-    r = runner.invoke(
-        cli.app,
+    r = run_cli(
         [
             "telemetry",
             "tail",

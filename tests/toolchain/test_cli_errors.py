@@ -1,6 +1,6 @@
 """Bad input gets one readable line and a non-zero exit, never a traceback.
 
-Every case runs the real command through typer's CliRunner on ``toolchain.cli.app``.
+Every case runs the real command through the root ``edgefleet`` CLI.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from edgefleet.cli import EXIT_OVER_BUDGET
 from protocol.profiles import load_profile
+from tests.support.cli import run_cli
 from tests.toolchain import fixtures_pkg as fx
 from tests.toolchain.fixtures_pkg import profile_toml
-from toolchain.cli import EXIT_OVER_BUDGET, app
 
 iris, iris_joblib, iris_onnx, keys, iris_bundle = (
     fx.iris,
@@ -27,11 +27,9 @@ iris, iris_joblib, iris_onnx, keys, iris_bundle = (
     fx.iris_bundle,
 )
 
-runner = CliRunner(env={"COLUMNS": "160"})
-
 
 def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
+    return run_cli(args)
 
 
 def one_line_error(result, *fragments: str) -> str:

@@ -6,11 +6,15 @@ Every command except ``run`` works offline against the config's ``data_dir``.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
+
+from .config import DEFAULT_API_PORT
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True)
 agent_app = typer.Typer(
@@ -42,20 +46,36 @@ def _config(path: Path):  # type: ignore[no-untyped-def]
 def init(
     out: Path = typer.Option(Path("agent.toml"), "--out", "-o", help="Where to write the config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    device_id: str = typer.Option(
+        "device-0001", "--device-id", help="Unique device id (letters, digits, . _ -)."
+    ),
+    profile: str = typer.Option(
+        "host", "--profile", help="Device profile name (edgefleet profiles list) or a .toml path."
+    ),
+    broker: str = typer.Option(
+        "mqtt://127.0.0.1:1883", "--broker", help="MQTT broker URL (mqtts:// for TLS)."
+    ),
+    api_port: int = typer.Option(
+        DEFAULT_API_PORT, "--api-port", min=0, max=65535, help="Local inference API port."
+    ),
 ) -> None:
-    """Write a commented example config.
+    """Write a commented config for one device; every value is checked before it is written.
 
     \b
     Example:
-      edgefleet agent init --out /etc/edgefleet/agent.toml
+      edgefleet agent init --device-id pi-0001 --profile raspberry-pi-4 \\
+        --broker mqtt://fleet.local:1883 --out /etc/edgefleet/agent.toml
     """
     from .config import example_config
     from .errors import ConfigError
 
     if out.exists() and not force:
         raise ConfigError(f"{out} exists (use --force to overwrite)")
-    out.write_text(example_config(), encoding="utf-8")
-    print(f"wrote {out}")
+    text = example_config(
+        device_id=device_id, profile=profile, broker_url=broker, api_port=api_port
+    )
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out} (device {device_id}, profile {profile}, broker {broker})")
 
 
 @agent_app.command("install")
@@ -141,13 +161,68 @@ def status(
 def run(config: Path = ConfigOpt) -> None:
     """Run the agent daemon: local API, prediction log, telemetry and the MQTT link.
 
+    Prints one line when it serves (device, model, API URL, broker) and one line each time
+    the broker link changes (connected, lost, reconnecting).
+
     \b
     Example:
       edgefleet agent run --config agent.toml
     """
     from . import daemon  # type: ignore[attr-defined]
 
-    daemon.run_agent(_config(config))
+    cfg = _config(config)
+    lines = _LinkLines()
+    transport_log = logging.getLogger("protocol.transport_paho")
+    transport_log.addHandler(lines)
+    transport_log.setLevel(logging.INFO)
+
+    def started(agent: Any) -> None:
+        m = agent.predictor.model
+        model = f"{m.name} {m.version} (release {m.release})" if m else "no model installed yet"
+        print(
+            f"agent {cfg.device_id} ({cfg.profile}) serving {model}; "
+            f"API {agent.api_url}/v1/predict; broker {cfg.broker.url}",
+            file=sys.stderr,
+            flush=True,
+        )
+        lines.start_printing()
+
+    try:
+        daemon.run_agent(cfg, on_started=started)
+    finally:
+        transport_log.removeHandler(lines)
+
+
+class _LinkLines(logging.Handler):
+    """Prints the MQTT transport's link-state records (``record.link``) as one line each,
+    held back until the start line is out so the order reads naturally."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self._held: list[str] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        state = getattr(record, "link", None)
+        if state is None:
+            return
+        detail = getattr(record, "detail", "")
+        verb = {"connected": "connected to", "lost": "lost", "reconnecting": "cannot reach"}
+        line = f"broker link {state}: {verb.get(state, state)} {getattr(record, 'broker', '')}"
+        if detail:
+            line += f": {detail}"
+        if state == "reconnecting":
+            line += "; retrying with backoff, predictions keep being served"
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def start_printing(self) -> None:
+        """Print what was held back, then every line as it comes."""
+        with self.lock:  # type: ignore[union-attr]
+            held, self._held = self._held or [], None
+            for line in held:
+                print(line, file=sys.stderr, flush=True)
 
 
 def _fmt_row(row: dict) -> str:

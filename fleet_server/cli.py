@@ -100,22 +100,42 @@ def serve_cmd(
     embedded_broker: bool = typer.Option(
         False, "--embedded-broker", help="Run the amqtt broker in-process."
     ),
+    host: str | None = typer.Option(
+        None, "--host", help="Address to listen on (default: [api] host, 127.0.0.1)."
+    ),
+    port: int | None = typer.Option(
+        None, "--port", min=0, max=65535, help="Port to listen on (default: [api] port, 8700)."
+    ),
 ) -> None:
     """Run the fleet server: REST API, dashboard, MQTT bridge, rollout and drift engines.
 
+    Prints one line once it listens; a port that is taken is one error line (exit code 4).
+
     \b
     Example:
-      edgefleet fleet serve --config fleet.toml --embedded-broker
+      edgefleet fleet serve --config fleet.toml --embedded-broker --host 0.0.0.0 --port 8700
     """
     from .config import load_config
-    from .serve import serve
+    from .serve import FleetServer
 
     cfg = load_config(config)
-    print(
-        f"fleet server on http://{cfg.api.host}:{cfg.api.port} (broker {cfg.broker.url})",
-        file=sys.stderr,
-    )
-    serve(cfg, embedded_broker=embedded_broker)
+    api = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if api:
+        cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update=api)})
+    server = FleetServer(cfg, embedded_broker=embedded_broker)
+
+    def ready() -> None:
+        broker = f"{server.config.broker.url}" + (" (embedded)" if server.embedded else "")
+        print(
+            f"fleet server on {server.url} — dashboard {server.url}/ui/, API {server.url}/docs "
+            f"(broker {broker}); Ctrl-C to stop",
+            file=sys.stderr,
+        )
+
+    try:
+        server.run(on_ready=ready)
+    except KeyboardInterrupt:
+        pass
 
 
 @fleet_app.command("init")
@@ -163,7 +183,9 @@ def token_create(
     finally:
         svc.repo.close()
     print(token)
-    print(f"({role} token; it is not stored and will not be shown again)", file=sys.stderr)
+    print(
+        f"({role} token; only its hash is stored, so it will not be shown again)", file=sys.stderr
+    )
 
 
 @user_app.command("add")
@@ -242,9 +264,9 @@ def bundles_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None
 
 @devices_app.command("list")
 def devices_list(
-    profile: str | None = typer.Option(None, "--profile"),
-    tag: str | None = typer.Option(None, "--tag"),
-    version: str | None = typer.Option(None, "--version"),
+    profile: str | None = typer.Option(None, "--profile", help="Only this device profile."),
+    tag: str | None = typer.Option(None, "--tag", help="Only devices with this tag."),
+    version: str | None = typer.Option(None, "--version", help="Only this model version."),
     online: bool | None = typer.Option(
         None, "--online/--offline", help="Only online (or offline) devices."
     ),
@@ -278,7 +300,7 @@ def devices_list(
 
 @devices_app.command("tag")
 def devices_tag(
-    device_id: str = typer.Argument(...),
+    device_id: str = typer.Argument(..., help="The device id."),
     tags: list[str] = typer.Argument(..., help="Tags to set."),
     url: str | None = UrlOpt,
     token: str | None = TokenOpt,
@@ -306,6 +328,13 @@ def _stages(text: str) -> list[float]:
         ) from None
 
 
+def stage_state(stage: dict[str, Any]) -> str:
+    """A stage's state as shown: one with no devices passes trivially, so say "empty"."""
+    if stage["devices"] == 0 and stage["state"] in ("passed", "running"):
+        return "empty (0 devices)"
+    return str(stage["state"])
+
+
 def _show(status: dict[str, Any]) -> None:
     b = status["bundle"]
     print(
@@ -320,7 +349,7 @@ def _show(status: dict[str, Any]) -> None:
             [
                 s["index"] + 1,
                 f"{s['target']:g}{unit}",
-                s["state"],
+                stage_state(s),
                 s["devices"],
                 s["installed"],
                 s["failed"],
@@ -430,7 +459,13 @@ def rollout_start(
     """
     c = client(url, token)
     if bundle.endswith(".efb") or Path(bundle).is_file():
-        bundle = c.push_bundle(Path(bundle))["sha256"]
+        if dry_run:
+            ref = _bundle_on_server(c, Path(bundle))
+            if ref is None:
+                return
+            bundle = ref
+        else:
+            bundle = c.push_bundle(Path(bundle))["sha256"]
     body: dict[str, Any] = {
         "bundle": bundle,
         "selector": selector,
@@ -453,16 +488,60 @@ def rollout_start(
         start=not dry_run,
     )
     if dry_run:
-        _show(status)
-        for s in status["stages"]:
-            print(f"stage {s['index'] + 1}: {', '.join(s['device_ids']) or '-'}")
+        _show_plan(status)
         return
     _finish(c, status, wait, wait_timeout)
 
 
+def _bundle_on_server(c: Any, path: Path) -> str | None:
+    """For a dry run with a .efb file: its sha256 when the server already has it; otherwise
+    say what a real run would upload and return None (a dry run uploads nothing)."""
+    import hashlib
+
+    from .errors import ClientError
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror}") from None
+    sha = hashlib.sha256(data).hexdigest()
+    if c.find_bundle(sha) is not None:
+        return sha
+    print(
+        f"dry run: nothing uploaded, created or sent. {path.name} (sha256 {sha[:12]}) is not on "
+        "the server yet, so there is no plan to show: a real run would upload it first "
+        f"(or upload it now with edgefleet fleet bundles push {path} and dry-run again)."
+    )
+    return None
+
+
+def _show_plan(status: dict[str, Any]) -> None:
+    b = status["bundle"]
+    unit = "%" if status["spec"]["stage_unit"] == "percent" else " devices"
+    print(
+        f"dry run: nothing created or sent. Plan for {b.get('name')} {b.get('version')} "
+        f"to {status['total']} devices:"
+    )
+    _table(
+        "planned stages",
+        ["stage", "target", "devices", "device ids"],
+        [
+            [
+                s["index"] + 1,
+                f"{s['target']:g}{unit}",
+                s["devices"],
+                ", ".join(s.get("device_ids") or []) or "-",
+            ]
+            for s in status["stages"]
+        ],
+    )
+    for s in status["stages"]:
+        print(f"stage {s['index'] + 1}: {', '.join(s.get('device_ids') or []) or '-'}")
+
+
 @rollout_app.command("status")
 def rollout_status(
-    rollout_id: str = typer.Argument(...),
+    rollout_id: str = typer.Argument(..., help="The rollout id (r-…)."),
     wait: bool = typer.Option(False, "--wait", help="Follow until it ends."),
     devices: bool = typer.Option(False, "--devices", help="Also list every device's state."),
     url: str | None = UrlOpt,
@@ -511,7 +590,7 @@ def rollout_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None
 
 def _action(action: str) -> Callable[..., None]:
     def command(
-        rollout_id: str = typer.Argument(...),
+        rollout_id: str = typer.Argument(..., help="The rollout id (r-…)."),
         url: str | None = UrlOpt,
         token: str | None = TokenOpt,
     ) -> None:
@@ -533,9 +612,9 @@ for _name in ("pause", "resume", "abort", "rollback"):
 # drift and telemetry --------------------------------------------------------------------------
 @drift_app.command("report")
 def drift_report(
-    model: str | None = typer.Option(None, "--model"),
-    version: str | None = typer.Option(None, "--version"),
-    limit: int = typer.Option(20, "--limit"),
+    model: str | None = typer.Option(None, "--model", help="Only this model (bundle name)."),
+    version: str | None = typer.Option(None, "--version", help="Only this model version."),
+    limit: int = typer.Option(20, "--limit", min=1, help="How many results, newest first."),
     url: str | None = UrlOpt,
     token: str | None = TokenOpt,
 ) -> None:
@@ -553,7 +632,7 @@ def drift_report(
     for r in rows:
         feats = [f for f in r.get("features", []) if f.get("role", "feature") == "feature"]
         drifted = [f["name"] for f in feats if f.get("drift")]
-        window = r.get("window_start")
+        window = r.get("window_start", r.get("window"))  # stored results name it "window"
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(window)) if window else "-"
         out.append(
             [
@@ -577,22 +656,67 @@ def telemetry_tail(
     topic_filter: str = typer.Argument(
         "#", help="MQTT topic filter, e.g. 'edgefleet/devices/+/telemetry/#'."
     ),
-    broker: str = typer.Option(
-        "mqtt://127.0.0.1:1883", "--broker", envvar="EDGEFLEET_BROKER", help="Broker URL."
+    broker: str | None = typer.Option(
+        None,
+        "--broker",
+        envvar="EDGEFLEET_BROKER",
+        help="Broker URL, e.g. mqtt://127.0.0.1:1883 (default: asked from the fleet server).",
     ),
-    prefix: str = typer.Option("edgefleet", "--prefix", help="Topic prefix."),
+    prefix: str | None = typer.Option(
+        None, "--prefix", help="Topic prefix (default: the fleet server's, or edgefleet)."
+    ),
     limit: int | None = typer.Option(None, "--limit", help="Stop after this many messages."),
     duration: float | None = typer.Option(None, "--duration", help="Stop after this many seconds."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """A readable live view of any topic: one line per message.
 
+    Without --broker it asks the fleet server (EDGEFLEET_URL, EDGEFLEET_TOKEN) where the
+    broker is. While no message comes it says what it is waiting for (on stderr).
+
     \b
     Example:
-      edgefleet telemetry tail 'edgefleet/devices/+/status' --broker mqtt://127.0.0.1:1883
+      edgefleet telemetry tail 'edgefleet/devices/+/status'
+      edgefleet telemetry tail '#' --broker mqtt://127.0.0.1:1883 --limit 10
     """
     from .telemetry.tail import follow
 
+    if broker is None:
+        broker, server_prefix = _broker_from_server(url, token)
+        prefix = prefix or server_prefix
+    prefix = prefix or "edgefleet"
+
+    def waiting() -> None:
+        print(
+            f"waiting for messages on {topic_filter!r} at {broker} (Ctrl-C to stop)",
+            file=sys.stderr,
+        )
+
     try:
-        follow(broker, topic_filter, print, prefix=prefix, limit=limit, duration=duration)
+        follow(
+            broker,
+            topic_filter,
+            print,
+            prefix=prefix,
+            limit=limit,
+            duration=duration,
+            on_waiting=waiting,
+        )
     except KeyboardInterrupt:
         pass
+
+
+def _broker_from_server(url: str | None, token: str | None) -> tuple[str, str | None]:
+    """The broker URL and topic prefix the fleet server announces on GET /v1/broker."""
+    from .errors import ClientError
+
+    c = client(url, token)
+    try:
+        info = c.broker()
+    except ClientError as exc:
+        raise type(exc)(
+            f"telemetry tail needs the broker's URL and could not ask the fleet server at "
+            f"{c.url} ({exc}); pass --broker mqtt://HOST:1883 or set EDGEFLEET_BROKER"
+        ) from None
+    return str(info["url"]), info.get("topic_prefix")

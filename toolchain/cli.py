@@ -88,6 +88,16 @@ def _progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
         yield lambda msg: bar.update(task, description=msg)
 
 
+def _model_file(path: Path) -> None:
+    """A converted model (.onnx/.tflite) must exist before any data is read."""
+    from .compat import model_format
+    from .errors import UnsupportedModelError
+
+    model_format(path)
+    if not path.is_file():
+        raise UnsupportedModelError(f"model file {path} does not exist")
+
+
 def _profiles(names: list[str]) -> list[Any]:
     from protocol.profiles import load_profile
 
@@ -213,7 +223,7 @@ def convert(
     from .data import load_data
     from .errors import ParityError
     from .parity import ParityThresholds
-    from .sources import load_source
+    from .sources import check_source_path, load_source
 
     if to not in (None, "onnx", "tflite"):
         raise typer.BadParameter("must be onnx or tflite", param_hint="--to")
@@ -227,8 +237,9 @@ def convert(
         }.items()
         if v is not None
     }
-    source = load_source(model)
+    check_source_path(model)
     dataset = load_data(data, target)
+    source = load_source(model)
     to = to or ("tflite" if source.kind == "keras" else "onnx")
     try:
         thresholds = ParityThresholds(**overrides)
@@ -285,6 +296,7 @@ def quantize(
         if v is not None
     }
     thresholds = QuantizedParityThresholds(**overrides)
+    _model_file(model)
     dataset = load_data(data, target) if data else None
     try:
         with _quiet_libraries():
@@ -402,6 +414,7 @@ def bench(
     from .data import load_data
 
     prof = _profiles([profile])[0]
+    _model_file(model)
     dataset = load_data(data, target) if data else None
     with _progress(not as_json) as say:
         report = benchmark(model, prof, data=dataset, runs=runs, progress=say)
@@ -487,8 +500,10 @@ def optimize(
     """
     from .data import load_data
     from .optimize import optimize as run_optimize
+    from .sources import check_source_path
 
     prof = _profiles([profile])[0]
+    check_source_path(model)
     dataset = load_data(data, target)
     with _progress() as say:
         report = run_optimize(
@@ -537,11 +552,15 @@ def package(
         --data train.csv --target label --key keys/edgefleet.key --out iris-1.0.0.efb
     """
     from .data import load_data
+    from .keys import load_signing_key
+    from .package import check_identity, parse_fallback
     from .package import package as run_package
-    from .package import parse_fallback
 
     profiles = _profiles(profile)
     fb = parse_fallback(fallback)
+    check_identity(name, version)
+    load_signing_key(key)
+    _model_file(model)
     reference = load_data(data, target)
     with _progress() as say:
         manifest = run_package(
@@ -691,9 +710,11 @@ def build(
         --version 1.0.0 --profile raspberry-pi-4 --key keys/edgefleet.key --out dist
     """
     from .build import build as run_build
+    from .build import check_build_inputs
     from .data import load_data
 
     profiles = _profiles(profile)
+    check_build_inputs(model, name=name, version=version, profiles=profiles, key_path=key)
     dataset = load_data(data, target)
     with _progress() as say:
         result = run_build(

@@ -430,6 +430,14 @@ def bench(
         )
 
 
+def _short_result(verdict: str) -> str:
+    """The table's result cell: the verdict's label ("n/a" for not applicable); the lines
+    under the table give each verdict in full."""
+    label = verdict.split(":", 1)[0]
+    short = {"not applicable": "n/a", "failed to convert": "failed", "failed to run": "failed"}
+    return short.get(label, label)
+
+
 def _optimize_table(report: OptimizeReport) -> None:
     from rich.table import Table
 
@@ -438,17 +446,20 @@ def _optimize_table(report: OptimizeReport) -> None:
         title=f"variants for {p.name} (latency: ESTIMATES, host × {p.speed_factor:g}; "
         f"budget {p.latency_budget_ms:g} ms, max {report.metric} drop {report.max_accuracy_drop:g})"
     )
-    for col in (
-        "variant",
-        "size",
-        "est. p50 ms",
-        "est. p95 ms",
-        report.metric,
-        "drop",
-        "fits",
-        "result",
-    ):
-        table.add_column(col)
+    # Variant names are never cut; the table fits 80 columns (the full verdicts follow it).
+    from rich import box
+
+    table.box = box.SIMPLE_HEAD
+    table.pad_edge = False
+    table.collapse_padding = True
+    table.show_edge = False
+    longest = max(
+        (len(v.name) + (2 if v is report.chosen else 0) for v in report.variants), default=8
+    )
+    table.add_column("variant", no_wrap=True, min_width=longest)
+    for col in ("size", "p50 ms", "p95 ms", report.metric, "drop", "fits"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("result", no_wrap=True)
     for v in report.variants:
         b = v.bench.result if v.bench else None
         table.add_row(
@@ -459,7 +470,7 @@ def _optimize_table(report: OptimizeReport) -> None:
             f"{v.score:.4f}" if v.score is not None else "–",
             f"{v.drop:+.4f}" if v.drop is not None else "–",
             ("yes" if v.fits else "no") if v.bench else "–",
-            v.verdict.split(":", 1)[0],
+            _short_result(v.verdict),
         )
     console = _console()
     console.print(table)

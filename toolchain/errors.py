@@ -8,6 +8,7 @@
         ├── ConversionError         skl2onnx / TensorFlow / onnx failed to convert
         ├── ParityError             converted model disagrees with its source (``.report``)
         ├── QuantizationError       quantization impossible or failed
+        │   ├── QuantizationNotApplicable  nothing to quantize (e.g. tree ensembles)
         │   └── QuantizedParityError  quantized model moved too far from its source
         └── RuntimeLoadError        onnxruntime / LiteRT failed to load or run a model
 
@@ -52,6 +53,10 @@ class ParityError(ToolchainError):
 
 class QuantizationError(ToolchainError):
     """A quantization mode that does not apply to this model, or that failed."""
+
+
+class QuantizationNotApplicable(QuantizationError):
+    """The model has nothing this quantization can act on (no MatMul/Gemm/Conv weights)."""
 
 
 class QuantizedParityError(QuantizationError):

@@ -31,7 +31,7 @@ from protocol.feeds import Prediction
 from protocol.profiles import DeviceProfile
 
 from .benchmark import BenchReport, benchmark
-from .errors import ToolchainError
+from .errors import QuantizationNotApplicable, ToolchainError
 
 Progress = Callable[[str], None]
 
@@ -185,6 +185,9 @@ def optimize(
         say(f"{name}: building")
         try:
             variant.path = make()
+        except QuantizationNotApplicable as exc:
+            variant.error = f"not applicable: {exc}"
+            continue
         except ToolchainError as exc:
             variant.error = f"failed to convert: {exc}"
             continue

@@ -39,7 +39,12 @@ from protocol.feeds import make_feeds
 from protocol.manifest import Quantization
 
 from .data import Dataset
-from .errors import QuantizationError, QuantizedParityError, translate
+from .errors import (
+    QuantizationError,
+    QuantizationNotApplicable,
+    QuantizedParityError,
+    translate,
+)
 from .parity import ParityThresholds, compare
 from .runner import ModelRunner
 from .sidecar import Sidecar, describe, write_sidecar
@@ -186,7 +191,7 @@ def _quantize_onnx(
     ops = weight_ops(model)
     if not ops:
         kinds = sorted({n.op_type for n in model.graph.node})[:4]
-        raise QuantizationError(
+        raise QuantizationNotApplicable(
             f"{path.name} has no MatMul/Gemm/Conv weights to quantize (operators: "
             f"{', '.join(kinds)}); tree ensembles and ai.onnx.ml operators stay fp32"
         )

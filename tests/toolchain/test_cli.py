@@ -190,6 +190,27 @@ def test_build_makes_a_signed_verifiable_bundle_from_a_sklearn_pickle(
     assert [f.name for f in manifest.input_schema.features][:2] == ["sepal_length", "sepal_width"]
 
 
+def test_build_table_keeps_variant_names_whole_at_80_columns(iris, iris_joblib, keys, tmp_path):
+    result = run_cli(
+        [
+            "build", iris_joblib, "--data", iris.npz, "--name", "iris", "--version", "1.0.0",
+            "--profile", "host", "--key", keys.private_path, "--out", tmp_path, "--runs", "10",
+        ],
+        env={"COLUMNS": "80"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    import re
+
+    rows = []
+    for name in ("onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "onnx-fp16"):
+        row = re.search(rf"^(→ )?{name} .*$", result.stdout, re.M)
+        assert row, result.stdout
+        rows.append(row.group(0))
+    assert all(len(row) <= 80 for row in rows), rows
+    assert "onnx-fp16: not applicable: " in " ".join(result.stdout.split())
+    assert "failed to convert" not in result.stdout
+
+
 def test_build_exits_3_and_packages_nothing_when_no_variant_fits(iris, iris_joblib, keys, tmp_path):
     slow = fx.profile_toml(tmp_path, "glacial", speed_factor=10000.0)
     result = run_cli(

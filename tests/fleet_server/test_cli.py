@@ -428,3 +428,18 @@ def test_config_typo_suggests_the_nearest_key(tmp_path: Path) -> None:
     r = run_cli(["fleet", "serve", "-c", tmp_path / "fleet.toml"])
     assert r.exit_code == 1
     assert "api.prot: unknown key (did you mean 'port'?)" in r.stderr
+
+
+def test_a_stage_with_no_devices_shows_as_empty_not_passed(fleet: Fleet, bundle_file: Path) -> None:
+    op = fleet.tokens["operator"]
+    for i in range(2):
+        fleet.device(f"d{i}")
+    run("fleet", "bundles", "push", str(bundle_file), token=op)
+    r = run("rollout", "start", "iris@1.0.0", "--stages", "2,5", "--count", token=op)
+    assert r.exit_code == 0, r.output
+    for _ in range(4):
+        fleet.service.tick()
+    rid = fleet.service.list_rollouts()[0]["rollout_id"]
+    out = run("rollout", "status", rid, token=op).stdout
+    second = next(line for line in out.splitlines() if line.strip().startswith("│ 2 "))
+    assert "empty (0 devices)" in second and "passed" not in second

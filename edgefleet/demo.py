@@ -381,7 +381,8 @@ def run_demo(
     assert service is not None
     password = secrets.token_urlsafe(9)
     service.add_user("admin", password, "admin", actor="demo")
-    progress("fleet", f"fleet server and dashboard on {server.url}")
+    # Its URL is shown only with --keep-running: the server stops when the demo ends.
+    progress("fleet", "fleet server up: REST API, dashboard, MQTT bridge, rollout and drift")
     for bundle in (v1, v2):
         info = service.upload_bundle(bundle.read_bytes(), actor="demo")
         progress(

@@ -114,15 +114,15 @@ def _not_a_pickle(p: Path, exc: Exception) -> str:
     except UnicodeDecodeError:
         text = None
     if not head:
-        return f"{p.name} is empty, not a pickle or joblib file"
+        return f"cannot unpickle {p.name}: it is empty, not a pickle or joblib file"
     if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
         first = " ".join(text.split())[:40]
         return (
-            f"{p.name} is a text file, not a pickle or joblib file (it starts with {first!r}); "
-            "save the model with joblib.dump(model, path)"
+            f"cannot unpickle {p.name}: it is a text file, not a pickle or joblib file (it starts "
+            f"with {first!r}); save the model with joblib.dump(model, path)"
         )
     return (
-        f"{p.name} is not a pickle or joblib file, or it is damaged "
+        f"cannot unpickle {p.name}: it is not a pickle or joblib file, or it is damaged "
         f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
     )
 

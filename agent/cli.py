@@ -5,20 +5,24 @@ Every command except ``run`` works offline against the config's ``data_dir``.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
+import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
-agent_app = typer.Typer(no_args_is_help=True, help="Run and manage the on-device agent.")
-log_app = typer.Typer(no_args_is_help=True, help="Read the SQLite prediction log.")
+from .config import DEFAULT_API_PORT
+
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True)
+agent_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Run and manage the on-device agent."
+)
+log_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Read the SQLite prediction log."
+)
 app.add_typer(agent_app, name="agent")
 agent_app.add_typer(log_app, name="log")
 
@@ -32,24 +36,6 @@ def _root() -> None:
     """edgefleet agent commands."""
 
 
-def _one_line_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Our errors become ``error: …`` on stderr and exit 1, also when run standalone."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        from protocol.errors import EdgefleetError
-
-        try:
-            fn(*args, **kwargs)
-        except EdgefleetError as exc:
-            if os.environ.get("EDGEFLEET_DEBUG"):
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None  # typer.Exit is not click.Exit under typer>=0.2x
-
-    return wrapper
-
-
 def _config(path: Path):  # type: ignore[no-untyped-def]
     from .config import load_config
 
@@ -57,26 +43,42 @@ def _config(path: Path):  # type: ignore[no-untyped-def]
 
 
 @agent_app.command("init")
-@_one_line_errors
 def init(
     out: Path = typer.Option(Path("agent.toml"), "--out", "-o", help="Where to write the config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    device_id: str = typer.Option(
+        "device-0001", "--device-id", help="Unique device id (letters, digits, . _ -)."
+    ),
+    profile: str = typer.Option(
+        "host", "--profile", help="Device profile name (edgefleet profiles list) or a .toml path."
+    ),
+    broker: str = typer.Option(
+        "mqtt://127.0.0.1:1883", "--broker", help="MQTT broker URL (mqtts:// for TLS)."
+    ),
+    api_port: int = typer.Option(
+        DEFAULT_API_PORT, "--api-port", min=0, max=65535, help="Local inference API port."
+    ),
 ) -> None:
-    """Write a commented example config.
+    """Write a commented config for one device; every value is checked before it is written.
 
-    Example: edgefleet agent init --out /etc/edgefleet/agent.toml
+    \b
+    Example:
+      edgefleet agent init --device-id pi-0001 --profile raspberry-pi-4 \\
+        --broker mqtt://fleet.local:1883 --out /etc/edgefleet/agent.toml
     """
     from .config import example_config
     from .errors import ConfigError
 
     if out.exists() and not force:
         raise ConfigError(f"{out} exists (use --force to overwrite)")
-    out.write_text(example_config(), encoding="utf-8")
-    print(f"wrote {out}")
+    text = example_config(
+        device_id=device_id, profile=profile, broker_url=broker, api_port=api_port
+    )
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out} (device {device_id}, profile {profile}, broker {broker})")
 
 
 @agent_app.command("install")
-@_one_line_errors
 def install(
     bundle: Path = typer.Argument(..., help="The .efb bundle to install."),
     config: Path = ConfigOpt,
@@ -84,7 +86,9 @@ def install(
 ) -> None:
     """Verify and install a bundle offline, then make it active.
 
-    Example: edgefleet agent install iris-1.2.0.efb --config agent.toml
+    \b
+    Example:
+      edgefleet agent install iris-1.2.0.efb --config agent.toml
     """
     from .installer import Installer
 
@@ -93,7 +97,6 @@ def install(
 
 
 @agent_app.command("rollback")
-@_one_line_errors
 def rollback(
     config: Path = ConfigOpt,
     to: int | None = typer.Option(
@@ -102,7 +105,9 @@ def rollback(
 ) -> None:
     """Switch back to the previously installed version.
 
-    Example: edgefleet agent rollback --config agent.toml
+    \b
+    Example:
+      edgefleet agent rollback --config agent.toml
     """
     from .installer import Installer
 
@@ -111,14 +116,15 @@ def rollback(
 
 
 @agent_app.command("status")
-@_one_line_errors
 def status(
     config: Path = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show the active model, installed versions and runtimes.
 
-    Example: edgefleet agent status --config agent.toml
+    \b
+    Example:
+      edgefleet agent status --config agent.toml
     """
     from .status import agent_status
 
@@ -152,15 +158,71 @@ def status(
 
 
 @agent_app.command("run")
-@_one_line_errors
 def run(config: Path = ConfigOpt) -> None:
     """Run the agent daemon: local API, prediction log, telemetry and the MQTT link.
 
-    Example: edgefleet agent run --config agent.toml
+    Prints one line when it serves (device, model, API URL, broker) and one line each time
+    the broker link changes (connected, lost, reconnecting).
+
+    \b
+    Example:
+      edgefleet agent run --config agent.toml
     """
     from . import daemon  # type: ignore[attr-defined]
 
-    daemon.run_agent(_config(config))
+    cfg = _config(config)
+    lines = _LinkLines()
+    transport_log = logging.getLogger("protocol.transport_paho")
+    transport_log.addHandler(lines)
+    transport_log.setLevel(logging.INFO)
+
+    def started(agent: Any) -> None:
+        m = agent.predictor.model
+        model = f"{m.name} {m.version} (release {m.release})" if m else "no model installed yet"
+        print(
+            f"agent {cfg.device_id} ({cfg.profile}) serving {model}; "
+            f"API {agent.api_url}/v1/predict; broker {cfg.broker.url}",
+            file=sys.stderr,
+            flush=True,
+        )
+        lines.start_printing()
+
+    try:
+        daemon.run_agent(cfg, on_started=started)
+    finally:
+        transport_log.removeHandler(lines)
+
+
+class _LinkLines(logging.Handler):
+    """Prints the MQTT transport's link-state records (``record.link``) as one line each,
+    held back until the start line is out so the order reads naturally."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self._held: list[str] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        state = getattr(record, "link", None)
+        if state is None:
+            return
+        detail = getattr(record, "detail", "")
+        verb = {"connected": "connected to", "lost": "lost", "reconnecting": "cannot reach"}
+        line = f"broker link {state}: {verb.get(state, state)} {getattr(record, 'broker', '')}"
+        if detail:
+            line += f": {detail}"
+        if state == "reconnecting":
+            line += "; retrying with backoff, predictions keep being served"
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def start_printing(self) -> None:
+        """Print what was held back, then every line as it comes."""
+        with self.lock:  # type: ignore[union-attr]
+            held, self._held = self._held or [], None
+            for line in held:
+                print(line, file=sys.stderr, flush=True)
 
 
 def _fmt_row(row: dict) -> str:
@@ -174,7 +236,6 @@ def _fmt_row(row: dict) -> str:
 
 
 @log_app.command("tail")
-@_one_line_errors
 def log_tail(
     config: Path = ConfigOpt,
     n: int = typer.Option(10, "-n", "--lines", help="How many recent rows."),
@@ -182,7 +243,9 @@ def log_tail(
 ) -> None:
     """Print the most recent predictions.
 
-    Example: edgefleet agent log tail -n 20 --follow
+    \b
+    Example:
+      edgefleet agent log tail -n 20 --follow
     """
     from .prediction_log import LOG_FILE, read_rows
 
@@ -199,7 +262,6 @@ def log_tail(
 
 
 @log_app.command("export")
-@_one_line_errors
 def log_export(
     config: Path = ConfigOpt,
     fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
@@ -207,7 +269,9 @@ def log_export(
 ) -> None:
     """Export the whole prediction log.
 
-    Example: edgefleet agent log export --format csv --out predictions.csv
+    \b
+    Example:
+      edgefleet agent log export --format csv --out predictions.csv
     """
     from .prediction_log import LOG_FILE, export
 

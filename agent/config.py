@@ -13,6 +13,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocol.config_errors import describe_validation_error
 from protocol.errors import ProfileError, ProtocolError
 from protocol.profiles import DeviceProfile, load_profile
 from protocol.signing import TrustStore
@@ -176,9 +177,8 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
     try:
         config = AgentConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        raise ConfigError(f"{origin}: {where}: {err['msg']}") from None
+        where, message = describe_validation_error(exc, AgentConfig)
+        raise ConfigError(f"{origin}: {where}: {message}") from None
     return config.resolve(base) if base is not None else config
 
 
@@ -192,18 +192,52 @@ def load_config(path: Union[str, Path]) -> AgentConfig:
     return parse_config(text, str(path), base=path.resolve().parent)
 
 
-def example_config() -> str:
-    """A commented ``agent.toml`` whose values are the defaults."""
-    return f"""\
+def example_config(
+    *,
+    device_id: str = "device-0001",
+    profile: str = "host",
+    broker_url: str = "mqtt://127.0.0.1:1883",
+    api_port: int = DEFAULT_API_PORT,
+) -> str:
+    """A commented ``agent.toml``; with no arguments its values are the defaults.
+
+    The arguments (``edgefleet agent init --device-id --profile --broker --api-port``) are
+    checked by loading the text back with :func:`parse_config` before anyone writes it.
+    """
+    text = _EXAMPLE.format(
+        device_id=_toml_str(device_id),
+        profile=_toml_str(profile),
+        broker_url=_toml_str(broker_url),
+        api_port=int(api_port),
+    )
+    config = parse_config(text, "agent init")
+    config.device_profile()  # an unknown profile is refused now, not when the agent starts
+    from protocol.transport import BrokerURL, TransportError
+
+    try:
+        BrokerURL.parse(broker_url)
+    except TransportError as exc:
+        raise ConfigError(f"broker.url: {exc}") from None
+    return text
+
+
+def _toml_str(value: str) -> str:
+    """A TOML basic string (JSON's escaping is a subset TOML accepts)."""
+    import json
+
+    return json.dumps(value)
+
+
+_EXAMPLE = """\
 # edgefleet agent configuration. Paths are relative to this file.
 
-device_id = "device-0001"      # unique per device; appears in every MQTT topic
-profile = "host"               # device profile name (see `edgefleet profiles list`) or a .toml path
+device_id = {device_id}  # unique per device; appears in every MQTT topic
+profile = {profile}  # device profile name (see `edgefleet profiles list`) or a .toml path
 data_dir = "edgefleet-data"    # slots, prediction log and outbox live here
 tags = []                      # free-form labels rollouts can select on, e.g. ["line-3", "eu"]
 
 [broker]
-url = "mqtt://127.0.0.1:1883"  # mqtts://host:8883 for TLS
+url = {broker_url}  # mqtts://host:8883 for TLS
 # username = "device-0001"
 # password_file = "secrets/broker-password"   # preferred over `password = "..."`
 # ca_file = "certs/ca.pem"
@@ -217,7 +251,7 @@ revoked = []                   # key ids that must be refused even when listed a
 
 [api]
 host = "127.0.0.1"             # local inference API; bind 0.0.0.0 only behind a firewall
-port = {DEFAULT_API_PORT}                   # the documented fixed default port
+port = {api_port}                   # the documented fixed default port
 max_body_bytes = 1048576       # larger request bodies get HTTP 413
 max_batch_rows = 1024          # larger batches get HTTP 422
 

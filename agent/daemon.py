@@ -435,10 +435,16 @@ def run_agent(
     *,
     transport: Transport | None = None,
     stop: threading.Event | None = None,
+    on_started: Callable[[Agent], None] | None = None,
 ) -> int:
-    """``edgefleet agent run``: serve until SIGTERM/SIGINT (or ``stop`` is set)."""
+    """``edgefleet agent run``: serve until SIGTERM/SIGINT (or ``stop`` is set).
+
+    ``on_started(agent)`` is called once the agent serves (the CLI prints its start line).
+    """
     stop = stop or threading.Event()
     agent = Agent(config, transport=transport).start()
+    if on_started is not None:
+        on_started(agent)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

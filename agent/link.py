@@ -114,7 +114,8 @@ class Link:
             self.publish_birth()
             self.wake.set()
         else:
-            log.warning("MQTT connection lost; reconnecting with backoff, telemetry queues")
+            # The transport logs the link change itself (``agent run`` prints it): no twin here.
+            log.info("MQTT connection lost; reconnecting with backoff, telemetry queues")
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:

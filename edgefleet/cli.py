@@ -4,13 +4,23 @@ Sub-commands are imported only when invoked, so ``edgefleet --help`` starts fast
 ``edgefleet agent …`` on a device never imports the toolchain. Each entry below names the
 module holding a Typer ``app`` whose top-level command or group has the same name.
 
-Errors derived from :class:`protocol.EdgefleetError` become one readable line on stderr and
-exit code 1 (``--debug`` shows the traceback instead).
+This is the one place where errors become exit codes (:func:`exit_code_for`), for every
+group alike: the programs' commands raise, the root prints one ``error: …`` line on stderr
+and exits with the code below (``--debug`` shows the traceback instead).
+
+    0    ok
+    1    error: anything edgefleet refused or could not do (the line says what)
+    2    usage: an unknown command, option or a bad option value (click's own)
+    3    over budget: the model, or every variant, does not fit the profile's budget
+    4    address in use: a port to listen on (API, embedded broker) is taken
+    5    unreachable: the fleet server or the broker does not answer
+    130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from typing import Any
@@ -58,6 +68,34 @@ def _load(name: str) -> Any:
     return cmd if cmd.name == name else None
 
 
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_OVER_BUDGET = 3
+EXIT_ADDRESS_IN_USE = 4
+EXIT_UNREACHABLE = 5
+EXIT_INTERRUPTED = 130
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code for an error a command raised, or None for a bug (shown as a traceback).
+
+    Most specific first: :class:`protocol.errors.OverBudget`, ``AddressInUse`` and
+    ``Unreachable`` have their own codes; every other ``EdgefleetError`` is 1.
+    """
+    from protocol.errors import AddressInUse, EdgefleetError, OverBudget, Unreachable
+
+    for kind, code in (
+        (OverBudget, EXIT_OVER_BUDGET),
+        (AddressInUse, EXIT_ADDRESS_IN_USE),
+        (Unreachable, EXIT_UNREACHABLE),
+        (EdgefleetError, EXIT_ERROR),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
 class LazyGroup(click.Group):
     """The root group. Typer (0.29+) builds on its own fork of click, so the root does not
     nest the programs' commands as click objects: :meth:`main` reads the root options and
@@ -93,15 +131,17 @@ class LazyGroup(click.Group):
         if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
             # --help, --version, nothing, or an unknown command: click renders it.
             return super().main(argv, prog, complete_var, standalone_mode, **extra)
-        name = argv[0]
         if debug:
-            os.environ["EDGEFLEET_DEBUG"] = "1"
+            # Libraries' own log lines (quantizers, amqtt, uvicorn) show with --debug.
+            logging.basicConfig(level=logging.DEBUG)
+        name = argv[0]
         try:
             module = importlib.import_module(COMMANDS[name][0])
         except ModuleNotFoundError as exc:
             return self._fail(
                 f"'edgefleet {name}' needs a module that is not installed ({exc.name}); "
                 "install the matching extra, e.g. pip install 'edgefleet[all]'",
+                EXIT_ERROR,
                 standalone_mode,
             )
         import typer
@@ -109,25 +149,28 @@ class LazyGroup(click.Group):
         group = typer.main.get_command(module.app)
         if getattr(group, "commands", None) is None:
             argv = argv[1:]  # the module's app is that single command
-        from protocol.errors import EdgefleetError
-
         try:
             return group.main(args=argv, prog_name=prog, standalone_mode=standalone_mode)
-        except EdgefleetError as exc:
-            if debug:
+        except Exception as exc:  # mapped below; anything unmapped is a bug and re-raised
+            code = exit_code_for(exc)
+            if code is None or debug:
                 raise
-            return self._fail(str(exc), standalone_mode)
+            return self._fail(str(exc), code, standalone_mode)
 
     @staticmethod
-    def _fail(message: str, standalone_mode: bool) -> Any:
+    def _fail(message: str, code: int, standalone_mode: bool) -> Any:
         click.echo(f"error: {message}", err=True)
         if standalone_mode:
-            sys.exit(1)
-        raise SystemExit(1)
+            sys.exit(code)
+        raise SystemExit(code)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Show tracebacks and library logs instead of one-line errors (also EDGEFLEET_DEBUG=1).",
+)
 @click.version_option(package_name="edgefleet")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -137,6 +180,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
     Quick start:
       edgefleet demo                     # the whole story on an embedded broker
       edgefleet build model.joblib --data train.csv --target y --profile raspberry-pi-4 ...
+
+    \b
+    Exit codes: 0 ok, 1 error, 2 usage, 3 over budget, 4 address in use,
+    5 server or broker unreachable, 130 interrupted.
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug

@@ -336,11 +336,6 @@ def run_demo(
     options: DemoOptions, progress: Progress, *, keep: Callable[[DemoResult], None] | None = None
 ) -> DemoResult:
     """Run every step; ``keep`` (if given) is called with the result before shutdown."""
-    from agent.daemon import Agent
-    from fleet_server.embedded_broker import EmbeddedBroker
-    from fleet_server.serve import FleetServer
-    from fleet_server.service import RolloutRequest
-
     t_start = time.monotonic()
     durations: dict[str, float] = {}
     own_dir = options.workdir is None
@@ -362,6 +357,11 @@ def run_demo(
     v1, v2, release_pub, fleet_key = _build_bundles(work, progress)
     fleet_pub = fleet_key.with_suffix(".pub")
     t = lap("build", t)
+    progress("fleet", "starting the fleet server")
+    from agent.daemon import Agent
+    from fleet_server.embedded_broker import EmbeddedBroker
+    from fleet_server.serve import FleetServer
+    from fleet_server.service import RolloutRequest
 
     broker = None
     broker_url = options.broker_url
@@ -381,7 +381,8 @@ def run_demo(
     assert service is not None
     password = secrets.token_urlsafe(9)
     service.add_user("admin", password, "admin", actor="demo")
-    progress("fleet", f"fleet server and dashboard on {server.url}")
+    # Its URL is shown only with --keep-running: the server stops when the demo ends.
+    progress("fleet", "fleet server up: REST API, dashboard, MQTT bridge, rollout and drift")
     for bundle in (v1, v2):
         info = service.upload_bundle(bundle.read_bytes(), actor="demo")
         progress(

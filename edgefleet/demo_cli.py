@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(rich_markup_mode=None, add_completion=False)
 
 
 @app.callback()
@@ -37,8 +37,12 @@ def demo(
     server and N real agents, roll out v1 in stages with live traffic, roll out v2 to failing
     canaries (it halts and rolls back), then shift inputs until the drift alert fires.
 
-    Example: edgefleet demo --devices 20 --keep-running
+    \b
+    Example:
+      edgefleet demo --devices 20 --keep-running
     """
+    # Say something before the heavy imports (scikit-learn, ONNX Runtime, the fleet server).
+    print("edgefleet demo: starting (loading libraries takes a few seconds)…", flush=True)
     import logging
 
     from rich.console import Console
@@ -67,7 +71,10 @@ def demo(
     def hold(result: DemoResult) -> None:
         _summary(console, result)
         if keep_running:
-            console.print(f"\n[bold]Running.[/] Dashboard {result.dashboard_url} — Ctrl-C to stop.")
+            console.print(
+                f"\n[bold]Running.[/] Dashboard: [bold]{result.dashboard_url}[/]  login "
+                f"[bold]{result.username}[/] / [bold]{result.password}[/] — Ctrl-C to stop."
+            )
             try:
                 while True:
                     time.sleep(1)
@@ -79,8 +86,28 @@ def demo(
         result = run_demo(opts, progress, keep=hold)
     if summary_json is not None:
         summary_json.write_text(json.dumps(_outcome(result), indent=2, default=str))
+    for line in next_steps(keep_running, workdir):
+        console.print(line)
+
+
+def next_steps(keep_running: bool, workdir: Path | None) -> list[str]:
+    """What to try after the demo (its last lines)."""
+    lines = ["", "[bold]Try next[/]"]
     if not keep_running:
-        console.print("\nRun with [bold]--keep-running[/] to explore the dashboard afterwards.")
+        lines.append(
+            "  edgefleet demo --keep-running      # explore the dashboard and API afterwards"
+        )
+    if workdir is None:
+        lines.append(
+            "  edgefleet demo --workdir demo      # keep the models, bundles and keys it made"
+        )
+    lines += [
+        "  edgefleet keys generate --out keys # then build your own model, as in the README:",
+        "  edgefleet build model.joblib --data train.csv --target label --name mymodel "
+        "--version 1.0.0 --profile raspberry-pi-4 --key keys/edgefleet.key",
+        "  edgefleet --help                   # every command (docs/cli.md)",
+    ]
+    return lines
 
 
 def _outcome(r: object) -> dict:
@@ -133,6 +160,10 @@ def _summary(console: object, r: object) -> None:
             note,
         )
     console.print(t)
+    console.print(
+        "[dim]not ready: requests answered 503 because the device had no model yet (before "
+        "v1 reached it); they are expected and not counted as errors.[/]"
+    )
     ro = Table(title="Rollouts")
     for col in ("rollout", "bundle", "state", "reason"):
         ro.add_column(col)
@@ -165,8 +196,4 @@ def _summary(console: object, r: object) -> None:
             f"dataset drift: {r.drift.get('dataset_drift')} "
             f"({r.drift.get('drifted_share', 0):.0%} of features); alerts fired: {len(r.alerts)}"
         )
-    console.print(
-        f"\nDashboard: [bold]{r.dashboard_url}[/]  "
-        f"login [bold]{r.username}[/] / [bold]{r.password}[/]"
-    )
     console.print(f"Timings (s): {r.durations}")

@@ -76,6 +76,12 @@ def create_app(service: FleetService) -> "FastAPI":
     def health() -> dict[str, Any]:
         return {"ok": True, "bridge": service.bridge.stats() if service.bridge else None}
 
+    @app.get("/v1/broker", tags=["service"])
+    def broker(role: str = Depends(viewer)) -> dict[str, Any]:
+        """Where tools (``edgefleet telemetry tail``) reach the MQTT broker: URL and prefix."""
+        b = service.config.broker
+        return {"url": b.public_url or b.url, "topic_prefix": b.topic_prefix}
+
     @app.get("/v1/overview", tags=["service"])
     def overview(role: str = Depends(viewer)) -> dict[str, Any]:
         return service.overview()

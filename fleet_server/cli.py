@@ -7,8 +7,6 @@ create`` and ``fleet user add``, which work on the config and its registry direc
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,17 +15,27 @@ from typing import Any
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True)
 fleet_app = typer.Typer(
-    no_args_is_help=True, help="Run the fleet server and manage bundles and devices."
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    help="Run the fleet server and manage bundles and devices.",
 )
-bundles_app = typer.Typer(no_args_is_help=True, help="Upload and list signed bundles.")
-devices_app = typer.Typer(no_args_is_help=True, help="List and tag devices.")
-token_app = typer.Typer(no_args_is_help=True, help="Create API tokens.")
-user_app = typer.Typer(no_args_is_help=True, help="Dashboard users.")
-rollout_app = typer.Typer(no_args_is_help=True, help="Start and steer staged rollouts.")
-drift_app = typer.Typer(no_args_is_help=True, help="Drift reports from merged device sketches.")
-telemetry_app = typer.Typer(no_args_is_help=True, help="Watch MQTT telemetry live.")
+bundles_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Upload and list signed bundles."
+)
+devices_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="List and tag devices.")
+token_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Create API tokens.")
+user_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Dashboard users.")
+rollout_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Start and steer staged rollouts."
+)
+drift_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Drift reports from merged device sketches."
+)
+telemetry_app = typer.Typer(
+    rich_markup_mode=None, no_args_is_help=True, help="Watch MQTT telemetry live."
+)
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(drift_app, name="drift")
@@ -50,24 +58,6 @@ FINAL = ("succeeded", "halted", "aborted", "rolled_back")
 @app.callback()
 def _root() -> None:
     """edgefleet fleet server commands."""
-
-
-def _errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Our errors become ``error: …`` on stderr and exit 1, also when run standalone."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        from protocol.errors import EdgefleetError
-
-        try:
-            fn(*args, **kwargs)
-        except EdgefleetError as exc:
-            if os.environ.get("EDGEFLEET_DEBUG"):
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 def client(url: str | None, token: str | None) -> Any:
@@ -105,37 +95,59 @@ def _ago(ts: float | None) -> str:
 
 # fleet ------------------------------------------------------------------------------------
 @fleet_app.command("serve")
-@_errors
 def serve_cmd(
     config: Path = ConfigOpt,
     embedded_broker: bool = typer.Option(
         False, "--embedded-broker", help="Run the amqtt broker in-process."
     ),
+    host: str | None = typer.Option(
+        None, "--host", help="Address to listen on (default: [api] host, 127.0.0.1)."
+    ),
+    port: int | None = typer.Option(
+        None, "--port", min=0, max=65535, help="Port to listen on (default: [api] port, 8700)."
+    ),
 ) -> None:
     """Run the fleet server: REST API, dashboard, MQTT bridge, rollout and drift engines.
 
-    Example: edgefleet fleet serve --config fleet.toml --embedded-broker
+    Prints one line once it listens; a port that is taken is one error line (exit code 4).
+
+    \b
+    Example:
+      edgefleet fleet serve --config fleet.toml --embedded-broker --host 0.0.0.0 --port 8700
     """
     from .config import load_config
-    from .serve import serve
+    from .serve import FleetServer
 
     cfg = load_config(config)
-    print(
-        f"fleet server on http://{cfg.api.host}:{cfg.api.port} (broker {cfg.broker.url})",
-        file=sys.stderr,
-    )
-    serve(cfg, embedded_broker=embedded_broker)
+    api = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if api:
+        cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update=api)})
+    server = FleetServer(cfg, embedded_broker=embedded_broker)
+
+    def ready() -> None:
+        broker = f"{server.config.broker.url}" + (" (embedded)" if server.embedded else "")
+        print(
+            f"fleet server on {server.url} — dashboard {server.url}/ui/, API {server.url}/docs "
+            f"(broker {broker}); Ctrl-C to stop",
+            file=sys.stderr,
+        )
+
+    try:
+        server.run(on_ready=ready)
+    except KeyboardInterrupt:
+        pass
 
 
 @fleet_app.command("init")
-@_errors
 def init(
     out: Path = typer.Option(Path("fleet.toml"), "--out", "-o", help="Where to write the config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write a commented example config.
 
-    Example: edgefleet fleet init --out fleet.toml
+    \b
+    Example:
+      edgefleet fleet init --out fleet.toml
     """
     from .config import example_config
     from .errors import ConfigError
@@ -154,7 +166,6 @@ def _local_service(config: Path) -> Any:
 
 
 @token_app.command("create")
-@_errors
 def token_create(
     role: str = typer.Option("viewer", "--role", help="viewer, operator or admin."),
     name: str = typer.Option("", "--name", help="A label for the token."),
@@ -162,7 +173,9 @@ def token_create(
 ) -> None:
     """Create an API token and print it once (only its hash is stored).
 
-    Example: edgefleet fleet token create --role operator --name ci --config fleet.toml
+    \b
+    Example:
+      edgefleet fleet token create --role operator --name ci --config fleet.toml
     """
     svc = _local_service(config)
     try:
@@ -170,11 +183,12 @@ def token_create(
     finally:
         svc.repo.close()
     print(token)
-    print(f"({role} token; it is not stored and will not be shown again)", file=sys.stderr)
+    print(
+        f"({role} token; only its hash is stored, so it will not be shown again)", file=sys.stderr
+    )
 
 
 @user_app.command("add")
-@_errors
 def user_add(
     username: str = typer.Argument(..., help="Login name."),
     role: str = typer.Option("viewer", "--role", help="viewer, operator or admin."),
@@ -190,7 +204,9 @@ def user_add(
 ) -> None:
     """Add (or reset) a dashboard user; the password is stored as a scrypt hash.
 
-    Example: edgefleet fleet user add ana --role admin --config fleet.toml
+    \b
+    Example:
+      edgefleet fleet user add ana --role admin --config fleet.toml
     """
     svc = _local_service(config)
     try:
@@ -201,7 +217,6 @@ def user_add(
 
 
 @bundles_app.command("push")
-@_errors
 def bundles_push(
     bundle: Path = typer.Argument(..., help="A .efb bundle."),
     url: str | None = UrlOpt,
@@ -209,7 +224,9 @@ def bundles_push(
 ) -> None:
     """Upload a signed bundle; the server refuses unsigned or tampered ones with the reason.
 
-    Example: edgefleet fleet bundles push iris-1.0.0.efb
+    \b
+    Example:
+      edgefleet fleet bundles push iris-1.0.0.efb
     """
     info = client(url, token).push_bundle(bundle)
     profiles = ", ".join(info["profiles"]) or "-"
@@ -220,11 +237,12 @@ def bundles_push(
 
 
 @bundles_app.command("list")
-@_errors
 def bundles_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None:
     """List uploaded bundles.
 
-    Example: edgefleet fleet bundles list
+    \b
+    Example:
+      edgefleet fleet bundles list
     """
     rows = client(url, token).bundles()
     _table(
@@ -245,11 +263,10 @@ def bundles_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None
 
 
 @devices_app.command("list")
-@_errors
 def devices_list(
-    profile: str | None = typer.Option(None, "--profile"),
-    tag: str | None = typer.Option(None, "--tag"),
-    version: str | None = typer.Option(None, "--version"),
+    profile: str | None = typer.Option(None, "--profile", help="Only this device profile."),
+    tag: str | None = typer.Option(None, "--tag", help="Only devices with this tag."),
+    version: str | None = typer.Option(None, "--version", help="Only this model version."),
     online: bool | None = typer.Option(
         None, "--online/--offline", help="Only online (or offline) devices."
     ),
@@ -258,7 +275,9 @@ def devices_list(
 ) -> None:
     """List devices, filtered by profile, tag, version or online state.
 
-    Example: edgefleet fleet devices list --profile raspberry-pi-4 --online
+    \b
+    Example:
+      edgefleet fleet devices list --profile raspberry-pi-4 --online
     """
     rows = client(url, token).devices(profile=profile, tag=tag, version=version, online=online)
     _table(
@@ -280,16 +299,17 @@ def devices_list(
 
 
 @devices_app.command("tag")
-@_errors
 def devices_tag(
-    device_id: str = typer.Argument(...),
+    device_id: str = typer.Argument(..., help="The device id."),
     tags: list[str] = typer.Argument(..., help="Tags to set."),
     url: str | None = UrlOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """Set a device's manual tags.
 
-    Example: edgefleet fleet devices tag pi-0001 canary lab
+    \b
+    Example:
+      edgefleet fleet devices tag pi-0001 canary lab
     """
     c = client(url, token)
     d = c._call("PUT", f"/v1/devices/{device_id}/tags", json={"tags": tags})
@@ -308,6 +328,13 @@ def _stages(text: str) -> list[float]:
         ) from None
 
 
+def stage_state(stage: dict[str, Any]) -> str:
+    """A stage's state as shown: one with no devices passes trivially, so say "empty"."""
+    if stage["devices"] == 0 and stage["state"] in ("passed", "running"):
+        return "empty (0 devices)"
+    return str(stage["state"])
+
+
 def _show(status: dict[str, Any]) -> None:
     b = status["bundle"]
     print(
@@ -322,7 +349,7 @@ def _show(status: dict[str, Any]) -> None:
             [
                 s["index"] + 1,
                 f"{s['target']:g}{unit}",
-                s["state"],
+                stage_state(s),
                 s["devices"],
                 s["installed"],
                 s["failed"],
@@ -379,7 +406,6 @@ def _finish(c: Any, status: dict[str, Any], wait: bool, timeout: float | None) -
 
 
 @rollout_app.command("start")
-@_errors
 def rollout_start(
     bundle: str = typer.Argument(
         ..., help="Bundle sha256 prefix, name@version, or a .efb file to push first."
@@ -427,11 +453,19 @@ def rollout_start(
 ) -> None:
     """Create and start a staged rollout.
 
-    Example: edgefleet rollout start iris@1.2.0 -s profile=raspberry-pi-4 --stages 5,25,100 --wait
+    \b
+    Example:
+      edgefleet rollout start iris@1.2.0 -s profile=raspberry-pi-4 --stages 5,25,100 --wait
     """
     c = client(url, token)
     if bundle.endswith(".efb") or Path(bundle).is_file():
-        bundle = c.push_bundle(Path(bundle))["sha256"]
+        if dry_run:
+            ref = _bundle_on_server(c, Path(bundle))
+            if ref is None:
+                return
+            bundle = ref
+        else:
+            bundle = c.push_bundle(Path(bundle))["sha256"]
     body: dict[str, Any] = {
         "bundle": bundle,
         "selector": selector,
@@ -454,17 +488,60 @@ def rollout_start(
         start=not dry_run,
     )
     if dry_run:
-        _show(status)
-        for s in status["stages"]:
-            print(f"stage {s['index'] + 1}: {', '.join(s['device_ids']) or '-'}")
+        _show_plan(status)
         return
     _finish(c, status, wait, wait_timeout)
 
 
+def _bundle_on_server(c: Any, path: Path) -> str | None:
+    """For a dry run with a .efb file: its sha256 when the server already has it; otherwise
+    say what a real run would upload and return None (a dry run uploads nothing)."""
+    import hashlib
+
+    from .errors import ClientError
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror}") from None
+    sha = hashlib.sha256(data).hexdigest()
+    if c.find_bundle(sha) is not None:
+        return sha
+    print(
+        f"dry run: nothing uploaded, created or sent. {path.name} (sha256 {sha[:12]}) is not on "
+        "the server yet, so there is no plan to show: a real run would upload it first "
+        f"(or upload it now with edgefleet fleet bundles push {path} and dry-run again)."
+    )
+    return None
+
+
+def _show_plan(status: dict[str, Any]) -> None:
+    b = status["bundle"]
+    unit = "%" if status["spec"]["stage_unit"] == "percent" else " devices"
+    print(
+        f"dry run: nothing created or sent. Plan for {b.get('name')} {b.get('version')} "
+        f"to {status['total']} devices:"
+    )
+    _table(
+        "planned stages",
+        ["stage", "target", "devices", "device ids"],
+        [
+            [
+                s["index"] + 1,
+                f"{s['target']:g}{unit}",
+                s["devices"],
+                ", ".join(s.get("device_ids") or []) or "-",
+            ]
+            for s in status["stages"]
+        ],
+    )
+    for s in status["stages"]:
+        print(f"stage {s['index'] + 1}: {', '.join(s.get('device_ids') or []) or '-'}")
+
+
 @rollout_app.command("status")
-@_errors
 def rollout_status(
-    rollout_id: str = typer.Argument(...),
+    rollout_id: str = typer.Argument(..., help="The rollout id (r-…)."),
     wait: bool = typer.Option(False, "--wait", help="Follow until it ends."),
     devices: bool = typer.Option(False, "--devices", help="Also list every device's state."),
     url: str | None = UrlOpt,
@@ -472,7 +549,9 @@ def rollout_status(
 ) -> None:
     """Show a rollout's stages (and devices).
 
-    Example: edgefleet rollout status r-1a2b3c4d5e --devices
+    \b
+    Example:
+      edgefleet rollout status r-1a2b3c4d5e --devices
     """
     c = client(url, token)
     status = c.rollout(rollout_id)
@@ -491,11 +570,12 @@ def rollout_status(
 
 
 @rollout_app.command("list")
-@_errors
 def rollout_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None:
     """List rollouts, newest first.
 
-    Example: edgefleet rollout list
+    \b
+    Example:
+      edgefleet rollout list
     """
     rows = client(url, token).rollouts()
     _table(
@@ -510,7 +590,7 @@ def rollout_list(url: str | None = UrlOpt, token: str | None = TokenOpt) -> None
 
 def _action(action: str) -> Callable[..., None]:
     def command(
-        rollout_id: str = typer.Argument(...),
+        rollout_id: str = typer.Argument(..., help="The rollout id (r-…)."),
         url: str | None = UrlOpt,
         token: str | None = TokenOpt,
     ) -> None:
@@ -521,8 +601,8 @@ def _action(action: str) -> Callable[..., None]:
         "resume": "Resume a paused rollout.",
         "abort": "Abort a rollout: stop sending; installed devices keep the new version.",
         "rollback": "Roll back: send signed rollback commands to every device that installed it.",
-    }[action] + f"\n\n    Example: edgefleet rollout {action} r-1a2b3c4d5e"
-    return _errors(command)
+    }[action] + f"\n\n    \b\n    Example:\n      edgefleet rollout {action} r-1a2b3c4d5e\n    "
+    return command
 
 
 for _name in ("pause", "resume", "abort", "rollback"):
@@ -531,17 +611,18 @@ for _name in ("pause", "resume", "abort", "rollback"):
 
 # drift and telemetry --------------------------------------------------------------------------
 @drift_app.command("report")
-@_errors
 def drift_report(
-    model: str | None = typer.Option(None, "--model"),
-    version: str | None = typer.Option(None, "--version"),
-    limit: int = typer.Option(20, "--limit"),
+    model: str | None = typer.Option(None, "--model", help="Only this model (bundle name)."),
+    version: str | None = typer.Option(None, "--version", help="Only this model version."),
+    limit: int = typer.Option(20, "--limit", min=1, help="How many results, newest first."),
     url: str | None = UrlOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """Latest drift results per model version, from the server's merged sketches.
 
-    Example: edgefleet drift report --model iris
+    \b
+    Example:
+      edgefleet drift report --model iris
     """
     rows = client(url, token).drift(model=model, version=version, limit=limit)
     if not rows:
@@ -551,7 +632,7 @@ def drift_report(
     for r in rows:
         feats = [f for f in r.get("features", []) if f.get("role", "feature") == "feature"]
         drifted = [f["name"] for f in feats if f.get("drift")]
-        window = r.get("window_start")
+        window = r.get("window_start", r.get("window"))  # stored results name it "window"
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(window)) if window else "-"
         out.append(
             [
@@ -571,25 +652,71 @@ def drift_report(
 
 
 @telemetry_app.command("tail")
-@_errors
 def telemetry_tail(
     topic_filter: str = typer.Argument(
         "#", help="MQTT topic filter, e.g. 'edgefleet/devices/+/telemetry/#'."
     ),
-    broker: str = typer.Option(
-        "mqtt://127.0.0.1:1883", "--broker", envvar="EDGEFLEET_BROKER", help="Broker URL."
+    broker: str | None = typer.Option(
+        None,
+        "--broker",
+        envvar="EDGEFLEET_BROKER",
+        help="Broker URL, e.g. mqtt://127.0.0.1:1883 (default: asked from the fleet server).",
     ),
-    prefix: str = typer.Option("edgefleet", "--prefix", help="Topic prefix."),
+    prefix: str | None = typer.Option(
+        None, "--prefix", help="Topic prefix (default: the fleet server's, or edgefleet)."
+    ),
     limit: int | None = typer.Option(None, "--limit", help="Stop after this many messages."),
     duration: float | None = typer.Option(None, "--duration", help="Stop after this many seconds."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
 ) -> None:
     """A readable live view of any topic: one line per message.
 
-    Example: edgefleet telemetry tail 'edgefleet/devices/+/status' --broker mqtt://127.0.0.1:1883
+    Without --broker it asks the fleet server (EDGEFLEET_URL, EDGEFLEET_TOKEN) where the
+    broker is. While no message comes it says what it is waiting for (on stderr).
+
+    \b
+    Example:
+      edgefleet telemetry tail 'edgefleet/devices/+/status'
+      edgefleet telemetry tail '#' --broker mqtt://127.0.0.1:1883 --limit 10
     """
     from .telemetry.tail import follow
 
+    if broker is None:
+        broker, server_prefix = _broker_from_server(url, token)
+        prefix = prefix or server_prefix
+    prefix = prefix or "edgefleet"
+
+    def waiting() -> None:
+        print(
+            f"waiting for messages on {topic_filter!r} at {broker} (Ctrl-C to stop)",
+            file=sys.stderr,
+        )
+
     try:
-        follow(broker, topic_filter, print, prefix=prefix, limit=limit, duration=duration)
+        follow(
+            broker,
+            topic_filter,
+            print,
+            prefix=prefix,
+            limit=limit,
+            duration=duration,
+            on_waiting=waiting,
+        )
     except KeyboardInterrupt:
         pass
+
+
+def _broker_from_server(url: str | None, token: str | None) -> tuple[str, str | None]:
+    """The broker URL and topic prefix the fleet server announces on GET /v1/broker."""
+    from .errors import ClientError
+
+    c = client(url, token)
+    try:
+        info = c.broker()
+    except ClientError as exc:
+        raise type(exc)(
+            f"telemetry tail needs the broker's URL and could not ask the fleet server at "
+            f"{c.url} ({exc}); pass --broker mqtt://HOST:1883 or set EDGEFLEET_BROKER"
+        ) from None
+    return str(info["url"]), info.get("topic_prefix")

@@ -1,6 +1,7 @@
 """A small HTTP client for the fleet REST API (what the CLI uses).
 
-httpx errors and error answers become :class:`ClientError` with the server's message.
+httpx errors become :class:`ServerUnreachable` (exit code 5 in the CLI) and error answers
+:class:`ClientError` with the server's message and ``status``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from protocol.errors import Unreachable
+
 from .errors import ClientError
+
+
+class ServerUnreachable(ClientError, Unreachable):
+    """No answer from the fleet server (wrong URL, not running, refused)."""
+
 
 DEFAULT_URL = "http://127.0.0.1:8700"
 
@@ -38,7 +46,10 @@ class FleetClient:
         try:
             r = self.http.request(method, path, headers=headers, **kw)
         except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach the fleet server at {self.url}: {exc}") from None
+            raise ServerUnreachable(
+                f"cannot reach the fleet server at {self.url}: {exc} "
+                "(start it with edgefleet fleet serve, or set EDGEFLEET_URL / --url)"
+            ) from None
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -46,7 +57,9 @@ class FleetClient:
             except ValueError:
                 detail = r.text[:200]
             hint = " (set EDGEFLEET_TOKEN or --token)" if r.status_code == 401 else ""
-            raise ClientError(f"{r.status_code}: {detail}{hint}")
+            err = ClientError(f"{r.status_code}: {detail}{hint}")
+            err.status = r.status_code
+            raise err
         return r.json() if r.content else None
 
     # bundles
@@ -66,6 +79,19 @@ class FleetClient:
 
     def bundles(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/bundles"))
+
+    def find_bundle(self, ref: str) -> dict[str, Any] | None:
+        """The bundle for a sha256 (prefix) or name@version, or None when the server lacks it."""
+        try:
+            return dict(self._call("GET", f"/v1/bundles/{ref}"))
+        except ClientError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def broker(self) -> dict[str, Any]:
+        """Where the fleet's MQTT broker is: ``{"url": …, "topic_prefix": …}``."""
+        return dict(self._call("GET", "/v1/broker"))
 
     # devices
     def devices(self, **filters: Any) -> list[dict[str, Any]]:

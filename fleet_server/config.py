@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from protocol.config_errors import describe_validation_error
+
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -37,6 +39,8 @@ class BrokerSection(_Section):
     mqtt5: bool = False
     shared_group: str | None = None
     client_id: str = "edgefleet-server"
+    # How devices and tools reach the broker, told by GET /v1/broker (default: url).
+    public_url: str | None = None
 
 
 class ApiSection(_Section):
@@ -135,9 +139,8 @@ def parse_config(text: str, origin: str = "<config>") -> FleetConfig:
     try:
         return FleetConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{origin}: field {where}: {err['msg']}", field=where) from None
+        where, message = describe_validation_error(exc, FleetConfig)
+        raise ConfigError(f"{origin}: field {where}: {message}", field=where) from None
 
 
 def load_config(path: Path) -> FleetConfig:
@@ -172,6 +175,7 @@ topic_prefix = "edgefleet"
 mqtt5 = false                   # Mosquitto/EMQX: true enables shared subscriptions
 # shared_group = "fleet"        # with mqtt5: several servers split telemetry ingest
 client_id = "edgefleet-server"
+# public_url = "mqtt://fleet.example:1883"   # what GET /v1/broker tells tools (default: url)
 
 [api]
 host = "127.0.0.1"

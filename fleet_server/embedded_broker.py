@@ -8,12 +8,14 @@ this broker's quirks (it has no MQTT 5, so no shared subscriptions).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import threading
 import warnings
 from typing import Any
 
+from protocol.errors import AddressInUse
 from protocol.transport import TransportError
 
 
@@ -21,6 +23,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def ensure_port_free(host: str, port: int, what: str, hint: str) -> None:
+    """Raise :class:`AddressInUse` when another process listens on ``host:port``.
+
+    Binds a probe the way asyncio's servers do (``SO_REUSEADDR``), so a port left in
+    TIME_WAIT by our own last run counts as free and only a live listener counts as taken.
+    """
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return  # not ours to judge (e.g. an address this host lacks): let it fail later
+            raise AddressInUse(
+                f"{what}: {host}:{port} is already in use by another process; {hint}"
+            ) from None
 
 
 class EmbeddedBroker:
@@ -44,9 +66,18 @@ class EmbeddedBroker:
             from amqtt.broker import Broker
         except ImportError:  # pragma: no cover
             raise TransportError("amqtt is not installed: pip install 'edgefleet[fleet]'") from None
-        # amqtt logs every connection at INFO; keep our logs readable.
+        ensure_port_free(
+            self.host,
+            self.port,
+            "embedded MQTT broker",
+            "stop it, or put another port in [broker] url (or use that broker without "
+            "--embedded-broker)",
+        )
+        # amqtt logs every connection at INFO; keep our logs readable. While it starts it
+        # would also log a failure's traceback: that failure is raised below as one line.
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("amqtt.broker").setLevel(logging.CRITICAL)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
         }
@@ -73,7 +104,11 @@ class EmbeddedBroker:
 
         self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
         self._thread.start()
-        if not self._ready.wait(timeout) or self._error is not None:
+        started = self._ready.wait(timeout)
+        logging.getLogger("amqtt.broker").setLevel(logging.WARNING)
+        if not started or self._error is not None:
+            if _address_in_use(self._error):
+                raise AddressInUse(f"embedded MQTT broker: {self.host}:{self.port} is in use")
             raise TransportError(f"embedded broker failed to start on {self.url}: {self._error}")
         return self
 
@@ -95,3 +130,12 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _address_in_use(exc: BaseException | None) -> bool:
+    """amqtt wraps the OSError of its listener; look through the chain."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -79,4 +79,4 @@ class StorageError(FleetError):
 
 
 class ClientError(FleetError):
-    pass
+    status: int | None = None  # the HTTP status of an error answer, when there was one

@@ -59,6 +59,20 @@ RolloutState = Literal[
 StageState = Literal["pending", "running", "passed", "failed"]
 
 TERMINAL_ROLLOUT = frozenset({"succeeded", "halted", "aborted", "rolled_back"})
+# The rollout states each operator action applies in (the dashboard shows only these).
+ACTION_STATES: dict[str, frozenset[str]] = {
+    "pause": frozenset({"running"}),
+    "resume": frozenset({"paused"}),
+    "abort": frozenset({"created", "running", "paused"}),
+    "rollback": frozenset({"running", "paused", "halted", "succeeded"}),
+}
+
+
+def allowed_actions(state: str) -> list[str]:
+    """The operator actions that apply to a rollout in ``state``, in ACTION_STATES' order."""
+    return [a for a, states in ACTION_STATES.items() if state in states]
+
+
 IN_PROGRESS = frozenset({"downloading", "verifying"})
 FAILED = frozenset({"failed", "rejected", "timed_out"})
 DEVICE_TERMINAL = frozenset({"installed", "rolled_back"}) | FAILED
@@ -292,20 +306,20 @@ class Rollout:
         return out + self.tick(now, online)
 
     def pause(self, now: float) -> list[Decision]:
-        self._require({"running"}, "pause")
+        self._require(ACTION_STATES["pause"], "pause")
         return [self._set_state("paused", "paused by operator", now)]
 
     def resume(self, now: float, online: Iterable[str] = ()) -> list[Decision]:
-        self._require({"paused"}, "resume")
+        self._require(ACTION_STATES["resume"], "resume")
         return [self._set_state("running", "resumed by operator", now), *self.tick(now, online)]
 
     def abort(self, now: float) -> list[Decision]:
-        self._require({"created", "running", "paused"}, "abort")
+        self._require(ACTION_STATES["abort"], "abort")
         out = [self._set_state("aborted", "aborted by operator: no further deploys", now)]
         return out + self._fail_running_stages("rollout aborted", now)
 
     def rollback(self, now: float) -> list[Decision]:
-        self._require({"running", "paused", "halted", "succeeded"}, "roll back")
+        self._require(ACTION_STATES["rollback"], "roll back")
         out = [self._set_state("rolled_back", "rollback requested by operator", now)]
         out += self._fail_running_stages("rollout rolled back", now)
         return out + self._send_rollbacks("operator rollback", now)
@@ -400,7 +414,7 @@ class Rollout:
         return r
 
     # internals ------------------------------------------------------------------------
-    def _require(self, allowed: set[str], action: str) -> None:
+    def _require(self, allowed: frozenset[str] | set[str], action: str) -> None:
         if self.state not in allowed:
             raise Conflict(f"cannot {action} a rollout that is {self.state}", field="state")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -51,9 +52,22 @@ class FleetServer:
         self._uvicorn: Any = None
         self._thread: threading.Thread | None = None
 
+    def check_ports(self) -> None:
+        """Refuse to start (:class:`~protocol.errors.AddressInUse`) when a port is taken."""
+        from .embedded_broker import ensure_port_free
+
+        api = self.config.api
+        ensure_port_free(
+            api.host,
+            api.port,
+            "fleet API",
+            "stop it, or choose another with --port (or [api] port)",
+        )
+
     def _build(self) -> tuple[FleetService, Any]:
         from .app import create_app
 
+        self.check_ports()
         if self.broker is not None:
             self.broker.start()
         self.service = FleetService(
@@ -70,11 +84,18 @@ class FleetServer:
         )
         return uvicorn.Server(cfg)
 
-    def run(self) -> None:
-        """Serve in the foreground until interrupted."""
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve in the foreground until interrupted; ``on_ready()`` once the API listens."""
         _, app = self._build()
+        server = self._uvicorn_server(app)
+        if on_ready is not None:
+            threading.Thread(
+                target=_when_started, args=(server, on_ready), name="fleet-ready", daemon=True
+            ).start()
         try:
-            self._uvicorn_server(app).run()
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind (a port taken since our check)
+            raise ConfigError(f"the API did not start on {self.url}") from None
         finally:
             self.stop()
 
@@ -115,6 +136,14 @@ class FleetServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _when_started(server: Any, callback: Callable[[], None]) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    callback()
 
 
 def serve(config: FleetConfig, embedded_broker: bool = False) -> None:

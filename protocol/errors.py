@@ -3,9 +3,15 @@
     EdgefleetError
     ├── ProtocolError            malformed manifest, message or sketch bytes
     ├── ProfileError             unknown or invalid device profile
-    └── BundleError              a bundle that must not be installed; carries a ReasonCode
-        ├── ArchiveError         hostile or broken .efb archive (traversal, oversize, duplicates)
-        └── SignatureError       bad signature, unknown or revoked key
+    ├── BundleError              a bundle that must not be installed; carries a ReasonCode
+    │   ├── ArchiveError         hostile or broken .efb archive (traversal, oversize, duplicates)
+    │   └── SignatureError       bad signature, unknown or revoked key
+    ├── OverBudget               a model (or every variant) does not fit a profile's budget
+    ├── AddressInUse             a port we must listen on is taken
+    └── Unreachable              a server or broker we must talk to does not answer
+
+The last three exist so the root CLI (``edgefleet/cli.py``) can give them their own exit
+codes without importing the program that raised them.
 
 Every refusal carries a machine-readable :class:`ReasonCode` so that the agent can report
 it on the status topic and the fleet server can count it.
@@ -71,3 +77,15 @@ class ArchiveError(BundleError):
 
 class SignatureError(BundleError):
     """The manifest signature does not verify against the trust store."""
+
+
+class OverBudget(EdgefleetError):
+    """A model, or every variant of it, does not fit the device profile's budget."""
+
+
+class AddressInUse(EdgefleetError):
+    """A host:port we must listen on is already taken by another process."""
+
+
+class Unreachable(EdgefleetError):
+    """A server or broker we must talk to does not answer (wrong URL, down, refused)."""

@@ -5,10 +5,16 @@ every (re)connect; the client reconnects by itself with exponential backoff
 (1 s → ``max_backoff``). With ``clean_session=False`` (3.1.1) or a session expiry (5) the
 broker keeps QoS 1 messages for a known client id while it is offline, so a device that
 comes back receives its pending commands.
+
+Each change of link state is one log record on this module's logger, carrying
+``link`` (``connected``, ``lost`` or ``reconnecting``) and ``broker`` (the URL) as record
+attributes, so a CLI can show them without parsing text. A run of failed attempts is one
+``reconnecting`` record, not one per attempt.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 import time
@@ -16,6 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .transport import BrokerURL, Delivery, Handler, TransportError, Will
+
+log = logging.getLogger(__name__)
 
 
 class _PahoDelivery:
@@ -66,6 +74,8 @@ class PahoTransport:
         self._lock = threading.Lock()
         self._started = False
         self._last_error: str = ""
+        self._failing = False  # inside a run of failed connection attempts
+        self._closing = False  # close() was called: a disconnect is not a lost link
         if mqtt5:
             self._client = mqtt.Client(
                 mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
@@ -101,7 +111,10 @@ class PahoTransport:
         if getattr(reason, "is_failure", False):
             self._last_error = str(reason)
             self._attempted.set()
+            self._link_failed()
             return
+        self._failing = False
+        self._link("connected", logging.INFO, "")
         with self._lock:
             subs = list(self._subs.items())
         for topic, qos in subs:
@@ -113,13 +126,31 @@ class PahoTransport:
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         self._last_error = self._last_error or "connection failed (network or TLS)"
         self._attempted.set()
+        self._link_failed()
+
+    def _link_failed(self) -> None:
+        if not self._failing:
+            self._failing = True
+            self._link("reconnecting", logging.WARNING, self._last_error)
+
+    def _link(self, state: str, level: int, detail: str) -> None:
+        log.log(
+            level,
+            "MQTT %s: %s%s",
+            state,
+            self.url,
+            f" ({detail})" if detail else "",
+            extra={"link": state, "broker": str(self.url), "detail": detail},
+        )
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was:
+        if was and not self._closing:
+            why = str(reason) if reason else ""
+            self._link("lost", logging.WARNING, "" if why == "Unspecified error" else why)
             for cb in list(self._conn_cbs):
                 cb(False)
 
@@ -157,6 +188,7 @@ class PahoTransport:
 
     def close(self) -> None:
         if self._started:
+            self._closing = True
             try:
                 self._client.disconnect()
             finally:

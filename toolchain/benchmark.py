@@ -67,6 +67,26 @@ class BenchReport:
     def fits(self) -> bool:
         return self.result.fits_budget
 
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (``edgefleet bench --json`` prints this)."""
+        from dataclasses import asdict
+
+        return {
+            "model": str(self.model),
+            "profile": self.profile.name,
+            "compatible": self.compat.ok,
+            "runtime": self.compat.runtime,
+            "opset": self.compat.facts.opset,
+            "ml_opset": self.compat.facts.ml_opset,
+            "operators": self.compat.facts.operators,
+            "host": None if self.host is None else asdict(self.host),
+            "estimate": self.result.model_dump(mode="json"),
+            "speed_factor": self.profile.speed_factor,
+            "latency_budget_ms": self.profile.latency_budget_ms,
+            "fits_budget": self.fits,
+            "reasons": self.reasons,
+        }
+
 
 def synthesize_rows(schema: InputSchema, n: int, seed: int = 0) -> np.ndarray:
     """Rows drawn from the schema: uniform in [min, max] (default [0, 1]), known categories."""

@@ -17,8 +17,10 @@ from protocol.manifest import Fallback, Manifest
 from protocol.profiles import DeviceProfile
 
 from .errors import ToolchainError
+from .keys import load_signing_key
 from .optimize import OptimizeReport, optimize
 from .package import check_identity, package
+from .sources import check_source_path
 
 Progress = Callable[[str], None]
 
@@ -45,6 +47,23 @@ def _notes(report: OptimizeReport) -> dict[str, str]:
     return notes
 
 
+def check_build_inputs(
+    source_path: Path,
+    *,
+    name: str,
+    version: str,
+    profiles: Sequence[DeviceProfile],
+    key_path: Path,
+) -> None:
+    """Every check ``build`` can make before any work: name and version, profiles, the
+    signing key (private, Ed25519) and the model path. The CLI runs it before reading data."""
+    check_identity(name, version)
+    if not profiles:
+        raise ToolchainError("build needs at least one --profile")
+    load_signing_key(Path(key_path))
+    check_source_path(source_path)
+
+
 def build(
     source_path: Path,
     data: Any,
@@ -62,13 +81,9 @@ def build(
     progress: Progress | None = None,
 ) -> BuildResult:
     """Optimize ``source_path`` for ``profiles[0]`` and package the winner, signed."""
-    check_identity(name, version)
-    if not profiles:
-        raise ToolchainError("build needs at least one --profile")
-    if not Path(key_path).is_file():
-        raise ToolchainError(
-            f"signing key {key_path} does not exist (create one with 'edgefleet keys generate')"
-        )
+    check_build_inputs(
+        source_path, name=name, version=version, profiles=profiles, key_path=key_path
+    )
     out_dir = Path(out_dir)
     report = optimize(
         Path(source_path),

@@ -2,23 +2,20 @@
 
 Each command is a docstring with an example and a few lines calling one library function.
 Heavy libraries (scikit-learn, onnx, onnxruntime, TensorFlow) are imported inside the
-commands, so importing this module and ``edgefleet --help`` stay fast. Errors derived from
-``EdgefleetError`` become one ``error: …`` line in the root CLI.
-
-Exit codes: 0 ok; 1 error; 3 the model (or every variant) does not fit the profile's budget.
+commands, so importing this module and ``edgefleet --help`` stay fast. Commands raise our
+errors; the root CLI (``edgefleet/cli.py``) turns them into one ``error: …`` line and the
+documented exit code (``OverBudget`` → 3).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -26,32 +23,10 @@ if TYPE_CHECKING:
     from .benchmark import BenchReport
     from .optimize import OptimizeReport
 
-EXIT_OVER_BUDGET = 3
-
-
-class _Group(TyperGroup):
-    """Turn our errors into one ``error: …`` line when this app runs on its own.
-
-    Under the root ``edgefleet`` CLI the root does the same; this keeps ``toolchain.cli.app``
-    usable (and testable with typer's CliRunner) by itself. ``EDGEFLEET_DEBUG=1`` lets the
-    traceback through instead.
-    """
-
-    def invoke(self, ctx: Any) -> Any:
-        from protocol.errors import EdgefleetError
-
-        try:
-            return super().invoke(ctx)
-        except EdgefleetError as exc:
-            if os.environ.get("EDGEFLEET_DEBUG"):
-                raise
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-
 
 def _typer(help_: str | None = None) -> typer.Typer:
     return typer.Typer(
-        cls=_Group, rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=help_
+        rich_markup_mode=None, add_completion=False, no_args_is_help=True, help=help_
     )
 
 
@@ -76,12 +51,13 @@ def _console(stderr: bool = False) -> Console:
 @contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """Hide third-party advice logged on the root logger (onnxruntime's quantizer suggests
-    "pre-processing" on every call) unless EDGEFLEET_DEBUG is set; restored afterwards."""
+    "pre-processing" on every call) unless ``edgefleet --debug`` turned debug logging on;
+    restored afterwards."""
     import logging
 
     root = logging.getLogger()
     level = root.level
-    if not os.environ.get("EDGEFLEET_DEBUG"):
+    if root.getEffectiveLevel() > logging.DEBUG:
         root.setLevel(logging.ERROR)
     try:
         yield
@@ -110,6 +86,16 @@ def _progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
     ):
         task = bar.add_task("starting", total=None)
         yield lambda msg: bar.update(task, description=msg)
+
+
+def _model_file(path: Path) -> None:
+    """A converted model (.onnx/.tflite) must exist before any data is read."""
+    from .compat import model_format
+    from .errors import UnsupportedModelError
+
+    model_format(path)
+    if not path.is_file():
+        raise UnsupportedModelError(f"model file {path} does not exist")
 
 
 def _profiles(names: list[str]) -> list[Any]:
@@ -237,7 +223,7 @@ def convert(
     from .data import load_data
     from .errors import ParityError
     from .parity import ParityThresholds
-    from .sources import load_source
+    from .sources import check_source_path, load_source
 
     if to not in (None, "onnx", "tflite"):
         raise typer.BadParameter("must be onnx or tflite", param_hint="--to")
@@ -251,8 +237,9 @@ def convert(
         }.items()
         if v is not None
     }
-    source = load_source(model)
+    check_source_path(model)
     dataset = load_data(data, target)
+    source = load_source(model)
     to = to or ("tflite" if source.kind == "keras" else "onnx")
     try:
         thresholds = ParityThresholds(**overrides)
@@ -276,11 +263,15 @@ def quantize(
     ),
     target: str | None = typer.Option(None, "--target", help="CSV target column to drop."),
     out: Path | None = typer.Option(None, "--out", help="Output model path."),
-    min_label_agreement: float = typer.Option(
-        0.98, help="Parity vs the unquantized model: minimum label agreement."
+    min_label_agreement: float | None = typer.Option(
+        None, help="Parity vs the unquantized model: minimum label agreement (default 0.98)."
     ),
-    max_abs_error: float = typer.Option(0.05, help="Parity: maximum absolute error (regressors)."),
-    max_rel_error: float = typer.Option(0.05, help="Parity: maximum relative error (regressors)."),
+    max_abs_error: float | None = typer.Option(
+        None, help="Parity: maximum absolute error, regressors (default 0.05)."
+    ),
+    max_rel_error: float | None = typer.Option(
+        None, help="Parity: maximum relative error, regressors (default 0.05)."
+    ),
 ) -> None:
     """Quantize a converted model; with --data, check it still agrees with the original.
 
@@ -289,33 +280,38 @@ def quantize(
       edgefleet quantize model.onnx --mode static --data calib.csv --out model-int8.onnx
     """
     from .data import load_data
-    from .errors import QuantizationError
-    from .optimize import quantized_parity_failures
+    from .errors import QuantizedParityError
+    from .quantize import QuantizedParityThresholds
     from .quantize import quantize as run_quantize
 
     if mode not in ("dynamic", "static", "fp16", "int8"):
         raise typer.BadParameter("must be dynamic, static, fp16 or int8", param_hint="--mode")
+    overrides = {
+        k: v
+        for k, v in {
+            "min_label_agreement": min_label_agreement,
+            "max_abs_error": max_abs_error,
+            "max_rel_error": max_rel_error,
+        }.items()
+        if v is not None
+    }
+    thresholds = QuantizedParityThresholds(**overrides)
+    _model_file(model)
     dataset = load_data(data, target) if data else None
-    with _quiet_libraries():
-        result = run_quantize(model, mode=mode, data=dataset, out=out)  # type: ignore[arg-type]
+    try:
+        with _quiet_libraries():
+            result = run_quantize(model, mode=mode, data=dataset, out=out, thresholds=thresholds)  # type: ignore[arg-type]
+    except QuantizedParityError as exc:
+        _quant_parity_table(exc.parity, exc.failures)
+        raise
     before = Path(model).stat().st_size
     typer.echo(
         f"wrote {result.path} ({result.format}, {result.mode}): {result.size_bytes} bytes, "
         f"{result.size_bytes / before:.2f}× the input"
     )
     parity = result.sidecar.parity if result.sidecar is not None else None
-    if not parity:
-        return
-    failures = quantized_parity_failures(
-        parity, min_label_agreement=min_label_agreement, max_abs_error=max_abs_error,
-        max_rel_error=max_rel_error,
-    )  # fmt: skip
-    _quant_parity_table(parity, failures)
-    if failures:
-        raise QuantizationError(
-            f"{result.path.name} disagrees with {Path(model).name} (kept for inspection): "
-            + "; ".join(failures)
-        )
+    if parity:
+        _quant_parity_table(parity, [])
 
 
 def _quant_parity_table(parity: dict[str, Any], failures: list[str]) -> None:
@@ -393,26 +389,6 @@ def _bench_table(report: BenchReport) -> None:
         console.print(f"  - {reason}")
 
 
-def _bench_json(report: BenchReport) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return {
-        "model": str(report.model),
-        "profile": report.profile.name,
-        "compatible": report.compat.ok,
-        "runtime": report.compat.runtime,
-        "opset": report.compat.facts.opset,
-        "ml_opset": report.compat.facts.ml_opset,
-        "operators": report.compat.facts.operators,
-        "host": None if report.host is None else asdict(report.host),
-        "estimate": report.result.model_dump(mode="json"),
-        "speed_factor": report.profile.speed_factor,
-        "latency_budget_ms": report.profile.latency_budget_ms,
-        "fits_budget": report.fits,
-        "reasons": report.reasons,
-    }
-
-
 @app.command()
 def bench(
     model: Path = typer.Argument(..., help="A converted .onnx or .tflite model."),
@@ -438,15 +414,28 @@ def bench(
     from .data import load_data
 
     prof = _profiles([profile])[0]
+    _model_file(model)
     dataset = load_data(data, target) if data else None
     with _progress(not as_json) as say:
         report = benchmark(model, prof, data=dataset, runs=runs, progress=say)
     if as_json:
-        typer.echo(json.dumps(_bench_json(report), indent=2))
+        typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         _bench_table(report)
     if not report.fits:
-        raise typer.Exit(EXIT_OVER_BUDGET)
+        from protocol.errors import OverBudget
+
+        raise OverBudget(
+            f"{model.name} does not fit {prof.name}'s budget: " + "; ".join(report.reasons)
+        )
+
+
+def _short_result(verdict: str) -> str:
+    """The table's result cell: the verdict's label ("n/a" for not applicable); the lines
+    under the table give each verdict in full."""
+    label = verdict.split(":", 1)[0]
+    short = {"not applicable": "n/a", "failed to convert": "failed", "failed to run": "failed"}
+    return short.get(label, label)
 
 
 def _optimize_table(report: OptimizeReport) -> None:
@@ -457,17 +446,20 @@ def _optimize_table(report: OptimizeReport) -> None:
         title=f"variants for {p.name} (latency: ESTIMATES, host × {p.speed_factor:g}; "
         f"budget {p.latency_budget_ms:g} ms, max {report.metric} drop {report.max_accuracy_drop:g})"
     )
-    for col in (
-        "variant",
-        "size",
-        "est. p50 ms",
-        "est. p95 ms",
-        report.metric,
-        "drop",
-        "fits",
-        "result",
-    ):
-        table.add_column(col)
+    # Variant names are never cut; the table fits 80 columns (the full verdicts follow it).
+    from rich import box
+
+    table.box = box.SIMPLE_HEAD
+    table.pad_edge = False
+    table.collapse_padding = True
+    table.show_edge = False
+    longest = max(
+        (len(v.name) + (2 if v is report.chosen else 0) for v in report.variants), default=8
+    )
+    table.add_column("variant", no_wrap=True, min_width=longest)
+    for col in ("size", "p50 ms", "p95 ms", report.metric, "drop", "fits"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("result", no_wrap=True)
     for v in report.variants:
         b = v.bench.result if v.bench else None
         table.add_row(
@@ -478,7 +470,7 @@ def _optimize_table(report: OptimizeReport) -> None:
             f"{v.score:.4f}" if v.score is not None else "–",
             f"{v.drop:+.4f}" if v.drop is not None else "–",
             ("yes" if v.fits else "no") if v.bench else "–",
-            v.verdict.split(":", 1)[0],
+            _short_result(v.verdict),
         )
     console = _console()
     console.print(table)
@@ -519,8 +511,10 @@ def optimize(
     """
     from .data import load_data
     from .optimize import optimize as run_optimize
+    from .sources import check_source_path
 
     prof = _profiles([profile])[0]
+    check_source_path(model)
     dataset = load_data(data, target)
     with _progress() as say:
         report = run_optimize(
@@ -534,8 +528,9 @@ def optimize(
         )
     _optimize_table(report)
     if report.chosen is None:
-        typer.echo("no variant meets both the budget and the accuracy goal", err=True)
-        raise typer.Exit(EXIT_OVER_BUDGET)
+        from protocol.errors import OverBudget
+
+        raise OverBudget("no variant meets both the budget and the accuracy goal")
     typer.echo(f"best: {report.chosen.name} → {report.chosen.path}")
 
 
@@ -568,11 +563,15 @@ def package(
         --data train.csv --target label --key keys/edgefleet.key --out iris-1.0.0.efb
     """
     from .data import load_data
+    from .keys import load_signing_key
+    from .package import check_identity, parse_fallback
     from .package import package as run_package
-    from .package import parse_fallback
 
     profiles = _profiles(profile)
     fb = parse_fallback(fallback)
+    check_identity(name, version)
+    load_signing_key(key)
+    _model_file(model)
     reference = load_data(data, target)
     with _progress() as say:
         manifest = run_package(
@@ -722,9 +721,11 @@ def build(
         --version 1.0.0 --profile raspberry-pi-4 --key keys/edgefleet.key --out dist
     """
     from .build import build as run_build
+    from .build import check_build_inputs
     from .data import load_data
 
     profiles = _profiles(profile)
+    check_build_inputs(model, name=name, version=version, profiles=profiles, key_path=key)
     dataset = load_data(data, target)
     with _progress() as say:
         result = run_build(
@@ -742,10 +743,9 @@ def build(
         )
     _optimize_table(result.report)
     if result.manifest is None:
-        typer.echo(
-            "no variant meets both the budget and the accuracy goal; nothing packaged", err=True
-        )
-        raise typer.Exit(EXIT_OVER_BUDGET)
+        from protocol.errors import OverBudget
+
+        raise OverBudget("no variant meets both the budget and the accuracy goal; nothing packaged")
     m = result.manifest
     typer.echo(
         f"wrote {result.bundle}: {m.name} {m.version} release {m.release} "

@@ -38,7 +38,7 @@ import numpy as np
 from protocol.manifest import Lineage
 from protocol.schema import InputSchema, ModelInput, OutputSchema
 
-from .data import Dataset
+from .data import Dataset, feature_count_mismatch
 from .errors import ConversionError, DataError, translate
 from .parity import ParityReport, ParityThresholds, compare
 from .runner import ModelRunner, source_predict
@@ -103,10 +103,7 @@ def align_data(source: SourceModel, data: Dataset) -> Dataset:
             return Dataset(data.X[:, idx], data.y, inputs, [data.kinds[i] for i in idx])
     n = source.n_features
     if n is not None and n != data.n_features:
-        raise DataError(
-            f"feature-count mismatch: {source.name} expects {n} features but the data has "
-            f"{data.n_features}"
-        )
+        raise feature_count_mismatch(source.name, n, data.feature_names)
     return data
 
 
@@ -347,10 +344,7 @@ def _onnx_passthrough(
 ) -> tuple[InputSchema, OutputSchema, Lineage]:
     inp, outs = infer_onnx_schema(source.obj, data)
     if inp.n_features != data.n_features:
-        raise DataError(
-            f"feature-count mismatch: {source.name} expects {inp.n_features} features but the "
-            f"data has {data.n_features}"
-        )
+        raise feature_count_mismatch(source.name, inp.n_features, data.feature_names)
     if out.resolve() != source.path.resolve():
         shutil.copyfile(source.path, out)
     lineage = Lineage(

@@ -69,6 +69,26 @@ class Dataset:
         return pd.DataFrame(cols)
 
 
+def feature_count_mismatch(model: str, expected: int, names: list[str]) -> DataError:
+    """The error for data whose column count differs from what ``model`` expects.
+
+    The model gave no column names (else the caller names the missing columns), so say
+    what can be said: the data's columns and what usually causes the difference.
+    """
+    got = len(names)
+    shown = ", ".join(names[:12]) + (" …" if got > 12 else "")
+    text = f"{model} expects {expected} features but the data has {got} ({shown})"
+    if got < expected:
+        text += (
+            f": {expected - got} column(s) missing. The model was fit without column names "
+            "(a NumPy array), so they cannot be named here: compare the data's header with the "
+            "training columns (fit on a pandas DataFrame to get named checks)"
+        )
+    else:
+        text += f": {got - expected} column(s) too many; if one is the label, pass --target NAME"
+    return DataError(text)
+
+
 def load_data(path: str | Path, target: str | None = None) -> Dataset:
     """Load ``.npz`` or ``.csv`` data; ``target`` names the label column of a CSV."""
     p = Path(path)

@@ -8,6 +8,8 @@
         ├── ConversionError         skl2onnx / TensorFlow / onnx failed to convert
         ├── ParityError             converted model disagrees with its source (``.report``)
         ├── QuantizationError       quantization impossible or failed
+        │   ├── QuantizationNotApplicable  nothing to quantize (e.g. tree ensembles)
+        │   └── QuantizedParityError  quantized model moved too far from its source
         └── RuntimeLoadError        onnxruntime / LiteRT failed to load or run a model
 
 Every message is one line a person can act on; the root CLI prints it as ``error: …``.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from protocol.errors import EdgefleetError
 
@@ -51,6 +53,19 @@ class ParityError(ToolchainError):
 
 class QuantizationError(ToolchainError):
     """A quantization mode that does not apply to this model, or that failed."""
+
+
+class QuantizationNotApplicable(QuantizationError):
+    """The model has nothing this quantization can act on (no MatMul/Gemm/Conv weights)."""
+
+
+class QuantizedParityError(QuantizationError):
+    """A quantized model that disagrees with its fp32 source beyond the thresholds."""
+
+    def __init__(self, message: str, parity: dict[str, Any], failures: list[str]) -> None:
+        super().__init__(message)
+        self.parity = parity
+        self.failures = failures
 
 
 class RuntimeLoadError(ToolchainError):

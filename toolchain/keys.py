@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.signing import KeyPair
+from protocol.errors import ProtocolError
+from protocol.signing import KeyPair, load_private_key
 
 from .errors import ToolchainError
 
@@ -51,3 +52,29 @@ def generate_keys(out_dir: Path, name: str = "edgefleet") -> GeneratedKey:
         private_path.unlink(missing_ok=True)
         raise
     return GeneratedKey(key_id=pair.key_id, private_path=private_path, public_path=public_path)
+
+
+def load_signing_key(path: Path) -> KeyPair:
+    """The private key at ``path``, or one readable error (a .pub given, missing, not PEM).
+
+    ``build`` and ``package`` call this before any other work, so a wrong ``--key`` is
+    refused at once rather than after the conversion.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ToolchainError(
+            f"signing key {p} does not exist (create one with 'edgefleet keys generate')"
+        )
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ToolchainError(f"cannot read signing key {p}: {exc.strerror}") from None
+    if b"PUBLIC KEY" in data:
+        raise ToolchainError(
+            f"{p} is a public key; --key needs the private key "
+            f"(e.g. {p.with_suffix('.key')}, made by 'edgefleet keys generate')"
+        )
+    try:
+        return load_private_key(data)
+    except ProtocolError as exc:
+        raise ToolchainError(f"{p} is not an Ed25519 private key: {exc}") from None

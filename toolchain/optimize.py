@@ -31,7 +31,7 @@ from protocol.feeds import Prediction
 from protocol.profiles import DeviceProfile
 
 from .benchmark import BenchReport, benchmark
-from .errors import ToolchainError
+from .errors import QuantizationNotApplicable, ToolchainError
 
 Progress = Callable[[str], None]
 
@@ -185,6 +185,9 @@ def optimize(
         say(f"{name}: building")
         try:
             variant.path = make()
+        except QuantizationNotApplicable as exc:
+            variant.error = f"not applicable: {exc}"
+            continue
         except ToolchainError as exc:
             variant.error = f"failed to convert: {exc}"
             continue
@@ -275,36 +278,3 @@ def _choose(report: OptimizeReport) -> None:
             )
         else:
             v.verdict = "not chosen"
-
-
-# Quantized models are expected to move numbers a little: their parity with the fp32 model is
-# judged by these looser defaults (the CLI's quantize flags override them).
-QUANT_MIN_LABEL_AGREEMENT = 0.98
-QUANT_MAX_ABS_ERROR = 0.05
-QUANT_MAX_REL_ERROR = 0.05
-
-
-def quantized_parity_failures(
-    parity: dict[str, Any],
-    *,
-    min_label_agreement: float = QUANT_MIN_LABEL_AGREEMENT,
-    max_abs_error: float = QUANT_MAX_ABS_ERROR,
-    max_rel_error: float = QUANT_MAX_REL_ERROR,
-) -> list[str]:
-    """Why a quantized model's parity report (a sidecar ``parity`` dict) is not acceptable."""
-    failures = []
-    agreement = parity.get("label_agreement")
-    if agreement is not None and agreement < min_label_agreement:
-        failures.append(f"label agreement {agreement:.4f} < {min_label_agreement:g}")
-    abs_err, rel_err = parity.get("max_abs_error"), parity.get("max_rel_error")
-    if (
-        abs_err is not None
-        and rel_err is not None
-        and abs_err > max_abs_error
-        and rel_err > max_rel_error
-    ):
-        failures.append(
-            f"max abs error {abs_err:.4g} > {max_abs_error:g} "
-            f"and max rel error {rel_err:.4g} > {max_rel_error:g}"
-        )
-    return failures

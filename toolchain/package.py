@@ -40,12 +40,12 @@ from protocol.manifest import (
     canonical_bytes,
 )
 from protocol.profiles import DeviceProfile
-from protocol.signing import read_private_key
 from protocol.sketches import build_reference
 
 from .benchmark import HostTiming, estimate, time_model
 from .compat import check_compat, read_facts
 from .errors import DataError, ToolchainError
+from .keys import load_signing_key
 from .model_card import render_model_card
 
 Progress = Callable[[str], None]
@@ -207,10 +207,7 @@ def package(
         raise ToolchainError("package needs at least one --profile")
     if expires_days <= 0:
         raise ToolchainError("--expires-days must be positive")
-    try:
-        pair = read_private_key(Path(key_path))
-    except OSError as exc:
-        raise ToolchainError(f"cannot read signing key {key_path}: {exc.strerror}") from None
+    pair = load_signing_key(Path(key_path))
     facts = read_facts(model_path)
     say("reading the model's schema and lineage")
     sidecar = describe(model_path, reference)

@@ -19,7 +19,11 @@ dynamic-range quantization, ``int8`` (alias ``static``) full integer with int8 I
 on ``data``, ``fp16`` float16 weights.
 
 Each result gets a sidecar recording the mode; with ``data`` it also records parity against
-the unquantized model (informative, never raised: quantization is expected to move numbers).
+the unquantized model. Quantization is expected to move numbers a little, so that parity is
+judged by :class:`QuantizedParityThresholds` (looser than conversion's
+:class:`~toolchain.parity.ParityThresholds`) when the caller passes ``thresholds``: a
+quantized model outside them raises :class:`QuantizedParityError` (the file is kept for
+inspection). ``optimize`` passes none: it judges variants by accuracy instead.
 """
 
 from __future__ import annotations
@@ -35,7 +39,12 @@ from protocol.feeds import make_feeds
 from protocol.manifest import Quantization
 
 from .data import Dataset
-from .errors import QuantizationError, translate
+from .errors import (
+    QuantizationError,
+    QuantizationNotApplicable,
+    QuantizedParityError,
+    translate,
+)
 from .parity import ParityThresholds, compare
 from .runner import ModelRunner
 from .sidecar import Sidecar, describe, write_sidecar
@@ -56,6 +65,34 @@ class Quantized:
     size_bytes: int
 
 
+@dataclass(frozen=True)
+class QuantizedParityThresholds:
+    """How far a quantized model may move from its fp32 source (``edgefleet quantize``)."""
+
+    min_label_agreement: float = 0.98
+    max_abs_error: float = 0.05  # regressors: fail only when both errors are exceeded
+    max_rel_error: float = 0.05
+
+    def failures(self, parity: dict[str, Any]) -> list[str]:
+        """Why a parity report (a sidecar ``parity`` dict) is outside these thresholds."""
+        out = []
+        agreement = parity.get("label_agreement")
+        if agreement is not None and agreement < self.min_label_agreement:
+            out.append(f"label agreement {agreement:.4f} < {self.min_label_agreement:g}")
+        abs_err, rel_err = parity.get("max_abs_error"), parity.get("max_rel_error")
+        if (
+            abs_err is not None
+            and rel_err is not None
+            and abs_err > self.max_abs_error
+            and rel_err > self.max_rel_error
+        ):
+            out.append(
+                f"max abs error {abs_err:.4g} > {self.max_abs_error:g} "
+                f"and max rel error {rel_err:.4g} > {self.max_rel_error:g}"
+            )
+        return out
+
+
 def default_out(model_path: Path, mode: str) -> Path:
     return model_path.with_name(f"{model_path.stem}.{mode}{model_path.suffix}")
 
@@ -66,8 +103,13 @@ def quantize(
     mode: Mode,
     data: Dataset | None = None,
     out: Path | None = None,
+    thresholds: QuantizedParityThresholds | None = None,
 ) -> Quantized:
-    """Write a quantized copy of ``model_path`` (and its sidecar); see the module docs."""
+    """Write a quantized copy of ``model_path`` (and its sidecar); see the module docs.
+
+    With ``data`` and ``thresholds``, a copy that disagrees with the input beyond them
+    raises :class:`QuantizedParityError` after it was written.
+    """
     path = Path(model_path)
     if mode not in MODES:
         raise QuantizationError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -110,6 +152,15 @@ def quantize(
         parity=parity,
     )
     write_sidecar(target, result)
+    if parity is not None and thresholds is not None:
+        failures = thresholds.failures(parity)
+        if failures:
+            raise QuantizedParityError(
+                f"{target.name} disagrees with {path.name} (kept for inspection): "
+                + "; ".join(failures),
+                parity,
+                failures,
+            )
     return Quantized(target, fmt, recorded, result, target.stat().st_size)  # type: ignore[arg-type]
 
 
@@ -140,7 +191,7 @@ def _quantize_onnx(
     ops = weight_ops(model)
     if not ops:
         kinds = sorted({n.op_type for n in model.graph.node})[:4]
-        raise QuantizationError(
+        raise QuantizationNotApplicable(
             f"{path.name} has no MatMul/Gemm/Conv weights to quantize (operators: "
             f"{', '.join(kinds)}); tree ensembles and ai.onnx.ml operators stay fp32"
         )

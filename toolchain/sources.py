@@ -61,6 +61,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_source_path(path: str | Path) -> Path:
+    """Refuse a model path that cannot be loaded, without loading it (cheap; run first)."""
+    p = Path(path)
+    if not p.exists():
+        raise UnsupportedModelError(f"model path {p} does not exist")
+    if p.is_dir():
+        if not (p / "saved_model.pb").is_file():
+            raise UnsupportedModelError(f"{p} is a directory but not a TensorFlow SavedModel")
+        return p
+    suffix = p.suffix.lower()
+    if suffix not in (*PICKLE_SUFFIXES, ".onnx", *KERAS_SUFFIXES):
+        raise UnsupportedModelError(
+            f"unsupported model file {p.name}: unknown type {suffix or '(no suffix)'!r}; "
+            "expected .joblib/.pkl/.pickle (scikit-learn), .onnx, .keras or a SavedModel directory"
+        )
+    return p
+
+
 def load_source(path: str | Path) -> SourceModel:
     """Load a trained model from ``path`` (see the module warning about pickles)."""
     p = Path(path)
@@ -86,6 +104,29 @@ def load_source(path: str | Path) -> SourceModel:
 # --- scikit-learn -----------------------------------------------------------------------
 
 
+def _not_a_pickle(p: Path, exc: Exception) -> str:
+    """Why ``p`` did not unpickle, in words: a text file says so instead of a stray
+    ``IndexError: pop from empty list`` from deep inside the unpickler."""
+    with p.open("rb") as fh:
+        head = fh.read(512)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if not head:
+        return f"cannot unpickle {p.name}: it is empty, not a pickle or joblib file"
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = " ".join(text.split())[:40]
+        return (
+            f"cannot unpickle {p.name}: it is a text file, not a pickle or joblib file (it starts "
+            f"with {first!r}); save the model with joblib.dump(model, path)"
+        )
+    return (
+        f"cannot unpickle {p.name}: it is not a pickle or joblib file, or it is damaged "
+        f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    )
+
+
 def _load_sklearn(p: Path) -> SourceModel:
     with translate("unpickling", UnsupportedModelError, p.name):
         import joblib
@@ -94,9 +135,7 @@ def _load_sklearn(p: Path) -> SourceModel:
     try:
         obj = joblib.load(p)
     except Exception as exc:
-        raise UnsupportedModelError(
-            f"cannot unpickle {p.name}: {type(exc).__name__}: {exc}"
-        ) from None
+        raise UnsupportedModelError(_not_a_pickle(p, exc)) from None
     task: Task | None = None
     if isinstance(obj, sklearn.base.BaseEstimator) and hasattr(obj, "predict"):
         if sklearn.base.is_classifier(obj):

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import quote, urlparse
 
 from ..auth import allows
-from ..errors import FleetError, InvalidInput
+from ..errors import Conflict, FleetError, InvalidInput
 from . import charts
 from .session import COOKIE, LOGIN_COOKIE, Session, Sessions, csrf_ok, new_nonce, secret_from_env
 
@@ -88,9 +88,27 @@ def _environment() -> Any:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(ts=_ts, ago=_ago, num=_num, pct=_pct)
+    env.filters.update(
+        ts=_ts, ago=_ago, num=_num, pct=_pct, selector=_selector, stage_state=_stage_state
+    )
     env.globals.update(charts=charts, actions=ACTIONS)
     return env
+
+
+def _selector(spec_selector: Any) -> str:
+    """A rollout spec's selector (a dict of lists) as the text an operator types."""
+    from ..rollout_engine import Selector
+
+    if isinstance(spec_selector, dict):
+        return str(Selector(**{k: tuple(v) for k, v in spec_selector.items()}))
+    return str(spec_selector or "(all devices)")
+
+
+def _stage_state(stage: dict[str, Any]) -> str:
+    """A stage with no devices passes trivially: show it as empty, not as passed."""
+    if stage.get("devices") == 0 and stage.get("state") in ("passed", "running"):
+        return "empty"
+    return str(stage.get("state", ""))
 
 
 def _safe_next(target: str | None) -> str:
@@ -427,8 +445,16 @@ def build_router(service: Any) -> Any:
         return RedirectResponse(f"/ui/rollouts/{out['rollout_id']}", status_code=303)
 
     def live(request: Request, rollout_id: str) -> tuple[dict[str, Any], str]:
+        from ..rollout_engine import allowed_actions
+
         st = service.rollout_status(rollout_id)
-        html = env.get_template("rollout_live.html").render(r=st, stage_parts=_stage_parts)
+        s = session_of(request)
+        html = env.get_template("rollout_live.html").render(
+            r=st,
+            stage_parts=_stage_parts,
+            can_act=bool(s and allows(s.role, "operator")),
+            applicable=allowed_actions(st["state"]),
+        )
         return st, html
 
     @router.get("/ui/rollouts/{rollout_id}")
@@ -470,10 +496,18 @@ def build_router(service: Any) -> Any:
             return error(request, InvalidInput(f"unknown action {action!r}", field="action"), 404)
         if not allows(s.role, "operator"):
             return error(request, f"this needs the operator role; you are {s.role}", 403)
+        from ..rollout_engine import allowed_actions
+
         try:
             st = service.rollout_status(rollout_id)
         except FleetError as exc:
             return error(request, exc)
+        if action not in allowed_actions(st["state"]):
+            refusal = Conflict(
+                f"{ACTIONS[action][0].lower()} does not apply to a rollout that is {st['state']}",
+                field="state",
+            )
+            return error(request, refusal, 409)
         return render(request, "confirm.html", r=st, action=action)
 
     @router.post("/ui/rollouts/{rollout_id}/{action}")

@@ -3,7 +3,8 @@
 :func:`summarize` turns a payload on an edgefleet topic into a one-line summary (device,
 kind and the few fields a person watching wants); anything else is shown as its size and
 a short text preview. :func:`follow` subscribes and hands each line to ``emit`` (the CLI
-prints it) until ``limit`` messages or ``duration`` seconds.
+prints it) until ``limit`` messages or ``duration`` seconds; ``on_waiting`` hears once it
+is subscribed and whenever ``idle_s`` pass without a message (the CLI says "waiting …").
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def follow(
     limit: int | None = None,
     duration: float | None = None,
     timestamps: bool = True,
+    on_waiting: Callable[[], None] | None = None,
+    idle_s: float = 10.0,
     **subscriber_kw: Any,
 ) -> int:
     """Subscribe to ``topic_filter`` and emit one line per message. Returns the count.
@@ -131,6 +134,9 @@ def follow(
     deadline = None if duration is None else time.monotonic() + duration
     shown = 0
     with sub:
+        if on_waiting is not None:
+            on_waiting()
+        quiet_since = time.monotonic()
         while limit is None or shown < limit:
             wait = 0.5 if deadline is None else deadline - time.monotonic()
             if wait <= 0:
@@ -138,7 +144,11 @@ def follow(
             try:
                 topic, payload = inbox.get(timeout=min(wait, 0.5))
             except queue.Empty:
+                if on_waiting is not None and time.monotonic() - quiet_since >= idle_s:
+                    on_waiting()
+                    quiet_since = float("inf")  # once per quiet stretch
                 continue
+            quiet_since = time.monotonic()
             line = summarize(topic, payload, topics)
             if timestamps:
                 line = f"{datetime.now(timezone.utc).strftime('%H:%M:%S')} {line}"

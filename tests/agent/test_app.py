@@ -95,6 +95,46 @@ def test_metrics_and_status_come_from_the_daemon_when_given(device) -> None:
         assert c.get("/v1/status").json() == {"link": "offline"}
 
 
+def test_predict_validates_with_the_request_model_it_publishes(client) -> None:
+    from agent.app import PredictRequest
+
+    published = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]
+    schema = published["requestBody"]["content"]["application/json"]["schema"]
+    model_schema = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    assert schema["title"] == model_schema["title"] == "PredictRequest"
+    assert schema["properties"].keys() == model_schema["properties"].keys()
+    assert schema["additionalProperties"] is model_schema["additionalProperties"] is False
+    bodies = [
+        {"inputs": [IRIS_ROW]},
+        {
+            "instances": [
+                dict(
+                    zip(
+                        ["sepal_length", "sepal_width", "petal_length", "petal_width"],
+                        IRIS_ROW,
+                        strict=True,
+                    )
+                )
+            ]
+        },
+        {"inputs": [IRIS_ROW], "request_id": "r-1"},
+        {"inputs": [IRIS_ROW], "request_id": "x" * 129},
+        {"inputs": [IRIS_ROW], "colour": "red"},
+        {"inputs": [[IRIS_ROW]]},
+        {"inputs": "rows"},
+    ]
+    for body in bodies:
+        try:
+            PredictRequest.model_validate(body)
+            valid = True
+        except ValueError:
+            valid = False
+        r = client.post("/v1/predict", json=body)
+        assert (r.status_code == 200) == valid, (body, r.text)
+        if not valid:
+            assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
@@ -107,9 +147,11 @@ def test_metrics_and_status_come_from_the_daemon_when_given(device) -> None:
         (b'{"inputs": [[1, true, 3, 4]]}', 422, "'sepal_width' is not a number"),
         (b'{"inputs": [[1, null, 3, 4]]}', 422, "'sepal_width' is null"),
         (b'{"inputs": []}', 422, "empty batch"),
-        (b'{"inputs": [1, 2, 3, 4]}', 422, "inputs[0] must be a list"),
-        (b'{"inputs": {"a": 1}}', 422, "list of rows"),
-        (b'{"inputs": [[[1, 2, 3, 4]]]}', 422, "has 1 features"),
+        (b'{"inputs": [1, 2, 3, 4]}', 422, "inputs[0]: Input should be a valid list"),
+        (b'{"inputs": {"a": 1}}', 422, "inputs: Input should be a valid list"),
+        (b'{"inputs": [[[1, 2, 3, 4]]]}', 422, "inputs[0][0]: must be a number, string"),
+        (b'{"instances": [{"sepal_length": [1]}]}', 422, "instances[0]['sepal_length']: must"),
+        (b'{"inputs": [[1,2,3,4]], "request_id": ""}', 422, "request_id: String should have"),
         (b'{"instances": [{"sepal_length": 1}]}', 422, "missing feature 'sepal_width'"),
         (b'{"instances": [{"colour": 1}]}', 422, "unknown feature 'colour'"),
         (b'{"inputs": [[1,2,3,4]], "extra": 1}', 422, "unknown field 'extra'"),
@@ -223,6 +265,8 @@ def test_mixed_schema_over_http(tmp_path, signing_key) -> None:
         r = c.post("/v1/predict", json={"instances": [inst]})
         assert r.status_code == 200 and r.json()["labels"] == [0]
         r = c.post("/v1/predict", json={"inputs": [[*IRIS_ROW, {"colour": "red"}]]})
-        assert r.status_code == 422 and "'size' must be a string" in r.json()["detail"]
+        assert (
+            r.status_code == 422 and "inputs[0][4]: must be a number, string" in r.json()["detail"]
+        )
         model = c.get("/v1/model").json()
         assert model["features"][-1]["kind"] == "categorical"

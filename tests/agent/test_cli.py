@@ -6,19 +6,17 @@ from pathlib import Path
 import click
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from agent.cli import app
 from agent.config import AgentConfig, load_config
 from agent.prediction_log import PredictionLog
 from tests.agent.test_prediction_log import _event
 from tests.support.bundles import make_bundle
-
-runner = CliRunner()
+from tests.support.cli import run_cli
 
 
 def invoke(*args: str):
-    return runner.invoke(app, ["agent", *args], catch_exceptions=False)
+    return run_cli(["agent", *args])
 
 
 @pytest.fixture
@@ -142,4 +140,39 @@ def test_every_command_has_help_text_with_an_example() -> None:
     for name, cmd in found.items():
         assert cmd.help, name
         if not hasattr(cmd, "commands"):
-            assert "Example: edgefleet" in cmd.help, name
+            assert "Example:\n  edgefleet" in cmd.help, name
+
+
+def test_init_takes_the_per_device_values_as_flags(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    r = invoke(
+        "init", "--out", str(path), "--device-id", "pi-0007", "--profile", "raspberry-pi-4",
+        "--broker", "mqtts://fleet.example:8883", "--api-port", "9123",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cfg = load_config(path)
+    assert (cfg.device_id, cfg.profile) == ("pi-0007", "raspberry-pi-4")
+    assert cfg.broker.url == "mqtts://fleet.example:8883" and cfg.api.port == 9123
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device-id", "pi 7"], "device_id"),
+        (["--profile", "toaster"], "unknown profile 'toaster'"),
+        (["--broker", "http://fleet:1883"], "scheme must be mqtt"),
+    ],
+)
+def test_init_refuses_a_bad_value_and_writes_nothing(tmp_path: Path, flags, message) -> None:
+    path = tmp_path / "agent.toml"
+    r = invoke("init", "--out", str(path), *flags)
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and message in r.stderr
+    assert not path.exists()
+
+
+def test_config_typo_suggests_the_nearest_key(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('devce_id = "pi-1"\n[api]\nport = 8765\n', encoding="utf-8")
+    r = invoke("status", "-c", str(path))
+    assert r.exit_code == 1
+    assert "devce_id: unknown key (did you mean 'device_id'?)" in r.stderr

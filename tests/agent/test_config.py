@@ -102,3 +102,17 @@ def test_trust_store_loads_pinned_keys_and_revocations(
 def test_unknown_profile_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="profile"):
         AgentConfig(profile="toaster-9000").device_profile()
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("[api]\nprot = 1\n", "api.prot: unknown key (did you mean 'port'?)"),
+        ("[brokr]\nurl = 'mqtt://x'\n", "brokr: unknown key (did you mean 'broker'?)"),
+        ("[log]\nzzz = 1\n", "log.zzz: unknown key (known keys: batch_size, enabled,"),
+    ],
+)
+def test_a_config_typo_names_the_nearest_known_key(text: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert hint in str(info.value)

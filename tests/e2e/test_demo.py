@@ -47,7 +47,13 @@ def check_outcome(s: dict[str, Any]) -> None:
 def test_demo_halts_failing_canaries_rolls_back_and_fires_drift(tmp_path):
     s, stdout = run_demo(tmp_path)
     check_outcome(s)
-    assert "Dashboard: http://127.0.0.1:" in stdout and "/ui/" in stdout
+    # Progress from the first second: this line comes before any heavy import.
+    assert stdout.splitlines()[0].startswith("edgefleet demo: starting")
+    # The dashboard closes with the demo, so its URL is shown only with --keep-running.
+    assert "Dashboard:" not in stdout and "/ui/" not in stdout and "http://" not in stdout
+    assert "not ready: requests answered 503" in stdout
+    tail = stdout[stdout.index("Try next") :]
+    assert "edgefleet demo --keep-running" in tail and "edgefleet build" in tail
 
 
 @pytest.mark.mosquitto

@@ -1,7 +1,8 @@
-"""The fleet CLI through typer's CliRunner, talking to the API in-process."""
+"""The fleet CLI through the root ``edgefleet`` CLI, talking to the API in-process."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import click
 import httpx
 import pytest
 import typer
-from typer.testing import CliRunner
 
+from edgefleet.cli import EXIT_ADDRESS_IN_USE, EXIT_UNREACHABLE
 from fleet_server import cli
 from fleet_server.app import create_app
 from fleet_server.client import FleetClient
@@ -19,8 +20,7 @@ from protocol import KeyPair
 from tests.fleet_server.fleetkit import SyncASGITransport, make_config
 from tests.fleet_server.test_api import Fleet
 from tests.support.bundles import make_bundle
-
-runner = CliRunner()
+from tests.support.cli import run_cli
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def bundle_file(tmp_path_factory: pytest.TempPathFactory, signing_key: KeyPair) 
 
 def run(*args: str, token: str | None = None) -> object:
     extra = ["--token", token] if token else []
-    return runner.invoke(cli.app, [*args, *extra])
+    return run_cli([*args, *extra])
 
 
 def _walk(cmd: click.Command, path: str = "") -> Iterator[tuple[str, click.Command]]:
@@ -61,16 +61,16 @@ def test_every_command_has_help_with_an_example() -> None:
     for path, cmd in _walk(root):
         assert cmd.help, path
         if not hasattr(cmd, "commands"):
-            assert "Example: edgefleet" in cmd.help, path
+            assert "Example:\n  edgefleet" in cmd.help, path
 
 
 def test_init_writes_a_config_that_loads_into_the_defaults(tmp_path: Path) -> None:
     out = tmp_path / "fleet.toml"
-    r = runner.invoke(cli.app, ["fleet", "init", "--out", str(out)])
+    r = run_cli(["fleet", "init", "--out", str(out)])
     assert r.exit_code == 0, r.output
     cfg = load_config(out)
     assert cfg.api.port == 8700 and cfg.rollout.failure_threshold == 0.2
-    again = runner.invoke(cli.app, ["fleet", "init", "--out", str(out)])
+    again = run_cli(["fleet", "init", "--out", str(out)])
     assert again.exit_code == 1 and "exists" in again.output
 
 
@@ -83,18 +83,15 @@ def test_token_create_prints_a_working_token_once(tmp_path: Path, signing_key: K
         f'data_dir = "{cfg.data_dir}"\n[signing]\ntrusted = ["{cfg.signing.trusted[0]}"]\n',
         encoding="utf-8",
     )
-    r = runner.invoke(
-        cli.app, ["fleet", "token", "create", "--role", "operator", "--config", str(toml)]
-    )
+    r = run_cli(["fleet", "token", "create", "--role", "operator", "--config", str(toml)])
     assert r.exit_code == 0, r.output
     token = r.stdout.strip().splitlines()[0]
     svc = FleetService(load_config(toml))
     assert svc.authenticate_token(token) == "operator"
     assert token not in (tmp_path / "fleet" / "fleet.db").read_bytes().decode("latin-1")
+    assert "only its hash is stored" in r.stderr and "not stored" not in r.stderr
     svc.repo.close()
-    bad = runner.invoke(
-        cli.app, ["fleet", "token", "create", "--role", "root", "--config", str(toml)]
-    )
+    bad = run_cli(["fleet", "token", "create", "--role", "root", "--config", str(toml)])
     assert bad.exit_code == 1 and "role" in bad.output
 
 
@@ -242,6 +239,8 @@ def test_drift_report_shows_the_servers_drift_results(fleet: Fleet, bundle_file:
     r = run("drift", "report", "--model", "iris", token=fleet.tokens["viewer"])
     assert r.exit_code == 0, r.output
     assert "iris" in r.output and "YES" in r.output and "4/4" in r.output
+    window = time.strftime("%Y-%m-%d", time.gmtime(fleet.service.drift_results()[0]["window"]))
+    assert window in r.output
 
 
 def test_telemetry_tail_shows_a_readable_line_per_message(amqtt_broker: object) -> None:
@@ -254,8 +253,7 @@ def test_telemetry_tail_shows_a_readable_line_per_message(amqtt_broker: object) 
     state = DeviceState(device_id="tail-dev", online=True, profile="raspberry-pi-4")
     assert t.publish("tailtest/devices/tail-dev/state", state.to_json(), retain=True).wait(5)
     t.close()
-    r = runner.invoke(
-        cli.app,
+    r = run_cli(
         [
             "telemetry",
             "tail",
@@ -271,5 +269,177 @@ def test_telemetry_tail_shows_a_readable_line_per_message(amqtt_broker: object) 
         ],
     )
     assert r.exit_code == 0, r.output
-    assert "tail-dev" in r.output and "raspberry-pi-4" in r.output
-    assert r.output.count("\n") == 1
+    assert "tail-dev" in r.stdout and "raspberry-pi-4" in r.stdout
+    assert r.stdout.count("\n") == 1
+    assert f"waiting for messages on 'tailtest/devices/+/state' at {url}" in r.stderr
+
+
+def test_telemetry_tail_asks_the_fleet_server_where_the_broker_is(
+    tmp_path: Path, signing_key: KeyPair, amqtt_broker: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet_server.service import FleetService
+    from protocol.transport import MemoryBroker
+
+    url = amqtt_broker.url  # type: ignore[attr-defined]
+    cfg = make_config(tmp_path, signing_key)
+    broker = cfg.broker.model_copy(update={"public_url": url, "topic_prefix": "asked"})
+    service = FleetService(
+        cfg.model_copy(update={"broker": broker}), transport=MemoryBroker().client("s")
+    )
+    token = service.create_token("viewer")
+    http = httpx.Client(transport=SyncASGITransport(create_app(service)), base_url="http://fleet")
+    monkeypatch.setattr(cli, "client", lambda u, t: FleetClient("http://fleet", t, http=http))
+    try:
+        r = run_cli(
+            ["telemetry", "tail", "asked/devices/+/status", "--duration", "0.5", "--token", token]
+        )
+    finally:
+        http.close()
+        service.repo.close()
+    assert r.exit_code == 0, r.output
+    assert f"waiting for messages on 'asked/devices/+/status' at {url}" in r.stderr
+
+
+def test_telemetry_tail_without_a_server_says_how_to_name_the_broker() -> None:
+    r = run_cli(
+        ["telemetry", "tail", "edgefleet/devices/+/status", "--url", "http://127.0.0.1:9"],
+        env={"EDGEFLEET_BROKER": ""},
+    )
+    assert r.exit_code == EXIT_UNREACHABLE, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: telemetry tail needs the broker")
+    assert "--broker mqtt://" in lines[0] and "EDGEFLEET_BROKER" in lines[0]
+
+
+def test_dry_run_with_a_bundle_file_uploads_and_creates_nothing(
+    fleet: Fleet, bundle_file: Path
+) -> None:
+    fleet.device("d1")
+    op = fleet.tokens["operator"]
+    r = run("rollout", "start", str(bundle_file), "--dry-run", token=op)
+    assert r.exit_code == 0, r.output
+    assert "nothing uploaded, created or sent" in r.stdout and "not on the server" in r.stdout
+    assert fleet.service.repo.list_bundles() == []
+    assert fleet.service.list_rollouts() == []
+    assert "created" not in r.stdout.replace("nothing uploaded, created", "")
+
+
+def test_dry_run_with_a_bundle_file_already_on_the_server_shows_the_plan_only(
+    fleet: Fleet, bundle_file: Path
+) -> None:
+    for i in range(3):
+        fleet.device(f"d{i}")
+    op = fleet.tokens["operator"]
+    run("fleet", "bundles", "push", str(bundle_file), token=op)
+    r = run(
+        "rollout", "start", str(bundle_file), "--stages", "1,3", "--count", "--dry-run", token=op
+    )
+    assert r.exit_code == 0, r.output
+    assert "dry run: nothing created or sent" in r.stdout and "to 3 devices" in r.stdout
+    assert "stage 1: d" in r.stdout and "r-" not in r.stdout
+    assert fleet.service.list_rollouts() == []
+    assert len(fleet.service.repo.list_bundles()) == 1
+    assert all(not d.commands for d in fleet.devices.values())
+
+
+def test_serve_prints_one_start_line_naming_the_dashboard(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.brokers import free_port
+
+    (tmp_path / "fleet.toml").write_text(
+        f'data_dir = "data"\n[broker]\nurl = "mqtt://127.0.0.1:{free_port()}"\n',
+        encoding="utf-8",
+    )
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgefleet",
+        "fleet",
+        "serve",
+        "--embedded-broker",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert line.startswith(f"fleet server on http://127.0.0.1:{port}")
+    assert f"dashboard http://127.0.0.1:{port}/ui/" in line
+
+
+def _listening(port: int) -> object:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    return s
+
+
+def test_serve_on_a_busy_port_is_one_line_and_exit_4(tmp_path: Path) -> None:
+    from tests.support.brokers import free_port
+
+    (tmp_path / "fleet.toml").write_text(f'data_dir = "{tmp_path / "data"}"\n', encoding="utf-8")
+    port = free_port()
+    with _listening(port):  # type: ignore[attr-defined]
+        r = run_cli(["fleet", "serve", "-c", tmp_path / "fleet.toml", "--port", port])
+    assert r.exit_code == EXIT_ADDRESS_IN_USE == 4, r.output
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: fleet API: 127.0.0.1:")
+    assert "--port" in lines[0]
+
+
+def test_busy_embedded_broker_port_is_one_line_and_exit_4(tmp_path: Path) -> None:
+    from tests.support.brokers import free_port
+
+    mqtt = free_port()
+    (tmp_path / "fleet.toml").write_text(
+        f'data_dir = "{tmp_path / "data"}"\n[broker]\nurl = "mqtt://127.0.0.1:{mqtt}"\n',
+        encoding="utf-8",
+    )
+    with _listening(mqtt):  # type: ignore[attr-defined]
+        r = run_cli(
+            [
+                "fleet",
+                "serve",
+                "-c",
+                tmp_path / "fleet.toml",
+                "--port",
+                free_port(),
+                "--embedded-broker",
+            ]
+        )
+    assert r.exit_code == EXIT_ADDRESS_IN_USE, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: embedded MQTT broker:")
+    assert "Traceback" not in r.output
+
+
+def test_config_typo_suggests_the_nearest_key(tmp_path: Path) -> None:
+    (tmp_path / "fleet.toml").write_text("[api]\nprot = 8700\n", encoding="utf-8")
+    r = run_cli(["fleet", "serve", "-c", tmp_path / "fleet.toml"])
+    assert r.exit_code == 1
+    assert "api.prot: unknown key (did you mean 'port'?)" in r.stderr
+
+
+def test_a_stage_with_no_devices_shows_as_empty_not_passed(fleet: Fleet, bundle_file: Path) -> None:
+    op = fleet.tokens["operator"]
+    for i in range(2):
+        fleet.device(f"d{i}")
+    run("fleet", "bundles", "push", str(bundle_file), token=op)
+    r = run("rollout", "start", "iris@1.0.0", "--stages", "2,5", "--count", token=op)
+    assert r.exit_code == 0, r.output
+    for _ in range(4):
+        fleet.service.tick()
+    rid = fleet.service.list_rollouts()[0]["rollout_id"]
+    out = run("rollout", "status", rid, token=op).stdout
+    second = next(line for line in out.splitlines() if line.strip().startswith("│ 2 "))
+    assert "empty (0 devices)" in second and "passed" not in second

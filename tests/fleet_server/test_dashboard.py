@@ -272,6 +272,56 @@ def test_operator_plans_confirms_starts_and_rolls_back_with_confirmation(fleet: 
     )
 
 
+def test_rollout_page_shows_only_the_actions_that_apply_to_its_state(fleet: Fleet) -> None:
+    b = fleet.browser("operator")
+    url = _plan_and_start(b, fleet, stages="50,100", soak_s="3600").headers["location"]
+    rid = url.rsplit("/", 1)[1]
+
+    def buttons() -> list[str]:
+        return re.findall(r'id="action-([a-z]+)"', b.get(url).text)
+
+    assert fleet.service.rollout_status(rid)["state"] == "running"
+    assert buttons() == ["pause", "abort", "rollback"]
+    assert buttons() == re.findall(
+        r'id="action-([a-z]+)"', b.get(f"{url}/live.json").json()["html"]
+    )
+    fleet.service.pause_rollout(rid, actor="test")
+    assert buttons() == ["resume", "abort", "rollback"]
+    refused = b.get(f"/ui/rollouts/{rid}/confirm/pause")
+    assert refused.status_code == 409 and "does not apply" in refused.text
+    fleet.service.abort_rollout(rid, actor="test")
+    assert buttons() == []
+    assert b.get(f"/ui/rollouts/{rid}/confirm/rollback").status_code == 409
+
+
+def test_plan_page_shows_the_selector_as_typed_not_as_a_dict(fleet: Fleet) -> None:
+    b = fleet.browser("operator")
+    form = {
+        "csrf": b.csrf("/ui/rollouts"),
+        "bundle": fleet.v2["sha256"],
+        "selector": "profile=host",
+        "stages": "50,100",
+        "stage_unit": "percent",
+    }
+    plan = b.post("/ui/rollouts/plan", data=form)
+    assert plan.status_code == 200, plan.text
+    shown = re.search(r'<code id="plan-selector">([^<]*)</code>', plan.text).group(1)
+    assert shown == "profile=host" and "{" not in shown
+
+
+def test_stage_with_no_devices_is_shown_as_empty_not_passed(fleet: Fleet) -> None:
+    b = fleet.browser("operator")
+    # 4 devices in count stages 4 then 10: the second stage has no device left to take
+    url = _plan_and_start(b, fleet, stages="4,10", stage_unit="count").headers["location"]
+    for _ in range(6):
+        fleet.service.tick()
+    html = b.get(f"{url}/live.json").json()["html"]
+    rows = re.findall(r'<tr class="stage" data-state="[a-z_]+"><td>(\d)</td>.*?</tr>', html, re.S)
+    second = re.search(r'<tr class="stage" data-state="[a-z_]+"><td>2</td>.*?</tr>', html, re.S)
+    assert rows == ["1", "2"] and second is not None
+    assert ">empty<" in second.group(0) and ">passed<" not in second.group(0)
+
+
 def test_viewer_sees_rollouts_but_cannot_plan_or_act(fleet: Fleet) -> None:
     rid = _plan_and_start(fleet.browser("operator"), fleet).headers["location"].rsplit("/", 1)[1]
     v = fleet.browser("viewer")

@@ -148,6 +148,7 @@ def test_login_rollout_stages_advance_then_rollback_returns_devices(fleet: dict[
             page.fill("input[name=soak_s]", "2")
             page.click("text=Plan rollout…")
             expect(page.locator("h1")).to_have_text("Start this rollout?")
+            expect(page.locator("#plan-selector")).to_have_text("(all devices)")
             page.click("#confirm-start")
             expect(page).to_have_url(re.compile(r"/ui/rollouts/r-[0-9a-f]+$"))
 
@@ -158,6 +159,9 @@ def test_login_rollout_stages_advance_then_rollback_returns_devices(fleet: dict[
             expect(passed).to_have_count(3, timeout=20_000)
             expect(page.locator("#rollout-state")).to_have_text("succeeded")
             expect(page.locator("tr[data-device][data-state=installed]")).to_have_count(N_DEVICES)
+            # a succeeded rollout can only be rolled back: no pause, resume or abort button
+            expect(page.locator("#actions a")).to_have_count(1)
+            expect(page.locator("#action-rollback")).to_be_visible()
             page.screenshot(path="/tmp/edgefleet-rollout.png", full_page=True)
             assert seen_partial
             assert [active_version(a) for a in fleet["agents"]] == ["2.0.0"] * N_DEVICES
@@ -170,6 +174,7 @@ def test_login_rollout_stages_advance_then_rollback_returns_devices(fleet: dict[
 
             # 5. every device reports the previous version again
             expect(page.locator("tr[data-device][data-state=rolled_back]")).to_have_count(N_DEVICES)
+            expect(page.locator("#actions")).to_have_count(0)  # nothing applies any more
             _wait(
                 lambda: {d["version"] for d in service.list_devices()} == {"1.0.0"},
                 "devices on 1.0.0",

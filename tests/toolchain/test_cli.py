@@ -1,4 +1,4 @@
-"""Every toolchain command through typer's CliRunner, on real (tiny) models."""
+"""Every toolchain command through the root ``edgefleet`` CLI, on real (tiny) models."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from protocol.bundle import read_bundle, verify_bundle
 from protocol.profiles import list_profiles
 from protocol.signing import TrustStore
+from tests.support.cli import run_cli
 from tests.toolchain import fixtures_pkg as fx
-from toolchain.cli import app
 
 iris, iris_joblib, iris_onnx, keys, iris_bundle = (
     fx.iris,
@@ -25,11 +24,9 @@ iris, iris_joblib, iris_onnx, keys, iris_bundle = (
     fx.iris_bundle,
 )
 
-runner = CliRunner(env={"COLUMNS": "200"})
-
 
 def ok(*args: object):
-    result = runner.invoke(app, [str(a) for a in args])
+    result = run_cli(args)
     assert result.exit_code == 0, (result.output, result.exception)
     return result
 
@@ -61,8 +58,7 @@ def test_convert_prints_the_parity_table_and_writes_the_model(iris, iris_joblib,
 
 
 def test_convert_fails_with_the_report_when_parity_is_below_threshold(iris, iris_joblib, tmp_path):
-    result = runner.invoke(
-        app,
+    result = run_cli(
         [
             "convert", str(iris_joblib), "--data", str(iris.npz),
             "--out", str(tmp_path / "m.onnx"), "--min-label-agreement", "1.5",
@@ -98,8 +94,7 @@ def test_quantize_writes_a_smaller_dynamic_int8_model(iris, iris_mlp_onnx, tmp_p
 def test_quantize_fails_with_the_report_when_agreement_is_below_threshold(
     iris, iris_mlp_onnx, tmp_path
 ):
-    result = runner.invoke(
-        app,
+    result = run_cli(
         [
             "quantize", str(iris_mlp_onnx), "--mode", "dynamic", "--data", str(iris.npz),
             "--out", str(tmp_path / "q.onnx"), "--min-label-agreement", "1.01",
@@ -112,16 +107,17 @@ def test_quantize_fails_with_the_report_when_agreement_is_below_threshold(
 
 
 def test_quantized_parity_judges_regressors_by_absolute_and_relative_error():
-    from toolchain.optimize import quantized_parity_failures
+    from toolchain.quantize import QuantizedParityThresholds
 
-    assert quantized_parity_failures({"max_abs_error": 0.2, "max_rel_error": 0.01}) == []
-    assert quantized_parity_failures({"max_abs_error": 0.01, "max_rel_error": 0.5}) == []
-    assert quantized_parity_failures({"max_abs_error": 0.2, "max_rel_error": 0.5})
-    assert quantized_parity_failures({"label_agreement": 0.9})
+    failures = QuantizedParityThresholds().failures
+    assert failures({"max_abs_error": 0.2, "max_rel_error": 0.01}) == []
+    assert failures({"max_abs_error": 0.01, "max_rel_error": 0.5}) == []
+    assert failures({"max_abs_error": 0.2, "max_rel_error": 0.5})
+    assert failures({"label_agreement": 0.9})
 
 
 def test_quantize_rejects_an_unknown_mode(iris_mlp_onnx):
-    result = runner.invoke(app, ["quantize", str(iris_mlp_onnx), "--mode", "int3"])
+    result = run_cli(["quantize", str(iris_mlp_onnx), "--mode", "int3"])
     assert result.exit_code != 0 and "dynamic, static, fp16 or int8" in result.output
 
 
@@ -194,10 +190,30 @@ def test_build_makes_a_signed_verifiable_bundle_from_a_sklearn_pickle(
     assert [f.name for f in manifest.input_schema.features][:2] == ["sepal_length", "sepal_width"]
 
 
+def test_build_table_keeps_variant_names_whole_at_80_columns(iris, iris_joblib, keys, tmp_path):
+    result = run_cli(
+        [
+            "build", iris_joblib, "--data", iris.npz, "--name", "iris", "--version", "1.0.0",
+            "--profile", "host", "--key", keys.private_path, "--out", tmp_path, "--runs", "10",
+        ],
+        env={"COLUMNS": "80"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    import re
+
+    rows = []
+    for name in ("onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static", "onnx-fp16"):
+        row = re.search(rf"^(→ )?{name} .*$", result.stdout, re.M)
+        assert row, result.stdout
+        rows.append(row.group(0))
+    assert all(len(row) <= 80 for row in rows), rows
+    assert "onnx-fp16: not applicable: " in " ".join(result.stdout.split())
+    assert "failed to convert" not in result.stdout
+
+
 def test_build_exits_3_and_packages_nothing_when_no_variant_fits(iris, iris_joblib, keys, tmp_path):
     slow = fx.profile_toml(tmp_path, "glacial", speed_factor=10000.0)
-    result = runner.invoke(
-        app,
+    result = run_cli(
         [
             "build", str(iris_joblib), "--data", str(iris.npz), "--name", "iris",
             "--version", "1.0.0", "--profile", str(slow), "--key", str(keys.private_path),

@@ -1,6 +1,6 @@
 """Bad input gets one readable line and a non-zero exit, never a traceback.
 
-Every case runs the real command through typer's CliRunner on ``toolchain.cli.app``.
+Every case runs the real command through the root ``edgefleet`` CLI.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from edgefleet.cli import EXIT_OVER_BUDGET
 from protocol.profiles import load_profile
+from tests.support.cli import run_cli
 from tests.toolchain import fixtures_pkg as fx
 from tests.toolchain.fixtures_pkg import profile_toml
-from toolchain.cli import EXIT_OVER_BUDGET, app
 
 iris, iris_joblib, iris_onnx, keys, iris_bundle = (
     fx.iris,
@@ -27,11 +27,9 @@ iris, iris_joblib, iris_onnx, keys, iris_bundle = (
     fx.iris_bundle,
 )
 
-runner = CliRunner(env={"COLUMNS": "160"})
-
 
 def run(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
+    return run_cli(args)
 
 
 def one_line_error(result, *fragments: str) -> str:
@@ -208,3 +206,88 @@ def test_package_with_a_missing_signing_key(iris, iris_onnx, tmp_path):
         "--data", iris.npz, "--key", tmp_path / "nope.key", "--out", tmp_path / "x.efb",
     )  # fmt: skip
     one_line_error(result, "signing key")
+
+
+def test_build_refuses_a_public_key_before_any_work(iris_joblib, keys, tmp_path):
+    out = tmp_path / "dist"
+    missing_data = tmp_path / "not-read-yet.csv"  # reading it would fail with another error
+    line = one_line_error(
+        run(
+            "build",
+            iris_joblib,
+            "--data",
+            missing_data,
+            "--name",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--profile",
+            "host",
+            "--key",
+            keys.public_path,
+            "--out",
+            out,
+        ),
+        "is a public key",
+    )
+    assert ".key" in line
+    assert not out.exists()  # no variant was converted, nothing written
+
+
+def test_package_refuses_a_public_key_before_reading_data(iris_onnx, keys, tmp_path):
+    one_line_error(
+        run(
+            "package",
+            iris_onnx,
+            "--name",
+            "iris",
+            "--version",
+            "1.0.0",
+            "--profile",
+            "host",
+            "--data",
+            tmp_path / "absent.csv",
+            "--key",
+            keys.public_path,
+            "--out",
+            tmp_path / "x.efb",
+        ),
+        "is a public key",
+    )
+
+
+def test_a_text_file_named_like_a_joblib_model_says_it_is_not_a_pickle(iris, tmp_path):
+    model = tmp_path / "model.joblib"
+    model.write_text("this is not a model\n")
+    line = one_line_error(run("convert", model, "--data", iris.npz))
+    assert "is a text file, not a pickle or joblib file" in line and "IndexError" not in line
+
+
+def _csv_without(iris, tmp_path, column: str):
+    import csv
+
+    rows = list(csv.reader(iris.csv.read_text().splitlines()))
+    drop = rows[0].index(column)
+    out = tmp_path / "short.csv"
+    out.write_text("\n".join(",".join(r[:drop] + r[drop + 1 :]) for r in rows) + "\n")
+    return out
+
+
+def test_csv_missing_a_column_names_it_when_the_model_knows_its_columns(iris, tmp_path):
+    import joblib
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    model = LogisticRegression(max_iter=500).fit(pd.DataFrame(iris.X, columns=names), iris.y)
+    path = tmp_path / "named.joblib"
+    joblib.dump(model, path)
+    short = _csv_without(iris, tmp_path, "petal_width")
+    one_line_error(run("convert", path, "--data", short, "--target", "species"), "'petal_width'")
+
+
+def test_csv_missing_a_column_says_how_many_and_lists_the_columns(iris_joblib, iris, tmp_path):
+    short = _csv_without(iris, tmp_path, "sepal_width")
+    line = one_line_error(run("convert", iris_joblib, "--data", short, "--target", "species"))
+    assert "expects 4 features but the data has 3" in line and "1 column(s) missing" in line
+    assert "sepal_length, petal_length, petal_width" in line

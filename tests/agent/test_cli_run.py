@@ -1,0 +1,83 @@
+"""``edgefleet agent run`` as a user starts it: one start line, then one line per link change."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fleet_server.embedded_broker import EmbeddedBroker
+from tests.support.brokers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Lines:
+    """The process's stderr, line by line, read on a thread."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.seen: list[str] = []
+        self._q: queue.Queue[str] = queue.Queue()
+        assert proc.stderr is not None
+        stream = proc.stderr
+        self.reader = threading.Thread(target=lambda: [self._q.put(x) for x in stream], daemon=True)
+        self.reader.start()
+
+    def wait_for(self, fragment: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.seen.append(line.rstrip("\n"))
+            if fragment in line:
+                return line
+        raise AssertionError(f"no line with {fragment!r} in {self.seen}")
+
+
+def test_agent_run_prints_a_start_line_and_each_link_state_change(tmp_path: Path) -> None:
+    broker = EmbeddedBroker().start()
+    config = tmp_path / "agent.toml"
+    init = subprocess.run(
+        [
+            sys.executable, "-m", "edgefleet", "agent", "init", "--out", str(config),
+            "--device-id", "pi-run", "--broker", broker.url, "--api-port", str(free_port()),
+        ],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "agent", "run", "-c", str(config)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    lines = Lines(proc)
+    try:
+        start = lines.wait_for("agent pi-run")
+        assert "no model installed yet" in start and "/v1/predict" in start
+        assert f"broker {broker.url}" in start
+        lines.wait_for(f"broker link connected: connected to {broker.url}")
+        broker.stop()
+        lines.wait_for(f"broker link lost: lost {broker.url}")
+        lines.wait_for(f"broker link reconnecting: cannot reach {broker.url}")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        lines.reader.join(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        broker.stop()
+    # one line per change: the start line first, no repeated "reconnecting" lines
+    assert lines.seen[0] == start.rstrip("\n")
+    assert sum("reconnecting" in x for x in lines.seen) == 1, "\n".join(lines.seen)

@@ -62,11 +62,23 @@ def _steps(model: Any) -> list[Any]:
 def register_converters(model: Any) -> list[str]:
     """Register skl2onnx converters for the boosting wrappers in ``model``; their names."""
     libs: list[str] = sorted({library_of(s) for s in _steps(model)} - {"sklearn"})
+    register = {
+        "xgboost": _register_xgboost,
+        "lightgbm": _register_lightgbm,
+        "catboost": _register_catboost,
+    }
     for lib in libs:
-        with translate(f"loading the {lib} converter", ConversionError):
-            {"xgboost": _register_xgboost, "lightgbm": _register_lightgbm}.get(
-                lib, _register_catboost
-            )()
+        try:
+            with translate(f"loading the {lib} converter", ConversionError):
+                register[lib]()
+        except ConversionError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ImportError):
+                raise ConversionError(
+                    f"converting {lib} models needs {cause.name or 'a missing package'}: "
+                    f"{EXTRA_HINT[lib]}"
+                ) from cause
+            raise
     return libs
 
 

@@ -420,6 +420,10 @@ def _torch_to_onnx(
     head, width = torch_head(source.obj)
     shape = row_shape(data)
     opset = target_opset or (DEFAULT_OPSET if scripted else TORCH_DYNAMO_OPSET)
+    from .torch_export import torch_outputs
+
+    with translate(f"{source.name} on a row of the data (shape {shape})", DataError):
+        first = torch_outputs(source.obj, head, data.numeric_X()[:1], shape)
     settings = export_torch(source.obj, scripted, head, shape, out, opset)
     inp = InputSchema(
         features=feature_specs(data),
@@ -430,9 +434,7 @@ def _torch_to_onnx(
         ],
     )
     if source.task == "classification":
-        from .torch_export import torch_outputs
-
-        k = width or torch_outputs(source.obj, head, data.numeric_X()[:1], shape).shape[1]
+        k = width or first.shape[1]
         # a module outputs class indices; it carries no class names
         outs = OutputSchema(
             task="classification", classes=list(range(k)), probability_output="probabilities"

@@ -178,8 +178,9 @@ def optimize(
     report = OptimizeReport(profile, task, metric, source_score, max_accuracy_drop)
     if source.kind != "keras":
         report.skipped.append(
-            "TFLite variants: TFLite conversion takes a Keras model, and no ONNX → TFLite "
-            "converter works with the pinned versions (see 'Not handled yet' in the README)"
+            "TFLite variants: TFLite conversion takes a Keras model, and ONNX → TFLite "
+            "(onnx2tf) does not work with the pinned versions (see 'Not handled yet' in the "
+            "README)"
         )
 
     for name, fmt, mode, make in _plans(source, calib, out_dir):

@@ -113,6 +113,19 @@ def _load_sklearn(p: Path) -> SourceModel:
 
     try:
         obj = joblib.load(p)
+    except ModuleNotFoundError as exc:
+        from .boosters import EXTRA_HINT
+        from .torch_export import EXTRA_HINT as TORCH_HINT
+
+        top = (exc.name or "").split(".")[0]
+        hint = EXTRA_HINT.get(top) or (TORCH_HINT if top == "torch" else None)
+        if hint is None:
+            raise UnsupportedModelError(
+                f"cannot unpickle {p.name}: {type(exc).__name__}: {exc}"
+            ) from None
+        raise UnsupportedModelError(
+            f"{p.name} holds a {top} model; reading it needs {top}: {hint}"
+        ) from None
     except Exception as exc:
         raise UnsupportedModelError(
             f"cannot unpickle {p.name}: {type(exc).__name__}: {exc}"

@@ -177,3 +177,10 @@ def test_boosting_converter_registration_leaves_plain_sklearn_pipelines_alone(
     assert converted.sidecar.lineage.converter.startswith("skl2onnx")
     assert "onnxmltools" not in converted.sidecar.lineage.converter
     assert np.isclose(converted.parity.label_agreement or 0, 1.0)
+
+
+def test_a_pickle_of_a_library_that_is_missing_names_the_extra(tmp_path):
+    path = tmp_path / "model.pkl"
+    path.write_bytes(b"clightgbm.no_such_module\nLGBMClassifier\n.")  # pickle's GLOBAL opcode
+    with pytest.raises(UnsupportedModelError, match=r"pip install 'edgefleet\[lightgbm\]'"):
+        load_source(path)

@@ -60,7 +60,10 @@ def _steps(model: Any) -> list[Any]:
 
 
 def register_converters(model: Any) -> list[str]:
-    """Register skl2onnx converters for the boosting wrappers in ``model``; their names."""
+    """Register skl2onnx converters for the boosting wrappers in ``model``; their names.
+
+    Call it inside the conversion's ``translate`` block: other failures are translated there.
+    """
     libs: list[str] = sorted({library_of(s) for s in _steps(model)} - {"sklearn"})
     register = {
         "xgboost": _register_xgboost,
@@ -69,16 +72,12 @@ def register_converters(model: Any) -> list[str]:
     }
     for lib in libs:
         try:
-            with translate(f"loading the {lib} converter", ConversionError):
-                register[lib]()
-        except ConversionError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, ImportError):
-                raise ConversionError(
-                    f"converting {lib} models needs {cause.name or 'a missing package'}: "
-                    f"{EXTRA_HINT[lib]}"
-                ) from cause
-            raise
+            register[lib]()
+        except ImportError as exc:
+            raise ConversionError(
+                f"converting {lib} models needs {exc.name or 'a missing package'}: "
+                f"{EXTRA_HINT[lib]}"
+            ) from None
     return libs
 
 

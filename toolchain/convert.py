@@ -45,6 +45,7 @@ import numpy as np
 from protocol.manifest import Lineage
 from protocol.schema import InputSchema, ModelInput, OutputSchema
 
+from .boosters import LightGBMBooster
 from .data import Dataset
 from .errors import ConversionError, DataError, translate
 from .parity import ParityReport, ParityThresholds, compare
@@ -139,7 +140,7 @@ def convert(
             inp, outs, lineage = keras_to_onnx(source, data, out, target_opset or DEFAULT_OPSET)
         elif source.kind == "torch":
             inp, outs, lineage = _torch_to_onnx(source, data, out, target_opset)
-        elif source.kind == "lightgbm" and not hasattr(source.obj, "get_params"):
+        elif isinstance(source.obj, LightGBMBooster):  # a native Booster file
             inp, outs, lineage = _lightgbm_booster_to_onnx(source, data, out, target_opset)
         else:
             inp, outs, lineage = _sklearn_to_onnx(source, data, out, target_opset)

@@ -184,3 +184,26 @@ def test_a_pickle_of_a_library_that_is_missing_names_the_extra(tmp_path):
     path.write_bytes(b"clightgbm.no_such_module\nLGBMClassifier\n.")  # pickle's GLOBAL opcode
     with pytest.raises(UnsupportedModelError, match=r"pip install 'edgefleet\[lightgbm\]'"):
         load_source(path)
+
+
+def test_catboost_with_categorical_features_is_refused_in_one_line(datasets, save_model, tmp_path):
+    """CatBoost's own ONNX export cannot write categorical features; the README says so."""
+    cb = pytest.importorskip("catboost")
+    import pandas as pd
+
+    from toolchain.data import dataset_from_arrays
+    from toolchain.errors import ConversionError
+
+    iris = datasets["iris"]
+    frame = pd.DataFrame(iris.X, columns=["a", "b", "c", "d"])
+    frame["a"] = (frame["a"] > 5.5).astype(int)
+    model = cb.CatBoostClassifier(
+        iterations=5, verbose=False, allow_writing_files=False, thread_count=1, cat_features=["a"]
+    ).fit(frame, iris.y)
+    with pytest.raises(ConversionError, match=r"CatBoostClassifier.*categorical features") as info:
+        convert(
+            load_source(save_model(model, "catboost_cat")),
+            dataset_from_arrays(frame, iris.y),
+            out=tmp_path / "m.onnx",
+        )
+    assert "\n" not in str(info.value)

@@ -273,7 +273,7 @@ def convert(
         raise
     if result.parity is not None:
         _parity_table(result.parity, "parity: ok")
-    typer.echo(f"wrote {result.path} ({result.format})")
+    typer.echo(f"wrote {result.path} ({result.format}; {result.sidecar.lineage.converter})")
 
 
 @app.command()

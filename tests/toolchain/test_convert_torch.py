@@ -97,3 +97,18 @@ def test_data_of_the_wrong_width_is_refused_before_export(torch_sources, dataset
     with pytest.raises(DataError, match=r"on a row of the data \(shape \[4\]\).*mat1 and mat2"):
         convert(load_source(source.path), load_data(datasets["iris"].npz), out=tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_convert_command_reports_the_exporter_and_opset(torch_sources, tmp_path):
+    from typer.testing import CliRunner
+
+    from toolchain.cli import app
+
+    source = torch_sources["mlp_script.pt"]
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(
+        app, ["convert", str(source.path), "--data", str(source.data), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out} (onnx; torch.onnx.export(dynamo=False)" in result.output
+    assert "opset 17" in result.output and "parity: ok" in result.output

@@ -17,8 +17,9 @@ Native model files are read by their own library, never unpickled:
 * CatBoost ``.cbm``: ``CatBoostClassifier`` or ``CatBoostRegressor`` by the loss function.
 
 Trees compare float32 inputs with float32 thresholds in XGBoost and CatBoost, so their ONNX
-graphs match exactly; LightGBM keeps float64 thresholds, which the ONNX graph rounds to
-float32 (the parity check on the user's data catches a row that would flip).
+graphs match exactly. LightGBM keeps float64 thresholds, which onnxmltools rounds to the
+nearest float32; :func:`fix_lightgbm_thresholds` rounds them down instead, so every float32
+input takes LightGBM's branch.
 """
 
 from __future__ import annotations
@@ -289,4 +290,74 @@ def lightgbm_booster_to_onnx(model: LightGBMBooster, n_features: int, target_ops
         if dims and dims[0].HasField("dim_value"):  # declared [1]: onnxruntime warns per batch
             dims[0].ClearField("dim_value")
             dims[0].dim_param = "N"
+    fix_lightgbm_thresholds(onx, [model.booster])
     return onx
+
+
+# --- LightGBM thresholds ------------------------------------------------------------------
+
+
+def _lightgbm_splits(tree: dict[str, Any], out: dict[tuple[int, float], set[float]]) -> None:
+    """Collect ``(feature, float32(threshold)) → {float64 thresholds}`` of ``<=`` splits."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if "split_feature" not in node:
+            continue
+        if node.get("decision_type") == "<=" and not isinstance(node["threshold"], str):
+            t = float(node["threshold"])
+            out.setdefault((int(node["split_feature"]), float(np.float32(t))), set()).add(t)
+        stack.extend(node[k] for k in ("left_child", "right_child") if k in node)
+
+
+def fix_lightgbm_thresholds(onx: Any, boosters: list[Any]) -> int:
+    """Store LightGBM's ``x ≤ t`` thresholds as the largest float32 ``w ≤ t``; nodes changed.
+
+    LightGBM compares a float32 input (widened to float64) with a float64 threshold;
+    onnxmltools writes the threshold rounded to the *nearest* float32, so an input between
+    the two takes the other branch (adjacent float32 values in one feature gave 3 % flipped
+    labels). Nodes are matched by (feature, stored value), which needs no assumption about
+    the order in which onnxmltools emits them; a value two thresholds of one feature round
+    to, with different round-downs, is left as it is (the parity check still guards).
+    """
+    from .hist_gradient_boosting import round_down_float32
+
+    splits: dict[tuple[int, float], set[float]] = {}
+    for booster in boosters:
+        for info in booster.dump_model()["tree_info"]:
+            _lightgbm_splits(info["tree_structure"], splits)
+    fixed: dict[tuple[int, float], float] = {}
+    for key, thresholds in splits.items():
+        down = {float(round_down_float32(np.array([t]))[0]) for t in thresholds}
+        if len(down) == 1:
+            fixed[key] = down.pop()
+    changed = 0
+    for node in onx.graph.node:
+        if not node.op_type.startswith("TreeEnsemble"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if "nodes_values" not in attrs:
+            continue
+        modes, features = attrs["nodes_modes"].strings, attrs["nodes_featureids"].ints
+        values = list(attrs["nodes_values"].floats)
+        for i, v in enumerate(values):
+            if modes[i] != b"BRANCH_LEQ":
+                continue
+            w = fixed.get((int(features[i]), float(np.float32(v))))
+            if w is not None and w != v:
+                values[i] = w
+                changed += 1
+        del attrs["nodes_values"].floats[:]
+        attrs["nodes_values"].floats.extend(values)
+    return changed
+
+
+def lightgbm_boosters(model: Any) -> list[Any]:
+    """The native Boosters of every LightGBM estimator inside ``model``."""
+    out = []
+    for step in _steps(model):
+        if isinstance(step, LightGBMBooster):
+            out.append(step.booster)
+        elif library_of(step) == "lightgbm":
+            out.append(step.booster_)
+    return out

@@ -256,6 +256,10 @@ def _sklearn_to_onnx(
             from .hist_gradient_boosting import fix_hist_gradient_boosting
 
             fix_hist_gradient_boosting(onx, final)
+        if "lightgbm" in boosting:
+            from .boosters import fix_lightgbm_thresholds, lightgbm_boosters
+
+            fix_lightgbm_thresholds(onx, lightgbm_boosters(model))
         out.write_bytes(onx.SerializeToString())
     names = [o.name for o in onx.graph.output]
     if source.task == "classification":
@@ -399,6 +403,7 @@ def _lightgbm_booster_to_onnx(
             "target_opset": opset,
             "zipmap": False,
             "label_batch_dimension": "dynamic (onnxmltools declares [1])",
+            "tree_thresholds": "float32, rounded down to keep LightGBM's branch",
         },
         tool_versions=tool_versions("lightgbm", "onnxmltools", "onnx", "onnxruntime"),
     )

@@ -207,3 +207,31 @@ def test_catboost_with_categorical_features_is_refused_in_one_line(datasets, sav
             out=tmp_path / "m.onnx",
         )
     assert "\n" not in str(info.value)
+
+
+def test_lightgbm_thresholds_between_adjacent_float32_values_keep_every_label(
+    datasets, save_model, tmp_path
+):
+    """LightGBM splits at float64 midpoints; between two adjacent float32 values the nearest
+    float32 sends one of them the wrong way (3 % of labels flipped before the round-down)."""
+    lgb = pytest.importorskip("lightgbm")
+    from toolchain.data import dataset_from_arrays
+
+    rng = np.random.default_rng(0)
+    steps = [np.float32(1.0)]
+    for _ in range(40):
+        steps.append(np.nextafter(steps[-1], np.float32(2.0)))
+    X = np.column_stack(
+        [rng.choice(np.array(steps), 400), rng.normal(size=400).astype(np.float32)]
+    ).astype(np.float32)
+    y = (X[:, 0] > steps[20]).astype(int)
+    model = lgb.LGBMClassifier(n_estimators=5, min_child_samples=2, verbose=-1, n_jobs=1)
+    model.fit(X, y)
+    native = tmp_path / "adjacent.txt"
+    model.booster_.save_model(native)
+    for path in (save_model(model, "lgb_adjacent"), native):
+        converted = convert(
+            load_source(path), dataset_from_arrays(X, y), out=tmp_path / f"{path.stem}.onnx"
+        )
+        assert converted.parity.label_agreement == 1.0, path.name
+        assert converted.parity.max_abs_proba_diff < 1e-5

@@ -62,7 +62,8 @@ class ModelInfo(_Model):
 
 class Lineage(_Model):
     source_sha256: str
-    source_kind: Literal["sklearn", "onnx", "keras"]
+    # the library the source model came from (a Pipeline counts as "sklearn")
+    source_kind: Literal["sklearn", "onnx", "keras", "xgboost", "lightgbm", "catboost", "torch"]
     source_name: str = ""
     converter: str = ""
     settings: dict[str, Any] = Field(default_factory=dict)

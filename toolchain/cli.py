@@ -198,14 +198,25 @@ def _parity_table(report: Any, title: str) -> None:
 @app.command()
 def convert(
     model: Path = typer.Argument(
-        ..., help="scikit-learn pickle/joblib, .onnx, .keras or SavedModel dir."
+        ...,
+        help="Pickle/joblib (scikit-learn, XGBoost, LightGBM, CatBoost), .json/.ubj "
+        "(XGBoost), .txt (LightGBM), .cbm (CatBoost), .pt (PyTorch), .onnx, .keras or "
+        "SavedModel dir.",
     ),
-    data: Path = typer.Option(..., "--data", help="Data to check parity on (.npz or .csv)."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="Data to check parity on (.npz or .csv); a PyTorch module's input shape is the "
+        "per-row shape of the .npz X.",
+    ),
     target: str | None = typer.Option(
         None, "--target", help="CSV target column (excluded from X)."
     ),
     to: str | None = typer.Option(
-        None, "--to", help="onnx or tflite (default: tflite for Keras, onnx otherwise)."
+        None,
+        "--to",
+        help="onnx or tflite (default: tflite for Keras, onnx otherwise; "
+        "TFLite needs a Keras model).",
     ),
     out: Path | None = typer.Option(None, "--out", help="Output model path."),
     min_label_agreement: float | None = typer.Option(None, help="Parity: minimum label agreement."),
@@ -249,7 +260,7 @@ def convert(
         raise
     if result.parity is not None:
         _parity_table(result.parity, "parity: ok")
-    typer.echo(f"wrote {result.path} ({result.format})")
+    typer.echo(f"wrote {result.path} ({result.format}; {result.sidecar.lineage.converter})")
 
 
 @app.command()
@@ -487,7 +498,8 @@ def _optimize_table(report: OptimizeReport) -> None:
 @app.command()
 def optimize(
     model: Path = typer.Argument(
-        ..., help="Source model: scikit-learn pickle/joblib, .onnx or .keras."
+        ...,
+        help="Source model, any kind 'convert' takes (pickle, native file, .pt, .onnx, .keras).",
     ),
     data: Path = typer.Option(
         ..., "--data", help="Data (.npz or .csv); with a target a quarter is held out."
@@ -695,7 +707,8 @@ def _inspect_print(info: dict[str, Any]) -> None:
 @app.command()
 def build(
     model: Path = typer.Argument(
-        ..., help="Source model: scikit-learn pickle/joblib, .onnx or .keras."
+        ...,
+        help="Source model, any kind 'convert' takes (pickle, native file, .pt, .onnx, .keras).",
     ),
     data: Path = typer.Option(..., "--data", help="Training/validation data (.npz or .csv)."),
     target: str | None = typer.Option(None, "--target", help="CSV target column."),

@@ -6,7 +6,8 @@
   store, per threshold, the largest float32 ``w ≤ t`` so every float32 input takes the
   same branch. skl2onnx does that for DecisionTree-based ensembles
   (``tree_ensemble.sklearn_threshold``) but rounds HistGradientBoosting thresholds to
-  nearest, so we rewrite those (:func:`fix_hist_gradient_boosting_thresholds`). Values
+  nearest and ignores their native categorical splits, so we rewrite those
+  (:mod:`toolchain.hist_gradient_boosting`). Values
   that reach the trees must also be bit-identical: StandardScaler is emitted as Sub + Div
   in float32 like scikit-learn computes it, not skl2onnx's multiply-by-reciprocal Scaler.
   Double-precision graphs are no way out: onnxruntime 1.31 refuses TreeEnsemble* with
@@ -15,8 +16,14 @@
   trees (protobuf 6 warns, 7 fails); :func:`_int_missing_value_tracks` converts them.
   ColumnTransformer pipelines and data with categorical columns get one ONNX input per
   column (strings for categorical ones), named after the column.
+* XGBoost, LightGBM and CatBoost scikit-learn wrappers, alone or at the end of a Pipeline,
+  take the scikit-learn path with their converters registered in skl2onnx
+  (:mod:`toolchain.boosters`); a native LightGBM Booster goes through onnxmltools.
+* PyTorch modules → ONNX with ``torch.onnx.export`` (:mod:`toolchain.torch_export`).
 * ONNX → ONNX: passed through unchanged (bytes copied), schema inferred from the graph.
-* Keras / SavedModel → TFLite with TensorFlow's converter (see :mod:`toolchain.tflite`).
+* Keras / SavedModel → TFLite with TensorFlow's converter (see :mod:`toolchain.tflite`);
+  Keras → ONNX with Keras' own ONNX export (:mod:`toolchain.keras_onnx`). ONNX → TFLite is
+  refused with its reason (no converter works with the pinned versions).
 
 Parity failures raise :class:`ParityError` (with ``.report``); the written files are kept
 for inspection, with the failed report in the sidecar.
@@ -38,6 +45,7 @@ import numpy as np
 from protocol.manifest import Lineage
 from protocol.schema import InputSchema, ModelInput, OutputSchema
 
+from .boosters import LightGBMBooster
 from .data import Dataset, feature_count_mismatch
 from .errors import ConversionError, DataError, translate
 from .parity import ParityReport, ParityThresholds, compare
@@ -121,15 +129,23 @@ def convert(
     out = Path(out) if out is not None else default_out(source, to)
     out.parent.mkdir(parents=True, exist_ok=True)
     if to == "onnx":
-        if source.kind == "sklearn":
-            inp, outs, lineage = _sklearn_to_onnx(source, data, out, target_opset)
-        elif source.kind == "onnx":
+        if source.kind == "onnx":
             inp, outs, lineage = _onnx_passthrough(source, data, out)
+        elif source.kind == "keras":
+            from .keras_onnx import keras_to_onnx
+
+            inp, outs, lineage = keras_to_onnx(source, data, out, target_opset or DEFAULT_OPSET)
+        elif source.kind == "torch":
+            inp, outs, lineage = _torch_to_onnx(source, data, out, target_opset)
+        elif isinstance(source.obj, LightGBMBooster):  # a native Booster file
+            inp, outs, lineage = _lightgbm_booster_to_onnx(source, data, out, target_opset)
         else:
-            raise ConversionError(
-                "Keras → ONNX is not supported (tf2onnx is not a dependency); use --to tflite"
-            )
+            inp, outs, lineage = _sklearn_to_onnx(source, data, out, target_opset)
     elif to == "tflite":
+        if source.kind == "onnx":
+            from .keras_onnx import ONNX_TO_TFLITE_UNAVAILABLE
+
+            raise ConversionError(ONNX_TO_TFLITE_UNAVAILABLE)
         if source.kind != "keras":
             raise ConversionError(
                 f"{source.kind} → TFLite is not supported: TFLite conversion takes a Keras "
@@ -142,7 +158,7 @@ def convert(
         raise ConversionError(f"unknown target format {to!r} (use onnx or tflite)")
 
     X = data.X if not data.is_numeric else data.numeric_X()
-    reference = source_predict(source, X)
+    reference = source_predict(source, X, row_shape=data.row_shape)
     runner = ModelRunner.open(out, inp, outs)
     candidate = runner.predict(X)
     report = compare(reference, candidate, source.task, thresholds)
@@ -210,6 +226,10 @@ def _sklearn_to_onnx(
     final = final_estimator(model)
     with translate("skl2onnx conversion", ConversionError, source.name):
         from skl2onnx import convert_sklearn
+
+        from .boosters import register_converters
+
+        boosting = register_converters(model)
         from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
         types = [
@@ -230,7 +250,13 @@ def _sklearn_to_onnx(
             warnings.filterwarnings("ignore", message=r"Attribute `prob[AB]_` was deprecated")
             onx = convert_sklearn(model, initial_types=types, options=options, target_opset=opset)
         if type(final).__name__.startswith("HistGradientBoosting"):
-            fix_hist_gradient_boosting_thresholds(onx, final)
+            from .hist_gradient_boosting import fix_hist_gradient_boosting
+
+            fix_hist_gradient_boosting(onx, final)
+        if "lightgbm" in boosting:
+            from .boosters import fix_lightgbm_thresholds, lightgbm_boosters
+
+            fix_lightgbm_thresholds(onx, lightgbm_boosters(model))
         out.write_bytes(onx.SerializeToString())
     names = [o.name for o in onx.graph.output]
     if source.task == "classification":
@@ -245,11 +271,16 @@ def _sklearn_to_onnx(
     else:
         width = int(np.prod(onx.graph.output[0].type.tensor_type.shape.dim[-1].dim_value or 1))
         outs = OutputSchema(task="regression", value_output=names[0], n_outputs=max(width, 1))
+    converter = f"skl2onnx {metadata.version('skl2onnx')}"
+    if {"xgboost", "lightgbm"} & set(boosting):
+        converter += f" + onnxmltools {metadata.version('onnxmltools')}"
+    if "catboost" in boosting:
+        converter += f" + CatBoost's ONNX export (catboost {metadata.version('catboost')})"
     lineage = Lineage(
         source_sha256=source.sha256,
-        source_kind="sklearn",
+        source_kind=source.kind,
         source_name=source.name,
-        converter=f"skl2onnx {metadata.version('skl2onnx')}",
+        converter=converter,
         settings={
             "source_path": str(source.path.resolve()),
             "target_opset": opset,
@@ -258,9 +289,17 @@ def _sklearn_to_onnx(
             "tree_thresholds": "float32, rounded down to keep scikit-learn's branch",
             "standard_scaler": "Sub+Div in float32, as scikit-learn computes it",
         },
-        tool_versions=tool_versions("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "protobuf"),
+        tool_versions=tool_versions(*_SKLEARN_TOOLS, *_booster_tools(boosting)),
     )
     return inp, outs, lineage
+
+
+_SKLEARN_TOOLS = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "protobuf")
+
+
+def _booster_tools(libraries: list[str]) -> list[str]:
+    onnxmltools = ["onnxmltools"] if {"xgboost", "lightgbm"} & set(libraries) else []
+    return onnxmltools + libraries
 
 
 @contextmanager
@@ -291,47 +330,6 @@ def _int_missing_value_tracks() -> Iterator[None]:
         tree_ensemble.add_node = original
 
 
-def round_down_float32(thresholds: np.ndarray) -> np.ndarray:
-    """Largest float32 ``w ≤ t`` per threshold: ``float32(x) ≤ t ⇔ float32(x) ≤ w``."""
-    t = np.asarray(thresholds, dtype=np.float64)
-    w = t.astype(np.float32)
-    up = w.astype(np.float64) > t
-    w[up] = np.nextafter(w[up], np.float32(-np.inf))
-    return w
-
-
-def fix_hist_gradient_boosting_thresholds(onx: Any, model: Any) -> None:
-    """Store HistGradientBoosting thresholds rounded *down* to float32.
-
-    skl2onnx rounds the float64 split thresholds of HistGradientBoosting* to the nearest
-    float32 (it does the careful rounding only for DecisionTree-based ensembles), so a row
-    whose float32 value lies between ``t`` and ``float32(t)`` takes the other branch than in
-    scikit-learn: diabetes regression showed 30 of 442 rows off by up to 14. Nodes are
-    emitted tree by tree (iteration-major, then class) in ``model._predictors`` order.
-    """
-    import onnx
-
-    exact = []
-    for predictors in model._predictors:
-        for tree in predictors:
-            nodes = tree.nodes
-            exact.append(np.where(nodes["is_leaf"], 0.0, nodes["num_threshold"]))
-    thresholds = np.concatenate(exact) if exact else np.zeros(0)
-    for node in onx.graph.node:
-        if not node.op_type.startswith("TreeEnsemble"):
-            continue
-        for attr in node.attribute:
-            if attr.name == "nodes_values" and len(attr.floats) == len(thresholds):
-                fixed = round_down_float32(thresholds)
-                del attr.floats[:]
-                attr.floats.extend(float(v) for v in fixed)
-                return
-    raise ConversionError(
-        "could not locate the HistGradientBoosting thresholds in the ONNX graph "
-        f"(onnx {onnx.__version__}); parity would not hold"
-    )
-
-
 def _py(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
@@ -354,5 +352,106 @@ def _onnx_passthrough(
         converter="none (ONNX passed through unchanged)",
         settings={"source_path": str(source.path.resolve())},
         tool_versions=tool_versions("onnx", "onnxruntime"),
+    )
+    return inp, outs, lineage
+
+
+# --- native LightGBM Booster → ONNX ------------------------------------------------------------
+
+ONNXMLTOOLS_OPSET = 15  # the newest ai.onnx opset onnxmltools 1.16 writes on its own
+
+
+def _lightgbm_booster_to_onnx(
+    source: SourceModel, data: Dataset, out: Path, target_opset: int | None
+) -> tuple[InputSchema, OutputSchema, Lineage]:
+    from .boosters import lightgbm_booster_to_onnx
+
+    opset = target_opset or ONNXMLTOOLS_OPSET
+    n = source.n_features or data.n_features
+    with translate("onnxmltools conversion", ConversionError, source.name):
+        onx = lightgbm_booster_to_onnx(source.obj, n, opset)
+        out.write_bytes(onx.SerializeToString())
+    inp = InputSchema(
+        features=feature_specs(data),
+        inputs=[
+            ModelInput(name="input", dtype="float32", shape=[None, n], features=data.feature_names)
+        ],
+    )
+    names = [o.name for o in onx.graph.output]
+    if source.task == "classification":
+        outs = OutputSchema(
+            task="classification",
+            classes=[_py(c) for c in source.obj.classes_],
+            label_output=names[0],
+            probability_output=names[1] if len(names) > 1 else None,
+        )
+    else:
+        outs = OutputSchema(task="regression", value_output=names[0], n_outputs=1)
+    lineage = Lineage(
+        source_sha256=source.sha256,
+        source_kind="lightgbm",
+        source_name=source.name,
+        converter=f"onnxmltools {metadata.version('onnxmltools')} (convert_lightgbm)",
+        settings={
+            "source_path": str(source.path.resolve()),
+            "target_opset": opset,
+            "zipmap": False,
+            "label_batch_dimension": "dynamic (onnxmltools declares [1])",
+            "tree_thresholds": "float32, rounded down to keep LightGBM's branch",
+        },
+        tool_versions=tool_versions("lightgbm", "onnxmltools", "onnx", "onnxruntime"),
+    )
+    return inp, outs, lineage
+
+
+# --- PyTorch → ONNX -------------------------------------------------------------------------
+
+TORCH_DYNAMO_OPSET = 18  # the torch.export-based exporter writes opset 18 natively
+
+
+def _torch_to_onnx(
+    source: SourceModel, data: Dataset, out: Path, target_opset: int | None
+) -> tuple[InputSchema, OutputSchema, Lineage]:
+    import torch
+
+    from .torch_export import export_torch, row_shape, torch_head
+
+    scripted = isinstance(source.obj, torch.jit.ScriptModule)
+    head, width = torch_head(source.obj)
+    shape = row_shape(data)
+    opset = target_opset or (DEFAULT_OPSET if scripted else TORCH_DYNAMO_OPSET)
+    from .torch_export import torch_outputs
+
+    with translate(f"{source.name} on a row of the data (shape {shape})", DataError):
+        first = torch_outputs(source.obj, head, data.numeric_X()[:1], shape)
+    settings = export_torch(source.obj, scripted, head, shape, out, opset)
+    inp = InputSchema(
+        features=feature_specs(data),
+        inputs=[
+            ModelInput(
+                name="input", dtype="float32", shape=[None, *shape], features=data.feature_names
+            )
+        ],
+    )
+    if source.task == "classification":
+        k = width or first.shape[1]
+        # a module outputs class indices; it carries no class names
+        outs = OutputSchema(
+            task="classification", classes=list(range(k)), probability_output="probabilities"
+        )
+    else:
+        import onnx
+
+        dims = onnx.load(str(out)).graph.output[0].type.tensor_type.shape.dim
+        n_out = int(dims[-1].dim_value) if len(dims) > 1 and dims[-1].dim_value else 1
+        outs = OutputSchema(task="regression", value_output="value", n_outputs=n_out)
+    settings["source_path"] = str(source.path.resolve())
+    lineage = Lineage(
+        source_sha256=source.sha256,
+        source_kind="torch",
+        source_name=source.name,
+        converter=f"{settings['exporter']}, opset {opset}",
+        settings=settings,
+        tool_versions=tool_versions("torch", "onnx", "onnxscript", "onnxruntime"),
     )
     return inp, outs, lineage

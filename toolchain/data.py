@@ -25,6 +25,8 @@ class Dataset:
     y: np.ndarray | None = None
     feature_names: list[str] = field(default_factory=list)
     kinds: list[Kind] = field(default_factory=list)
+    # per-row shape of an .npz X with more than two dimensions (images), before flattening
+    row_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.feature_names:
@@ -56,7 +58,7 @@ class Dataset:
 
     def head(self, n: int) -> Dataset:
         y = None if self.y is None else self.y[:n]
-        return Dataset(self.X[:n], y, list(self.feature_names), list(self.kinds))
+        return Dataset(self.X[:n], y, list(self.feature_names), list(self.kinds), self.row_shape)
 
     def frame(self) -> Any:
         """A pandas DataFrame with the feature names (numeric columns as float)."""
@@ -111,7 +113,9 @@ def dataset_from_arrays(X: Any, y: Any = None, feature_names: Any = None) -> Dat
     arr = np.asarray(X)
     if arr.ndim == 1:
         raise DataError("X must be 2-D (rows × features), got a 1-D array")
+    row_shape = None
     if arr.ndim > 2:  # images etc.: flatten; the input schema reshapes them back
+        row_shape = tuple(int(d) for d in arr.shape[1:])
         arr = arr.reshape(arr.shape[0], -1)
     names = None if feature_names is None else [str(n) for n in feature_names]
     if names is not None and len(names) != arr.shape[1]:
@@ -127,7 +131,7 @@ def dataset_from_arrays(X: Any, y: Any = None, feature_names: Any = None) -> Dat
     ys = None if y is None else np.asarray(y)
     if ys is not None and len(ys) != arr.shape[0]:
         raise DataError(f"y has {len(ys)} rows but X has {arr.shape[0]}")
-    return Dataset(arr.astype(np.float32), ys, names or [], [])
+    return Dataset(arr.astype(np.float32), ys, names or [], [], row_shape)
 
 
 def _load_npz(p: Path, target: str | None) -> Dataset:

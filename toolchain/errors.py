@@ -5,7 +5,9 @@
         ├── UnsupportedModelError   unknown file type; a pickle that is not a model
         ├── DataError               unreadable data; NaN or strings in numeric data;
         │                           feature-count mismatch with the model
-        ├── ConversionError         skl2onnx / TensorFlow / onnx failed to convert
+        ├── ConversionError         skl2onnx / onnxmltools / CatBoost / torch.onnx /
+        │                           TensorFlow / onnx failed to convert; a conversion
+        │                           that no converter offers (ONNX → TFLite)
         ├── ParityError             converted model disagrees with its source (``.report``)
         ├── QuantizationError       quantization impossible or failed
         │   ├── QuantizationNotApplicable  nothing to quantize (e.g. tree ensembles)
@@ -40,7 +42,7 @@ class DataError(ToolchainError):
 
 
 class ConversionError(ToolchainError):
-    """A converter (skl2onnx, TensorFlow Lite, onnx) failed."""
+    """A converter (skl2onnx, onnxmltools, torch.onnx, TensorFlow Lite, onnx) failed."""
 
 
 class ParityError(ToolchainError):

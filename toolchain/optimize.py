@@ -1,9 +1,10 @@
 """Try every variant a source model allows, measure each, pick the best that fits.
 
 Variants: ONNX fp32, dynamic INT8, static INT8 (QDQ, calibrated on DATA) and FP16 for
-scikit-learn and ONNX sources; TFLite fp32, dynamic-range, full INT8 and FP16 for Keras
-sources (and ONNX, which fails with its reason when the Keras→ONNX path is unavailable).
-ONNX→TFLite is skipped: it needs onnx2tf, which edgefleet does not depend on.
+every source that converts to ONNX (scikit-learn, XGBoost, LightGBM, CatBoost, PyTorch and
+ONNX files); TFLite fp32, dynamic-range, full INT8 and FP16 for Keras sources, plus their
+ONNX variants. ONNX→TFLite is skipped: no converter works with the pinned versions
+(:data:`toolchain.keras_onnx.ONNX_TO_TFLITE_UNAVAILABLE`).
 
 Accuracy: when DATA has a target, a quarter of it (at least 10 rows, seeded) is held out;
 the rest calibrates and checks conversion parity. Each variant is scored on the held-out
@@ -163,9 +164,10 @@ def optimize(
     calib = dataset_from_arrays(
         data.X[calib_idx], None if data.y is None else data.y[calib_idx], data.feature_names
     )
+    calib.row_shape = data.row_shape  # a PyTorch CNN's per-row input shape
     X_eval = data.X[eval_idx]
     y_eval = None if data.y is None else data.y[eval_idx]
-    ref = source_predict(source, X_eval)
+    ref = source_predict(source, X_eval, row_shape=data.row_shape)
     task = source.task
     if y_eval is not None:
         metric = "accuracy" if task == "classification" else "R²"
@@ -176,7 +178,9 @@ def optimize(
     report = OptimizeReport(profile, task, metric, source_score, max_accuracy_drop)
     if source.kind != "keras":
         report.skipped.append(
-            "TFLite variants: ONNX→TFLite needs onnx2tf, which edgefleet does not use"
+            "TFLite variants: TFLite conversion takes a Keras model, and ONNX → TFLite "
+            "(onnx2tf) does not work with the pinned versions (see 'Not handled yet' in the "
+            "README)"
         )
 
     for name, fmt, mode, make in _plans(source, calib, out_dir):

@@ -169,12 +169,19 @@ class _TfliteRunner(ModelRunner):
 # --- the source model's own predictions --------------------------------------------------
 
 
-def source_predict(source: SourceModel, X: np.ndarray) -> Prediction:
-    """Predictions of the source model itself (the parity reference)."""
-    if source.kind == "sklearn":
+def source_predict(
+    source: SourceModel, X: np.ndarray, row_shape: tuple[int, ...] | None = None
+) -> Prediction:
+    """Predictions of the source model itself (the parity reference).
+
+    ``row_shape`` is the per-row input shape of a PyTorch module (default: ``X``'s width).
+    """
+    if source.kind in ("sklearn", "xgboost", "lightgbm", "catboost"):
         return _sklearn_predict(source, X)
     if source.kind == "keras":
         return _keras_predict(source, X)
+    if source.kind == "torch":
+        return _torch_predict(source, X, row_shape)
     return _onnx_predict(source, X)
 
 
@@ -204,7 +211,7 @@ def _sklearn_predict(source: SourceModel, X: np.ndarray) -> Prediction:
         if source.task == "regression":
             vals = np.asarray(model.predict(Xin), dtype=np.float64)
             return Prediction(values=vals.reshape(len(vals), -1))
-        labels = [_py(v) for v in model.predict(Xin)]
+        labels = [_py(v) for v in np.asarray(model.predict(Xin)).reshape(len(X))]
         probs = None
         if hasattr(model, "predict_proba"):
             probs = np.asarray(model.predict_proba(Xin), dtype=np.float64)
@@ -236,6 +243,20 @@ def _keras_predict(source: SourceModel, X: np.ndarray) -> Prediction:
             res = fn(tf.constant(x))
             out = np.asarray(next(iter(res.values())))
     out = out.reshape(out.shape[0], -1).astype(np.float64)
+    if source.task == "regression":
+        return Prediction(values=out)
+    return Prediction(labels=[int(i) for i in out.argmax(axis=1)], probabilities=out)
+
+
+def _torch_predict(
+    source: SourceModel, X: np.ndarray, row_shape: tuple[int, ...] | None
+) -> Prediction:
+    from .torch_export import torch_head, torch_outputs
+
+    head, _ = torch_head(source.obj)
+    shape = list(row_shape) if row_shape else [X.shape[1]]
+    with translate(f"{source.name} forward", DataError):
+        out = torch_outputs(source.obj, head, X, shape)
     if source.task == "regression":
         return Prediction(values=out)
     return Prediction(labels=[int(i) for i in out.argmax(axis=1)], probabilities=out)

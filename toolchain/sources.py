@@ -1,7 +1,16 @@
-"""Loading the user's trained model: scikit-learn pickle/joblib, ONNX, Keras/SavedModel.
+"""Loading the user's trained model.
 
-.. warning:: Unpickling runs arbitrary code. :func:`load_source` only opens the exact path
-   the user names on the command line; never point it at files from untrusted places.
+* pickle/joblib: a scikit-learn estimator or Pipeline, or an XGBoost, LightGBM or CatBoost
+  scikit-learn wrapper (alone or at the end of a Pipeline);
+* native boosting files, read by their own library (:mod:`toolchain.boosters`): XGBoost
+  ``.json``/``.ubj``, LightGBM Booster text ``.txt``, CatBoost ``.cbm``;
+* PyTorch ``.pt``/``.pth``: a TorchScript file or a module saved whole
+  (:mod:`toolchain.torch_export`);
+* ``.onnx``; Keras ``.keras``/``.h5`` and SavedModel directories.
+
+.. warning:: Unpickling runs arbitrary code, and so does ``torch.load`` of a module saved
+   whole. :func:`load_source` only opens the exact path the user names on the command
+   line; never point it at files from untrusted places.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from typing import Any, Literal
 
 from .errors import UnsupportedModelError, translate
 
-SourceKind = Literal["sklearn", "onnx", "keras"]
+SourceKind = Literal["sklearn", "onnx", "keras", "xgboost", "lightgbm", "catboost", "torch"]
 Task = Literal["classification", "regression"]
 
 PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
@@ -32,8 +41,10 @@ class SourceModel:
     @property
     def n_features(self) -> int | None:
         """Number of input features the model expects, when it says."""
-        if self.kind == "sklearn":
+        if self.kind in ("sklearn", "xgboost", "lightgbm", "catboost"):
             n = getattr(self.obj, "n_features_in_", None)
+            if not n and getattr(self.obj, "feature_names_", None):  # CatBoost after a reload
+                n = len(self.obj.feature_names_)
             return int(n) if n is not None else None
         if self.kind == "keras":
             shape = keras_input_shape(self)
@@ -95,9 +106,18 @@ def load_source(path: str | Path) -> SourceModel:
         return _load_onnx(p)
     if suffix in KERAS_SUFFIXES:
         return _load_keras(p)
+    from . import boosters, torch_export
+
+    if suffix in torch_export.TORCH_SUFFIXES:
+        return _load_torch(p)
+    library = boosters.NATIVE_SUFFIXES.get(suffix)
+    if library is not None and (library != "lightgbm" or boosters.is_lightgbm_text(p)):
+        return _load_native_booster(p, library)
     raise UnsupportedModelError(
         f"unsupported model file {p.name}: unknown type {suffix or '(no suffix)'!r}; expected "
-        ".joblib/.pkl/.pickle (scikit-learn), .onnx, .keras or a SavedModel directory"
+        ".joblib/.pkl/.pickle (scikit-learn, XGBoost, LightGBM, CatBoost), .json/.ubj "
+        "(XGBoost), .txt (LightGBM Booster), .cbm (CatBoost), .pt/.pth (PyTorch), .onnx, "
+        ".keras or a SavedModel directory"
     )
 
 
@@ -134,10 +154,26 @@ def _load_sklearn(p: Path) -> SourceModel:
 
     try:
         obj = joblib.load(p)
+    except ModuleNotFoundError as exc:
+        from .boosters import EXTRA_HINT
+        from .torch_export import EXTRA_HINT as TORCH_HINT
+
+        top = (exc.name or "").split(".")[0]
+        hint = EXTRA_HINT.get(top) or (TORCH_HINT if top == "torch" else None)
+        if hint is None:
+            raise UnsupportedModelError(
+                f"cannot unpickle {p.name}: {type(exc).__name__}: {exc}"
+            ) from None
+        raise UnsupportedModelError(
+            f"{p.name} holds a {top} model; reading it needs {top}: {hint}"
+        ) from None
     except Exception as exc:
         raise UnsupportedModelError(_not_a_pickle(p, exc)) from None
     task: Task | None = None
-    if isinstance(obj, sklearn.base.BaseEstimator) and hasattr(obj, "predict"):
+    from .boosters import library_of
+
+    estimator_like = isinstance(obj, sklearn.base.BaseEstimator) or library_of(obj) != "sklearn"
+    if estimator_like and hasattr(obj, "predict"):
         if sklearn.base.is_classifier(obj):
             task = "classification"
         elif sklearn.base.is_regressor(obj):
@@ -145,7 +181,7 @@ def _load_sklearn(p: Path) -> SourceModel:
     if task is None:
         raise UnsupportedModelError(
             f"{p.name} holds a {type(obj).__module__}.{type(obj).__name__}, not a scikit-learn "
-            "classifier, regressor or Pipeline ending in one"
+            "(or XGBoost/LightGBM/CatBoost) classifier, regressor or Pipeline ending in one"
         )
     from sklearn.exceptions import NotFittedError
     from sklearn.utils.validation import check_is_fitted
@@ -156,7 +192,37 @@ def _load_sklearn(p: Path) -> SourceModel:
         raise UnsupportedModelError(
             f"{p.name} holds an unfitted {type(obj).__name__}: fit it first"
         ) from None
-    return SourceModel("sklearn", p, file_sha256(p), obj, task, sklearn_name(obj))
+    kind: SourceKind = "sklearn" if getattr(obj, "steps", None) else library_of(obj)
+    return SourceModel(kind, p, file_sha256(p), obj, task, sklearn_name(obj))
+
+
+def _load_native_booster(p: Path, library: str) -> SourceModel:
+    from .boosters import LightGBMBooster, load_native
+
+    obj = load_native(p, library)
+    if isinstance(obj, LightGBMBooster):
+        task: Task = "classification" if obj.is_classifier else "regression"
+        name = f"LightGBM Booster ({obj.objective})"
+    else:
+        import sklearn.base
+
+        task = "classification" if sklearn.base.is_classifier(obj) else "regression"
+        name = type(obj).__name__
+    return SourceModel(library, p, file_sha256(p), obj, task, name)  # type: ignore[arg-type]
+
+
+# --- PyTorch ---------------------------------------------------------------------------
+
+
+def _load_torch(p: Path) -> SourceModel:
+    from .torch_export import load_torch, torch_task
+
+    module, scripted = load_torch(p)
+    name = str(getattr(module, "original_name", None) or type(module).__name__)
+    task: Task = torch_task(module)  # type: ignore[assignment]
+    return SourceModel(
+        "torch", p, file_sha256(p), module, task, f"{name} (TorchScript)" if scripted else name
+    )
 
 
 def sklearn_name(obj: Any) -> str:

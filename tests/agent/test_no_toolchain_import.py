@@ -8,7 +8,11 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FORBIDDEN = ["sklearn", "skl2onnx", "tensorflow", "toolchain", "onnx", "keras", "pandas"]
+FORBIDDEN = [
+    "sklearn", "skl2onnx", "tensorflow", "toolchain", "onnx", "keras", "pandas",
+    # the converter extras: xgboost, lightgbm, catboost, torch and their ONNX converters
+    "xgboost", "lightgbm", "catboost", "torch", "onnxmltools", "onnxscript", "tf2onnx",
+]  # fmt: skip
 
 
 def test_agent_cli_and_modules_import_nothing_from_the_toolchain() -> None:

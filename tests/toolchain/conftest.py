@@ -185,3 +185,183 @@ def keras_tflite(
         name: convert(load_source(keras_models[name]), data, to="tflite", out=d / f"{name}.tflite")
         for name in ("mlp", "cnn")
     }
+
+
+# --- XGBoost, LightGBM, CatBoost, PyTorch (their extras) -----------------------------------
+#
+# Each library's models are trained once per session, tiny (20 trees, a few dozen epochs), and
+# saved every way a user hands them over: pickled/joblib (alone and in a Pipeline behind a
+# StandardScaler) and the library's native file. A missing library skips only its own tests.
+
+
+@dataclass
+class Source:
+    """A saved source model and the .npz data it was trained on."""
+
+    path: Path
+    data: Path
+    task: str  # "classification" | "regression"
+
+
+def _boosting_sources(
+    library: str,
+    classifier: Callable[[], Any],
+    regressor: Callable[[], Any],
+    native: Callable[[Any, Path], None],
+    suffix: str,
+    datasets: dict[str, DataFiles],
+    d: Path,
+) -> dict[str, Source]:
+    import joblib
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out: dict[str, Source] = {}
+    plan = [
+        ("classifier-iris", classifier, "iris", "classification"),
+        ("classifier-breast_cancer", classifier, "breast_cancer", "classification"),
+        ("regressor-diabetes", regressor, "diabetes", "regression"),
+    ]
+    for name, factory, ds, task in plan:
+        data = datasets[ds]
+        model = factory().fit(data.X, data.y)
+        path = d / f"{library}-{name}.joblib"
+        joblib.dump(model, path)
+        out[f"{name}.joblib"] = Source(path, data.npz, task)
+        native_path = d / f"{library}-{name}{suffix}"
+        native(model, native_path)
+        out[f"{name}{suffix}"] = Source(native_path, data.npz, task)
+    for ds, factory, task in (
+        ("wine", classifier, "classification"),
+        ("diabetes", regressor, "regression"),
+    ):
+        data = datasets[ds]
+        pipe = make_pipeline(StandardScaler(), factory()).fit(data.X, data.y)
+        path = d / f"{library}-pipeline-{ds}.joblib"
+        joblib.dump(pipe, path)
+        out[f"pipeline-{ds}.joblib"] = Source(path, data.npz, task)
+    return out
+
+
+@pytest.fixture(scope="session")
+def xgboost_sources(
+    datasets: dict[str, DataFiles], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Source]:
+    xgb = pytest.importorskip("xgboost")
+    kw = {"n_estimators": 20, "max_depth": 3, "n_jobs": 1, "random_state": 0}
+    sources = _boosting_sources(
+        "xgboost",
+        lambda: xgb.XGBClassifier(**kw),
+        lambda: xgb.XGBRegressor(**kw),
+        lambda model, path: model.save_model(path),
+        ".json",
+        datasets,
+        tmp_path_factory.mktemp("xgboost"),
+    )
+    # the binary format too, from a regressor
+    data = datasets["diabetes"]
+    ubj = tmp_path_factory.mktemp("xgboost-ubj") / "regressor.ubj"
+    xgb.XGBRegressor(**kw).fit(data.X, data.y).save_model(ubj)
+    sources["regressor-diabetes.ubj"] = Source(ubj, data.npz, "regression")
+    return sources
+
+
+@pytest.fixture(scope="session")
+def lightgbm_sources(
+    datasets: dict[str, DataFiles], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Source]:
+    lgb = pytest.importorskip("lightgbm")
+    kw = {"n_estimators": 20, "num_leaves": 15, "n_jobs": 1, "random_state": 0, "verbose": -1}
+    return _boosting_sources(
+        "lightgbm",
+        lambda: lgb.LGBMClassifier(**kw),
+        lambda: lgb.LGBMRegressor(**kw),
+        lambda model, path: model.booster_.save_model(path),
+        ".txt",
+        datasets,
+        tmp_path_factory.mktemp("lightgbm"),
+    )
+
+
+@pytest.fixture(scope="session")
+def catboost_sources(
+    datasets: dict[str, DataFiles], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Source]:
+    cb = pytest.importorskip("catboost")
+    kw = {
+        "iterations": 20,
+        "depth": 4,
+        "thread_count": 1,
+        "random_seed": 0,
+        "verbose": False,
+        "allow_writing_files": False,
+    }
+    return _boosting_sources(
+        "catboost",
+        lambda: cb.CatBoostClassifier(**kw),
+        lambda: cb.CatBoostRegressor(**kw),
+        lambda model, path: model.save_model(str(path)),
+        ".cbm",
+        datasets,
+        tmp_path_factory.mktemp("catboost"),
+    )
+
+
+@pytest.fixture(scope="session")
+def torch_sources(
+    datasets: dict[str, DataFiles], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Source]:
+    """An MLP classifier (digits, scaled to 0–1) saved whole and as TorchScript, an MLP
+    regressor (diabetes) saved whole, and a small CNN on 1×8×8 digit images with its data
+    as a 4-D .npz (the input shape comes from there)."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # a shared 2-core CI machine: threads only contend
+    d = tmp_path_factory.mktemp("torch")
+    digits, diabetes = datasets["digits"], datasets["diabetes"]
+
+    def train(model: Any, x: np.ndarray, y: np.ndarray, loss: Callable, steps: int) -> Any:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss(model(xt), yt).backward()
+            opt.step()
+        return model.eval()
+
+    x01 = (digits.X / 16.0).astype(np.float32)
+    np.savez(d / "digits01.npz", X=x01, y=digits.y)
+    np.savez(d / "digits_images.npz", X=x01.reshape(-1, 1, 8, 8), y=digits.y)
+    ce = nn.functional.cross_entropy
+    mlp = train(
+        nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+        x01, digits.y.astype(np.int64), ce, 60,
+    )  # fmt: skip
+    torch.save(mlp, d / "mlp.pt")
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates TorchScript; users still hand over such files
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(mlp).save(str(d / "mlp_script.pt"))
+    scale = diabetes.y.std()
+    reg = train(
+        nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 1)),
+        diabetes.X * 20, (diabetes.y / scale).astype(np.float32).reshape(-1, 1),
+        nn.functional.mse_loss, 80,
+    )  # fmt: skip
+    torch.save(reg, d / "regressor.pt")
+    np.savez(d / "diabetes20.npz", X=diabetes.X * 20, y=diabetes.y / scale)
+    cnn = train(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10),
+            nn.LogSoftmax(dim=1),
+        ),
+        x01.reshape(-1, 1, 8, 8), digits.y.astype(np.int64), nn.functional.nll_loss, 40,
+    )  # fmt: skip
+    torch.save(cnn, d / "cnn.pt")
+    return {
+        "mlp.pt": Source(d / "mlp.pt", d / "digits01.npz", "classification"),
+        "mlp_script.pt": Source(d / "mlp_script.pt", d / "digits01.npz", "classification"),
+        "regressor.pt": Source(d / "regressor.pt", d / "diabetes20.npz", "regression"),
+        "cnn.pt": Source(d / "cnn.pt", d / "digits_images.npz", "classification"),
+    }

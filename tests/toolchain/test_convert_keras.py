@@ -1,4 +1,4 @@
-"""Keras → TFLite: an MLP and a small CNN convert with parity and run on LiteRT."""
+"""Keras → TFLite (run on LiteRT) and Keras → ONNX: an MLP and a small CNN, with parity."""
 
 from __future__ import annotations
 
@@ -65,13 +65,27 @@ def test_keras_conversion_rejects_feature_count_mismatch(keras_models, datasets,
         )
 
 
-def test_keras_to_onnx_is_refused_with_a_hint(keras_models, tmp_path):
-    with pytest.raises(ConversionError, match="use --to tflite"):
-        convert(
-            load_source(keras_models["mlp"]),
-            load_data(keras_models["data"]),
-            out=tmp_path / "x.onnx",
-        )
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_keras_model_converts_to_onnx_with_parity(name, keras_models, tmp_path):
+    """Keras 3 exports ONNX itself (tf2onnx underneath, in the tflite extra)."""
+    pytest.importorskip("tf2onnx")
+    converted = convert(
+        load_source(keras_models[name]),
+        load_data(keras_models["data"]),
+        to="onnx",
+        out=tmp_path / f"{name}.onnx",
+    )
+    report = converted.parity
+    assert report.passed, report.failures
+    assert report.label_agreement == 1.0 and report.max_abs_proba_diff < 1e-4
+    side = read_sidecar(converted.path)
+    assert side is not None and side.lineage.source_kind == "keras"
+    assert "tf2onnx" in side.lineage.converter and "tf2onnx" in side.lineage.tool_versions
+    expected_shape = [None, 64] if name == "mlp" else [None, 8, 8, 1]
+    assert side.input_schema.inputs[0].shape == expected_shape
+    runner = ModelRunner.open(converted.path, side.input_schema, side.output_schema)
+    assert runner.format == "onnx"
+    assert len(runner.predict(load_data(keras_models["data"]).X[:5]).labels) == 5
 
 
 def test_keras_source_reports_its_task_and_input_size(keras_models):
@@ -96,6 +110,9 @@ def test_saved_model_directory_converts_to_tflite(keras_models, tmp_path):
     converted = convert(source, load_data(keras_models["data"]), to="tflite")
     assert converted.path == tmp_path / "digits_saved_model.tflite"
     assert converted.parity.passed and converted.parity.label_agreement == 1.0
+    # Keras → ONNX takes the Keras model itself, not its SavedModel export
+    with pytest.raises(ConversionError, match=r"SavedModel directory.*use --to tflite"):
+        convert(source, load_data(keras_models["data"]), to="onnx", out=tmp_path / "x.onnx")
 
 
 def test_keras_regressor_converts_to_tflite_with_value_parity(datasets, tmp_path):

@@ -230,3 +230,32 @@ def test_multi_input_onnx_takes_data_columns_by_name(mixed_csv, save_model, tmp_
         convert(
             load_source(first.path), load_data(missing, target="species"), out=tmp_path / "ct3.onnx"
         )
+
+
+# --- ONNX → TFLite: no converter works with the pinned versions ------------------------
+
+
+def test_onnx_to_tflite_is_refused_with_the_reason(tmp_path, datasets):
+    from toolchain.errors import ConversionError
+
+    model = _linear_onnx(tmp_path / "lin.onnx", 4, 3, softmax=True)
+    with pytest.raises(ConversionError, match=r"onnx2tf 2\.x needs Python ≥ 3\.12") as info:
+        convert(load_source(model), load_data(datasets["iris"].npz), to="tflite")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "lin.tflite").exists()
+
+
+def test_convert_command_says_in_one_line_why_onnx_to_tflite_is_not_offered(tmp_path, datasets):
+    import subprocess
+    import sys
+
+    model = _linear_onnx(tmp_path / "lin.onnx", 4, 3, softmax=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "convert", str(model), "--to", "tflite",
+         "--data", str(datasets["iris"].npz)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert "ONNX → TFLite is not supported" in lines[0] and "onnx2tf" in lines[0]

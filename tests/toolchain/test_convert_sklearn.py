@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -400,3 +401,127 @@ def test_classification_parity_counts_label_flips_and_compares_string_and_int_la
     assert report.label_agreement == pytest.approx(0.999) and report.passed
     strict = compare(ref, flipped, "classification", ParityThresholds(min_label_agreement=1.0))
     assert not strict.passed and "1 of 1000 rows differ" in strict.failures[0]
+
+
+# --- the former gaps: HGB categorical features, integer column selection, SVC probabilities --
+
+
+def _with_categories(X: np.ndarray, columns: dict[int, int]) -> np.ndarray:
+    """X with each named column replaced by its quantile bin (k bins), coded 10·bin + 3 so
+    the codes are neither 0 … k-1 nor small (the graph must compare raw values)."""
+    Xc = X.copy()
+    for col, k in columns.items():
+        edges = np.quantile(X[:, col], np.linspace(0, 1, k + 1)[1:-1])
+        Xc[:, col] = np.digitize(X[:, col], edges) * 10 + 3
+    return Xc.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "columns"),
+    [("wine", {0: 4, 5: 3}), ("diabetes", {0: 12, 1: 2})],
+    ids=["classifier-wine", "regressor-diabetes"],
+)
+def test_hist_gradient_boosting_with_native_categorical_features_keeps_parity(
+    dataset, columns, datasets, save_model, tmp_path
+):
+    """skl2onnx ignores HGB's categorical splits and its column reordering; without our
+    rewrite most rows of the regressor are far off."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    from toolchain.data import dataset_from_arrays
+
+    data_files = datasets[dataset]
+    X = _with_categories(data_files.X, columns)
+    cls = HistGradientBoostingClassifier if dataset == "wine" else HistGradientBoostingRegressor
+    model = cls(max_iter=20, categorical_features=list(columns), random_state=0).fit(
+        X, data_files.y
+    )
+    converted = convert(
+        load_source(save_model(model, f"hgb_cat_{dataset}")),
+        dataset_from_arrays(X, data_files.y),
+        out=tmp_path / "hgb.onnx",
+    )
+    report = converted.parity
+    assert report.passed, report.failures
+    side = converted.sidecar
+    runner = ModelRunner.open(converted.path, side.input_schema, side.output_schema)
+    # categories never seen in training follow the split's missing-value direction
+    unseen = X[:40].copy()
+    unseen[:, next(iter(columns))] = 999.0
+    if dataset == "wine":
+        assert report.label_agreement == 1.0
+        got = np.asarray(runner.predict(unseen).probabilities)
+        assert np.abs(got - model.predict_proba(unseen)).max() < 1e-5
+    else:
+        assert report.max_rel_error is not None and report.max_rel_error < 1e-5
+        got = np.asarray(runner.predict(unseen).values).ravel()
+        assert np.abs(got - model.predict(unseen)).max() < 1e-3
+
+
+def test_hist_gradient_boosting_with_string_categories_is_refused(save_model, tmp_path):
+    import pandas as pd
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from toolchain.data import dataset_from_arrays
+    from toolchain.errors import ToolchainError
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {"size": rng.choice(["s", "m", "l"], 120), "x": rng.normal(size=120).astype(np.float32)}
+    )
+    y = (frame["x"] > 0).astype(int)
+    model = HistGradientBoostingClassifier(max_iter=5, categorical_features=["size"]).fit(frame, y)
+    with pytest.raises(ToolchainError, match=r"column 'size' holds strings"):
+        convert(
+            load_source(save_model(model, "hgb_strings")),
+            dataset_from_arrays(frame, y),
+            out=tmp_path / "m.onnx",
+        )
+
+
+def test_column_transformer_selecting_columns_by_integer_index_converts(
+    mixed_csv, save_model, tmp_path
+):
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    frame = pd.read_csv(mixed_csv)
+    y = frame.pop("species")
+    prep = ColumnTransformer(
+        [
+            ("num", StandardScaler(), [0, 1, 4]),
+            ("cat", OneHotEncoder(handle_unknown="ignore"), [2, 3]),
+        ]
+    )
+    for fit_on in (frame, frame.to_numpy()):  # named columns, and a bare object array
+        pipe = make_pipeline(prep, LogisticRegression(max_iter=1000)).fit(fit_on, y)
+        converted = convert(
+            load_source(save_model(pipe, "ct_int")),
+            load_data(mixed_csv, target="species"),
+            out=tmp_path / "ct.onnx",
+        )
+        report = converted.parity
+        assert report.passed and report.label_agreement == 1.0
+        assert report.max_abs_proba_diff is not None and report.max_abs_proba_diff < 1e-5
+        assert [i.name for i in converted.sidecar.input_schema.inputs] == list(frame.columns)
+
+
+def test_svc_with_probability_true_converts_with_probabilities(datasets, save_model, tmp_path):
+    from sklearn.svm import SVC
+
+    iris = datasets["iris"]
+    with warnings.catch_warnings():
+        # scikit-learn 1.9 deprecates probability=True (removal in 1.11); pickles made with it
+        # are what users have, so conversion keeps supporting them while scikit-learn does
+        warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated")
+        model = SVC(probability=True, random_state=0).fit(iris.X, iris.y)
+    converted = convert(
+        load_source(save_model(model, "svc_proba")), load_data(iris.npz), out=tmp_path / "s.onnx"
+    )
+    report = converted.parity
+    assert report.passed and report.label_agreement == 1.0
+    assert report.max_abs_proba_diff is not None and report.max_abs_proba_diff < 1e-4
+    assert converted.sidecar.output_schema.probability_output is not None

@@ -82,11 +82,11 @@ def check_source_path(path: str | Path) -> Path:
             raise UnsupportedModelError(f"{p} is a directory but not a TensorFlow SavedModel")
         return p
     suffix = p.suffix.lower()
-    if suffix not in (*PICKLE_SUFFIXES, ".onnx", *KERAS_SUFFIXES):
-        raise UnsupportedModelError(
-            f"unsupported model file {p.name}: unknown type {suffix or '(no suffix)'!r}; "
-            "expected .joblib/.pkl/.pickle (scikit-learn), .onnx, .keras or a SavedModel directory"
-        )
+    from . import boosters, torch_export
+
+    known = (*PICKLE_SUFFIXES, ".onnx", *KERAS_SUFFIXES, *torch_export.TORCH_SUFFIXES)
+    if suffix not in known and suffix not in boosters.NATIVE_SUFFIXES:
+        raise UnsupportedModelError(_unknown_type(p, suffix))
     return p
 
 
@@ -113,7 +113,11 @@ def load_source(path: str | Path) -> SourceModel:
     library = boosters.NATIVE_SUFFIXES.get(suffix)
     if library is not None and (library != "lightgbm" or boosters.is_lightgbm_text(p)):
         return _load_native_booster(p, library)
-    raise UnsupportedModelError(
+    raise UnsupportedModelError(_unknown_type(p, suffix))
+
+
+def _unknown_type(p: Path, suffix: str) -> str:
+    return (
         f"unsupported model file {p.name}: unknown type {suffix or '(no suffix)'!r}; expected "
         ".joblib/.pkl/.pickle (scikit-learn, XGBoost, LightGBM, CatBoost), .json/.ubj "
         "(XGBoost), .txt (LightGBM Booster), .cbm (CatBoost), .pt/.pth (PyTorch), .onnx, "

@@ -5,7 +5,9 @@ can replace :class:`SQLiteRepository` when one server is not enough. Rows come b
 plain dicts. sqlite3 errors are translated into :class:`StorageError` here.
 
 Tables: bundles, devices, device_history, rollouts, rollout_stages, rollout_devices,
-metrics, events, audit, tokens, users. (The drift engine keeps its own tables in the same
+metrics, events, audit, tokens, users, device_identities (pinned device keys, enrolment),
+revoked_sessions (dashboard logouts). The file is 0600 and its folder 0700 whatever the
+umask: it holds token hashes and device keys. (The drift engine keeps its own tables in the same
 file through its own connection.)
 """
 
@@ -46,6 +48,9 @@ class Repository(Protocol):
     def metrics_summary(
         self, model: str, version: str, since: float, device_ids: list[str] | None = None
     ) -> dict[str, Any]: ...
+    def metrics_by_device(
+        self, model: str, version: str, since: float, device_ids: list[str]
+    ) -> dict[str, dict[str, Any]]: ...
     def device_metrics(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]: ...
     # history
     def add_event(self, kind: str, message: str, ts: float, **data: Any) -> None: ...
@@ -70,6 +75,13 @@ class Repository(Protocol):
     def list_tokens(self) -> list[dict[str, Any]]: ...
     def add_user(self, username: str, password_hash: str, role: str) -> None: ...
     def get_user(self, username: str) -> dict[str, Any] | None: ...
+    # device identities (fleet_server.device_trust)
+    def list_identities(self) -> list[dict[str, Any]]: ...
+    def upsert_identity(self, row: dict[str, Any]) -> None: ...
+    def delete_identity(self, device_id: str) -> None: ...
+    # dashboard sessions revoked before they expire
+    def revoke_session(self, sid: str, expires: float) -> None: ...
+    def session_revoked(self, sid: str) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -77,13 +89,16 @@ def connect(path: Path) -> Any:
     """A ``sqlite_utils.Database`` on ``path`` in WAL mode, usable from several threads."""
     import sqlite_utils
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    from .files import private_dir, private_file
+
+    private_dir(Path(path).parent)
     try:
+        private_file(Path(path))
         conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
         db = sqlite_utils.Database(conn)
         db.enable_wal()
         conn.execute("PRAGMA synchronous=NORMAL")
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise StorageError(f"cannot open registry {path}: {exc}") from None
     return db
 
@@ -263,6 +278,24 @@ class SQLiteRepository:
                 t("users").create(
                     {"username": str, "password_hash": str, "role": str}, pk="username"
                 )
+            if not t("device_identities").exists():
+                t("device_identities").create(
+                    {
+                        "device_id": str,
+                        "public_key": str,
+                        "key_id": str,
+                        "status": str,
+                        "method": str,
+                        "created_at": float,
+                        "approved_at": float,
+                        "approved_by": str,
+                        "state_boot": int,
+                        "state_seq": int,
+                    },
+                    pk="device_id",
+                )
+            if not t("revoked_sessions").exists():
+                t("revoked_sessions").create({"sid": str, "expires": float}, pk="sid")
 
     # bundles ------------------------------------------------------------------------
     def add_bundle(self, row: dict[str, Any]) -> None:
@@ -426,6 +459,36 @@ class SQLiteRepository:
 
         return self._read(q)
 
+    def metrics_by_device(
+        self, model: str, version: str, since: float, device_ids: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Per device: the median of its window p95s, its requests and errors since ``since``."""
+        if not device_ids:
+            return {}
+
+        def q(db: Any) -> list[tuple[Any, ...]]:
+            marks = ",".join("?" * len(device_ids))
+            return list(
+                db.execute(
+                    "select device_id, p95_ms, requests, errors from metrics where model = ? "
+                    f"and version = ? and ts >= ? and device_id in ({marks})",
+                    [model, version, since, *device_ids],
+                ).fetchall()
+            )
+
+        out: dict[str, dict[str, Any]] = {}
+        for dev, p95, req, err in self._read(q):
+            d = out.setdefault(dev, {"p95s": [], "requests": 0, "errors": 0})
+            if p95 is not None:
+                d["p95s"].append(float(p95))
+            d["requests"] += int(req or 0)
+            d["errors"] += int(err or 0)
+        for d in out.values():
+            p95s = sorted(d.pop("p95s"))
+            d["p95_ms"] = p95s[(len(p95s) - 1) // 2] if p95s else None
+            d["error_rate"] = d["errors"] / d["requests"] if d["requests"] else None
+        return out
+
     def device_metrics(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
         return self._read(
             lambda db: list(
@@ -523,6 +586,32 @@ class SQLiteRepository:
     def get_user(self, username: str) -> dict[str, Any] | None:
         rows = self._read(lambda db: list(db["users"].rows_where("username = ?", [username])))
         return rows[0] if rows else None
+
+    # device identities ------------------------------------------------------------------
+    def list_identities(self) -> list[dict[str, Any]]:
+        return self._read(lambda db: list(db["device_identities"].rows))
+
+    def upsert_identity(self, row: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db["device_identities"].upsert(row, pk="device_id")
+
+    def delete_identity(self, device_id: str) -> None:
+        with self._tx() as db:
+            db.execute("delete from device_identities where device_id = ?", [device_id])
+
+    # sessions -------------------------------------------------------------------------
+    def revoke_session(self, sid: str, expires: float) -> None:
+        import time
+
+        with self._tx() as db:
+            db["revoked_sessions"].upsert({"sid": sid, "expires": expires}, pk="sid")
+            db.execute("delete from revoked_sessions where expires < ?", [time.time()])
+
+    def session_revoked(self, sid: str) -> bool:
+        rows = self._read(
+            lambda db: db.execute("select 1 from revoked_sessions where sid = ?", [sid]).fetchall()
+        )
+        return bool(rows)
 
     def close(self) -> None:
         with self._lock:

@@ -102,7 +102,9 @@ class Fleet:
         return b
 
     def publish(self, topic: str, payload: bytes) -> None:
-        self.broker.route(topic, payload, False)
+        """Publish as the device the topic names (signed with its key)."""
+        dev = next(d for d in self.devices if f"/devices/{d.device_id}/" in topic)
+        dev.publish(topic, payload)
 
 
 @pytest.fixture

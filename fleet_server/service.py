@@ -698,11 +698,15 @@ class FleetService:
         return self.repo.token_role(h)
 
     def authenticate_user(self, username: str, password: str) -> str | None:
+        """The user's role, or None. An unknown user costs the same scrypt work as a known one."""
         for u in self.config.auth.users:
             if u.username == username:
                 return u.role if auth.verify_password(password, u.password_hash) else None
         row = self.repo.get_user(username)
-        if row is not None and auth.verify_password(password, row["password_hash"]):
+        if row is None:
+            auth.burn_password_check(password)
+            return None
+        if auth.verify_password(password, row["password_hash"]):
             return str(row["role"])
         return None
 

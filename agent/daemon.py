@@ -41,7 +41,8 @@ from .download import Downloads
 from .errors import ConfigError
 from .events import InstallEvent
 from .fieldbench import FieldBench
-from .identity import DeviceIdentity, private_dir
+from .files import private_dir
+from .identity import DeviceIdentity
 from .installer import Installer
 from .link import Link, StateSigner
 from .metrics import Metrics

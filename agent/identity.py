@@ -9,8 +9,7 @@ token proven in the birth message) and drops every message not signed by it. The
 leaves the device; ``edgefleet agent status`` shows its key id so an operator can compare
 it with what the server shows before approving.
 
-:func:`private_dir` / :func:`private_file` make folders 0700 and files 0600 whatever the
-umask; the agent's databases, slots and outbox are created through them.
+Both files are written 0600 in a 0700 folder whatever the umask (:mod:`agent.files`).
 """
 
 from __future__ import annotations
@@ -22,26 +21,10 @@ from protocol.device_auth import DeviceSigner, enrol_proof, token_hash
 from protocol.signing import KeyPair, load_private_key
 
 from .errors import ConfigError
+from .files import private_dir
 
 KEY_FILE = "device_key.pem"
 BOOT_FILE = "boot"
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) if needed; the leaf folder ends up 0700."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
-
-
-def private_file(path: Path) -> Path:
-    """Create ``path`` empty if missing; make it 0600 (also when it already existed)."""
-    path = Path(path)
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
-    return path
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -1,7 +1,7 @@
 """Dashboard login throttling: per user name and per client address, with backoff.
 
 Rules: the first ``free`` failures of a key (``user:NAME`` or ``addr:IP``) cost nothing;
-each later failure locks that key for ``base_s · 2^(failures − free)`` seconds, at most
+each later failure locks that key for ``base_s · 2^(failures − free − 1)`` seconds, at most
 ``max_s``. A login attempt is refused (HTTP 429 with ``Retry-After``) while either of its
 keys is locked — before any password is checked, so a locked account costs the server no
 hashing. A success clears the user key. Memory is bounded: at most ``max_keys`` keys are
@@ -65,8 +65,8 @@ class LoginThrottle:
                 e = self._entries.pop(k, None) or _Entry()
                 e.failures += 1
                 over = e.failures - self.free
-                if over >= 0:
-                    e.locked_until = now + min(self.max_s, self.base_s * 2.0**over)
+                if over >= 1:
+                    e.locked_until = now + min(self.max_s, self.base_s * 2.0 ** (over - 1))
                 self._entries[k] = e  # most recent at the end
             while len(self._entries) > self.max_keys:
                 self._entries.popitem(last=False)

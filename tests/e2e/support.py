@@ -341,6 +341,7 @@ def make_fleet(
     connect: bool = True,
     transport_options: dict[str, Any] | None = None,
     devices: dict[str, Any] | None = None,
+    topic_prefix: str = "edgefleet",
 ) -> Any:
     """A real :class:`fleet_server.FleetService` on ``broker_url`` with its bridge started.
 
@@ -357,7 +358,11 @@ def make_fleet(
     config = FleetConfig.model_validate(
         {
             "data_dir": str(folder / "fleet"),
-            "broker": {"url": broker_url, "client_id": f"fleet-{uuid.uuid4().hex[:8]}"},
+            "broker": {
+                "url": broker_url,
+                "client_id": f"fleet-{uuid.uuid4().hex[:8]}",
+                "topic_prefix": topic_prefix,
+            },
             "signing": {
                 "key": str(key_path),
                 "trusted": [str(p) for p in trusted],

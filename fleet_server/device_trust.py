@@ -10,7 +10,8 @@ Rules (checked by :class:`~.bridge.Bridge` in this order, each refusal a counted
    message outside the device's anti-replay window → ``stale`` / ``replayed``.
 3. A device that is not approved may only send its birth ``state``, carrying its public
    key and signed by it (``bad_signature``). New identities are rate-limited
-   (``enrol_limit``) and at most ``max_pending`` wait (``pending_full``). A valid enrolment
+   (``enrol_limit``) and at most ``max_pending`` wait (``pending_full``; when the list is
+   full, entries older than a day are forgotten to make room). A valid enrolment
    token proof approves the device at once; otherwise it is ``pending`` until an
    operator approves it (:meth:`DeviceTrust.approve`). Any other message of an unknown or
    pending device is dropped (``unknown_device`` / ``pending``).
@@ -53,6 +54,7 @@ from .repository import Repository
 log = logging.getLogger(__name__)
 
 REPLAY_WINDOW = 4096  # messages of one boot that may arrive out of order
+PENDING_TTL_S = 86400.0  # a full pending list forgets entries nobody approved for a day
 FUTURE_SKEW_S = 300.0
 
 
@@ -282,10 +284,16 @@ class DeviceTrust:
                 return "pending"
             if not self._enrol.take(now):
                 return "enrol_limit"
-            if not tokened:
-                pending = sum(1 for i in self._ids.values() if i.status == "pending")
-                if cur is None and pending >= self.cfg.max_pending:
-                    return "pending_full"
+            if not tokened and cur is None:
+                pending = [i for i in self._ids.values() if i.status == "pending"]
+                if len(pending) >= self.cfg.max_pending:
+                    expired = [i for i in pending if now - i.created_at > PENDING_TTL_S]
+                    if not expired:
+                        return "pending_full"
+                    for old in expired:  # nobody approved them within a day: forget them
+                        self._ids.pop(old.device_id, None)
+                        self._pending_state.pop(old.device_id, None)
+                        self.repo.delete_identity(old.device_id)
             ident = Identity(
                 device_id=msg.device_id,
                 public=public,

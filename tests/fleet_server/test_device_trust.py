@@ -209,3 +209,20 @@ def test_revoked_device_must_enrol_again(svc: FleetService) -> None:
     svc.revoke_device("d1")
     handle(svc, T.metrics("d1"), d.sign(T.metrics("d1"), metrics("d1")))
     assert dropped(svc) == {"unknown_device": 1}
+
+
+def test_a_full_pending_list_forgets_entries_nobody_approved_for_a_day(
+    tmp_path: Path, signing_key: KeyPair
+) -> None:
+    cfg = make_config(tmp_path, signing_key)
+    cfg = cfg.model_copy(update={"devices": cfg.devices.model_copy(update={"max_pending": 2})})
+    now = [datetime.now(timezone.utc).timestamp()]
+    svc = FleetService(cfg, transport=MemoryBroker().client("s"), clock=lambda: now[0])
+    for name in ("p1", "p2", "p3"):
+        d = DeviceKey(name, token=None)
+        handle(svc, T.state(name), d.birth())
+    assert dropped(svc) == {"pending": 2, "pending_full": 1}
+    now[0] += 2 * 86400
+    handle(svc, T.state("p4"), DeviceKey("p4", token=None).birth())
+    assert [p["device_id"] for p in svc.list_enrolments("pending")] == ["p4"]
+    svc.repo.close()

@@ -226,3 +226,32 @@ def test_a_full_pending_list_forgets_entries_nobody_approved_for_a_day(
     handle(svc, T.state("p4"), DeviceKey("p4", token=None).birth())
     assert [p["device_id"] for p in svc.list_enrolments("pending")] == ["p4"]
     svc.repo.close()
+
+
+def test_dashboard_approve_button_needs_the_operator_role_and_the_csrf_token(
+    svc: FleetService,
+) -> None:
+    from fleet_server.app import create_app
+    from tests.fleet_server.test_dashboard import PASSWORD, Browser
+
+    d = DeviceKey("pi-7", token=None)
+    handle(svc, T.state("pi-7"), d.birth(profile="host"))
+    for role in ("viewer", "operator"):
+        svc.add_user(role, PASSWORD, role)
+    app = create_app(svc)
+    viewer, operator = Browser(app), Browser(app)
+    assert viewer.login("viewer").status_code == 303
+    assert operator.login("operator").status_code == 303
+    page = viewer.get("/ui/devices").text
+    assert "Waiting for approval" in page and d.key.key_id in page
+    assert 'action="/ui/devices/pi-7/approve"' not in page  # no button for a viewer
+    r = viewer.post("/ui/devices/pi-7/approve", data={"csrf": viewer.csrf("/ui/devices")})
+    assert r.status_code == 403
+    page = operator.get("/ui/devices").text
+    assert 'action="/ui/devices/pi-7/approve"' in page
+    assert operator.post("/ui/devices/pi-7/approve", data={"csrf": "forged"}).status_code == 403
+    assert svc.list_enrolments("pending") != []
+    form = {"csrf": operator.csrf("/ui/devices"), "key_id": d.key.key_id}
+    r = operator.post("/ui/devices/pi-7/approve", data=form)
+    assert r.status_code == 303
+    assert svc.list_enrolments("pending") == [] and svc.get_device("pi-7")["online"] is True

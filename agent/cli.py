@@ -137,6 +137,7 @@ def status(
 
     console = Console()
     console.print(f"device [bold]{st.device_id}[/] · profile {st.profile} · data {st.data_dir}")
+    console.print(f"device key id {st.device_key_id or '(created on the first `agent run`)'}")
     if not st.slots:
         console.print("no model installed")
     else:

@@ -107,6 +107,24 @@ class FaultsConfig(_Section):
     fail_smoke_test: bool = False
 
 
+class EnrolConfig(_Section):
+    """How this device becomes known to the fleet server (docs/security.md)."""
+
+    # A file holding an enrolment token (`edgefleet fleet devices token` prints one). With
+    # it the device is approved at once; without it an operator approves it by id.
+    token_file: Path | None = None
+
+    def token(self) -> str | None:
+        if self.token_file is None:
+            return None
+        try:
+            return self.token_file.read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                f"enrol.token_file: cannot read {self.token_file}: {exc.strerror}"
+            ) from None
+
+
 class AgentConfig(_Section):
     device_id: str = Field(
         default="device-0001", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$"
@@ -124,6 +142,7 @@ class AgentConfig(_Section):
     fallback: FallbackConfig = FallbackConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     faults: FaultsConfig = FaultsConfig()
+    enrol: EnrolConfig = EnrolConfig()
 
     @model_validator(mode="after")
     def _password_once(self) -> AgentConfig:
@@ -148,8 +167,14 @@ class AgentConfig(_Section):
         trust = self.trust.model_copy(
             update={"public_keys": [fix(p) for p in self.trust.public_keys]}
         )
+        enrol = self.enrol.model_copy(update={"token_file": fix(self.enrol.token_file)})
         return self.model_copy(
-            update={"data_dir": fix(self.data_dir), "broker": broker, "trust": trust}
+            update={
+                "data_dir": fix(self.data_dir),
+                "broker": broker,
+                "trust": trust,
+                "enrol": enrol,
+            }
         )
 
     def trust_store(self) -> TrustStore:
@@ -248,6 +273,12 @@ topic_prefix = "edgefleet"
 [trust]
 public_keys = []               # pinned Ed25519 public keys (PEM), e.g. ["keys/release.pub"]
 revoked = []                   # key ids that must be refused even when listed above
+
+[enrol]
+# The device signs every message with its own key (created in data_dir on first start). The
+# fleet server keeps it pending until an operator runs `edgefleet fleet devices approve ID`,
+# or approves it at once when it proves an enrolment token:
+# token_file = "secrets/enrol-token"
 
 [api]
 host = "127.0.0.1"             # local inference API; bind 0.0.0.0 only behind a firewall

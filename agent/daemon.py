@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from protocol.device_auth import SigningTransport
 from protocol.messages import DeviceState, ModelRef
 from protocol.schema import InputSchema
 from protocol.topics import Topics
@@ -40,8 +41,10 @@ from .download import Downloads
 from .errors import ConfigError
 from .events import InstallEvent
 from .fieldbench import FieldBench
+from .files import private_dir
+from .identity import DeviceIdentity
 from .installer import Installer
-from .link import Link, last_will
+from .link import Link, StateSigner
 from .metrics import Metrics
 from .outbox import Outbox
 from .prediction_log import PredictionLog
@@ -109,7 +112,9 @@ class Agent:
     def start(self) -> Agent:
         cfg = self.config
         dev = cfg.device_id
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.data_dir)
+        self.identity = DeviceIdentity(dev, cfg.data_dir, cfg.enrol.token())
+        self.states = StateSigner(self.topics, self.identity)
         self.slots = Slots(cfg.data_dir / "slots", cfg.slots.keep_previous)
         profile = cfg.device_profile()
         self.predictor = Predictor.from_config(cfg)
@@ -164,7 +169,10 @@ class Agent:
                     self.prediction_log.close()
                 self.outbox.close()
                 raise
-        self.transport = self._transport or self._paho()
+        own = f"{self.topics.prefix}/devices/{dev}/"
+        self.transport = SigningTransport(
+            self._transport or self._paho(), self.identity.signer, lambda t: t.startswith(own)
+        )
         self.downloads = Downloads(cfg.data_dir / "downloads", clock=self.clock)
         self.processor = CommandProcessor(
             dev,
@@ -180,7 +188,15 @@ class Agent:
             ),
             apply_config=self.apply_config,
         )
-        self.link = Link(dev, self.topics, self.transport, self.outbox, self.processor, self.birth)
+        self.link = Link(
+            dev,
+            self.topics,
+            self.transport,
+            self.outbox,
+            self.processor,
+            self.birth,
+            states=self.states,
+        )
         self.link.start()
         self._stop.clear()
         self._pump = threading.Thread(target=self._run_pump, name=f"agent-pump-{dev}", daemon=True)
@@ -201,7 +217,7 @@ class Agent:
             ca_file=str(b.ca_file) if b.ca_file else None,
             cert_file=str(b.cert_file) if b.cert_file else None,
             key_file=str(b.key_file) if b.key_file else None,
-            will=last_will(self.birth(), self.topics),
+            will=self.states.will(self.birth()),
             clean_session=False,
             max_backoff=self.max_backoff,
         )
@@ -352,6 +368,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         return {
             "device_id": self.config.device_id,
+            "device_key_id": self.identity.key_id,  # compare before `fleet devices approve`
             "model": self.predictor.model.model_dump() if self.predictor.model else None,
             "shadow": self.predictor.shadow.model_dump() if self.predictor.shadow else None,
             "mqtt_connected": self.transport.is_connected()

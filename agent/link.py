@@ -15,6 +15,15 @@ will (``online=false``), which the broker publishes if the device vanishes; a gr
 :meth:`Link.stop` publishes it itself. Reconnecting with backoff is the transport's job
 (paho: 1 s → 30 s). The network thread never waits on the broker: waiting for acks happens
 in :meth:`Link.flush`.
+
+Signing (:mod:`protocol.device_auth`): with a :class:`~.identity.DeviceIdentity` every
+message the device publishes is signed, here in the one publish path — the transport is a
+:class:`~protocol.device_auth.SigningTransport` (statuses, metrics, sketches from the
+outbox) and :class:`StateSigner` signs the birth and the last will with their state
+sequence. Births of connection ``c`` carry ``c·2^20 + n`` (n = 1, 2, …), its last will
+``c·2^20 + 2^20 − 1``: the will outranks every birth of its connection and is outranked by
+every birth of the next, so the server can drop an old retained state or a replayed will.
+When a connection is lost the next connection's will is set before paho reconnects.
 """
 
 from __future__ import annotations
@@ -24,20 +33,65 @@ import queue
 import threading
 from collections.abc import Callable
 
+from protocol.device_auth import SigningTransport
 from protocol.messages import CommandStatus, DeviceState
 from protocol.topics import Topics
 from protocol.transport import Transport, TransportError, Will
 
 from .commands import CommandProcessor, Job
+from .identity import DeviceIdentity
 from .outbox import Outbox
 
 log = logging.getLogger(__name__)
 
+STATE_STEP = 1 << 20  # births per connection before the sequence would reach the will's
 
-def last_will(state: DeviceState, topics: Topics) -> Will:
-    """The retained ``online=false`` twin of a birth message."""
-    dead = state.model_copy(update={"online": False, "api_url": None})
-    return Will(topic=topics.state(state.device_id), payload=dead.to_json(), qos=1, retain=True)
+
+class StateSigner:
+    """Signed birth and last-will payloads in ``(boot, seq)`` order (unsigned without identity)."""
+
+    def __init__(self, topics: Topics, identity: DeviceIdentity | None = None) -> None:
+        self.topics = topics
+        self.identity = identity
+        self.connection = 0
+        self.births = 0
+        self._lock = threading.Lock()
+
+    def _sign(self, state: DeviceState, seq: int) -> bytes:
+        payload = state.to_json()
+        if self.identity is None:
+            return payload
+        return self.identity.signer.sign(self.topics.state(state.device_id), payload, seq=seq)
+
+    def birth(self, state: DeviceState) -> bytes:
+        if self.identity is not None:
+            state = state.model_copy(
+                update={
+                    "public_key": self.identity.signer.public_key_b64(),
+                    "enrol_proof": self.identity.proof,
+                }
+            )
+        with self._lock:
+            self.births = min(self.births + 1, STATE_STEP - 2)
+            seq = self.connection * STATE_STEP + self.births
+        return self._sign(state, seq)
+
+    def will(self, state: DeviceState) -> Will:
+        """The retained ``online=false`` twin of a birth, for the current connection."""
+        dead = state.model_copy(update={"online": False, "api_url": None})
+        with self._lock:
+            seq = self.connection * STATE_STEP + STATE_STEP - 1
+        return Will(self.topics.state(state.device_id), self._sign(dead, seq), qos=1, retain=True)
+
+    def connection_lost(self) -> None:
+        with self._lock:
+            self.connection += 1
+            self.births = 0
+
+
+def last_will(state: DeviceState, topics: Topics, states: StateSigner | None = None) -> Will:
+    """The retained ``online=false`` twin of a birth message (signed with ``states``)."""
+    return (states or StateSigner(topics)).will(state)
 
 
 class Link:
@@ -51,8 +105,10 @@ class Link:
         birth: Callable[[], DeviceState],
         *,
         synchronous: bool = False,
+        states: StateSigner | None = None,
     ) -> None:
         self.device_id = device_id
+        self.states = states or StateSigner(topics)
         self.topics = topics
         self.transport = transport
         self.outbox = outbox
@@ -82,8 +138,10 @@ class Link:
         from protocol.transport_paho import PahoTransport  # paho itself is imported lazily
 
         try:
-            if isinstance(t, PahoTransport):
+            if isinstance(t, SigningTransport) and isinstance(t.inner, PahoTransport):
                 t.connect(timeout=connect_timeout)  # 0: do not wait, the loop keeps trying
+            elif isinstance(t, PahoTransport):
+                t.connect(timeout=connect_timeout)
             else:
                 t.connect()
         except TransportError as exc:
@@ -101,7 +159,7 @@ class Link:
         if self.transport.is_connected():
             self.flush(timeout=timeout)
             try:
-                will = last_will(self.birth(), self.topics)
+                will = self.states.will(self.birth())
                 self.transport.publish(will.topic, will.payload, qos=1, retain=True).wait(timeout)
             except Exception as exc:  # leaving anyway
                 log.info("could not publish offline state: %s", exc)
@@ -114,6 +172,14 @@ class Link:
             self.publish_birth()
             self.wake.set()
         else:
+            # The broker published this connection's will; the next one gets a newer will.
+            self.states.connection_lost()
+            setter = getattr(self.transport, "set_will", None)
+            if setter is not None:
+                try:
+                    setter(self.states.will(self.birth()))
+                except Exception as exc:  # keep the old will rather than stop reconnecting
+                    log.warning("could not renew the last will: %s", exc)
             # The transport logs the link change itself (``agent run`` prints it): no twin here.
             log.info("MQTT connection lost; reconnecting with backoff, telemetry queues")
 
@@ -167,10 +233,8 @@ class Link:
         if not self.transport.is_connected():
             return
         try:
-            state = self.birth()
-            self.transport.publish(
-                self.topics.state(self.device_id), state.to_json(), qos=1, retain=True
-            )
+            payload = self.states.birth(self.birth())
+            self.transport.publish(self.topics.state(self.device_id), payload, qos=1, retain=True)
             self.births += 1
         except Exception as exc:  # the next connect publishes it again
             log.warning("birth message not published: %s", exc)

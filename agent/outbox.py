@@ -44,6 +44,8 @@ from protocol.messages import SketchReport, decode
 from protocol.sketches import merge
 from protocol.transport import Transport
 
+from .files import private_dir, private_file
+
 log = logging.getLogger(__name__)
 
 KINDS = ("status", "sketch", "metrics", "other")
@@ -120,6 +122,8 @@ class Outbox:
         self._drops_polled = 0
         self._inflight: set[int] = set()  # being published: never merged under flush's feet
         self._lock = threading.RLock()
+        private_dir(self.path.parent)
+        private_file(self.path)  # SQLite gives its -wal/-shm files the same mode
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

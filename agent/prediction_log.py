@@ -59,6 +59,7 @@ from protocol.feeds import Prediction
 
 from .config import LogConfig
 from .events import PredictionEvent
+from .files import private_dir, private_file
 
 log = logging.getLogger("edgefleet.agent.prediction_log")
 
@@ -239,7 +240,8 @@ def _insert(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
 
 def connect(path: Path, *, max_pages: int | None = None) -> sqlite3.Connection:
     """Open the log database (WAL, synchronous=FULL) and create the table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
+    private_file(path)  # SQLite gives its -wal/-shm files the same mode
     db = sqlite3.connect(str(path), check_same_thread=False, timeout=10.0)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")

@@ -36,6 +36,7 @@ from protocol.errors import BundleError, EdgefleetError
 from protocol.manifest import Manifest
 
 from .errors import SlotError
+from .files import private_dir
 
 BUNDLE_FILE = "bundle.efb"
 STATE_FILE = "state.json"
@@ -58,7 +59,7 @@ def slot_id_for(manifest: Manifest) -> str:
 
 def _write_bytes(path: Path, data: bytes) -> None:
     """Write and fsync one file (tests replace this to simulate a full disk)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -120,7 +121,7 @@ class Slots:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith("r"))
 
     def _write_state(self, active: str | None, order: list[str]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         atomic_write(
             self.root / STATE_FILE, json.dumps({"active": active, "order": order}).encode()
         )
@@ -142,7 +143,7 @@ class Slots:
         final = self.root / slot
         if (final / BUNDLE_FILE).is_file():
             return slot
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
             _write_bytes(tmp / BUNDLE_FILE, bundle_bytes)

@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import AgentConfig
 from .errors import SlotError
+from .identity import KEY_FILE
 from .prediction_log import LOG_FILE
 from .runtimes import runtime_versions
 from .slots import Slots
@@ -35,6 +36,7 @@ class AgentStatus:
     slots: list[SlotInfo] = field(default_factory=list)
     runtimes: dict[str, str] = field(default_factory=dict)
     log_rows: int | None = None
+    device_key_id: str | None = None  # compare with `edgefleet fleet devices pending`
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -65,6 +67,16 @@ def agent_status(config: AgentConfig) -> AgentStatus:
                 con.close()
         except sqlite3.Error:
             log_rows = None
+    key_id = None
+    key_file = config.data_dir / KEY_FILE
+    if key_file.is_file():
+        from protocol.errors import ProtocolError
+        from protocol.signing import load_private_key
+
+        try:
+            key_id = load_private_key(key_file.read_bytes()).key_id
+        except (OSError, ProtocolError):
+            key_id = None
     return AgentStatus(
         device_id=config.device_id,
         profile=config.profile,
@@ -73,4 +85,5 @@ def agent_status(config: AgentConfig) -> AgentStatus:
         slots=infos,
         runtimes=runtime_versions(),
         log_rows=log_rows,
+        device_key_id=key_id,
     )

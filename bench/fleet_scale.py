@@ -10,7 +10,19 @@ Measured for N = 100, 300, 1000:
 
 * rollout time: start of a 4-stage rollout (5/25/50/100 %, zero soak) to 100 % installed,
 * telemetry ingest: sketch reports merged per second by the drift engine,
-* server CPU seconds and peak RSS.
+* server CPU seconds and peak RSS,
+* the cost of trust: every deploy command is signed (server) and verified (device), every
+  device message (births, statuses) is signed by its device's own key and verified by the
+  server. The per-operation times are measured in the server process right after the
+  rollout, on that rollout's real command and status payloads, multiplied by the number of
+  commands and device messages the rollout exchanged, and reported as a share of the
+  rollout time (target ≤ 10 %). The per-operation times are CPU time of the measuring
+  thread (``time.thread_time``), so a loaded machine does not inflate them; the sum covers
+  both sides (devices sign and verify in parallel in a real fleet), so it overstates the
+  wall-clock share. The server's own part is printed next to it.
+
+Each simulated device has its own Ed25519 key and enrols by proving the bench's enrolment
+token (its hash is in the server's config), as a real agent with ``[enrol] token_file`` does.
 
 Anchors in the same run: the time for the same devices to merely *answer* one round of
 commands (a broadcast ping → status), i.e. the broker + client floor, so the rollout
@@ -37,6 +49,66 @@ from bench._common import run_cli, table, write_result
 DEVICES_PER_CLIENT = 50
 PREFIX = "bench"
 TARGET_S = 60.0
+TRUST_TARGET = 0.10
+ENROL_TOKEN = "efe_bench-enrolment-token"
+
+
+def _trust_costs(svc: Any, rid: str, births: int, statuses: int) -> dict[str, Any]:
+    """Per-operation sign/verify times on this rollout's payloads, times their counts."""
+    from fleet_server.delivery import command_id, deploy_command
+    from protocol import KeyPair, TrustStore
+    from protocol.device_auth import open_envelope, sign_payload, verify_envelope
+    from protocol.messages import CommandStatus, command_signing_bytes, sign_command
+    from protocol.topics import Topics
+
+    r = svc._rollouts[rid]
+    commands = sum(d.attempts for d in r.devices.values())
+    dev = next(iter(r.devices))
+    bundle, data = svc._loaded_bundle(r.spec.bundle_sha256)
+    cid = command_id(rid, dev, "deploy", 1)
+    cmd = deploy_command(
+        bundle, data, device_id=dev, rollout_id=rid, cid=cid, chunk_size=65536, key=None
+    )
+    key, trust = svc.key, TrustStore.from_keys([svc.key.public])
+    device_key = KeyPair.generate()
+    topic = Topics(PREFIX).status(dev)
+    status = CommandStatus(device_id=dev, command_id=cid, state="installed").to_json()
+    k = 2000
+
+    def timed(fn: Any) -> float:
+        # CPU time of this thread: what an operation costs, not how long the (shared,
+        # loaded) machine took to schedule it
+        t0 = time.thread_time()
+        for _ in range(k):
+            fn()
+        return (time.thread_time() - t0) / k
+
+    signed_cmd = sign_command(cmd, key)
+    cmd_sign = timed(lambda: sign_command(cmd, key))
+    cmd_verify = timed(
+        lambda: trust.verify(command_signing_bytes(signed_cmd), signed_cmd.signature)
+    )
+    signed = sign_payload(status, topic, device_key, 1, 7)
+    msg_sign = timed(lambda: sign_payload(status, topic, device_key, 1, 7))
+
+    def check() -> None:
+        env = open_envelope(signed)
+        assert env is not None and verify_envelope(env, topic, device_key.public)
+
+    msg_verify = timed(check)
+    messages = births + statuses
+    total = commands * (cmd_sign + cmd_verify) + messages * (msg_sign + msg_verify)
+    server = commands * cmd_sign + messages * msg_verify  # the part the server itself pays
+    return {
+        "server_s": server,
+        "commands": commands,
+        "device_messages": messages,
+        "command_sign_us": cmd_sign * 1e6,
+        "command_verify_us": cmd_verify * 1e6,
+        "message_sign_us": msg_sign * 1e6,
+        "message_verify_us": msg_verify * 1e6,
+        "total_s": total,
+    }
 
 
 # --- the server process ------------------------------------------------------------------
@@ -47,6 +119,7 @@ def _server(
 
     from fleet_server.config import FleetConfig
     from fleet_server.service import FleetService, RolloutRequest
+    from protocol.device_auth import token_hash
     from protocol.transport_paho import PahoTransport
 
     d = Path(tmp)
@@ -58,6 +131,7 @@ def _server(
             "broker": {"url": url, "topic_prefix": PREFIX},
             "signing": {"key": str(d / "k.pem"), "trusted": [str(d / "k.pub")]},
             "rollout": {"tick_s": 0.05},
+            "devices": {"enrol_token_hashes": [token_hash(ENROL_TOKEN)]},
         }
     )
     proc = psutil.Process()
@@ -91,6 +165,8 @@ def _server(
         )
     )["rollout_id"]
     c0, peak = cpu(), rss()
+    births = svc.bridge.stats()["accepted"].get("state", 0) if svc.bridge else 0
+    statuses0 = svc.bridge.stats()["accepted"].get("status", 0) if svc.bridge else 0
     t0 = time.monotonic()
     svc.start_rollout(rid)
     stage_done: list[float] = []
@@ -106,6 +182,11 @@ def _server(
         peak = max(peak, rss())
         time.sleep(0.005)
     seconds = time.monotonic() - t0
+    cpu_s, peak = cpu() - c0, max(peak, rss())
+    statuses = (svc.bridge.stats()["accepted"].get("status", 0) if svc.bridge else 0) - statuses0
+    trust = _trust_costs(svc, rid, births, statuses)
+    trust["share_of_rollout"] = trust["total_s"] / seconds
+    trust["server_share_of_rollout"] = trust["server_s"] / seconds
     conn.send(
         (
             "rollout",
@@ -114,8 +195,9 @@ def _server(
                 "state": r.state,
                 "counts": r.counts(),
                 "stage_done_s": stage_done,
-                "cpu_s": cpu() - c0,
-                "rss_mb": max(peak, rss()),
+                "cpu_s": cpu_s,
+                "rss_mb": peak,
+                "trust": trust,
             },
         )
     )
@@ -154,12 +236,16 @@ class SimClient:
     """One MQTT connection carrying many simulated devices."""
 
     def __init__(self, url: str, name: str, device_ids: list[str], trust: Any) -> None:
+        from protocol import KeyPair
+        from protocol.device_auth import DeviceSigner
         from protocol.topics import Topics
         from protocol.transport_paho import PahoTransport
 
         self.t = PahoTransport(url, name, clean_session=True)
         self.topics = Topics(PREFIX)
         self.ids = device_ids
+        # every simulated device has its own key and signs what it publishes
+        self.signers = {d: DeviceSigner(d, KeyPair.generate(), boot=1) for d in device_ids}
         self.trust = trust
         self.chunks: dict[str, dict[int, bytes]] = {}
         self.pending: dict[str, Any] = {}
@@ -175,33 +261,42 @@ class SimClient:
             self.t.subscribe(self.topics.artifact_filter(d), 1)
         self.t.connect()
 
+    def publish(self, device_id: str, topic: str, payload: bytes, **kw: Any) -> None:
+        self.t.publish(topic, self.signers[device_id].sign(topic, payload, **kw), qos=1)
+
     def birth(self) -> None:
+        from protocol.device_auth import enrol_proof, token_hash
         from protocol.messages import DeviceState, ModelRef
 
         old = ModelRef(name="bench", version="1.0.0", release=1)
         for d in self.ids:
+            s = self.signers[d]
             msg = DeviceState(
-                device_id=d, online=True, profile="host", model=old, agent_version="sim"
+                device_id=d,
+                online=True,
+                profile="host",
+                model=old,
+                agent_version="sim",
+                public_key=s.public_key_b64(),
+                enrol_proof=enrol_proof(token_hash(ENROL_TOKEN), d, s.key_id),
             )
-            self.t.publish(self.topics.state(d), msg.to_json(), qos=1, retain=True)
+            topic = self.topics.state(d)
+            self.t.publish(topic, s.sign(topic, msg.to_json(), seq=1), qos=1, retain=True)
 
     def offline(self) -> None:
         from protocol.messages import DeviceState
 
         for d in self.ids:
-            self.t.publish(
-                self.topics.state(d),
-                DeviceState(device_id=d, online=False).to_json(),
-                qos=1,
-                retain=True,
-            )
+            topic = self.topics.state(d)
+            dead = DeviceState(device_id=d, online=False).to_json()
+            self.t.publish(topic, self.signers[d].sign(topic, dead, seq=2), qos=1, retain=True)
 
     def status(self, device_id: str, cid: str, state: str, **kw: Any) -> None:
         from protocol.messages import CommandStatus
 
         self._seq += 1
         msg = CommandStatus(device_id=device_id, command_id=cid, state=state, seq=self._seq, **kw)
-        self.t.publish(self.topics.status(device_id), msg.to_json(), qos=1)
+        self.publish(device_id, self.topics.status(device_id), msg.to_json())
 
     def handle(self, topic: str, payload: bytes) -> None:
         from protocol.messages import ArtifactChunk, Command, decode, verify_command
@@ -246,7 +341,7 @@ class SimClient:
         for i in range(count):
             d = self.ids[i % len(self.ids)]
             msg = report.model_copy(update={"device_id": d, "seq": i})
-            self.t.publish(self.topics.sketch(d), msg.to_json(), qos=1)
+            self.publish(d, self.topics.sketch(d), msg.to_json())
 
     def close(self) -> None:
         self.t.close()
@@ -447,8 +542,26 @@ def main(quick: bool = False) -> dict[str, Any]:
             f"rollout time ×{g['rollout_time_x']:.2f}, "
             f"server CPU ×{g['server_cpu_x']:.2f}, RSS ×{g['rss_x']:.2f}"
         )
+    for r in runs:
+        tr = r["rollout"]["trust"]
+        print(
+            f"  trust, {r['n']} devices: {tr['commands']} commands × "
+            f"({tr['command_sign_us']:.0f} µs sign + {tr['command_verify_us']:.0f} µs verify) + "
+            f"{tr['device_messages']} device messages × ({tr['message_sign_us']:.0f} µs sign + "
+            f"{tr['message_verify_us']:.0f} µs verify) = {tr['total_s'] * 1000:.0f} ms, "
+            f"{tr['share_of_rollout']:.2%} of the {r['rollout']['seconds']:.2f} s rollout "
+            f"(target ≤ {TRUST_TARGET:.0%}); the server's own part (signing commands, "
+            f"verifying messages) {tr['server_s'] * 1000:.0f} ms = "
+            f"{tr['server_share_of_rollout']:.2%}"
+        )
     small = runs[0]
     headline = [
+        {
+            "metric": f"signing + verifying every command and device message, {big['n']} devices",
+            "value": f"{big['rollout']['trust']['total_s'] * 1000:.0f} ms",
+            "anchor": f"the {big['rollout']['seconds']:.2f} s rollout (target ≤ 10 %)",
+            "ratio": big["rollout"]["trust"]["share_of_rollout"],
+        },
         {
             "metric": f"4-stage rollout to 100 % of {big['n']} devices",
             "value": f"{big['rollout']['seconds']:.2f} s",

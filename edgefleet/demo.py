@@ -17,6 +17,7 @@ a :class:`DemoResult`; ``edgefleet/demo_cli.py`` renders it.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import tempfile
@@ -170,9 +171,16 @@ def _build_bundles(work: Path, progress: Progress) -> tuple[Path, Path, Path, Pa
 
 # 3: fleet server ----------------------------------------------------------------------
 def _fleet_config(
-    work: Path, broker_url: str, api_port: int, release_pub: Path, fleet_key: Path, prefix: str
+    work: Path,
+    broker_url: str,
+    api_port: int,
+    release_pub: Path,
+    fleet_key: Path,
+    prefix: str,
+    enrol_token: str,
 ) -> Any:
     from fleet_server.config import FleetConfig
+    from protocol.device_auth import token_hash
 
     return FleetConfig.model_validate(
         {
@@ -195,11 +203,21 @@ def _fleet_config(
                 "max_retries": 3,
             },
             "drift": {"min_rows": 150, "window_seconds": 3600},
+            # The demo's devices prove this run's enrolment token (only its hash is here).
+            "devices": {"enrol_token_hashes": [token_hash(enrol_token)]},
         }
     )
 
 
 # 4: agents ----------------------------------------------------------------------------
+def _enrol_token_file(work: Path, token: str) -> Path:
+    path = work / "enrol-token"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return path
+
+
 def _agent_config(
     work: Path, i: int, broker_url: str, trusted: list[Path], prefix: str, failing: bool = False
 ) -> Any:
@@ -219,6 +237,7 @@ def _agent_config(
             "api": {"host": "127.0.0.1", "port": _free_port()},
             "sketch": {"window_seconds": 2.0, "window_rows": 5000},
             "faults": {"fail_smoke_test": failing},
+            "enrol": {"token_file": str(work / "enrol-token")},
         }
     )
 
@@ -375,7 +394,9 @@ def run_demo(
     else:
         progress("fleet", f"using the external broker at {broker_url}, topics under {prefix}/")
     api_port = options.api_port or _free_port()
-    config = _fleet_config(work, broker_url, api_port, release_pub, fleet_key, prefix)
+    enrol_token = "efe_" + secrets.token_urlsafe(24)
+    _enrol_token_file(work, enrol_token)
+    config = _fleet_config(work, broker_url, api_port, release_pub, fleet_key, prefix, enrol_token)
     server = FleetServer(config).start()
     service = server.service
     assert service is not None
@@ -399,6 +420,11 @@ def run_demo(
         progress(
             "agents",
             f"started {len(agents)} agents ({', '.join(PROFILES)}), each with its own API port",
+        )
+        progress(
+            "agents",
+            "each agent signs its messages with its own key and enrols by proving this run's "
+            "enrolment token (no operator approval needed)",
         )
         _wait(
             "every agent to come online",

@@ -10,13 +10,13 @@ bearer token: viewers read, operators act, admins also manage tokens. Errors are
 from typing import TYPE_CHECKING, Any
 
 from .auth import require
-from .errors import FleetError, InvalidInput
+from .errors import FleetError, InvalidInput, TooLarge
+from .http_limits import MAX_UPLOAD_BYTES, BodyGuard, BodyTooLarge, too_large_detail
 from .service import FleetService, RolloutRequest
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 ACTIONS = ("start", "pause", "resume", "abort", "rollback")
 
 
@@ -45,7 +45,7 @@ def create_app(service: FleetService) -> "FastAPI":
     from fastapi import Body, Depends, FastAPI, Query, Request, Response
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
     app = FastAPI(
         title="edgefleet fleet server",
@@ -58,6 +58,14 @@ def create_app(service: FleetService) -> "FastAPI":
     @app.exception_handler(FleetError)
     async def _fleet_error(request: Request, exc: FleetError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse(
+            {"error": "TooLarge", "detail": too_large_detail(exc.limit), "field": "body"},
+            status_code=413,
+            headers={"Connection": "close"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -101,13 +109,34 @@ def create_app(service: FleetService) -> "FastAPI":
         },
     )
     async def upload_bundle(request: Request, role: str = Depends(operator)) -> dict[str, Any]:
-        """Upload a ``.efb`` as the raw request body; refused unless signed by a trusted key."""
-        data = await request.body()
-        if not data:
-            raise InvalidInput("the request body must be the bundle bytes", field="bundle")
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise InvalidInput(f"bundle is over {MAX_UPLOAD_BYTES} bytes", field="bundle")
-        return service.upload_bundle(data, actor=actor(role))
+        """Upload a ``.efb`` as the raw request body; refused unless signed by a trusted key.
+
+        The body streams into a 0600 file of the artifact store under the upload cap (413
+        past it); the same name@version with other bytes is a 409, the same bytes again 200.
+        """
+        import hashlib
+
+        from starlette.concurrency import run_in_threadpool
+
+        tmp = service.artifacts.temp()
+        try:
+            digest, size = hashlib.sha256(), 0
+            with open(tmp, "wb") as fh:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise TooLarge(too_large_detail(MAX_UPLOAD_BYTES), field="body")
+                    digest.update(chunk)
+                    fh.write(chunk)
+            if not size:
+                raise InvalidInput("the request body must be the bundle bytes", field="bundle")
+            return dict(
+                await run_in_threadpool(
+                    service.upload_bundle, tmp, actor(role), sha256=digest.hexdigest()
+                )
+            )
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @app.get("/v1/bundles", tags=["bundles"])
     def list_bundles(role: str = Depends(viewer)) -> list[dict[str, Any]]:
@@ -138,6 +167,31 @@ def create_app(service: FleetService) -> "FastAPI":
     @app.put("/v1/devices/{device_id}/tags", tags=["devices"])
     def tag_device(device_id: str, body: Tags, role: str = Depends(operator)) -> dict[str, Any]:
         return service.tag_device(device_id, body.tags, actor=actor(role))
+
+    @app.get("/v1/enrolments", tags=["devices"])
+    def enrolments(
+        status: str | None = Query(None, pattern="^(pending|approved)$"),
+        role: str = Depends(viewer),
+    ) -> list[dict[str, Any]]:
+        """Device keys the server pinned (approved) or holds for an operator (pending)."""
+        return service.list_enrolments(status)
+
+    class Approval(BaseModel):
+        key_id: str | None = Field(default=None, pattern="^[0-9a-f]{16}$")
+
+    @app.post("/v1/devices/{device_id}/approve", tags=["devices"])
+    def approve_device(
+        device_id: str, body: Approval | None = None, role: str = Depends(operator)
+    ) -> dict[str, Any]:
+        """Pin the key a pending device presented (``key_id``: refuse if it differs)."""
+        key = body.key_id if body is not None else None
+        return service.approve_device(device_id, actor=actor(role), key_id=key)
+
+    @app.post("/v1/devices/{device_id}/revoke", tags=["devices"])
+    def revoke_device(device_id: str, role: str = Depends(operator)) -> dict[str, Any]:
+        """Forget a device's key; it must enrol again."""
+        service.revoke_device(device_id, actor=actor(role))
+        return {"device_id": device_id, "revoked": True}
 
     # rollouts --------------------------------------------------------------------------
     @app.post("/v1/rollouts", status_code=201, tags=["rollouts"])
@@ -253,6 +307,7 @@ def create_app(service: FleetService) -> "FastAPI":
         return Response(body, media_type=ctype)
 
     _mount_dashboard(app, service)
+    app.add_middleware(BodyGuard, authenticate=service.authenticate_token)
     return app
 
 

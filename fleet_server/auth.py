@@ -61,6 +61,20 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(got, want)
 
 
+_DUMMY: list[str] = []
+
+
+def burn_password_check(password: str) -> None:
+    """The same scrypt work a real check costs, for a user that does not exist.
+
+    Without it an unknown user answers at once and a known one after the hash: the answer
+    time would tell which user names exist.
+    """
+    if not _DUMMY:
+        _DUMMY.append(hash_password(secrets.token_urlsafe(16)))
+    verify_password(password, _DUMMY[0])
+
+
 def bearer(header: str | None) -> str | None:
     if not header:
         return None

@@ -6,6 +6,12 @@ several servers can split it; amqtt is 3.1.1 only, so there it subscribes plainl
 is accepted only when it parses as its topic's model and its ``device_id`` matches the
 topic's. Everything else — unknown topics, malformed JSON, id mismatches, oversize payloads,
 a sink that raises — is dropped and counted by reason; the bridge never raises into paho.
+
+With a :class:`~.device_trust.DeviceTrust` (the fleet service always passes one) a message
+must also be signed by the device's pinned key, fresh, within the device's rate and
+telemetry caps; unknown devices may only enrol (see that module for every reason). The
+order is cheap first: size cap per kind → signature envelope → key and freshness → JSON
+parsing → sketch headers (checked against caps before any sketch is deserialized).
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from protocol.device_auth import open_envelope
 from protocol.errors import EdgefleetError
 from protocol.messages import (
     MAX_MESSAGE_BYTES,
@@ -27,7 +34,18 @@ from protocol.messages import (
 from protocol.topics import Topics, shared
 from protocol.transport import Transport
 
+if TYPE_CHECKING:
+    from .device_trust import DeviceTrust
+
 log = logging.getLogger(__name__)
+
+# Per-kind payload caps, checked before anything else is done with the bytes.
+MAX_BYTES = {
+    "state": 16 * 1024,
+    "status": 64 * 1024,
+    "metrics": 64 * 1024,
+    "sketch": MAX_MESSAGE_BYTES,
+}
 
 _MODELS: dict[str, Any] = {
     "state": DeviceState,
@@ -54,8 +72,10 @@ class Bridge:
         *,
         mqtt5: bool = False,
         shared_group: str | None = None,
+        trust: DeviceTrust | None = None,
     ) -> None:
         self.transport = transport
+        self.trust = trust
         self.topics = topics
         self.sink = sink
         self.mqtt5 = mqtt5
@@ -90,11 +110,30 @@ class Bridge:
         if parsed is None or parsed.kind not in _MODELS:
             self._drop("unknown_topic", topic)
             return
-        if len(payload) > MAX_MESSAGE_BYTES:
+        if len(payload) > MAX_BYTES[parsed.kind]:
             self._drop("oversize", topic, f"{len(payload)} bytes")
             return
         if not payload:
             return  # a cleared retained message
+        enrolling = False
+        env = None
+        if self.trust is not None:
+            env = open_envelope(payload)
+            if env is None:
+                self._drop("unsigned", topic)
+                return
+            ident = self.trust.approved(parsed.device_id)
+            if ident is None:
+                if parsed.kind != "state":
+                    known = self.trust.known(parsed.device_id)
+                    self._drop("pending" if known else "unknown_device", topic)
+                    return
+                enrolling = True
+            else:
+                why = self.trust.verify(ident, parsed.kind, topic, env)
+                if why is not None:
+                    self._drop(why, topic)
+                    return
         try:
             msg = decode(_MODELS[parsed.kind], payload)
         except EdgefleetError as exc:
@@ -103,6 +142,16 @@ class Bridge:
         if msg.device_id != parsed.device_id:
             self._drop("device_id_mismatch", topic, f"payload says {msg.device_id!r}")
             return
+        if enrolling and self.trust is not None and env is not None:
+            why = self.trust.enrol(msg, topic, env)
+            if why is not None:
+                self._drop(why, topic)
+                return
+        if self.trust is not None and isinstance(msg, (MetricsReport, SketchReport)):
+            why = self.trust.check_telemetry(msg)
+            if why is not None:
+                self._drop(why, topic)
+                return
         if isinstance(msg, SketchReport):
             try:
                 for fs in msg.sketches.features.values():
@@ -110,17 +159,21 @@ class Bridge:
             except EdgefleetError as exc:
                 self._drop("malformed", topic, f"sketch: {exc}")
                 return
+        self.deliver(parsed.kind, msg, topic)
+
+    def deliver(self, kind: str, msg: Any, topic: str = "") -> None:
+        """Hand an accepted message to the sink (also used for a birth kept until approval)."""
         try:
-            getattr(self.sink, f"on_{parsed.kind}")(msg)
+            getattr(self.sink, f"on_{kind}")(msg)
         except EdgefleetError as exc:
             self._drop("rejected", topic, str(exc))
             return
         except Exception:
-            log.exception("handling %s message on %s failed", parsed.kind, topic)
+            log.exception("handling %s message on %s failed", kind, topic)
             self._drop("handler_error", topic)
             return
         with self._lock:
-            self.accepted[parsed.kind] += 1
+            self.accepted[kind] += 1
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:

@@ -316,6 +316,80 @@ def devices_tag(
     print(f"{device_id}: {', '.join(d['tags'])}")
 
 
+@devices_app.command("pending")
+def devices_pending(
+    all_keys: bool = typer.Option(False, "--all", help="Also list approved device keys."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """List devices waiting for approval, with the key id each one presents.
+
+    Compare the key id with `edgefleet agent status` on the device before approving.
+
+    Example: edgefleet fleet devices pending
+    """
+    rows = client(url, token)._call(
+        "GET", "/v1/enrolments", params={} if all_keys else {"status": "pending"}
+    )
+    _table(
+        f"{len(rows)} device keys",
+        ["device", "key id", "status", "how", "since"],
+        [
+            [r["device_id"], r["key_id"], r["status"], r["method"], _ago(r["created_at"])]
+            for r in rows
+        ],
+    )
+
+
+@devices_app.command("approve")
+def devices_approve(
+    device_id: str = typer.Argument(...),
+    key_id: str | None = typer.Option(
+        None, "--key-id", help="Refuse unless the device presents this key id."
+    ),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Approve a pending device: pin the key it presented; its messages count from now on.
+
+    Example: edgefleet fleet devices approve pi-0001 --key-id 3f2a9c0d1e4b5a6c
+    """
+    body = {"key_id": key_id} if key_id else {}
+    d = client(url, token)._call("POST", f"/v1/devices/{device_id}/approve", json=body)
+    print(f"{device_id}: approved, key {d['key_id']}")
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    device_id: str = typer.Argument(...),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Forget a device's key: its messages are dropped until it enrols again.
+
+    Example: edgefleet fleet devices revoke pi-0001
+    """
+    client(url, token)._call("POST", f"/v1/devices/{device_id}/revoke")
+    print(f"{device_id}: key revoked")
+
+
+@devices_app.command("enrol-token")
+def devices_enrol_token() -> None:
+    """Make an enrolment token: the token goes to devices, its hash into fleet.toml.
+
+    Devices that prove the token (agent.toml `[enrol] token_file`) are approved at once.
+
+    Example: edgefleet fleet devices enrol-token
+    """
+    import secrets
+
+    from protocol.device_auth import token_hash
+
+    tok = "efe_" + secrets.token_urlsafe(32)
+    print(f"token (put it in each device's [enrol] token_file): {tok}")
+    print(f'fleet.toml: [devices] enrol_token_hashes = ["{token_hash(tok)}"]')
+
+
 # rollouts ------------------------------------------------------------------------------------
 def _stages(text: str) -> list[float]:
     from .errors import InvalidInput

@@ -92,6 +92,23 @@ class RegistrySection(_Section):
     pool_size: int = Field(default=10, ge=1, le=200)
 
 
+class DevicesSection(_Section):
+    """Device identity and the per-device caps of the MQTT bridge (docs/security.md)."""
+
+    # sha256 hex of enrolment tokens (`edgefleet fleet devices token`); a device that proves
+    # one is approved at once, any other new device waits for an operator.
+    enrol_token_hashes: list[str] = Field(default_factory=list)
+    max_pending: int = Field(default=256, ge=0)  # unapproved devices kept for an operator
+    enrol_per_minute: float = Field(default=600.0, gt=0)  # new identities accepted …
+    enrol_burst: int = Field(default=1200, ge=1)  # … with this burst (a fleet booting at once)
+    msgs_per_second: float = Field(default=20.0, gt=0)  # per device, sustained …
+    msgs_burst: int = Field(default=400, ge=1)  # … and burst
+    max_models: int = Field(default=8, ge=1)  # distinct model versions a device reports per day
+    max_windows: int = Field(default=32, ge=1)  # distinct sketch hours a device reports per hour
+    max_window_age_s: float = Field(default=7 * 86400.0, gt=0)  # older windows are dropped
+    resend_budget: int = Field(default=4096, ge=0)  # chunks resent per device per rollout
+
+
 class HooksSection(_Section):
     drift_webhook: str | None = None
     drift_command: str | None = None
@@ -107,6 +124,7 @@ class FleetConfig(_Section):
     rollout: RolloutDefaults = RolloutDefaults()
     drift: dict[str, Any] = Field(default_factory=dict)  # fields of fleet_server.drift.DriftConfig
     hooks: HooksSection = HooksSection()
+    devices: DevicesSection = DevicesSection()
 
     @property
     def db_path(self) -> Path:
@@ -208,6 +226,20 @@ chunk_bytes = 65536
 [drift]                         # fleet_server.drift.DriftConfig fields, e.g.
 # ks_alpha = 0.05
 # dataset_share = 0.5
+
+[devices]
+# New devices are pending until `edgefleet fleet devices approve ID`, unless they prove an
+# enrolment token whose sha256 is listed here (`edgefleet fleet devices token` makes one).
+enrol_token_hashes = []
+max_pending = 256               # unapproved devices remembered for an operator
+enrol_per_minute = 600.0        # new device identities accepted per minute …
+enrol_burst = 1200              # … and at once
+msgs_per_second = 20.0          # per device; more is dropped and counted (rate_limited)
+msgs_burst = 400
+max_models = 8                  # model versions one device may report on per day
+max_windows = 32                # sketch hours one device may report on per hour
+max_window_age_s = 604800.0     # sketch windows older than this are dropped
+resend_budget = 4096            # artifact chunks resent to one device per rollout
 
 [hooks]
 # drift_webhook = "https://ci.example/retrain"

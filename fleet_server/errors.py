@@ -7,6 +7,8 @@
         ├── InvalidInput             bad selector, stages, thresholds… (HTTP 422); names the field
         ├── Conflict                 an action the current state does not allow (HTTP 409)
         ├── BundleRejected           unsigned, tampered or untrusted upload (HTTP 422)
+        ├── TooLarge                 a request body over its route's cap (HTTP 413)
+        ├── Throttled                too many failed logins; retry later (HTTP 429)
         ├── AuthError                missing or invalid credentials (HTTP 401)
         │   └── Forbidden            role too low (HTTP 403)
         ├── StorageError             SQLite or the artifact store failed (HTTP 500)
@@ -64,6 +66,18 @@ class BundleRejected(FleetError):
         if self.reason:
             out["reason"] = self.reason
         return out
+
+
+class TooLarge(FleetError):
+    status_code = 413
+
+
+class Throttled(FleetError):
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: float, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class AuthError(FleetError):

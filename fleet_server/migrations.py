@@ -165,14 +165,36 @@ DEVICE_COUNTS_SQL = (
     'group by "profile", "model", "version", "online"'
 )
 
+
+# Device identities (pinned device keys, enrolment state, the newest signed state) and the
+# dashboard sessions revoked before they expire (docs/security.md).
+def _identity_tables(text: str, real: str, integer: str) -> tuple[str, ...]:
+    return (
+        'CREATE TABLE IF NOT EXISTS "device_identities" ('
+        f'"device_id" {text} PRIMARY KEY, "public_key" {text}, "key_id" {text}, '
+        f'"status" {text}, "method" {text}, "created_at" {real}, "approved_at" {real}, '
+        f'"approved_by" {text}, "state_boot" {integer}, "state_seq" {integer})',
+        'CREATE TABLE IF NOT EXISTS "revoked_sessions" ('
+        f'"sid" {text} PRIMARY KEY, "expires" {real})',
+    )
+
+
 SQLITE: tuple[Migration, ...] = (
     Migration(1, "initial layout (the unversioned registry)", _SQLITE_INITIAL),
     Migration(2, "indexes for cursor pages and aggregate counts", _LIST_INDEXES),
+    Migration(
+        3, "device identities and revoked sessions", _identity_tables("TEXT", "REAL", "INTEGER")
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
     Migration(1, "initial layout (registry and drift tables)", _PG_INITIAL),
     Migration(2, "indexes for cursor pages and aggregate counts", _LIST_INDEXES),
+    Migration(
+        3,
+        "device identities and revoked sessions",
+        _identity_tables("TEXT", "DOUBLE PRECISION", "BIGINT"),
+    ),
 )
 
 

@@ -7,9 +7,11 @@ holds both to one contract. :func:`open_repository` picks the backend from the c
 sqlite3 errors are translated into :class:`StorageError` here.
 
 Tables: bundles, devices, device_history, rollouts, rollout_stages, rollout_devices,
-metrics, events, audit, tokens, users, schema_version. The schema is the numbered list
-:data:`.migrations.SQLITE`, applied on open. (The drift engine keeps its own tables in
-the same file through its own connection.)
+metrics, events, audit, tokens, users, device_identities (pinned device keys, enrolment),
+revoked_sessions (dashboard logouts), schema_version. The SQLite file is 0600 and its
+folder 0700 whatever the umask: it holds token hashes and device keys. The schema is the
+numbered list :data:`.migrations.SQLITE`, applied on open. (The drift engine keeps its own
+tables in the same file through its own connection.)
 
 Lists that grow with the fleet also come as cursor pages (``*_page(limit, cursor)``, see
 :mod:`.pagination`), and the overview's device counts come from :meth:`device_counts`
@@ -22,7 +24,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -56,6 +58,9 @@ class Repository(Protocol):
     def metrics_summary(
         self, model: str, version: str, since: float, device_ids: list[str] | None = None
     ) -> dict[str, Any]: ...
+    def metrics_by_device(
+        self, model: str, version: str, since: float, device_ids: list[str]
+    ) -> dict[str, dict[str, Any]]: ...
     def device_metrics(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]: ...
     # history
     def add_event(self, kind: str, message: str, ts: float, **data: Any) -> None: ...
@@ -80,6 +85,13 @@ class Repository(Protocol):
     def list_tokens(self) -> list[dict[str, Any]]: ...
     def add_user(self, username: str, password_hash: str, role: str) -> None: ...
     def get_user(self, username: str) -> dict[str, Any] | None: ...
+    # device identities (fleet_server.device_trust)
+    def list_identities(self) -> list[dict[str, Any]]: ...
+    def upsert_identity(self, row: dict[str, Any]) -> None: ...
+    def delete_identity(self, device_id: str) -> None: ...
+    # dashboard sessions revoked before they expire
+    def revoke_session(self, sid: str, expires: float) -> None: ...
+    def session_revoked(self, sid: str) -> bool: ...
     # cursor pages and aggregate counts (lists that grow with the fleet)
     def devices_page(self, limit: int = 100, cursor: str | None = None) -> Page: ...
     def bundles_page(self, limit: int = 100, cursor: str | None = None) -> Page: ...
@@ -128,13 +140,16 @@ def connect(path: Path) -> Any:
     """A ``sqlite_utils.Database`` on ``path`` in WAL mode, usable from several threads."""
     import sqlite_utils
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    from .files import private_dir, private_file
+
+    private_dir(Path(path).parent)
     try:
+        private_file(Path(path))
         conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
         db = sqlite_utils.Database(conn)
         db.enable_wal()
         conn.execute("PRAGMA synchronous=NORMAL")
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise StorageError(f"cannot open registry {path}: {exc}") from None
     return db
 
@@ -389,6 +404,25 @@ class SQLiteRepository:
 
         return self._read(q)
 
+    def metrics_by_device(
+        self, model: str, version: str, since: float, device_ids: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Per device: the median of its window p95s, its requests and errors since ``since``."""
+        if not device_ids:
+            return {}
+
+        def q(db: Any) -> list[tuple[Any, ...]]:
+            marks = ",".join("?" * len(device_ids))
+            return list(
+                db.execute(
+                    "select device_id, p95_ms, requests, errors from metrics where model = ? "
+                    f"and version = ? and ts >= ? and device_id in ({marks})",
+                    [model, version, since, *device_ids],
+                ).fetchall()
+            )
+
+        return fold_device_metrics(self._read(q))
+
     def device_metrics(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
         return self._read(
             lambda db: list(
@@ -559,6 +593,30 @@ class SQLiteRepository:
         rows = self._read(lambda db: db.execute(migrations.DEVICE_COUNTS_SQL).fetchall())
         return pagination.counts_from_groups([tuple(r) for r in rows])
 
+    # device identities ------------------------------------------------------------------
+    def list_identities(self) -> list[dict[str, Any]]:
+        return self._read(lambda db: list(db["device_identities"].rows))
+
+    def upsert_identity(self, row: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db["device_identities"].upsert(row, pk="device_id")
+
+    def delete_identity(self, device_id: str) -> None:
+        with self._tx() as db:
+            db.execute("delete from device_identities where device_id = ?", [device_id])
+
+    # sessions -------------------------------------------------------------------------
+    def revoke_session(self, sid: str, expires: float) -> None:
+        with self._tx() as db:
+            db["revoked_sessions"].upsert({"sid": sid, "expires": expires}, pk="sid")
+            db.execute("delete from revoked_sessions where expires < ?", [time.time()])
+
+    def session_revoked(self, sid: str) -> bool:
+        rows = self._read(
+            lambda db: db.execute("select 1 from revoked_sessions where sid = ?", [sid]).fetchall()
+        )
+        return bool(rows)
+
     def close(self) -> None:
         with self._lock:
             self.db.conn.close()
@@ -566,6 +624,23 @@ class SQLiteRepository:
 
 def _with_data(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "data": json.loads(r["data"] or "{}")} for r in rows]
+
+
+def fold_device_metrics(rows: Iterable[Sequence[Any]]) -> dict[str, dict[str, Any]]:
+    """(device_id, p95_ms, requests, errors) rows → per device: the median window p95 (lower
+    median), its requests, errors and error rate. Shared by both backends."""
+    out: dict[str, dict[str, Any]] = {}
+    for dev, p95, req, err in rows:
+        d = out.setdefault(dev, {"p95s": [], "requests": 0, "errors": 0})
+        if p95 is not None:
+            d["p95s"].append(float(p95))
+        d["requests"] += int(req or 0)
+        d["errors"] += int(err or 0)
+    for d in out.values():
+        p95s = sorted(d.pop("p95s"))
+        d["p95_ms"] = p95s[(len(p95s) - 1) // 2] if p95s else None
+        d["error_rate"] = d["errors"] / d["requests"] if d["requests"] else None
+    return out
 
 
 def _device(row: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any
 from . import migrations, pagination
 from .errors import StorageError
 from .pagination import Page
-from .repository import _device, _j, _with_data
+from .repository import _device, _j, _with_data, fold_device_metrics
 
 # pg_advisory_xact_lock key taken while migrating ("edgefleet-migrate"); other users of
 # advisory locks on the same database must pick different keys.
@@ -368,6 +368,20 @@ class PostgresRepository:
             "accuracy": row["acc_sum"] / fb if fb else None,
         }
 
+    def metrics_by_device(
+        self, model: str, version: str, since: float, device_ids: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        if not device_ids:
+            return {}
+        rows = self._all(
+            "select device_id, p95_ms, requests, errors from metrics where model = %s "
+            "and version = %s and ts >= %s and device_id = any(%s)",
+            [model, version, since, list(device_ids)],
+        )
+        return fold_device_metrics(
+            (r["device_id"], r["p95_ms"], r["requests"], r["errors"]) for r in rows
+        )
+
     def device_metrics(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
         return self._all(
             "select * from metrics where device_id = %s order by ts desc, id desc limit %s",
@@ -469,6 +483,33 @@ class PostgresRepository:
         return self._one("select * from users where username = %s", [username])
 
     # cursor pages and aggregate counts ------------------------------------------------
+    # device identities ------------------------------------------------------------------
+    def list_identities(self) -> list[dict[str, Any]]:
+        return self._all("select * from device_identities order by device_id")
+
+    def upsert_identity(self, row: dict[str, Any]) -> None:
+        cols = list(row)
+        with self._conn() as conn:
+            conn.execute(
+                self._upsert_sql("device_identities", cols, ["device_id"]),
+                [_value(row[c]) for c in cols],
+            )
+
+    def delete_identity(self, device_id: str) -> None:
+        with self._conn() as conn:
+            conn.execute("delete from device_identities where device_id = %s", [device_id])
+
+    # sessions -------------------------------------------------------------------------
+    def revoke_session(self, sid: str, expires: float) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                self._upsert_sql("revoked_sessions", ["sid", "expires"], ["sid"]), [sid, expires]
+            )
+            conn.execute("delete from revoked_sessions where expires < %s", [time.time()])
+
+    def session_revoked(self, sid: str) -> bool:
+        return self._one("select 1 as x from revoked_sessions where sid = %s", [sid]) is not None
+
     def _page(
         self,
         table: str,

@@ -38,6 +38,9 @@ Rules:
 4. Halt gate (checked first, over devices of started stages): failed share of *reported*
    devices > ``failure_threshold`` **and** reported ≥ ``min_devices``. Telemetry gates also
    halt: p95 latency over the budget, error rate over the maximum, drift when gated on it.
+   Latency and error rate are stage-level statistics over the devices that reported: the
+   lower median of the per-device values, taken only once ``min_devices`` devices
+   reported — never the maximum, so one device (broken or lying) cannot halt a stage.
 5. Advance gate: installed share of the stage ≥ ``success_threshold``, then ``soak_s`` must
    pass with the telemetry gates holding; then the stage passes and the next one starts.
 6. A paused rollout sends nothing and advances nothing, but records reports.
@@ -218,12 +221,41 @@ class DeviceProgress:
 
 @dataclass(frozen=True)
 class Telemetry:
-    """What the service measured for the new version on devices of this rollout."""
+    """What the service measured for the new version on devices of this rollout.
+
+    ``device_p95_ms`` / ``device_error_rate`` hold one value per reporting device; the
+    engine reduces them with :func:`stage_statistic`. ``p95_ms`` / ``error_rate`` are used
+    as given when no per-device values are supplied (a caller that already reduced them).
+    """
 
     p95_ms: float | None = None
     latency_budget_ms: float | None = None
     error_rate: float | None = None
     drift: bool = False
+    device_p95_ms: tuple[float, ...] = ()
+    device_error_rate: tuple[float, ...] = ()
+
+    def stage_p95(self, min_devices: int) -> float | None:
+        if self.device_p95_ms:
+            return stage_statistic(self.device_p95_ms, min_devices)
+        return self.p95_ms
+
+    def stage_error_rate(self, min_devices: int) -> float | None:
+        if self.device_error_rate:
+            return stage_statistic(self.device_error_rate, min_devices)
+        return self.error_rate
+
+
+def stage_statistic(values: Iterable[float], min_devices: int) -> float | None:
+    """The lower median of per-device values, or None below ``min_devices`` values.
+
+    With n ≥ 2 values, moving the lower median above x needs more than half of the
+    devices above x: one device can never do it alone.
+    """
+    vals = sorted(v for v in values if v == v)  # NaN-free
+    if not vals or len(vals) < max(1, min_devices):
+        return None
+    return vals[(len(vals) - 1) // 2]
 
 
 @dataclass(frozen=True)
@@ -574,14 +606,13 @@ class Rollout:
         if t is None:
             return ""
         budget = self.spec.max_p95_ms if self.spec.max_p95_ms is not None else t.latency_budget_ms
-        if budget is not None and t.p95_ms is not None and t.p95_ms > budget:
-            return f"p95 latency {t.p95_ms:.2f} ms is over the budget of {budget:g} ms"
-        if (
-            self.spec.max_error_rate is not None
-            and t.error_rate is not None
-            and t.error_rate > self.spec.max_error_rate
-        ):
-            return f"error rate {t.error_rate:.2%} is over {self.spec.max_error_rate:.2%}"
+        p95 = t.stage_p95(self.spec.min_devices)
+        if budget is not None and p95 is not None and p95 > budget:
+            return f"p95 latency {p95:.2f} ms is over the budget of {budget:g} ms"
+        rate = t.stage_error_rate(self.spec.min_devices)
+        limit = self.spec.max_error_rate
+        if limit is not None and rate is not None and rate > limit:
+            return f"error rate {rate:.2%} is over {limit:.2%}"
         if self.spec.halt_on_drift and t.drift:
             return "the new version's inputs drifted from its reference data"
         return ""

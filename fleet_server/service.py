@@ -13,11 +13,13 @@ subclasses for bad input. Methods are thread-safe (one lock around the engine st
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -35,6 +37,7 @@ from .artifacts import ArtifactStore
 from .bridge import Bridge
 from .config import FleetConfig
 from .delivery import Sender, command_id, deploy_command, parse_command_id, rollback_command
+from .device_trust import DeviceTrust
 from .errors import BundleRejected, ConfigError, Conflict, InvalidInput, NotFound
 from .repository import Repository, open_repository
 from .rollout_engine import Decision, Rollout, RolloutSpec, Selector, Telemetry
@@ -131,6 +134,7 @@ class FleetService:
             if transport is not None
             else None
         )
+        self.devices = DeviceTrust(self.repo, config.devices, clock)
         self.bridge = (
             Bridge(
                 transport,
@@ -138,6 +142,7 @@ class FleetService:
                 self,
                 mqtt5=config.broker.mqtt5,
                 shared_group=config.broker.shared_group,
+                trust=self.devices,
             )
             if transport is not None
             else None
@@ -152,6 +157,7 @@ class FleetService:
         self._dirty: set[str] = set()
         self._audit_buf: list[dict[str, Any]] = []
         self._event_buf: list[dict[str, Any]] = []
+        self._resent: dict[tuple[str, str], int] = {}  # (rollout, device) → chunks resent
         self._devices: dict[str, dict[str, Any]] = {
             d["device_id"]: d for d in self.repo.list_devices()
         }
@@ -253,8 +259,15 @@ class FleetService:
                 time.sleep(0.02)  # coalesce a burst of status reports into one tick
 
     # bundles --------------------------------------------------------------------------
-    def upload_bundle(self, data: bytes, actor: str = "api") -> dict[str, Any]:
-        """Verify against the fleet's trusted keys, store, and register the drift reference."""
+    def upload_bundle(
+        self, data: bytes | Path, actor: str = "api", *, sha256: str | None = None
+    ) -> dict[str, Any]:
+        """Verify against the fleet's trusted keys, store, and register the drift reference.
+
+        ``data`` is the bundle's bytes or a file the API streamed it into (with its
+        ``sha256``). The same name@version with other bytes is a conflict (409); the same
+        bytes again return the stored bundle.
+        """
         if not self.trust.keys:
             raise BundleRejected(
                 "the fleet trusts no signing key (set signing.trusted)", reason="key_unknown"
@@ -266,13 +279,31 @@ class FleetService:
             raise BundleRejected(f"bundle refused: {exc}", reason=exc.reason.value) from None
         except EdgefleetError as exc:
             raise BundleRejected(f"bundle refused: {exc}", reason="manifest_invalid") from None
-        sha = self.artifacts.put(data)
+        if isinstance(data, bytes):
+            sha, size = hashlib.sha256(data).hexdigest(), len(data)
+        else:
+            size = Path(data).stat().st_size
+            sha = sha256 or _file_sha256(Path(data))
+        for other in self.repo.list_bundles():
+            if (other["name"], other["version"]) != (manifest.name, manifest.version):
+                continue
+            if other["sha256"] != sha:
+                raise Conflict(
+                    f"{manifest.name}@{manifest.version} is already uploaded with other bytes "
+                    f"(sha256 {other['sha256'][:12]}…); give the new build a new version",
+                    field="bundle",
+                )
+            return _bundle_info(other)  # the same bytes again: nothing to do
+        if isinstance(data, bytes):
+            sha = self.artifacts.put(data)
+        else:
+            self.artifacts.adopt(Path(data), sha)
         row = {
             "sha256": sha,
             "name": manifest.name,
             "version": manifest.version,
             "release": manifest.release,
-            "size": len(data),
+            "size": size,
             "model_sha256": manifest.file(manifest.model.path).sha256,
             "profiles": ",".join(manifest.profiles),
             "manifest": bundle.manifest_bytes.decode(),
@@ -667,11 +698,15 @@ class FleetService:
         return self.repo.token_role(h)
 
     def authenticate_user(self, username: str, password: str) -> str | None:
+        """The user's role, or None. An unknown user costs the same scrypt work as a known one."""
         for u in self.config.auth.users:
             if u.username == username:
                 return u.role if auth.verify_password(password, u.password_hash) else None
         row = self.repo.get_user(username)
-        if row is not None and auth.verify_password(password, row["password_hash"]):
+        if row is None:
+            auth.burn_password_check(password)
+            return None
+        if auth.verify_password(password, row["password_hash"]):
             return str(row["role"])
         return None
 
@@ -818,15 +853,10 @@ class FleetService:
                 kind == "deploy"
                 and isinstance(missing, list)
                 and self.sender is not None
-                and r.state in ("running", "succeeded", "paused")
+                and r.state == "running"
+                and dev.state in ("queued", "downloading")
             ):
-                _, data = self._loaded_bundle(r.spec.bundle_sha256)
-                n = self.sender.chunks(
-                    device_id, data, [int(i) for i in missing if isinstance(i, int)]
-                )
-                self._event(
-                    "delivery", f"resent {n} missing chunks", rollout_id=rid, device_id=device_id
-                )
+                self._resend(r, device_id, missing)
             decisions = r.on_status(
                 device_id, msg.state, self.clock(), kind=kind, reason=msg.reason or msg.detail
             )
@@ -834,6 +864,47 @@ class FleetService:
                 self._apply(r, decisions, "engine")
                 self._dirty.add(rid)
                 self._wake.set()
+
+    def _resend(self, r: Rollout, device_id: str, missing: list[Any]) -> None:
+        """Resend the chunks a device misses, within its per-rollout budget."""
+        assert self.sender is not None
+        key = (r.rollout_id, device_id)
+        budget = self.config.devices.resend_budget - self._resent.get(key, 0)
+        wanted = sorted({i for i in missing if isinstance(i, int) and i >= 0})[: max(budget, 0)]
+        if not wanted:
+            self.exporter.count_dropped("resend_budget")
+            return
+        _, data = self._loaded_bundle(r.spec.bundle_sha256)
+        n = self.sender.chunks(device_id, data, wanted)
+        self._resent[key] = self._resent.get(key, 0) + n
+        self._event(
+            "delivery", f"resent {n} missing chunks", rollout_id=r.rollout_id, device_id=device_id
+        )
+
+    # device identities ----------------------------------------------------------------
+    def list_enrolments(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Device keys: approved and pending (``status`` filters)."""
+        return self.devices.list(status)
+
+    def approve_device(
+        self, device_id: str, actor: str = "api", key_id: str | None = None
+    ) -> dict[str, Any]:
+        """Pin a pending device's key; its kept birth message is applied at once."""
+        ident, birth = self.devices.approve(device_id, actor, key_id)
+        self._audit(actor, "device.approve", f"device:{device_id}", f"key {ident['key_id']}")
+        self.flush()
+        if birth is not None:
+            if self.bridge is not None:
+                self.bridge.deliver("state", birth)
+            else:
+                self.on_state(birth)
+        return ident
+
+    def revoke_device(self, device_id: str, actor: str = "api") -> None:
+        """Forget a device's pinned key: its messages are dropped until it enrols again."""
+        self.devices.revoke(device_id)
+        self._audit(actor, "device.revoke", f"device:{device_id}", "device key forgotten")
+        self.flush()
 
     def on_metrics(self, msg: MetricsReport) -> None:
         self.exporter.observe_metrics(msg)
@@ -906,11 +977,17 @@ class FleetService:
         started = min(
             (s.started_at for s in r.stages if s.started_at is not None), default=r.created_at
         )
-        summary = self.repo.metrics_summary(bundle["name"], bundle["version"], started, installed)
+        per = self.repo.metrics_by_device(bundle["name"], bundle["version"], started, installed)
         drift = False
         if spec.halt_on_drift and self.drift is not None:
             drift = bool(self.drift.is_drifting(bundle["name"], bundle["version"]))
-        return Telemetry(p95_ms=summary["p95_ms"], error_rate=summary["error_rate"], drift=drift)
+        return Telemetry(
+            device_p95_ms=tuple(d["p95_ms"] for d in per.values() if d["p95_ms"] is not None),
+            device_error_rate=tuple(
+                d["error_rate"] for d in per.values() if d["error_rate"] is not None
+            ),
+            drift=drift,
+        )
 
     def _apply(self, r: Rollout, decisions: list[Decision], actor: str) -> None:
         """Carry out the engine's decisions: send commands, record every reason."""
@@ -978,6 +1055,14 @@ class FleetService:
 
     def _persist(self, r: Rollout) -> None:
         self._dirty.add(r.rollout_id)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _or(value: Any, default: Any) -> Any:

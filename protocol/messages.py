@@ -70,6 +70,10 @@ class DeviceState(Message):
     runtimes: dict[str, str] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list)
     api_url: str | None = None
+    # Device identity (protocol.device_auth): the raw Ed25519 public key, base64, that signs
+    # this device's messages, and the HMAC proof of an enrolment token (birth only).
+    public_key: str | None = Field(default=None, max_length=64)
+    enrol_proof: str | None = Field(default=None, max_length=64)
 
 
 class DeployPayload(BaseModel):

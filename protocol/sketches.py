@@ -27,6 +27,17 @@ from .schema import InputSchema
 DEFAULT_K = 200
 DEFAULT_LG_MAX_MAP = 6  # frequent items map holds up to 0.75 * 2**6 = 48 items
 
+# Caps checked on a sketch's header BEFORE the bytes reach DataSketches' deserializer, which
+# allocates what the header says (a 1.4 KB frequent-items sketch claiming a 2**26 map cost
+# the fleet server +1.3 GB). Generous next to what edgefleet builds (k=200, lg map 6).
+MAX_SKETCH_BYTES = 256 * 1024  # one serialized sketch
+MAX_KLL_K = 4096
+MAX_KLL_LEVELS = 61
+MAX_LG_MAP = 12  # 4096-slot frequent-items map
+MAX_FEATURES = 2048  # sketches in one SketchSet
+_KLL_FAMILY = 15
+_FREQUENT_FAMILY = 10
+
 SCORES_KEY = "__score__"
 LABELS_KEY = "__label__"
 
@@ -59,7 +70,7 @@ class FeatureSketch(BaseModel):
 class SketchSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rows: int = Field(default=0, ge=0)
-    features: dict[str, FeatureSketch] = Field(default_factory=dict)
+    features: dict[str, FeatureSketch] = Field(default_factory=dict, max_length=MAX_FEATURES)
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
@@ -82,16 +93,80 @@ def encode(sketch: Any) -> str:
     return base64.b64encode(sketch.serialize()).decode()
 
 
-def decode_kll(data: str) -> Any:
+def _raw(data: str, what: str) -> bytes:
+    if len(data) > (MAX_SKETCH_BYTES + 2) // 3 * 4:
+        raise ProtocolError(f"{what} sketch is over {MAX_SKETCH_BYTES} bytes")
     try:
-        return _ds().kll_floats_sketch.deserialize(base64.b64decode(data, validate=True))
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        raise ProtocolError(f"{what} sketch is not base64") from None
+
+
+def check_kll_header(raw: bytes) -> None:
+    """Refuse a KLL float sketch whose header asks for more than the caps (no allocation).
+
+    Layout (DataSketches KLL, little endian): preamble ints, serial version, family (15),
+    flags, k (uint16), m; a full sketch (serial version 1) then has n (uint64),
+    min_k (uint16) and the number of levels (uint8).
+    """
+    if len(raw) < 8:
+        raise ProtocolError("KLL sketch: header is truncated")
+    if raw[2] != _KLL_FAMILY:
+        raise ProtocolError(f"KLL sketch: family {raw[2]} is not KLL ({_KLL_FAMILY})")
+    if raw[1] not in (1, 2):
+        raise ProtocolError(f"KLL sketch: serial version {raw[1]} is not supported")
+    k = int.from_bytes(raw[4:6], "little")
+    if not 8 <= k <= MAX_KLL_K:
+        raise ProtocolError(f"KLL sketch: k={k} is outside 8..{MAX_KLL_K}")
+    if raw[1] == 1 and len(raw) > 8:
+        if len(raw) < 20:
+            raise ProtocolError("KLL sketch: header is truncated")
+        min_k = int.from_bytes(raw[16:18], "little")
+        levels = raw[18]
+        if min_k > k or levels > MAX_KLL_LEVELS:
+            raise ProtocolError(f"KLL sketch: min_k={min_k}, {levels} levels are over the caps")
+
+
+def check_frequent_header(raw: bytes) -> None:
+    """Refuse a frequent-items sketch whose map sizes or item count exceed the caps.
+
+    Layout: preamble longs, serial version, family (10), lg max map size, lg current map
+    size, flags, 2 unused; a non-empty sketch then has the active item count (uint32).
+    """
+    if len(raw) < 8:
+        raise ProtocolError("frequent-items sketch: header is truncated")
+    if raw[2] != _FREQUENT_FAMILY:
+        raise ProtocolError(f"frequent-items sketch: family {raw[2]} is not {_FREQUENT_FAMILY}")
+    lg_max, lg_cur = raw[3], raw[4]
+    if lg_max > MAX_LG_MAP or lg_cur > lg_max:
+        raise ProtocolError(
+            f"frequent-items sketch: map size 2^{max(lg_max, lg_cur)} is over the cap "
+            f"2^{MAX_LG_MAP}"
+        )
+    if raw[0] > 1:  # not empty
+        if len(raw) < 12:
+            raise ProtocolError("frequent-items sketch: header is truncated")
+        active = int.from_bytes(raw[8:12], "little")
+        if active > (3 << lg_cur) // 4:
+            raise ProtocolError(
+                f"frequent-items sketch: {active} items do not fit a 2^{lg_cur} map"
+            )
+
+
+def decode_kll(data: str) -> Any:
+    raw = _raw(data, "KLL")
+    check_kll_header(raw)
+    try:
+        return _ds().kll_floats_sketch.deserialize(raw)
     except Exception as exc:  # the C++ binding raises RuntimeError/ValueError/...
         raise ProtocolError(f"not a KLL sketch: {exc}") from None
 
 
 def decode_frequent(data: str) -> Any:
+    raw = _raw(data, "frequent-items")
+    check_frequent_header(raw)
     try:
-        return _ds().frequent_strings_sketch.deserialize(base64.b64decode(data, validate=True))
+        return _ds().frequent_strings_sketch.deserialize(raw)
     except Exception as exc:
         raise ProtocolError(f"not a frequent-items sketch: {exc}") from None
 

@@ -184,6 +184,9 @@ class MemoryTransport:
     def is_connected(self) -> bool:
         return self._connected
 
+    def set_will(self, will: Will | None) -> None:
+        self.will = will
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
         if not self._connected:
             return _Done(False)

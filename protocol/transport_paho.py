@@ -220,6 +220,10 @@ class PahoTransport:
         if self.is_connected():
             self._client.unsubscribe(topic_filter)
 
+    def set_will(self, will: Will) -> None:
+        """Replace the last will; it is sent with the next CONNECT (the next reconnect)."""
+        self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler
 

@@ -3,6 +3,7 @@
     /ui/login                      GET form, POST credentials (double-submit nonce)
     /ui/                           overview: devices by profile/version/state, rollouts, alerts
     /ui/devices, /ui/devices/{id}  device list; version history, latency, last seen, failures
+    /ui/devices/{id}/approve       POST: pin a pending device's key (operator, CSRF)
     /ui/rollouts                   list + new rollout (upload or pick a bundle → plan → confirm)
     /ui/rollouts/{id}              stages, devices, gate decisions, action buttons
     /ui/rollouts/{id}/live.json    the live part of that page (polled by static/dashboard.js)
@@ -19,6 +20,7 @@ and :func:`_field_quality`).
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures at
 # runtime, and ``Request`` is imported inside build_router (fastapi stays a lazy import).
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +31,7 @@ from ..auth import allows
 from ..errors import Conflict, FleetError, InvalidInput
 from . import charts
 from .session import COOKIE, LOGIN_COOKIE, Session, Sessions, csrf_ok, new_nonce, secret_from_env
+from .throttle import LoginThrottle
 
 HERE = Path(__file__).parent
 STATIC_TYPES = {
@@ -159,12 +162,16 @@ def _stage_parts(stage: dict[str, Any]) -> dict[str, int]:
 def build_router(service: Any) -> Any:
     from fastapi import APIRouter, Request
     from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+    from starlette.concurrency import run_in_threadpool
 
     from ..service import RolloutRequest
 
     router = APIRouter(include_in_schema=False)
     env = _environment()
-    sessions = Sessions(secret_from_env())
+    sessions = Sessions(
+        secret_from_env(), revoked=service.repo.session_revoked, revoke=service.repo.revoke_session
+    )
+    throttle = LoginThrottle()
 
     # helpers ---------------------------------------------------------------------------
     def session_of(request: Request) -> Session | None:
@@ -239,8 +246,19 @@ def build_router(service: Any) -> Any:
         nxt = _safe_next(form.get("next"))
         if not nonce or not csrf_ok(Session("", "", nonce, 0), form.get("nonce")):
             return error(request, "the login form expired; reload it and sign in again", 403)
-        role = service.authenticate_user(form.get("username", ""), form.get("password", ""))
+        user, addr = form.get("username", ""), request.client.host if request.client else "-"
+        wait = throttle.wait_s(user, addr)
+        if wait > 0:
+            page = error(
+                request,
+                f"too many failed logins; try again in {math.ceil(wait)} s",
+                429,
+            )
+            page.headers["Retry-After"] = str(math.ceil(wait))
+            return page
+        role = await run_in_threadpool(service.authenticate_user, user, form.get("password", ""))
         if role is None:
+            throttle.failed(user, addr)
             fresh = new_nonce()
             page = render(
                 request,
@@ -260,13 +278,14 @@ def build_router(service: Any) -> Any:
                 secure=tls(request),
             )
             return page
+        throttle.succeeded(user, addr)
         cookie, _ = sessions.issue(form["username"], role, time.time())
         resp = RedirectResponse(nxt, status_code=303)
         resp.set_cookie(
             COOKIE,
             cookie,
             httponly=True,
-            samesite="lax",
+            samesite="strict",
             max_age=int(sessions.max_age_s),
             secure=tls(request),
         )
@@ -279,8 +298,10 @@ def build_router(service: Any) -> Any:
         form = {k: str(v) for k, v in (await request.form()).items()}
         if s is not None and not csrf_ok(s, form.get("csrf")):
             return error(request, "CSRF token mismatch", 403)
+        if s is not None:
+            sessions.revoke(s)  # the cookie stops working here, also if someone kept a copy
         resp = RedirectResponse("/ui/login", status_code=303)
-        resp.delete_cookie(COOKIE)
+        resp.delete_cookie(COOKIE, httponly=True, samesite="strict", secure=tls(request))
         return resp
 
     # static ----------------------------------------------------------------------------
@@ -321,8 +342,22 @@ def build_router(service: Any) -> Any:
             request,
             "devices.html",
             devices=rows,
+            pending=service.list_enrolments("pending"),
             filters={"profile": profile, "version": version, "online": online},
         )
+
+    @router.post("/ui/devices/{device_id}/approve")
+    async def approve(request: Request, device_id: str) -> Response:
+        s, form, refused = await acting(request)
+        if refused is not None or s is None:
+            return refused or to_login(request)
+        try:
+            service.approve_device(
+                device_id, actor=f"dashboard:{s.user}", key_id=form.get("key_id") or None
+            )
+        except FleetError as exc:
+            return error(request, exc)
+        return RedirectResponse("/ui/devices", status_code=303)
 
     @router.get("/ui/devices/{device_id}")
     def device(request: Request, device_id: str) -> Response:
@@ -371,15 +406,25 @@ def build_router(service: Any) -> Any:
         if not allows(s.role, "operator"):
             return error(request, f"uploading needs the operator role; you are {s.role}", 403)
         file = form.get("bundle")
-        data = await file.read() if file is not None and hasattr(file, "read") else b""
-        if not data:
-            return error(
-                request, InvalidInput("choose a .efb bundle file to upload", field="bundle")
-            )
+        tmp = service.artifacts.temp()
         try:
-            info = service.upload_bundle(data, actor=f"dashboard:{s.user}")
+            size = 0
+            with open(tmp, "wb") as fh:  # the form parser spooled it; copy it in blocks
+                while file is not None and not isinstance(file, str):
+                    block = await file.read(1 << 20)
+                    if not block:
+                        break
+                    size += len(block)
+                    fh.write(block)
+            if not size:
+                return error(
+                    request, InvalidInput("choose a .efb bundle file to upload", field="bundle")
+                )
+            info = await run_in_threadpool(service.upload_bundle, tmp, f"dashboard:{s.user}")
         except FleetError as exc:
             return error(request, exc)
+        finally:
+            tmp.unlink(missing_ok=True)
         return RedirectResponse(f"/ui/rollouts?bundle={info['sha256']}", status_code=303)
 
     def rollout_request(form: dict[str, str]) -> RolloutRequest:

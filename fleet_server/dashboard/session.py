@@ -1,10 +1,12 @@
-"""Signed session cookies and CSRF tokens for the dashboard (no server-side state).
+"""Signed session cookies and CSRF tokens for the dashboard, revocable on the server.
 
 A session cookie is ``base64url(json) "." base64url(HMAC-SHA256(secret, json))`` holding
-the user, role, expiry and a random CSRF token. Every POST form carries that token in a
-hidden field and is refused when it does not match (constant-time compare); the cookie is
-``HttpOnly`` and ``SameSite=Lax``. The login form, posted before a session exists, uses a
-double-submit nonce (cookie == form field) instead.
+the user, role, expiry, a random session id and a random CSRF token. Every POST form
+carries that token in a hidden field and is refused when it does not match (constant-time
+compare); the cookie is ``HttpOnly``, ``SameSite=Strict`` and ``Secure`` when the page was
+served over HTTPS. Logging out records the session id as revoked (in the registry, so every
+server process sharing it refuses the cookie from then on). The login form, posted before a
+session exists, uses a double-submit nonce (cookie == form field) instead.
 
 The secret comes from ``EDGEFLEET_DASHBOARD_SECRET`` (set it when several server
 processes share logins) or is generated per process, so a restart logs everyone out.
@@ -18,6 +20,7 @@ import hmac
 import json
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 COOKIE = "edgefleet_session"
@@ -44,19 +47,33 @@ class Session:
     role: str
     csrf: str
     expires: float
+    sid: str = ""
 
 
 class Sessions:
-    def __init__(self, secret: bytes, max_age_s: float = MAX_AGE_S) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        max_age_s: float = MAX_AGE_S,
+        *,
+        revoked: Callable[[str], bool] | None = None,
+        revoke: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.secret = secret
         self.max_age_s = max_age_s
+        self._revoked = revoked
+        self._revoke = revoke
 
     def _sign(self, body: bytes) -> str:
         return _b64(hmac.new(self.secret, body, hashlib.sha256).digest())
 
     def issue(self, user: str, role: str, now: float) -> tuple[str, Session]:
-        s = Session(user, role, secrets.token_urlsafe(16), now + self.max_age_s)
-        body = json.dumps({"u": s.user, "r": s.role, "c": s.csrf, "e": s.expires}).encode()
+        s = Session(
+            user, role, secrets.token_urlsafe(16), now + self.max_age_s, secrets.token_urlsafe(12)
+        )
+        body = json.dumps(
+            {"u": s.user, "r": s.role, "c": s.csrf, "e": s.expires, "i": s.sid}
+        ).encode()
         return f"{_b64(body)}.{self._sign(body)}", s
 
     def read(self, cookie: str | None, now: float) -> Session | None:
@@ -71,10 +88,19 @@ class Sessions:
             return None
         try:
             d = json.loads(body)
-            s = Session(str(d["u"]), str(d["r"]), str(d["c"]), float(d["e"]))
+            s = Session(str(d["u"]), str(d["r"]), str(d["c"]), float(d["e"]), str(d.get("i", "")))
         except (ValueError, KeyError, TypeError):
             return None
-        return s if s.expires > now else None
+        if s.expires <= now:
+            return None
+        if self._revoked is not None and (not s.sid or self._revoked(s.sid)):
+            return None
+        return s
+
+    def revoke(self, session: Session) -> None:
+        """Refuse this session's cookie from now on (logout)."""
+        if self._revoke is not None and session.sid:
+            self._revoke(session.sid, session.expires)
 
 
 def csrf_ok(session: Session | None, token: str | None) -> bool:

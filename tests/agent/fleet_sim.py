@@ -2,7 +2,9 @@
 
 Builds deploy/rollback commands and artifact chunks, and talks to a device over any
 ``Transport``: it collects the device's statuses and states, and resends the chunks a
-``downloading`` status lists as missing.
+``downloading`` status lists as missing. Like the fleet server it pins the public key the
+device's first birth carries and checks every device message's signature against it
+(:attr:`FleetSim.signature_failures` lists the topics of any that did not verify).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from protocol import KeyPair, Manifest, canonical_bytes
+from protocol.device_auth import open_envelope, public_key_from_b64, verify_envelope
 from protocol.messages import (
     ArtifactChunk,
     Command,
@@ -115,6 +118,9 @@ class FleetSim:
         self.metrics: list[MetricsReport] = []
         self.bundles: dict[str, tuple[bytes, Command]] = {}
         self.auto_resend = True
+        self.device_key: Any = None  # pinned from the first birth
+        self.signed = 0
+        self.signature_failures: list[str] = []
         self._lock = threading.Lock()
         self.t.set_handler(self._on_message)
         for topic in (
@@ -125,10 +131,28 @@ class FleetSim:
         ):
             self.t.subscribe(topic, 1)
 
+    def _check_signature(self, kind: str, topic: str, payload: bytes) -> None:
+        env = open_envelope(payload)
+        if kind == "state" and self.device_key is None and env is not None:
+            key = decode(DeviceState, payload).public_key
+            self.device_key = public_key_from_b64(key) if key else None
+        ok = (
+            env is not None
+            and self.device_key is not None
+            and verify_envelope(env, topic, self.device_key)
+        )
+        with self._lock:
+            if ok:
+                self.signed += 1
+            else:
+                self.signature_failures.append(topic)
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         parsed = self.topics.parse(topic)
         if parsed is None:
             return
+        if payload and parsed.kind in ("status", "state", "sketch", "metrics"):
+            self._check_signature(parsed.kind, topic, payload)
         if parsed.kind == "status":
             st = decode(CommandStatus, payload)
             with self._lock:

@@ -41,6 +41,7 @@ def test_birth_is_retained_and_the_broker_publishes_the_last_will(
         client.socket().close()
         dead = wait_for(lambda: [s for s in late.states if not s.online])[-1]
         assert dead.device_id == "dev-will" and dead.model.version == "1.0.0"
+        assert late.signature_failures == [] and late.signed >= 2  # birth and will, signed
         late.t.close()
     finally:
         if agent.started:
@@ -68,6 +69,7 @@ def test_deploy_over_mqtt_in_chunks_end_to_end(tmp_path, broker_url, signing_key
         assert predict(agent, [IRIS_ROW])["model"]["version"] == "2.0.0"
         wait_for(lambda: sim.states[-1].model.version == "2.0.0")  # birth follows the model
         assert [m.version for m in sim.states[-1].previous] == ["1.0.0"]
+        assert sim.signature_failures == [] and sim.signed >= 4  # births and every status
     sim.t.close()
 
 

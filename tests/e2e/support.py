@@ -31,6 +31,8 @@ from protocol.topics import Topics
 from tests.support.brokers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+# Devices of the suite enrol with this token; make_fleet() lists its hash.
+ENROL_TOKEN = "efe_e2e-enrolment-token"
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 TOPICS = Topics()
 
@@ -95,8 +97,13 @@ def write_agent_config(
     tags: Iterable[str] = (),
     log_enabled: bool = True,
     outbox_max_bytes: int | None = None,
+    enrol_token: str | None = ENROL_TOKEN,
 ) -> Path:
-    """Write ``folder/agent.toml`` for one device and return its path."""
+    """Write ``folder/agent.toml`` for one device and return its path.
+
+    With ``enrol_token`` (the default) the device proves the suite's enrolment token, so
+    :func:`make_fleet` servers approve it at once; ``None`` leaves it pending.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     lines = [
         f"device_id = {_toml(device_id)}",
@@ -122,6 +129,11 @@ def write_agent_config(
     ]
     if outbox_max_bytes is not None:
         lines += ["[outbox]", f"max_bytes = {outbox_max_bytes}"]
+    if enrol_token is not None:
+        token_file = folder / "enrol-token"
+        token_file.write_text(enrol_token + "\n")
+        token_file.chmod(0o600)
+        lines += ["[enrol]", f"token_file = {_toml(token_file)}"]
     path = folder / "agent.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -328,18 +340,29 @@ def make_fleet(
     rollout: dict[str, Any] | None = None,
     connect: bool = True,
     transport_options: dict[str, Any] | None = None,
+    devices: dict[str, Any] | None = None,
+    topic_prefix: str = "edgefleet",
 ) -> Any:
-    """A real :class:`fleet_server.FleetService` on ``broker_url`` with its bridge started."""
+    """A real :class:`fleet_server.FleetService` on ``broker_url`` with its bridge started.
+
+    Devices proving :data:`ENROL_TOKEN` are approved at once (``devices`` overrides the
+    ``[devices]`` section).
+    """
     from fleet_server import auth
     from fleet_server.config import FleetConfig
     from fleet_server.service import FleetService
+    from protocol.device_auth import token_hash
     from protocol.transport_paho import PahoTransport
 
     key_path = write_private_key(folder / "keys", signing_key)
     config = FleetConfig.model_validate(
         {
             "data_dir": str(folder / "fleet"),
-            "broker": {"url": broker_url, "client_id": f"fleet-{uuid.uuid4().hex[:8]}"},
+            "broker": {
+                "url": broker_url,
+                "client_id": f"fleet-{uuid.uuid4().hex[:8]}",
+                "topic_prefix": topic_prefix,
+            },
             "signing": {
                 "key": str(key_path),
                 "trusted": [str(p) for p in trusted],
@@ -351,6 +374,7 @@ def make_fleet(
                 ]
             },
             "rollout": {"tick_s": 0.2, **(rollout or {})},
+            "devices": {"enrol_token_hashes": [token_hash(ENROL_TOKEN)], **(devices or {})},
         }
     )
     config.data_dir.mkdir(parents=True, exist_ok=True)

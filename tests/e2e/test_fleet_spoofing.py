@@ -1,11 +1,12 @@
-"""Spoofing, second line of defence: the fleet server's device-id check.
+"""Spoofing, second line of defence: the fleet server's device-id and device-key checks.
 
 The shipped Mosquitto config lets a device write only its own topics
 (``test_spoofing.py``). What the broker cannot see is the payload: device d1 may publish,
-on its own topics, messages that claim to come from d2. The server — a real
-:class:`FleetService` behind its real MQTT bridge, on the shipped TLS + ACL broker — must
-drop every one of them, count them, and leave d2's record untouched. On a plain broker
-(no ACL), messages on d2's topics that carry d1's id are dropped the same way.
+on its own topics, messages that claim to come from d2, signed with d1's own (enrolled)
+key. The server — a real :class:`FleetService` behind its real MQTT bridge, on the shipped
+TLS + ACL broker — must drop every one of them, count them, and leave d2's record
+untouched. On a plain broker (no ACL), messages on d2's topics signed by d1 are dropped the
+same way (d2 never enrolled: ``unknown_device``; its state: the id does not match).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from protocol.messages import (
     utcnow,
 )
 from protocol.transport_paho import PahoTransport
-from tests.e2e.support import make_fleet, wait_until
+from tests.e2e.support import ENROL_TOKEN, make_fleet, wait_until
+from tests.fleet_server.fleetkit import DeviceKey
 from tests.support.bundles import trained
 from tests.support.secure_broker import SERVER_USER, secure_mosquitto
 
@@ -92,14 +94,25 @@ def device_client(url: str, user: str, pki: dict[str, Path] | None) -> PahoTrans
     return t
 
 
-def assert_server_dropped_spoofs(service: Any, device: PahoTransport, spoofs: list) -> None:
+def enrol_d1(service: Any, device: PahoTransport) -> DeviceKey:
+    """d1 enrols with the suite's token; its key signs everything it sends afterwards."""
+    key = DeviceKey("d1", token=ENROL_TOKEN)
+    assert device.publish(T.state("d1"), key.birth(profile="host"), retain=True).wait(5)
+    wait_until(lambda: service.devices.approved("d1"), 20, "d1 to enrol")
+    return key
+
+
+def assert_server_dropped_spoofs(
+    service: Any, device: PahoTransport, key: DeviceKey, spoofs: list
+) -> None:
     """Publish the spoofs, then d1's own metrics; every spoof must be dropped and counted."""
     before = service.bridge.stats()
     for topic, payload, retain in spoofs:
-        assert device.publish(topic, payload, retain=retain).wait(5), f"broker refused {topic}"
+        signed = key.sign(topic, payload)
+        assert device.publish(topic, signed, retain=retain).wait(5), f"broker refused {topic}"
     now = utcnow()
     own = MetricsReport(device_id="d1", seq=1, window_start=now, window_end=now, model=REF)
-    assert device.publish(T.metrics("d1"), own.to_json()).wait(5)
+    assert device.publish(T.metrics("d1"), key.sign(T.metrics("d1"), own.to_json())).wait(5)
     accepted0 = before["accepted"].get("metrics", 0)
     wait_until(
         lambda: service.bridge.stats()["accepted"].get("metrics", 0) > accepted0,
@@ -135,6 +148,7 @@ def test_server_drops_messages_a_device_sends_in_another_devices_name(
         },
     )
     d1 = device_client(url, "d1", pki)
+    key = enrol_d1(service, d1)
     try:
         # The ACL lets d1 write its own topics, so these reach the server: only the
         # payload lies. The status claims d1 but names a command of d2.
@@ -146,7 +160,7 @@ def test_server_drops_messages_a_device_sends_in_another_devices_name(
             device_id="d1", command_id="r-forged:d2:deploy:1", state="installed", model=REF
         )
         spoofs.append((T.status("d1"), status_for_d2.to_json(), False))
-        assert_server_dropped_spoofs(service, d1, spoofs)
+        assert_server_dropped_spoofs(service, d1, key, spoofs)
         dropped = service.bridge.stats()["dropped"]
         assert dropped.get("device_id_mismatch") == 4, dropped
         assert dropped.get("rejected") == 1, dropped
@@ -160,13 +174,16 @@ def test_server_drops_another_devices_topic_on_a_broker_without_acl(
 ):
     service = make_fleet(tmp_path, mosquitto.url, signing_key=signing_key, trusted=[])
     d1 = device_client(mosquitto.url, "d1", None)
+    key = enrol_d1(service, d1)
     try:
         spoofs = [
             (topic_for(kind, "d2"), payload, kind == "state")
             for kind, payload in forged("d1").items()
         ]
-        assert_server_dropped_spoofs(service, d1, spoofs)
-        assert service.bridge.stats()["dropped"].get("device_id_mismatch") == 4
+        assert_server_dropped_spoofs(service, d1, key, spoofs)
+        dropped = service.bridge.stats()["dropped"]
+        assert dropped.get("device_id_mismatch") == 1, dropped  # the state: d1's id on d2's topic
+        assert dropped.get("unknown_device") == 3, dropped  # d2 never enrolled
     finally:
         d1.close()
         service.stop()

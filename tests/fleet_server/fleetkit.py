@@ -23,6 +23,7 @@ from fleet_server.config import FleetConfig
 from fleet_server.delivery import reassemble
 from protocol import KeyPair, TrustStore
 from protocol.bundle import read_bundle, verify_bundle
+from protocol.device_auth import DeviceSigner, SigningTransport, enrol_proof, token_hash
 from protocol.errors import EdgefleetError
 from protocol.messages import (
     ArtifactChunk,
@@ -35,6 +36,10 @@ from protocol.messages import (
 )
 from protocol.topics import Topics
 from protocol.transport import Transport, Will
+
+# Simulated devices enrol with this token; make_config() lists its hash.
+TEST_ENROL_TOKEN = "eft-enrol-test-token"
+STATE_STEP = 1 << 20
 
 
 def write_keys(tmp: Path, key: KeyPair) -> tuple[Path, Path]:
@@ -53,8 +58,50 @@ def make_config(
         "broker": {"url": broker_url},
         "signing": {"key": str(priv), "trusted": [str(pub)]},
         "rollout": {"tick_s": 0.1, **rollout},
+        "devices": {"enrol_token_hashes": [token_hash(TEST_ENROL_TOKEN)]},
     }
     return FleetConfig.model_validate(data)
+
+
+def enrol_token_file(folder: Path) -> Path:
+    """A 0600 file holding TEST_ENROL_TOKEN, for an agent's ``[enrol] token_file``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "enrol-token"
+    path.write_text(TEST_ENROL_TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
+class DeviceKey:
+    """A device's signing key for tests that publish device messages by hand."""
+
+    def __init__(
+        self, device_id: str, token: str | None = TEST_ENROL_TOKEN, prefix: str = "edgefleet"
+    ) -> None:
+        self.device_id = device_id
+        self.topics = Topics(prefix)
+        self.key = KeyPair.generate()
+        self.signer = DeviceSigner(device_id, self.key, boot=1)
+        self.proof = enrol_proof(token_hash(token), device_id, self.key.key_id) if token else None
+        self.births = 0
+
+    def birth(self, **fields: Any) -> bytes:
+        """A signed birth (online, with the public key and token proof)."""
+        self.births += 1
+        state = DeviceState(
+            device_id=self.device_id,
+            online=fields.pop("online", True),
+            public_key=self.signer.public_key_b64(),
+            enrol_proof=self.proof,
+            **fields,
+        )
+        return self.signer.sign(self.topics.state(self.device_id), state.to_json(), self.births)
+
+    def sign(self, topic: str, payload: bytes) -> bytes:
+        if topic.endswith("/state"):  # states follow the state sequence, like the agent's
+            self.births += 1
+            return self.signer.sign(topic, payload, self.births)
+        return self.signer.sign(topic, payload)
 
 
 class Api:
@@ -108,11 +155,20 @@ class SimDevice:
         drop_chunks: frozenset[int] = frozenset(),
         http: Callable[[str, dict[str, str]], bytes] | None = None,
         http_cut: int | None = None,
+        enrol_token: str | None = TEST_ENROL_TOKEN,
     ) -> None:
         self.device_id = device_id
-        self.t = transport
-        self.trust = trust
         self.topics = Topics(prefix)
+        # Like the agent: an own key signs every message; the birth proves the token.
+        self.key = KeyPair.generate()
+        self.signer = DeviceSigner(device_id, self.key, boot=1)
+        own = f"{prefix}/devices/{device_id}/"
+        self.t = SigningTransport(transport, self.signer, lambda t: t.startswith(own))
+        self.proof = None
+        if enrol_token:
+            self.proof = enrol_proof(token_hash(enrol_token), device_id, self.key.key_id)
+        self._births = 0
+        self.trust = trust
         self.profile = profile
         self.tags = list(tags)
         self.model = model
@@ -133,13 +189,16 @@ class SimDevice:
         self._lock = threading.RLock()
 
     # lifecycle ----------------------------------------------------------------------
+    def _state(self, state: DeviceState, seq: int) -> bytes:
+        return self.signer.sign(self.topics.state(self.device_id), state.to_json(), seq=seq)
+
     def will(self) -> Will:
-        return Will(
-            self.topics.state(self.device_id),
-            DeviceState(device_id=self.device_id, online=False).to_json(),
-            1,
-            True,
-        )
+        dead = DeviceState(device_id=self.device_id, online=False)
+        return Will(self.topics.state(self.device_id), self._state(dead, STATE_STEP - 1), 1, True)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish a device message on this device's signing transport."""
+        self.t.publish(topic, payload, qos=1)
 
     def start(self) -> SimDevice:
         self.t.set_handler(self.handle)
@@ -158,16 +217,15 @@ class SimDevice:
             model=self.model,
             previous=self.previous,
             agent_version="sim",
+            public_key=self.signer.public_key_b64(),
+            enrol_proof=self.proof,
         )
-        self.t.publish(self.topics.state(self.device_id), state.to_json(), qos=1, retain=True)
+        self._births += 1
+        payload = self._state(state, self._births)
+        self.t.publish(self.topics.state(self.device_id), payload, qos=1, retain=True)
 
     def stop(self) -> None:
-        self.t.publish(
-            self.topics.state(self.device_id),
-            DeviceState(device_id=self.device_id, online=False).to_json(),
-            qos=1,
-            retain=True,
-        )
+        self.t.publish(self.topics.state(self.device_id), self.will().payload, qos=1, retain=True)
         self.t.close()
 
     # protocol -------------------------------------------------------------------------

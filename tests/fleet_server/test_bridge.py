@@ -12,7 +12,9 @@ from protocol import KeyPair
 from protocol.messages import MAX_MESSAGE_BYTES, DeviceState, MetricsReport, ModelRef, SketchReport
 from protocol.sketches import FeatureSketch, SketchSet
 from protocol.transport import MemoryBroker
-from tests.fleet_server.fleetkit import make_config
+from tests.fleet_server.fleetkit import DeviceKey, make_config
+
+D1 = DeviceKey("d1")
 
 
 @pytest.fixture
@@ -34,11 +36,7 @@ def _pub(broker: MemoryBroker, topic: str, payload: bytes) -> None:
 
 def test_valid_state_registers_the_device(fleet: tuple[FleetService, MemoryBroker]) -> None:
     svc, broker = fleet
-    _pub(
-        broker,
-        "edgefleet/devices/d1/state",
-        DeviceState(device_id="d1", online=True, profile="host").to_json(),
-    )
+    _pub(broker, "edgefleet/devices/d1/state", D1.birth(profile="host"))
     assert svc.get_device("d1")["profile"] == "host"
     assert svc.bridge.stats()["accepted"] == {"state": 1}  # type: ignore[union-attr]
 
@@ -47,7 +45,8 @@ def test_device_id_mismatch_is_dropped_and_counted(
     fleet: tuple[FleetService, MemoryBroker],
 ) -> None:
     svc, broker = fleet
-    _pub(broker, "edgefleet/devices/d1/state", DeviceState(device_id="d2", online=True).to_json())
+    t = "edgefleet/devices/d1/state"
+    _pub(broker, t, D1.sign(t, DeviceState(device_id="d2", online=True).to_json()))
     assert svc.list_devices() == []
     assert svc.bridge.stats()["dropped"] == {"device_id_mismatch": 1}  # type: ignore[union-attr]
 
@@ -55,16 +54,23 @@ def test_device_id_mismatch_is_dropped_and_counted(
 @pytest.mark.parametrize(
     ("topic", "payload", "reason"),
     [
-        ("edgefleet/devices/d1/state", b"{not json", "malformed"),
+        ("edgefleet/devices/d1/state", b"{not json", "unsigned"),
+        ("edgefleet/devices/d1/state", b'{"device_id": "d1", "online": "x"}', "malformed"),
         ("edgefleet/devices/d1/status", b'{"device_id": "d1"}', "malformed"),
+        ("edgefleet/devices/d1/status", b'{"device_id": "d1"}', "unsigned"),
         ("edgefleet/devices/d1/telemetry/metrics", b"x" * (MAX_MESSAGE_BYTES + 1), "oversize"),
         ("edgefleet/devices/d1/telemetry/other", b"{}", "unknown_topic"),
+        ("edgefleet/devices/d9/status", b'{"device_id": "d9"}', "unknown_device"),
     ],
 )
 def test_bad_messages_are_dropped_counted_and_never_crash(
     fleet: tuple[FleetService, MemoryBroker], topic: str, payload: bytes, reason: str
 ) -> None:
     svc, _ = fleet
+    svc.bridge.handle("edgefleet/devices/d1/state", D1.birth())  # type: ignore[union-attr]
+    if reason not in ("unsigned", "unknown_topic", "oversize"):
+        signer = D1 if "/d1/" in topic else DeviceKey("d9")
+        payload = signer.sign(topic, payload)
     svc.bridge.handle(topic, payload)  # type: ignore[union-attr]
     assert svc.bridge.stats()["dropped"] == {reason: 1}  # type: ignore[union-attr]
     body, _ = svc.exporter.render()
@@ -87,7 +93,9 @@ def test_malformed_sketch_is_dropped_as_malformed(fleet: tuple[FleetService, Mem
         seq=1,
         sketches=bad,
     )
-    svc.bridge.handle("edgefleet/devices/d1/telemetry/sketch", report.to_json())  # type: ignore[union-attr]
+    t = "edgefleet/devices/d1/telemetry/sketch"
+    svc.bridge.handle("edgefleet/devices/d1/state", D1.birth())  # type: ignore[union-attr]
+    svc.bridge.handle(t, D1.sign(t, report.to_json()))  # type: ignore[union-attr]
     assert svc.bridge.stats()["dropped"] == {"malformed": 1}  # type: ignore[union-attr]
 
 
@@ -100,9 +108,7 @@ def test_a_failing_handler_is_counted_not_raised(
         raise RuntimeError("bug")
 
     monkeypatch.setattr(svc, "on_state", boom)
-    svc.bridge.handle(
-        "edgefleet/devices/d1/state", DeviceState(device_id="d1", online=True).to_json()
-    )  # type: ignore[union-attr]
+    svc.bridge.handle("edgefleet/devices/d1/state", D1.birth())  # type: ignore[union-attr]
     assert svc.bridge.stats()["dropped"] == {"handler_error": 1}  # type: ignore[union-attr]
 
 
@@ -123,8 +129,10 @@ def test_metrics_are_stored_once_per_device_and_seq(
         errors=5,
         latency={"count": 100, "p95_ms": 4.0},
     )
-    for _ in range(2):  # a QoS 1 duplicate
-        _pub(broker, "edgefleet/devices/d1/telemetry/metrics", m.to_json())
+    _pub(broker, "edgefleet/devices/d1/state", D1.birth())
+    t = "edgefleet/devices/d1/telemetry/metrics"
+    _pub(broker, t, D1.sign(t, m.to_json()))
+    _pub(broker, t, D1.sign(t, m.to_json()))  # re-sent by the outbox after a lost ack
     summary = svc.repo.metrics_summary("iris", "1.0.0", 0)
     assert summary["reports"] == 1
     assert summary["error_rate"] == pytest.approx(0.05)
@@ -151,7 +159,9 @@ def test_a_device_verdict_on_a_command_the_server_did_not_send_is_recorded(
     st = CommandStatus(
         device_id="d1", command_id="someone-else-1", state="rejected", reason="key_unknown"
     )
-    _pub(broker, "edgefleet/devices/d1/status", st.to_json())
+    _pub(broker, "edgefleet/devices/d1/state", D1.birth())
+    t = "edgefleet/devices/d1/status"
+    _pub(broker, t, D1.sign(t, st.to_json()))
     events = svc.events(device_id="d1")
     assert events[0]["kind"] == "status"
     assert events[0]["data"]["command_id"] == "someone-else-1"

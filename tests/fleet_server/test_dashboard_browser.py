@@ -21,7 +21,8 @@ import pytest
 from fleet_server.config import FleetConfig
 from fleet_server.serve import FleetServer
 from protocol import KeyPair
-from tests.fleet_server.fleetkit import write_keys
+from protocol.device_auth import token_hash
+from tests.fleet_server.fleetkit import TEST_ENROL_TOKEN, enrol_token_file, write_keys
 from tests.support.brokers import free_port
 from tests.support.bundles import make_bundle
 
@@ -49,7 +50,14 @@ pytestmark = [
 
 @pytest.fixture
 def fleet(tmp_path: Path, signing_key: KeyPair, amqtt_broker: Any) -> Iterator[dict[str, Any]]:
-    from agent.config import AgentConfig, ApiConfig, BrokerConfig, SketchConfig, TrustConfig
+    from agent.config import (
+        AgentConfig,
+        ApiConfig,
+        BrokerConfig,
+        EnrolConfig,
+        SketchConfig,
+        TrustConfig,
+    )
     from agent.daemon import Agent
     from agent.installer import Installer
 
@@ -66,6 +74,7 @@ def fleet(tmp_path: Path, signing_key: KeyPair, amqtt_broker: Any) -> Iterator[d
             "api": {"host": "127.0.0.1", "port": free_port()},
             "signing": {"key": str(priv), "trusted": [str(pub)]},
             "rollout": {"tick_s": 0.1, "soak_s": 0.0},
+            "devices": {"enrol_token_hashes": [token_hash(TEST_ENROL_TOKEN)]},
         }
     )
     v1, _ = make_bundle(signing_key, version="1.0.0", release=1)
@@ -80,6 +89,7 @@ def fleet(tmp_path: Path, signing_key: KeyPair, amqtt_broker: Any) -> Iterator[d
             trust=TrustConfig(public_keys=[pub]),
             api=ApiConfig(port=0),
             sketch=SketchConfig(window_seconds=3600),
+            enrol=EnrolConfig(token_file=enrol_token_file(tmp_path)),
         )
         Installer.from_config(config).install_bytes(v1)  # every device starts on 1.0.0
         agents.append(Agent(config, serve_api=False, max_backoff=2))

@@ -291,7 +291,7 @@ def test_fleet_service_merges_device_sketches_publishes_one_alert_and_fires_the_
     from protocol.messages import decode
     from protocol.topics import Topics
     from protocol.transport import MemoryBroker
-    from tests.fleet_server.fleetkit import make_config
+    from tests.fleet_server.fleetkit import DeviceKey, make_config
     from tests.support.bundles import make_bundle, trained
 
     out = tmp_path / "hook.json"
@@ -331,8 +331,11 @@ def test_fleet_service_merges_device_sketches_publishes_one_alert_and_fires_the_
                 seq=1,
                 sketches=b.build(),
             )
-            broker.route(Topics().sketch(f"d{i}"), rep.to_json(), False)
-            broker.route(Topics().sketch(f"d{i}"), rep.to_json(), False)  # QoS 1 duplicate
+            dev = DeviceKey(f"d{i}")
+            broker.route(Topics().state(f"d{i}"), dev.birth(), True)
+            topic = Topics().sketch(f"d{i}")
+            broker.route(topic, dev.sign(topic, rep.to_json()), False)
+            broker.route(topic, dev.sign(topic, rep.to_json()), False)  # re-sent after a lost ack
         assert service.sketches_merged == 2
         result = service.evaluate_drift("iris", "1.0.0")
         service.evaluate_drift("iris", "1.0.0")

@@ -233,6 +233,53 @@ def test_metrics_count_a_duplicate_report_once_and_summarise(repo: Repository) -
     assert [m["seq"] for m in repo.device_metrics("d1", limit=2)] == [3, 1]
 
 
+def test_metrics_by_device_gives_each_device_its_median_window_p95(repo: Repository) -> None:
+    for seq, p95 in enumerate([3.0, 9.0, 5.0], start=1):
+        repo.add_metrics(_metrics("d1", seq, 10.0 + seq, p95=p95, requests=10, errors=1))
+    repo.add_metrics(_metrics("d2", 1, 11.0, p95=50.0, requests=0, errors=0))
+    repo.add_metrics(_metrics("d3", 1, 11.0, p95=1.0))  # not asked for
+    repo.add_metrics(_metrics("d1", 9, 1.0, p95=99.0))  # before "since"
+    got = repo.metrics_by_device("iris", "1.0.0", since=5.0, device_ids=["d1", "d2", "dx"])
+    assert set(got) == {"d1", "d2"}
+    assert got["d1"]["p95_ms"] == 5.0 and got["d1"]["requests"] == 30
+    assert got["d1"]["error_rate"] == pytest.approx(0.1)
+    assert got["d2"]["p95_ms"] == 50.0 and got["d2"]["error_rate"] is None
+    assert repo.metrics_by_device("iris", "1.0.0", since=0.0, device_ids=[]) == {}
+
+
+# device identities and sessions ----------------------------------------------------------
+def test_identities_upsert_list_and_delete(repo: Repository) -> None:
+    row = {
+        "device_id": "d1",
+        "public_key": "pk",
+        "key_id": "k1",
+        "status": "pending",
+        "method": "",
+        "created_at": 1.0,
+        "approved_at": None,
+        "approved_by": "",
+        "state_boot": 0,
+        "state_seq": 0,
+    }
+    repo.upsert_identity(row)
+    repo.upsert_identity({**row, "device_id": "d0"})
+    repo.upsert_identity({**row, "status": "approved", "approved_at": 2.0, "state_seq": 7})
+    got = {r["device_id"]: r for r in repo.list_identities()}
+    assert set(got) == {"d0", "d1"}
+    assert got["d1"]["status"] == "approved" and got["d1"]["state_seq"] == 7
+    repo.delete_identity("d0")
+    assert [r["device_id"] for r in repo.list_identities()] == ["d1"]
+
+
+def test_revoked_sessions_are_remembered_until_they_expire(repo: Repository) -> None:
+    import time
+
+    repo.revoke_session("s-old", expires=time.time() - 10)
+    repo.revoke_session("s-new", expires=time.time() + 3600)  # also sweeps expired ones
+    assert repo.session_revoked("s-new")
+    assert not repo.session_revoked("s-old") and not repo.session_revoked("s-other")
+
+
 # history -----------------------------------------------------------------------------------
 def test_events_come_back_newest_first_with_filters(repo: Repository) -> None:
     repo.add_event("device", "d1 online", 1.0, device_id="d1", profile="host")

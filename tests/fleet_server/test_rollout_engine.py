@@ -476,3 +476,39 @@ def test_percentage_assignment_covers_every_device_once_and_canaries_come_first(
         cum += len(g)
         assert cum == min(n, -(-n * target // 100))  # cumulative share, rounded up
     assert assign_stages(rid, reversed(devices), spec(stages=stages)) == groups
+
+
+# stage-level telemetry: one device cannot move a gate ---------------------------------------
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    normal=st.lists(st.floats(min_value=0.1, max_value=9.9), min_size=2, max_size=30),
+    outlier_p95=st.floats(min_value=10.0, max_value=1e9),
+    outlier_errors=st.floats(min_value=0.11, max_value=1.0),
+)
+def test_one_outlier_device_cannot_halt_a_stage(
+    normal: list[float], outlier_p95: float, outlier_errors: float
+) -> None:
+    """Every honest device is under the budget (10 ms, 10 % errors); one reports anything."""
+    r, _ = started(Rollout.plan("r", spec(max_p95_ms=10.0, max_error_rate=0.1), DEVICES, 0))
+    install(r, r.stages[0].devices, 1)
+    t = Telemetry(
+        device_p95_ms=(*normal, outlier_p95),
+        device_error_rate=(*[n / 100 for n in normal], outlier_errors),
+    )
+    r.tick(2, DEVICES, t)
+    assert r.state == "running", r.reason
+    assert r.stages[0].state == "passed"
+
+
+def test_most_devices_over_the_budget_still_halt_the_stage() -> None:
+    r, _ = started(Rollout.plan("r", spec(max_p95_ms=10.0), DEVICES, 0))
+    install(r, r.stages[0].devices, 1)
+    r.tick(2, DEVICES, Telemetry(device_p95_ms=(40.0, 50.0, 3.0)))
+    assert r.state == "halted" and "p95 latency 40.00 ms" in r.reason
+
+
+def test_telemetry_gate_waits_for_min_devices_reports() -> None:
+    r, _ = started(Rollout.plan("r", spec(max_p95_ms=10.0, min_devices=3), DEVICES, 0))
+    install(r, r.stages[0].devices, 1)
+    r.tick(2, DEVICES, Telemetry(device_p95_ms=(40.0, 50.0)))  # only two reported
+    assert r.state == "running"

@@ -22,7 +22,7 @@ from fleet_server.rollout_engine import RolloutSpec, assign_stages
 from fleet_server.service import FleetService, RolloutRequest
 from protocol import KeyPair
 from protocol.transport_paho import PahoTransport
-from tests.fleet_server.fleetkit import make_config
+from tests.fleet_server.fleetkit import DeviceKey, enrol_token_file, make_config
 from tests.support.bundles import make_bundle
 
 pytestmark = pytest.mark.slow
@@ -69,6 +69,7 @@ class RealFleet:
             AgentConfig,
             ApiConfig,
             BrokerConfig,
+            EnrolConfig,
             FaultsConfig,
             SketchConfig,
             TrustConfig,
@@ -82,6 +83,7 @@ class RealFleet:
             api=ApiConfig(port=0),  # own API port each
             sketch=SketchConfig(window_seconds=3600),
             faults=FaultsConfig(fail_smoke_test=fail),
+            enrol=EnrolConfig(token_file=enrol_token_file(self.tmp)),
         )
 
     def agent(self, device_id: str, *, fail: bool = False, preinstall: bool = True) -> Any:
@@ -235,7 +237,7 @@ def test_serve_runs_api_bridge_and_embedded_broker_in_one_process(
         c = FleetClient(server.url, token)
         (tmp_path / "iris.efb").write_bytes(bundles["1.0.0"])
         assert c.push_bundle(tmp_path / "iris.efb")["version"] == "1.0.0"
-        from agent.config import AgentConfig, ApiConfig, BrokerConfig, TrustConfig
+        from agent.config import AgentConfig, ApiConfig, BrokerConfig, EnrolConfig, TrustConfig
         from agent.daemon import Agent
 
         agent = Agent(
@@ -245,6 +247,7 @@ def test_serve_runs_api_bridge_and_embedded_broker_in_one_process(
                 broker=BrokerConfig(url=cfg.broker.url),
                 trust=TrustConfig(public_keys=[cfg.signing.trusted[0]]),
                 api=ApiConfig(port=0),
+                enrol=EnrolConfig(token_file=enrol_token_file(tmp_path)),
             ),
             serve_api=False,
             max_backoff=2,
@@ -298,6 +301,11 @@ def test_two_servers_split_telemetry_through_an_mqtt5_shared_subscription(
         time.sleep(0.5)
         pub = PahoTransport(mosquitto_broker.url, f"{prefix}-dev", clean_session=True)
         pub.connect()
+        d1 = DeviceKey("d1", prefix=prefix)  # enrols with both servers (states are not shared)
+        assert pub.publish(f"{prefix}/devices/d1/state", d1.birth(), retain=True).wait(5)
+        wait_for(
+            lambda: all(s.devices.approved("d1") for s in services), timeout=10, what="d1 enrolled"
+        )
         now = datetime.now(timezone.utc)
         for seq in range(40):
             m = MetricsReport(
@@ -308,7 +316,8 @@ def test_two_servers_split_telemetry_through_an_mqtt5_shared_subscription(
                 model=ModelRef(name="iris", version="1.0.0", release=1),
                 requests=1,
             )
-            assert pub.publish(f"{prefix}/devices/d1/telemetry/metrics", m.to_json()).wait(5)
+            topic = f"{prefix}/devices/d1/telemetry/metrics"
+            assert pub.publish(topic, d1.sign(topic, m.to_json())).wait(5)
         pub.close()
 
         def counts() -> list[int]:

@@ -55,7 +55,7 @@ def test_p95_latency_over_the_gate_reported_by_devices_halts_the_rollout(
             requests=50,
             latency={"count": 50, "p95_ms": 42.0},
         )
-        f.broker.clients[1].publish(f"edgefleet/devices/{dev}/telemetry/metrics", m.to_json())
+        f.devices[dev].publish(f"edgefleet/devices/{dev}/telemetry/metrics", m.to_json())
     f.service.tick()
     st = f.service.rollout_status(rid)
     assert st["state"] == "halted"
@@ -79,7 +79,7 @@ def test_input_drift_on_the_new_version_halts_a_drift_gated_rollout(
     report = SketchReport(
         device_id=dev, model=V1, window_start=now, window_end=now, seq=1, sketches=shifted
     )
-    f.broker.clients[1].publish(f"edgefleet/devices/{dev}/telemetry/sketch", report.to_json())
+    f.devices[dev].publish(f"edgefleet/devices/{dev}/telemetry/sketch", report.to_json())
     assert f.service.sketches_merged == 1
     f.service.tick()  # evaluates drift, then the gate sees it
     f.service.tick()

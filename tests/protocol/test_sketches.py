@@ -193,3 +193,59 @@ def test_weighted_categorical_updates_keep_counts_and_unknown_categories():
     f = b.build().features["label"]
     assert (f.count, f.missing, f.out_of_range) == (4, 0, 3)
     assert f.frequent().get_estimate("3") == 3 and f.frequent().get_estimate("1") == 1
+
+
+# caps before deserializing ----------------------------------------------------------------
+def _frequent_bytes() -> bytearray:
+    import datasketches
+
+    sk = datasketches.frequent_strings_sketch(6)
+    for i in range(10):
+        sk.update(str(i), i + 1)
+    return bytearray(sk.serialize())
+
+
+def test_frequent_items_sketch_claiming_a_2_26_map_is_refused_before_it_allocates() -> None:
+    """The 1.4 KB sketch that cost the fleet server +1.3 GB: refused from its header."""
+    import base64
+    import resource
+
+    from protocol.errors import ProtocolError
+    from protocol.sketches import decode_frequent
+
+    raw = _frequent_bytes()
+    raw[3] = raw[4] = 26  # lg max map size, lg current map size
+    text = base64.b64encode(bytes(raw)).decode()
+    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(20):
+        with pytest.raises(ProtocolError, match="2\\^26 is over the cap"):
+            decode_frequent(text)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0) / 1024
+    assert grown_mb < 32, f"refusing the sketch raised the peak RSS by {grown_mb:.0f} MB"
+
+
+def test_sketch_headers_over_the_caps_are_refused_and_good_ones_pass() -> None:
+    import base64
+
+    import datasketches
+
+    from protocol.errors import ProtocolError
+    from protocol.sketches import MAX_KLL_K, MAX_SKETCH_BYTES, decode_frequent, decode_kll
+
+    ok = _frequent_bytes()
+    assert decode_frequent(base64.b64encode(bytes(ok)).decode()).total_weight == 55
+    many = bytearray(ok)
+    many[8:12] = (10_000).to_bytes(4, "little")  # more items than the map can hold
+    with pytest.raises(ProtocolError, match="do not fit"):
+        decode_frequent(base64.b64encode(bytes(many)).decode())
+    kll = datasketches.kll_floats_sketch(200)
+    kll.update(np.arange(1000, dtype=np.float32))
+    raw = bytearray(kll.serialize())
+    assert decode_kll(base64.b64encode(bytes(raw)).decode()).n == 1000
+    raw[4:6] = (MAX_KLL_K + 1).to_bytes(2, "little")
+    with pytest.raises(ProtocolError, match="k="):
+        decode_kll(base64.b64encode(bytes(raw)).decode())
+    with pytest.raises(ProtocolError, match="not KLL"):
+        decode_kll(base64.b64encode(bytes(ok)).decode())  # a frequent-items sketch
+    with pytest.raises(ProtocolError, match="over"):
+        decode_kll("A" * (MAX_SKETCH_BYTES * 2))

@@ -1,0 +1,352 @@
+"""Who may speak for a device: pinned device keys, enrolment, freshness and per-device caps.
+
+Rules (checked by :class:`~.bridge.Bridge` in this order, each refusal a counted reason):
+
+1. A device message must carry a ``dsig`` signature (:mod:`protocol.device_auth`)
+   → else ``unsigned``.
+2. An *approved* device's message must be signed by its pinned key → ``key_mismatch`` /
+   ``bad_signature``; within the device's rate → ``rate_limited``; and fresh:
+   a ``state`` whose ``(boot, seq)`` is older than the newest accepted one, or any other
+   message outside the device's anti-replay window → ``stale`` / ``replayed``.
+3. A device that is not approved may only send its birth ``state``, carrying its public
+   key and signed by it (``bad_signature``). New identities are rate-limited
+   (``enrol_limit``) and at most ``max_pending`` wait (``pending_full``; when the list is
+   full, entries older than a day are forgotten to make room). A valid enrolment
+   token proof approves the device at once; otherwise it is ``pending`` until an
+   operator approves it (:meth:`DeviceTrust.approve`). Any other message of an unknown or
+   pending device is dropped (``unknown_device`` / ``pending``).
+4. Telemetry: a device reports on at most ``max_models`` model versions per day and
+   ``max_windows`` sketch hours per hour, never older than ``max_window_age_s`` or from
+   the future (``model_limit`` / ``window_limit`` / ``stale_window``).
+
+Everything the bridge keeps per device is bounded: identities exist only for approved
+devices and at most ``max_pending`` others; every per-device structure has a fixed size.
+The newest accepted state ``(boot, seq)`` is persisted with the identity so a server
+restart does not reopen old retained states; the anti-replay windows of other messages
+live in memory (after a restart a message of the current boot can be replayed once —
+docs/security.md names this).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from protocol.device_auth import (
+    SignedEnvelope,
+    check_enrol_proof,
+    public_key_from_b64,
+    verify_envelope,
+)
+from protocol.messages import DeviceState, MetricsReport, SketchReport
+from protocol.signing import key_id
+
+from .config import DevicesSection
+from .errors import Conflict, NotFound
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+REPLAY_WINDOW = 4096  # messages of one boot that may arrive out of order
+PENDING_TTL_S = 86400.0  # a full pending list forgets entries nobody approved for a day
+FUTURE_SKEW_S = 300.0
+
+
+def _int(value: Any) -> int:
+    return -1 if value is None else int(value)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens, self.last = float(burst), now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class ReplayWindow:
+    """Sliding anti-replay window over ``(boot, seq)`` (highest seq plus a bitmap)."""
+
+    def __init__(self) -> None:
+        self.boot = -1
+        self.high = 0
+        self.bits = 0  # bit i set: seq (high - i) was seen
+
+    def admit(self, boot: int, seq: int) -> str | None:
+        if boot < self.boot:
+            return "stale"
+        if boot > self.boot:
+            self.boot, self.high, self.bits = boot, seq, 1
+            return None
+        if seq > self.high:
+            shift = seq - self.high
+            self.bits = ((self.bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            self.high = seq
+            return None
+        age = self.high - seq
+        if age >= REPLAY_WINDOW:
+            return "stale"
+        if self.bits >> age & 1:
+            return "replayed"
+        self.bits |= 1 << age
+        return None
+
+
+@dataclass
+class Identity:
+    device_id: str
+    public: Ed25519PublicKey
+    public_b64: str
+    key_id: str
+    status: str  # pending | approved
+    method: str = ""  # token | operator
+    created_at: float = 0.0
+    approved_at: float | None = None
+    approved_by: str = ""
+    state_boot: int = -1
+    state_seq: int = -1
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "public_key": self.public_b64,
+            "key_id": self.key_id,
+            "status": self.status,
+            "method": self.method,
+            "created_at": self.created_at,
+            "approved_at": self.approved_at,
+            "approved_by": self.approved_by,
+            "state_boot": self.state_boot,
+            "state_seq": self.state_seq,
+        }
+
+    def public_view(self) -> dict[str, Any]:
+        out = self.row()
+        out.pop("state_boot")
+        out.pop("state_seq")
+        return out
+
+
+@dataclass
+class _Usage:
+    """Per-device limits: a rate bucket, a replay window, recent models and windows."""
+
+    bucket: TokenBucket
+    replay: ReplayWindow = field(default_factory=ReplayWindow)
+    models: dict[tuple[str, str], float] = field(default_factory=dict)
+    windows: dict[tuple[str, str, int], float] = field(default_factory=dict)
+
+
+class DeviceTrust:
+    def __init__(
+        self, repo: Repository, cfg: DevicesSection, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.repo = repo
+        self.cfg = cfg
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._ids: dict[str, Identity] = {}
+        self._usage: dict[str, _Usage] = {}
+        self._pending_state: dict[str, DeviceState] = {}
+        self._enrol = TokenBucket(cfg.enrol_per_minute / 60.0, cfg.enrol_burst, clock())
+        for row in repo.list_identities():
+            public = public_key_from_b64(row["public_key"])
+            if public is None:
+                continue
+            self._ids[row["device_id"]] = Identity(
+                device_id=row["device_id"],
+                public=public,
+                public_b64=row["public_key"],
+                key_id=row["key_id"],
+                status=row["status"],
+                method=row.get("method") or "",
+                created_at=row.get("created_at") or 0.0,
+                approved_at=row.get("approved_at"),
+                approved_by=row.get("approved_by") or "",
+                state_boot=_int(row.get("state_boot")),
+                state_seq=_int(row.get("state_seq")),
+            )
+
+    # -- queries ---------------------------------------------------------------------------
+    def approved(self, device_id: str) -> Identity | None:
+        ident = self._ids.get(device_id)
+        return ident if ident is not None and ident.status == "approved" else None
+
+    def known(self, device_id: str) -> bool:
+        return device_id in self._ids
+
+    def list(self, status: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = [i.public_view() for i in self._ids.values()]
+        return sorted(
+            (r for r in rows if status is None or r["status"] == status),
+            key=lambda r: r["device_id"],
+        )
+
+    # -- messages of approved devices ------------------------------------------------------
+    def verify(self, ident: Identity, kind: str, topic: str, env: SignedEnvelope) -> str | None:
+        """Signature, rate and freshness of an approved device's message; a reason or None."""
+        if env.key_id != ident.key_id:
+            return "key_mismatch"
+        if not verify_envelope(env, topic, ident.public):
+            return "bad_signature"
+        now = self.clock()
+        with self._lock:
+            use = self._use(ident.device_id, now)
+            if not use.bucket.take(now):
+                return "rate_limited"
+            if kind == "state":
+                if (env.boot, env.seq) < (ident.state_boot, ident.state_seq):
+                    return "stale"
+                changed = (env.boot, env.seq) != (ident.state_boot, ident.state_seq)
+                ident.state_boot, ident.state_seq = env.boot, env.seq
+            else:
+                if env.boot < ident.state_boot:
+                    return "stale"  # from a boot before the device's current one
+                return use.replay.admit(env.boot, env.seq)
+        if changed:
+            self.repo.upsert_identity(ident.row())
+        return None
+
+    def _use(self, device_id: str, now: float) -> _Usage:
+        use = self._usage.get(device_id)
+        if use is None:
+            use = _Usage(TokenBucket(self.cfg.msgs_per_second, self.cfg.msgs_burst, now))
+            self._usage[device_id] = use
+        return use
+
+    def check_telemetry(self, msg: MetricsReport | SketchReport) -> str | None:
+        """Per-device caps on the models and sketch windows a device reports on."""
+        now = self.clock()
+        model = msg.model
+        with self._lock:
+            use = self._use(msg.device_id, now)
+            if model is not None:
+                mkey = (model.name, model.version)
+                for k, seen in list(use.models.items()):
+                    if now - seen > 86400.0:
+                        del use.models[k]
+                if mkey not in use.models and len(use.models) >= self.cfg.max_models:
+                    return "model_limit"
+                use.models[mkey] = now
+            if isinstance(msg, SketchReport):
+                start = msg.window_start.timestamp()
+                end = msg.window_end.timestamp()
+                if (
+                    now - start > self.cfg.max_window_age_s
+                    or end > now + FUTURE_SKEW_S
+                    or end < start
+                ):
+                    return "stale_window"
+                wkey = (msg.model.name, msg.model.version, int(start // 3600))
+                for w, seen in list(use.windows.items()):
+                    if now - seen > 3600.0:
+                        del use.windows[w]
+                if wkey not in use.windows and len(use.windows) >= self.cfg.max_windows:
+                    return "window_limit"
+                use.windows[wkey] = now
+        return None
+
+    # -- enrolment -------------------------------------------------------------------------
+    def enrol(self, msg: DeviceState, topic: str, env: SignedEnvelope) -> str | None:
+        """A state from a device that is not approved: None when it is approved now."""
+        if not msg.public_key:
+            return "unknown_device"
+        public = public_key_from_b64(msg.public_key)
+        if public is None or key_id(public) != env.key_id:
+            return "bad_signature"
+        if not verify_envelope(env, topic, public):
+            return "bad_signature"
+        now = self.clock()
+        tokened = bool(
+            msg.enrol_proof
+            and self.cfg.enrol_token_hashes
+            and check_enrol_proof(
+                msg.enrol_proof, list(self.cfg.enrol_token_hashes), msg.device_id, public
+            )
+        )
+        with self._lock:
+            cur = self._ids.get(msg.device_id)
+            if cur is not None and cur.key_id == env.key_id and not tokened:
+                self._pending_state[msg.device_id] = msg  # the same pending device again
+                return "pending"
+            if not self._enrol.take(now):
+                return "enrol_limit"
+            if not tokened and cur is None:
+                pending = [i for i in self._ids.values() if i.status == "pending"]
+                if len(pending) >= self.cfg.max_pending:
+                    expired = [i for i in pending if now - i.created_at > PENDING_TTL_S]
+                    if not expired:
+                        return "pending_full"
+                    for old in expired:  # nobody approved them within a day: forget them
+                        self._ids.pop(old.device_id, None)
+                        self._pending_state.pop(old.device_id, None)
+                        self.repo.delete_identity(old.device_id)
+            ident = Identity(
+                device_id=msg.device_id,
+                public=public,
+                public_b64=msg.public_key,
+                key_id=env.key_id,
+                status="approved" if tokened else "pending",
+                method="token" if tokened else "",
+                created_at=now,
+                approved_at=now if tokened else None,
+                approved_by="enrolment token" if tokened else "",
+                state_boot=env.boot,
+                state_seq=env.seq,
+            )
+            self._ids[msg.device_id] = ident
+            if not tokened:
+                self._pending_state[msg.device_id] = msg
+        self.repo.upsert_identity(ident.row())
+        if tokened:
+            log.info("device %s enrolled with a token (key %s)", msg.device_id, env.key_id)
+            return None
+        log.info("device %s is pending approval (key %s)", msg.device_id, env.key_id)
+        return "pending"
+
+    def approve(
+        self, device_id: str, actor: str, expect_key_id: str | None = None
+    ) -> tuple[dict[str, Any], DeviceState | None]:
+        """Pin a pending device's key; returns its identity and the birth it sent."""
+        with self._lock:
+            ident = self._ids.get(device_id)
+            if ident is None:
+                raise NotFound(
+                    f"no device {device_id!r} is waiting for approval", field="device_id"
+                )
+            if expect_key_id and expect_key_id != ident.key_id:
+                raise Conflict(
+                    f"device {device_id} presents key {ident.key_id}, not {expect_key_id}",
+                    field="key_id",
+                )
+            if ident.status != "approved":
+                ident.status = "approved"
+                ident.method = "operator"
+                ident.approved_at = self.clock()
+                ident.approved_by = actor
+            state = self._pending_state.pop(device_id, None)
+            row = ident.row()
+        self.repo.upsert_identity(row)
+        return ident.public_view(), state
+
+    def revoke(self, device_id: str) -> None:
+        """Forget a device's key: it must enrol again (a new key, a token or an approval)."""
+        with self._lock:
+            if self._ids.pop(device_id, None) is None:
+                raise NotFound(f"device {device_id!r} has no enrolled key", field="device_id")
+            self._usage.pop(device_id, None)
+            self._pending_state.pop(device_id, None)
+        self.repo.delete_identity(device_id)

@@ -326,7 +326,8 @@ def devices_pending(
 
     Compare the key id with `edgefleet agent status` on the device before approving.
 
-    Example: edgefleet fleet devices pending
+    Example:
+      edgefleet fleet devices pending
     """
     rows = client(url, token)._call(
         "GET", "/v1/enrolments", params={} if all_keys else {"status": "pending"}
@@ -343,7 +344,7 @@ def devices_pending(
 
 @devices_app.command("approve")
 def devices_approve(
-    device_id: str = typer.Argument(...),
+    device_id: str = typer.Argument(..., help="The pending device's id."),
     key_id: str | None = typer.Option(
         None, "--key-id", help="Refuse unless the device presents this key id."
     ),
@@ -352,7 +353,8 @@ def devices_approve(
 ) -> None:
     """Approve a pending device: pin the key it presented; its messages count from now on.
 
-    Example: edgefleet fleet devices approve pi-0001 --key-id 3f2a9c0d1e4b5a6c
+    Example:
+      edgefleet fleet devices approve pi-0001 --key-id 3f2a9c0d1e4b5a6c
     """
     body = {"key_id": key_id} if key_id else {}
     d = client(url, token)._call("POST", f"/v1/devices/{device_id}/approve", json=body)
@@ -361,13 +363,14 @@ def devices_approve(
 
 @devices_app.command("revoke")
 def devices_revoke(
-    device_id: str = typer.Argument(...),
+    device_id: str = typer.Argument(..., help="The device whose pinned key to drop."),
     url: str | None = UrlOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """Forget a device's key: its messages are dropped until it enrols again.
 
-    Example: edgefleet fleet devices revoke pi-0001
+    Example:
+      edgefleet fleet devices revoke pi-0001
     """
     client(url, token)._call("POST", f"/v1/devices/{device_id}/revoke")
     print(f"{device_id}: key revoked")
@@ -379,7 +382,8 @@ def devices_enrol_token() -> None:
 
     Devices that prove the token (agent.toml `[enrol] token_file`) are approved at once.
 
-    Example: edgefleet fleet devices enrol-token
+    Example:
+      edgefleet fleet devices enrol-token
     """
     import secrets
 

@@ -246,6 +246,9 @@ def create_app(service: FleetService) -> "FastAPI":
         body, ctype = service.exporter.render()
         return Response(body, media_type=ctype)
 
+    from . import measures_api
+
+    app.include_router(measures_api.build_router(service))
     _mount_dashboard(app, service)
     return app
 

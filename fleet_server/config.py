@@ -95,6 +95,7 @@ class FleetConfig(_Section):
     rollout: RolloutDefaults = RolloutDefaults()
     drift: dict[str, Any] = Field(default_factory=dict)  # fields of fleet_server.drift.DriftConfig
     hooks: HooksSection = HooksSection()
+    health: dict[str, Any] = Field(default_factory=dict)  # fleet_server.health_rules.HealthConfig
 
     @property
     def db_path(self) -> Path:
@@ -192,7 +193,18 @@ chunk_bytes = 65536
 # ks_alpha = 0.05
 # dataset_share = 0.5
 
-[hooks]
+[health]                        # standing alerts (fleet_server.health_rules.HealthConfig)
+# p95_ms = 500                  # default: each profile's latency_budget_ms
+error_rate = 0.01               # errors / requests in a telemetry window
+fallback_rate = 0.05            # fallback answers / requests
+offline_after_s = 600.0         # a device silent longer than this
+disk_free_mb = 50.0             # free disk under this (or the device's disk_full flag)
+fire_after = 2                  # windows in a row over the line before an alert fires
+resolve_after = 2               # windows in a row under resolve_ratio × the line to resolve
+# [health.profiles.raspberry-pi-4]
+# p95_ms = 25
+
+[hooks]                         # called with drift alerts and (health.hook) health alerts
 # drift_webhook = "https://ci.example/retrain"
 # drift_command = "retrain.sh"
 """

@@ -44,6 +44,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     cls = [r for r in rows if r["kind"] == "accuracy"]
     reg = [r for r in rows if r["kind"] == "mae"]
     out: dict[str, Any] = {"windows": len(rows)}
+    lo: float | None
+    hi: float | None
     if len(cls) >= len(reg):
         n = sum(int(r["n"]) for r in cls)
         correct = sum(float(r["value"]) * int(r["n"]) for r in cls)

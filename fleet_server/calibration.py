@@ -24,6 +24,7 @@ Everything here but :class:`BenchStore` is pure.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import threading
 import time
@@ -45,11 +46,11 @@ def host_p50(manifest: dict[str, Any], profile: str) -> tuple[float | None, str]
             continue
         if b.get("estimated") is False:
             continue  # a device measurement, not the host's
-        factor = b.get("speed_factor")
+        factor = _factor_of(str(b.get("measured_on") or ""))
         if name == "host":
             return float(p50) / float(factor or 1.0), "manifest host target"
-        if isinstance(factor, (int, float)) and factor > 0:
-            return float(p50) / float(factor), f"manifest {name} estimate ÷ {factor:g}"
+        if factor is not None:
+            return float(p50) / factor, f"manifest {name} estimate ÷ {factor:g}"
         try:
             from protocol.profiles import load_profile
 
@@ -58,6 +59,15 @@ def host_p50(manifest: dict[str, Any], profile: str) -> tuple[float | None, str]
             continue
         return float(p50) / est, f"manifest {name} estimate ÷ profile estimate {est:g}"
     return None, "no host timing in the manifest"
+
+
+def _factor_of(measured_on: str) -> float | None:
+    """The factor the toolchain used, from ``"x86_64 host × 4.2 (…)"`` (None if absent)."""
+    m = re.search(r"×\s*([0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)", measured_on)
+    if m is None:
+        return None
+    value = float(m.group(1))
+    return value if value > 0 else None
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:

@@ -30,9 +30,10 @@ resolves by itself after ``resolve_after`` consecutive windows under ``resolve_r
 threshold (between the two lines nothing changes). The offline rule counts time, not
 windows: it fires once the limit passed and resolves when the device is back.
 
-Per cohort (each profile, each tag): an alert fires when at least ``cohort_share`` of the
-cohort's devices (and at least ``cohort_min_devices``) are over a rule's threshold, naming
-those devices and the ones that are not; it resolves when the share drops below the line.
+Per cohort (each profile, each tag): an alert fires when the device alert of a rule fires on
+at least ``cohort_share`` of the cohort's devices with a verdict (and on at least
+``cohort_min_devices``), naming those devices and the ones that are not; it resolves when
+the share drops below the line (so the devices' hysteresis carries over to the cohort).
 """
 
 from __future__ import annotations
@@ -351,6 +352,10 @@ class HealthRules:
             )
         return None
 
+    def _device_firing(self, rule: Rule, device: str) -> bool:
+        a = self.states.get(f"{rule}:device:{device}")
+        return a is not None and a.firing
+
     def _fire(self, a: AlertState, value: float | None, now: float, message: str) -> Transition:
         a.firing, a.since, a.value, a.message = True, now, value, message
         return Transition(
@@ -389,7 +394,9 @@ class HealthRules:
             for rule in RULES:
                 key = f"{rule}:{scope}:{name}"
                 seen.add(key)
-                verdicts = {d: over_by_rule[rule][d] for d in members if d in over_by_rule[rule]}
+                verdicts = {
+                    d: self._device_firing(rule, d) for d in members if d in over_by_rule[rule]
+                }
                 bad = tuple(sorted(d for d, v in verdicts.items() if v))
                 good = tuple(sorted(d for d, v in verdicts.items() if not v))
                 share = len(bad) / len(verdicts) if verdicts else 0.0

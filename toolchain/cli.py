@@ -175,6 +175,59 @@ def profiles_show(
     _console().print(table)
 
 
+@profiles_app.command("calibrate")
+def profiles_calibrate(
+    from_fleet: bool = typer.Option(
+        False,
+        "--from-fleet",
+        help="Take measured factors from the fleet server's field benchmarks.",
+    ),
+    url: str = typer.Option(
+        "http://127.0.0.1:8700", "--url", envvar="EDGEFLEET_URL", help="Fleet server URL."
+    ),
+    token: str | None = typer.Option(None, "--token", envvar="EDGEFLEET_TOKEN", help="API token."),
+    profile: list[str] = typer.Option([], "--profile", help="Only these profiles (repeatable)."),
+    out_dir: Path | None = typer.Option(
+        None, "--dir", help="Write the calibrated files here (default: over the profile file)."
+    ),
+    min_devices: int = typer.Option(1, "--min-devices", min=1, help="Skip thinner evidence."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the factors; write nothing."),
+) -> None:
+    """Write measured speed factors into profile files as a [measured] table.
+
+    The estimate stays beside it; bench and optimize then say "measured on N devices (date)".
+
+    \b
+    Example:
+      edgefleet profiles calibrate --from-fleet --url http://fleet:8700 --profile raspberry-pi-4
+    """
+    from rich.table import Table
+
+    from .calibrate import calibrate, fetch_calibration
+
+    if not from_fleet:
+        from .errors import ToolchainError
+
+        raise ToolchainError("say where the measurements come from: --from-fleet")
+    data = fetch_calibration(url, token)
+    done = calibrate(
+        data, names=list(profile), folder=out_dir, min_devices=min_devices, dry_run=dry_run
+    )
+    if not done:
+        _console().print("no profile has field benchmarks yet (edgefleet fleet bench BUNDLE …)")
+        return
+    table = Table(title="calibrated profiles" + (" (dry run: nothing written)" if dry_run else ""))
+    for col in ("profile", "estimate", "measured", "spread", "basis", "file"):
+        table.add_column(col)
+    for p, path in done:
+        m = p.measured
+        table.add_row(
+            p.name, f"{p.speed_factor:g}", f"{m.speed_factor:.3g}" if m else "-",
+            f"{m.spread:.3g}" if m else "-", p.speed_basis(), str(path),
+        )  # fmt: skip
+    _console().print(table)
+
+
 # --- keys -------------------------------------------------------------------------------
 
 
@@ -345,7 +398,8 @@ def _bench_table(report: BenchReport) -> None:
     p, r, h = report.profile, report.result, report.host
     table = Table(
         title=f"{report.model.name} on {p.name} "
-        f"(device numbers are ESTIMATES: host × {p.speed_factor:g})"
+        f"(device numbers are ESTIMATES: host × {p.effective_speed_factor():g}, "
+        f"speed factor {p.speed_basis()})"
     )
     for col in ("measure", "host", f"est. {p.name}", "budget"):
         table.add_column(col)
@@ -406,7 +460,9 @@ def _bench_json(report: BenchReport) -> dict[str, Any]:
         "operators": report.compat.facts.operators,
         "host": None if report.host is None else asdict(report.host),
         "estimate": report.result.model_dump(mode="json"),
-        "speed_factor": report.profile.speed_factor,
+        "speed_factor": report.profile.effective_speed_factor(),
+        "speed_basis": report.profile.speed_basis(),
+        "speed_factor_estimate": report.profile.speed_factor,
         "latency_budget_ms": report.profile.latency_budget_ms,
         "fits_budget": report.fits,
         "reasons": report.reasons,
@@ -454,7 +510,8 @@ def _optimize_table(report: OptimizeReport) -> None:
 
     p = report.profile
     table = Table(
-        title=f"variants for {p.name} (latency: ESTIMATES, host × {p.speed_factor:g}; "
+        title=f"variants for {p.name} (latency: ESTIMATES, host × {p.effective_speed_factor():g}, "
+        f"speed factor {p.speed_basis()}; "
         f"budget {p.latency_budget_ms:g} ms, max {report.metric} drop {report.max_accuracy_drop:g})"
     )
     for col in (

@@ -1,0 +1,62 @@
+"""``profiles calibrate``: the [measured] table in a profile file, and its use by bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import firmware_profiles
+from protocol.errors import ProfileError
+from protocol.profiles import load_profile, parse_profile
+from toolchain.calibrate import calibrate, with_measured
+
+PI4 = Path(firmware_profiles.__file__).parent / "raspberry-pi-4.toml"
+MEASURED = {
+    "speed_factor": 4.2,
+    "devices": 7,
+    "spread": 0.3,
+    "date": "2026-11-30",
+    "bundles": ["m@1"],
+}
+
+
+def test_measured_table_sits_beside_the_estimate_and_is_used() -> None:
+    base = PI4.read_text()
+    assert load_profile("raspberry-pi-4").speed_basis() == "estimate"
+    text = with_measured(base, MEASURED)
+    assert "speed_factor = 6.0" in text and "# Speed factor: an estimate" in text
+    p = parse_profile(text)
+    assert p.effective_speed_factor() == 4.2 and p.speed_factor == 6.0
+    assert p.speed_basis() == "measured on 7 devices (2026-11-30)"
+    again = parse_profile(with_measured(text, {**MEASURED, "devices": 2, "speed_factor": 5.0}))
+    assert again.measured is not None and again.measured.devices == 2
+    assert again.runtimes == p.runtimes  # the [[runtimes]] tables survive a rewrite
+
+
+def test_a_bad_measured_table_names_the_field() -> None:
+    bad = PI4.read_text() + '\n[measured]\nspeed_factor = -1\ndevices = 1\ndate = "2026-01-01"\n'
+    with pytest.raises(ProfileError, match=r"measured\.speed_factor"):
+        parse_profile(bad)
+
+
+def test_calibrate_writes_a_profile_file_that_bench_then_uses(tmp_path: Path, monkeypatch) -> None:
+    data = {
+        "profiles": [
+            {"profile": "raspberry-pi-4", **MEASURED},
+            {"profile": "host", **MEASURED, "devices": 0},
+        ]
+    }
+    done = calibrate(data, folder=tmp_path, min_devices=1)
+    assert [(p.name, path.name) for p, path in done] == [("raspberry-pi-4", "raspberry-pi-4.toml")]
+    monkeypatch.setenv("EDGEFLEET_PROFILES_DIR", str(tmp_path))
+    from toolchain.benchmark import HostTiming, estimate
+
+    prof = load_profile("raspberry-pi-4")
+    host = HostTiming(
+        p50_ms=1.0, p95_ms=1.0, p99_ms=1.0, batch_size=8, batch_p50_ms=1.0, batch_p95_ms=1.0,
+        batch_p99_ms=1.0, throughput_rps=1000.0, load_ms=1.0, peak_memory_mb=1.0, runs=10,
+    )  # fmt: skip
+    result = estimate(host, prof, 100, [])
+    assert result.p50_ms == pytest.approx(4.2)
+    assert "measured on 7 devices (2026-11-30)" in result.measured_on

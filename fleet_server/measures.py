@@ -440,7 +440,7 @@ class Measures:
                 }
                 out["own_drifted_devices"] = tuple(sorted(per_device & set(installed)))
         if spec.accuracy_margin is not None:
-            new = self.accuracy.version(name, version, installed)
+            new = self.accuracy.version(name, version)  # wherever the new version runs
             old_version = self.accuracy.previous_version(name, version)
             if old_version is not None and new["value"] is not None:
                 old = self.accuracy.version(name, old_version)

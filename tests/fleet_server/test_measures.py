@@ -204,3 +204,12 @@ def test_latency_outlier_is_far_from_its_profile_median() -> None:
     ]
     (o,) = latency_outliers(rows_)
     assert o["device_id"] == "slow" and o["times_median"] > 2
+
+
+def test_per_device_drift_test_false_alarm_rate_on_null_windows_is_at_most_five_percent() -> None:
+    from bench.sketch_accuracy import null_experiment
+
+    for row in null_experiment(windows=200, rows=2000):
+        assert row["windows"] >= 200 and row["rows_per_window"] >= 2000
+        assert row["false_alarm_rate"] <= 0.05, row
+        assert row["detection_rate"] >= 0.9, row  # and the test is not simply blind

@@ -201,8 +201,6 @@ def profiles_calibrate(
     Example:
       edgefleet profiles calibrate --from-fleet --url http://fleet:8700 --profile raspberry-pi-4
     """
-    from rich.table import Table
-
     from .calibrate import calibrate, fetch_calibration
 
     if not from_fleet:
@@ -216,16 +214,14 @@ def profiles_calibrate(
     if not done:
         _console().print("no profile has field benchmarks yet (edgefleet fleet bench BUNDLE …)")
         return
-    table = Table(title="calibrated profiles" + (" (dry run: nothing written)" if dry_run else ""))
-    for col in ("profile", "estimate", "measured", "spread", "basis", "file"):
-        table.add_column(col)
+    note = " (dry run: nothing written)" if dry_run else ""
     for p, path in done:
         m = p.measured
-        table.add_row(
-            p.name, f"{p.speed_factor:g}", f"{m.speed_factor:.3g}" if m else "-",
-            f"{m.spread:.3g}" if m else "-", p.speed_basis(), str(path),
-        )  # fmt: skip
-    _console().print(table)
+        assert m is not None
+        typer.echo(
+            f"{p.name}: speed factor {m.speed_factor:.4g} {p.speed_basis()}, spread (IQR) "
+            f"{m.spread:.3g}; estimate {p.speed_factor:g} kept beside it → {path}{note}"
+        )
 
 
 # --- keys -------------------------------------------------------------------------------

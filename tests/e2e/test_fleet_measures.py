@@ -87,7 +87,7 @@ def fleet(
     tmp = tmp_path_factory.mktemp("measures")
     (pub,) = write_public_keys(tmp / "keys", signing_key)
     priv = write_private_key(tmp / "keys", signing_key)
-    v1, _ = make_bundle(signing_key, version="1.0.0", release=1)
+    v1, _ = make_bundle(signing_key, version="1.0.0", release=1, benchmark=_host_benchmark(tmp))
     v2, _ = make_bundle(signing_key, version="2.0.0", release=2)
     (tmp / "v1.efb").write_bytes(v1)
     (tmp / "v2.efb").write_bytes(v2)
@@ -139,6 +139,17 @@ def fleet(
         recorder.close()
         server.stop()
         broker.stop()
+
+
+def _host_benchmark(tmp: Path) -> Any:
+    """What ``edgefleet build`` puts into a bundle: the toolchain's benchmark on this host."""
+    from protocol.profiles import load_profile
+    from tests.support.bundles import trained
+    from toolchain.benchmark import benchmark
+
+    path = tmp / "iris.onnx"
+    path.write_bytes(trained("iris-logreg").onnx)
+    return benchmark(path, load_profile("host"), runs=100).result
 
 
 def _iris() -> np.ndarray:
@@ -310,6 +321,50 @@ def test_one_slow_device_raises_a_latency_alert_naming_it_and_resolves_when_it_r
         )
     finally:
         traffic.stop()
+
+
+def test_field_benchmark_calibrates_the_profile_and_profiles_calibrate_writes_it(
+    fleet: dict[str, Any],
+) -> None:
+    from protocol.profiles import load_profile
+    from tests.e2e.support import edgefleet
+
+    api = fleet["api"]
+    started = api.post(
+        "/v1/benchmarks",
+        json={"bundle": "iris@1.0.0", "selector": "tag=site-a", "sample": 2, "runs": 50},
+    )
+    assert started.status_code == 202, started.text
+    sent = started.json()
+    assert len(sent["devices"]) == 2 and set(sent["devices"]) <= set(SITE_A)
+
+    def results() -> list[dict[str, Any]] | None:
+        rows = [
+            r for r in api.get("/v1/benchmarks").json() if r["command_id"] in sent["command_ids"]
+        ]
+        return rows if len(rows) == 2 else None
+
+    rows = wait_until(results, 90, "both field benchmark results")
+    assert all(r["profile"] == "host" and r["ratio"] > 0 and r["host_p50_ms"] > 0 for r in rows)
+    cal = api.get("/v1/calibration").json()
+    (host,) = [p for p in cal["profiles"] if p["profile"] == "host"]
+    assert host["devices"] == 2 and host["estimate"] == 1.0
+    ratios = sorted(r["ratio"] for r in rows)
+    assert host["speed_factor"] == pytest.approx(sum(ratios) / 2)  # the median of two
+
+    out_dir = fleet["tmp"] / "calibrated"
+    run = edgefleet(
+        "profiles", "calibrate", "--from-fleet", "--url", fleet["server"].url,
+        "--token", TOKEN, "--profile", "host", "--dir", str(out_dir),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "measured on 2 devices" in run.stdout
+    calibrated = load_profile(out_dir / "host.toml")
+    assert calibrated.measured is not None and calibrated.measured.devices == 2
+    assert calibrated.effective_speed_factor() == pytest.approx(host["speed_factor"], rel=1e-5)
+    assert calibrated.speed_factor == 1.0  # the estimate stays beside it
+    bad = edgefleet("profiles", "calibrate", "--from-fleet", "--url", "http://127.0.0.1:1")
+    assert bad.returncode == 1 and "cannot reach the fleet server" in bad.stderr
 
 
 def _labelled(agent: AgentProcess, rows: np.ndarray, wrong_every: int = 0) -> None:

@@ -434,9 +434,9 @@ class Measures:
             if res is not None and res.evaluated:
                 out["own_drift"] = res.dataset_drift
                 per_device = {
-                    x["subject"]
-                    for x in self.cohorts.stored(name, version, "device")
-                    if x["dataset_drift"]
+                    x.subject
+                    for x in self.cohorts.evaluate(name, version, now=now)
+                    if x.scope == "device" and x.dataset_drift
                 }
                 out["own_drifted_devices"] = tuple(sorted(per_device & set(installed)))
         if spec.accuracy_margin is not None:

@@ -24,6 +24,7 @@ Everything here but :class:`BenchStore` is pure.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import threading
@@ -31,6 +32,8 @@ import time
 from typing import Any
 
 TABLE = "field_benchmarks"
+COMMANDS = "field_bench_commands"
+MAX_MS = 3_600_000.0
 OUTLIER_FACTOR = 2.0
 MIN_COHORT = 3
 
@@ -163,23 +166,34 @@ def latency_outliers(
     return out
 
 
+def _ms(value: Any) -> float | None:
+    """A latency a device reported: a finite positive number below an hour, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) and 0 < v < MAX_MS else None
+
+
 def bench_sample(
-    device_id: str, profile: str, result: dict[str, Any], bundle: dict[str, Any] | None, ts: float
+    device_id: str, profile: str, result: dict[str, Any], bundle: dict[str, Any], ts: float
 ) -> dict[str, Any] | None:
-    """One stored sample from a benchmark result (None when it is not one)."""
-    p50 = result.get("p50_ms")
+    """One stored sample from a device's benchmark ``result`` of the bundle the server asked
+    it to time (None when the result is not a device measurement of that bundle).
+
+    The result is hostile: numbers are checked for type and range, and the model it names
+    must be the bundle's. The profile is the registry's, not the result's.
+    """
+    p50 = _ms(result.get("p50_ms"))
     model = result.get("model") or {}
-    if not isinstance(p50, (int, float)) or p50 <= 0 or result.get("estimated") is not False:
+    if p50 is None or result.get("estimated") is not False or not isinstance(model, dict):
         return None
-    if not isinstance(model, dict) or not model.get("name"):
+    if (model.get("name"), model.get("version")) != (bundle.get("name"), bundle.get("version")):
         return None
-    manifest: dict[str, Any] = {}
-    if bundle is not None:
-        try:
-            manifest = json.loads(bundle["manifest"])
-        except (ValueError, KeyError, TypeError):
-            manifest = {}
-    prof = str(result.get("profile") or profile or "")
+    try:
+        manifest: dict[str, Any] = json.loads(bundle["manifest"])
+    except (ValueError, KeyError, TypeError):
+        manifest = {}
+    prof = profile
     host, basis = host_p50(manifest, prof)
     quant = manifest.get("quantization") or {}
     variant = (
@@ -190,16 +204,16 @@ def bench_sample(
     return {
         "device_id": device_id,
         "profile": prof,
-        "model": str(model.get("name")),
-        "version": str(model.get("version") or ""),
-        "bundle_sha256": (bundle or {}).get("sha256") or "",
-        "variant": variant,
-        "p50_ms": float(p50),
-        "p95_ms": float(result.get("p95_ms") or 0.0),
+        "model": str(bundle.get("name")),
+        "version": str(bundle.get("version")),
+        "bundle_sha256": str(bundle.get("sha256") or ""),
+        "variant": variant[:64],
+        "p50_ms": p50,
+        "p95_ms": _ms(result.get("p95_ms")) or p50,
         "host_p50_ms": host,
         "host_basis": basis,
-        "ratio": (float(p50) / host) if host else None,
-        "runs": int(result.get("runs") or 0),
+        "ratio": (p50 / host) if host else None,
+        "runs": runs if isinstance(runs := result.get("runs"), int) and 0 < runs <= 10**6 else 0,
         "ts": ts,
     }
 
@@ -230,6 +244,33 @@ class BenchStore:
                 },
                 pk=("command_id", "device_id"),
             )
+        if COMMANDS not in db.table_names():
+            db[COMMANDS].create(
+                {"command_id": str, "device_id": str, "bundle_sha256": str, "issued_at": float},
+                pk="command_id",
+            )
+
+    def issue(self, command_id: str, device_id: str, bundle_sha256: str, ts: float) -> None:
+        """Remember a benchmark command we sent: only its answer is taken as a sample."""
+        with self._lock:
+            self.db[COMMANDS].upsert(
+                {
+                    "command_id": command_id,
+                    "device_id": device_id,
+                    "bundle_sha256": bundle_sha256,
+                    "issued_at": ts,
+                },
+                pk="command_id",
+            )
+
+    def issued(self, command_id: str, device_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            rows = list(
+                self.db[COMMANDS].rows_where(
+                    "command_id = ? and device_id = ?", [command_id, device_id]
+                )
+            )
+        return rows[0] if rows else None
 
     def add(self, command_id: str, sample: dict[str, Any]) -> None:
         with self._lock:

@@ -34,6 +34,7 @@ from .drift_window import OpenWindow, decode_set
 
 DEVICE_WINDOWS = "device_drift_windows"
 SCOPE_RESULTS = "drift_scope_results"
+KEEP_WINDOWS = 48  # per-device windows kept behind the newest (for restarts and history)
 
 DeviceInfo = Callable[[], dict[str, tuple[str, list[str]]]]  # id → (profile, tags)
 
@@ -299,6 +300,10 @@ class CohortDrift:
             }  # the newest window of each version only
             self._cache[(model, version, window)] = (revision, out)
             self._store(out, now)
+            self.db.execute(
+                f"delete from {DEVICE_WINDOWS} where model = ? and version = ? and window < ?",
+                [model, version, window - KEEP_WINDOWS * cfg.window_seconds],
+            )
             return out
 
     def _store(self, results: list[ScopeResult], now: float) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from protocol.messages import MetricsReport
 
 TABLE = "field_feedback"
+MAX_LABELS_PER_WINDOW = 10_000_000  # a window claiming more is refused, not summed
 Z95 = 1.959963984540054
 
 
@@ -135,9 +136,9 @@ class FieldAccuracy:
 
     def ingest(self, msg: MetricsReport) -> bool:
         """Keep a window that carries labelled feedback; False when there is none."""
-        if msg.model is None or msg.feedback_count <= 0:
+        if msg.model is None or not 0 < msg.feedback_count <= MAX_LABELS_PER_WINDOW:
             return False
-        if msg.accuracy is not None and 0.0 <= msg.accuracy <= 1.0:
+        if msg.accuracy is not None and math.isfinite(msg.accuracy) and 0 <= msg.accuracy <= 1:
             kind, value = "accuracy", float(msg.accuracy)
         elif msg.mae is not None and math.isfinite(msg.mae) and msg.mae >= 0:
             kind, value = "mae", float(msg.mae)

@@ -20,6 +20,7 @@ service's tick logs them.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from protocol.messages import (
 from . import calibration
 from .calibration import BenchStore
 from .cohort_drift import CohortDrift, describe
+from .delivery import parse_command_id
 from .errors import InvalidInput, NotFound
 from .field_accuracy import FieldAccuracy
 from .health_rules import DeviceSample, HealthConfig, HealthRules, Transition
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_BENCH_DEVICES = 1000
 ROLLOUT_INPUTS_EVERY_S = 2.0
+HEALTH_EVERY_S = 1.0  # the time-based offline rule; new metrics are evaluated on the next tick
 
 
 @dataclass
@@ -85,6 +88,8 @@ class Measures:
         self._windows: dict[str, _Window] = {}
         self._budgets: dict[str, float | None] = {}
         self._rollout_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._new_metrics = False
+        self._last_health = 0.0
         self.hook: Callable[[dict[str, Any]], Any] | None = None
         if self.health_config.hook:
             self.hook = service._drift_hook()
@@ -99,17 +104,18 @@ class Measures:
             window_end=end,
             model=msg.model.name if msg.model else None,
             version=msg.model.version if msg.model else None,
-            requests=msg.requests,
-            errors=msg.errors,
-            fallbacks=msg.fallbacks,
-            p95_ms=msg.latency.p95_ms,
-            disk_free_mb=msg.disk_free_mb,
+            requests=max(0, msg.requests),
+            errors=min(max(0, msg.errors), max(0, msg.requests)),
+            fallbacks=min(max(0, msg.fallbacks), max(0, msg.requests)),
+            p95_ms=_finite(msg.latency.p95_ms),
+            disk_free_mb=_finite(msg.disk_free_mb),
             disk_full="disk_full" in msg.conditions,
         )
         with self._lock:
             have = self._windows.get(msg.device_id)
             if have is None or end >= have.window_end:
                 self._windows[msg.device_id] = w
+                self._new_metrics = True
         self.accuracy.ingest(msg)
 
     def on_sketch(self, msg: SketchReport) -> None:
@@ -118,33 +124,38 @@ class Measures:
             self.cohorts.ingest(msg)
 
     def on_status(self, msg: CommandStatus) -> None:
-        """Keep the numbers of a field benchmark (a ``benchmark`` command, or an install's)."""
+        """Keep the numbers of a field benchmark we asked for: the answer to a ``benchmark``
+        command this server sent to this device, or a benchmark a device reports with the
+        ``installed`` status of a rollout's deploy (``result.benchmark``)."""
         result = msg.result or {}
-        if msg.state == "installed" and isinstance(result.get("benchmark"), dict):
+        sha: str | None = None
+        if msg.state == "done" and "p50_ms" in result:
+            issued = self.bench_store.issued(msg.command_id, msg.device_id)
+            sha = issued["bundle_sha256"] if issued else None
+        elif msg.state == "installed" and isinstance(result.get("benchmark"), dict):
             result = result["benchmark"]
-        elif msg.state != "done":
+            parsed = parse_command_id(msg.command_id)
+            if parsed is not None and parsed[1] == msg.device_id and parsed[2] == "deploy":
+                r = self.service._rollouts.get(parsed[0])
+                sha = r.spec.bundle_sha256 if r is not None else None
+        if sha is None:
             return
-        if "p50_ms" not in result:
-            return
+        bundle = self.service.repo.get_bundle(sha)
         device = self.service.repo.get_device(msg.device_id) or {}
-        raw = result.get("model")
-        model: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        bundle = self._bundle_of(str(model.get("name") or ""), str(model.get("version") or ""))
+        if bundle is None:
+            return
         sample = calibration.bench_sample(
             msg.device_id, str(device.get("profile") or ""), result, bundle, self.service.clock()
         )
         if sample is not None:
             self.bench_store.add(msg.command_id, sample)
 
-    def _bundle_of(self, name: str, version: str) -> dict[str, Any] | None:
-        for b in self.service.repo.list_bundles():
-            if b["name"] == name and b["version"] == version:
-                return dict(b)
-        return None
-
     # the tick -----------------------------------------------------------------------------
     def tick(self, now: float, drift_due: bool) -> None:
-        self._health(now)
+        if self._new_metrics or now - self._last_health >= HEALTH_EVERY_S:
+            self._new_metrics = False
+            self._last_health = now
+            self._health(now)
         if self.cohorts is not None:
             self.cohorts.flush()
             if drift_due:
@@ -378,6 +389,7 @@ class Measures:
             )
             if svc.key is not None:
                 cmd = sign_command(cmd, svc.key)
+            self.bench_store.issue(cmd.command_id, dev, bundle["sha256"], svc.clock())
             svc.sender.command(cmd)
             commands.append(cmd.command_id)
         svc._audit(
@@ -483,3 +495,10 @@ class Measures:
         if not extra:
             return base
         return replace(base if base is not None else Telemetry(), **extra)
+
+
+def _finite(value: float | None) -> float | None:
+    """A number a device sent, or None when it is not a finite, non-negative one."""
+    if value is None or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)

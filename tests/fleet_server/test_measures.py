@@ -192,9 +192,14 @@ def test_host_timing_comes_from_the_manifest_estimate_and_its_factor() -> None:
         "estimated": False,
         "model": {"name": "m", "version": "1"},
     }
-    s = bench_sample("d", "pi", result, {"sha256": "ab", "manifest": json.dumps(manifest)}, T0)
-    assert s is not None and s["ratio"] == pytest.approx(4.5)
-    assert bench_sample("d", "pi", {**result, "estimated": True}, None, T0) is None
+    bundle = {"sha256": "ab", "name": "m", "version": "1", "manifest": json.dumps(manifest)}
+    s = bench_sample("d", "pi", result, bundle, T0)
+    assert s is not None and s["ratio"] == pytest.approx(4.5) and s["profile"] == "pi"
+    assert bench_sample("d", "pi", {**result, "estimated": True}, bundle, T0) is None
+    other = {**result, "model": {"name": "m", "version": "2"}}  # not the bundle we asked about
+    assert bench_sample("d", "pi", other, bundle, T0) is None
+    for bad in (float("nan"), -1.0, True, "4.5", 1e12):
+        assert bench_sample("d", "pi", {**result, "p50_ms": bad}, bundle, T0) is None
 
 
 def test_latency_outlier_is_far_from_its_profile_median() -> None:

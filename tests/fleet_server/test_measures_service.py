@@ -159,3 +159,26 @@ def test_rollout_inputs_measure_the_rollouts_own_devices(fleet: dict[str, Any]) 
     r2.devices["d2"].state = "installed"
     t2 = service.measures.extend(r2, None, time.time())
     assert t2 is not None and not t2.own_drift and t2.profile_p95 == (("host", 1.0, 10.0, 1),)
+
+
+def test_a_benchmark_result_nobody_asked_for_is_not_a_calibration_sample(
+    fleet: dict[str, Any],
+) -> None:
+    from protocol.messages import CommandStatus
+
+    service = fleet["service"]
+    forged = {"p50_ms": 0.001, "estimated": False, "model": {"name": "iris", "version": "1.0.0"}}
+    service.on_status(
+        CommandStatus(device_id="d0", command_id="fb1-d0", state="done", result=forged)
+    )
+    assert service.measures.bench_samples() == []
+    service.measures.bench_store.issue("fb2-d1", "d1", service.list_bundles()[0]["sha256"], 0.0)
+    service.on_status(  # issued to d1, answered by d0
+        CommandStatus(device_id="d0", command_id="fb2-d1", state="done", result=forged)
+    )
+    assert service.measures.bench_samples() == []
+    service.on_status(
+        CommandStatus(device_id="d1", command_id="fb2-d1", state="done", result=forged)
+    )
+    (sample,) = service.measures.bench_samples()
+    assert sample["device_id"] == "d1" and sample["profile"] == "host"

@@ -20,20 +20,26 @@ drift so the caller can alert on it (once per window).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from protocol.errors import ProtocolError
 from protocol.messages import SketchReport
 from protocol.sketches import SketchSet
 
 from .drift import DriftConfig, FeatureDrift, compare
 from .drift_window import OpenWindow, decode_set
 
+log = logging.getLogger(__name__)
+
 DEVICE_WINDOWS = "device_drift_windows"
 SCOPE_RESULTS = "drift_scope_results"
+MAX_QUEUED = 20_000  # reports waiting for the tick to merge them
 KEEP_WINDOWS = 48  # per-device windows kept behind the newest (for restarts and history)
 
 DeviceInfo = Callable[[], dict[str, tuple[str, list[str]]]]  # id → (profile, tags)
@@ -123,7 +129,13 @@ class CohortDrift:
         self._dirty: set[tuple[str, str, str, float]] = set()
         self._cache: dict[tuple[str, str, float], tuple[int, list[ScopeResult]]] = {}
         self._alerted: set[tuple[str, str, float]] = set()
+        self._queue: deque[SketchReport] = deque(maxlen=MAX_QUEUED)
+        self.dropped = 0
         self._ensure()
+        self._stored: set[tuple[str, str, str, float]] = {
+            (r["device"], r["model"], r["version"], r["window"])
+            for r in self.db.query(f"select device, model, version, window from {DEVICE_WINDOWS}")
+        }
 
     def _ensure(self) -> None:
         names = self.db.table_names()
@@ -160,26 +172,50 @@ class CohortDrift:
 
     # input ------------------------------------------------------------------------------
     def ingest(self, report: SketchReport) -> None:
-        """Merge a report the fleet-wide engine accepted (it dropped duplicates already)."""
+        """Queue a report the fleet-wide engine accepted (it dropped duplicates already).
+
+        The bridge thread only appends; the merge happens in :meth:`drain` (the service's
+        tick, or any read), so per-device windows do not slow telemetry ingest down. A full
+        queue drops its oldest report and counts it in ``dropped``.
+        """
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(report)
+
+    def drain(self) -> int:
+        """Merge the queued reports into their device windows (in memory)."""
+        n = 0
+        with self._lock:
+            while self._queue:
+                report = self._queue.popleft()
+                try:
+                    self._merge(report)
+                except ProtocolError as exc:  # the fleet engine checked it; belt and braces
+                    log.warning("per-device sketch of %s dropped: %s", report.device_id, exc)
+                n += 1
+        return n
+
+    def _merge(self, report: SketchReport) -> None:
         incoming = decode_set(report.sketches)
         model, version = report.model.name, report.model.version
         window = self.window_of(model, report.window_start.timestamp())
         key = (report.device_id, model, version, window)
-        with self._lock:
-            w = self._open.get(key) or self._load(key)
-            w.check(incoming)
-            w.add(report.device_id, report.sketches.rows, incoming, {})
-            self._open[key] = w
-            self._dirty.add(key)
-            for k in [k for k in self._open if k[:3] == key[:3] and k[3] < window]:
-                self._open.pop(k)  # one window per device and version in memory
-                self._dirty.discard(k)
+        w = self._open.get(key) or self._load(key)
+        w.check(incoming)
+        w.add(report.device_id, report.sketches.rows, incoming, {})
+        self._open[key] = w
+        self._dirty.add(key)
+        for k in [k for k in self._open if k[:3] == key[:3] and k[3] < window]:
+            self._open.pop(k)  # one window per device and version in memory
+            self._dirty.discard(k)
 
     def _load(self, key: tuple[str, str, str, float]) -> OpenWindow:
         device, model, version, window = key
+        if key not in self._stored:
+            return OpenWindow(model, version, window)
         try:
             row = self.db[DEVICE_WINDOWS].get(key)
-        except Exception:  # sqlite_utils NotFoundError: a new window
+        except Exception:  # sqlite_utils NotFoundError: pruned meanwhile
             return OpenWindow(model, version, window)
         w = OpenWindow(model, version, window)
         w.features = decode_set(SketchSet.model_validate_json(row["sketch"]))
@@ -188,12 +224,16 @@ class CohortDrift:
         return w
 
     def flush(self) -> None:
+        """Drain the queue and write the changed device windows."""
+        self.drain()
         with self._lock:
-            rows = []
+            rows: list[dict[str, Any]] = []
+            keys = []
             for key in sorted(self._dirty):
                 w = self._open.get(key)
                 if w is None:
                     continue
+                keys.append(key)
                 rows.append(
                     {
                         "device": key[0],
@@ -210,6 +250,7 @@ class CohortDrift:
                 self.db[DEVICE_WINDOWS].upsert_all(
                     rows, pk=("device", "model", "version", "window")
                 )
+                self._stored.update(keys)
 
     # windows ----------------------------------------------------------------------------
     def _windows(self, model: str, version: str, window: float) -> dict[str, OpenWindow]:
@@ -300,10 +341,12 @@ class CohortDrift:
             }  # the newest window of each version only
             self._cache[(model, version, window)] = (revision, out)
             self._store(out, now)
+            oldest = window - KEEP_WINDOWS * cfg.window_seconds
             self.db.execute(
                 f"delete from {DEVICE_WINDOWS} where model = ? and version = ? and window < ?",
-                [model, version, window - KEEP_WINDOWS * cfg.window_seconds],
+                [model, version, oldest],
             )
+            self._stored = {k for k in self._stored if k[1:3] != (model, version) or k[3] >= oldest}
             return out
 
     def _store(self, results: list[ScopeResult], now: float) -> None:

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_BENCH_DEVICES = 1000
 ROLLOUT_INPUTS_EVERY_S = 2.0
+FLUSH_EVERY_S = 5.0  # per-device windows are written at most this often (and on every read)
 HEALTH_EVERY_S = 1.0  # the time-based offline rule; new metrics are evaluated on the next tick
 
 
@@ -90,6 +91,7 @@ class Measures:
         self._rollout_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._new_metrics = False
         self._last_health = 0.0
+        self._last_flush = 0.0
         self.hook: Callable[[dict[str, Any]], Any] | None = None
         if self.health_config.hook:
             self.hook = service._drift_hook()
@@ -150,6 +152,11 @@ class Measures:
         if sample is not None:
             self.bench_store.add(msg.command_id, sample)
 
+    def flush(self) -> None:
+        """Write what is held in memory (the service calls this when it stops)."""
+        if self.cohorts is not None:
+            self.cohorts.flush()
+
     # the tick -----------------------------------------------------------------------------
     def tick(self, now: float, drift_due: bool) -> None:
         if self._new_metrics or now - self._last_health >= HEALTH_EVERY_S:
@@ -157,7 +164,10 @@ class Measures:
             self._last_health = now
             self._health(now)
         if self.cohorts is not None:
-            self.cohorts.flush()
+            self.cohorts.drain()
+            if now - self._last_flush >= FLUSH_EVERY_S:
+                self._last_flush = now
+                self.cohorts.flush()
             if drift_due:
                 self._local_drift(now)
 

@@ -242,6 +242,7 @@ class FleetService:
             self.transport.close()
         if self.drift is not None:
             self.drift.flush()  # the open window is merged in memory; keep it across restarts
+        self.measures.flush()
 
     def _on_connection(self, up: bool) -> None:
         self._event("broker", "connected to the broker" if up else "lost the broker connection")

@@ -501,6 +501,35 @@ def bench(
         raise typer.Exit(EXIT_OVER_BUDGET)
 
 
+def _optimize_json(report: OptimizeReport) -> dict[str, Any]:
+    p = report.profile
+    return {
+        "profile": p.name,
+        "speed_factor": p.effective_speed_factor(),
+        "speed_basis": p.speed_basis(),
+        "speed_factor_estimate": p.speed_factor,
+        "latency_budget_ms": p.latency_budget_ms,
+        "metric": report.metric,
+        "max_accuracy_drop": report.max_accuracy_drop,
+        "variants": [
+            {
+                "name": v.name,
+                "size_bytes": v.size_bytes,
+                "p50_ms": v.bench.result.p50_ms if v.bench else None,
+                "p95_ms": v.bench.result.p95_ms if v.bench else None,
+                "score": v.score,
+                "drop": v.drop,
+                "fits": v.fits if v.bench else None,
+                "verdict": v.verdict,
+                "error": v.error,
+            }
+            for v in report.variants
+        ],
+        "chosen": report.chosen.name if report.chosen else None,
+        "path": str(report.chosen.path) if report.chosen and report.chosen.path else None,
+    }
+
+
 def _optimize_table(report: OptimizeReport) -> None:
     from rich.table import Table
 
@@ -560,6 +589,7 @@ def optimize(
     ),
     out: Path = typer.Option(Path("edgefleet-variants"), "--out", help="Folder for the variants."),
     runs: int = typer.Option(100, "--runs", min=10, help="Single-row timing runs per variant."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Try every variant (fp32, INT8 dynamic/static, FP16; ONNX and TFLite) and pick the best.
 
@@ -575,7 +605,7 @@ def optimize(
 
     prof = _profiles([profile])[0]
     dataset = load_data(data, target)
-    with _progress() as say:
+    with _progress(not as_json) as say:
         report = run_optimize(
             model,
             dataset,
@@ -585,6 +615,11 @@ def optimize(
             runs=runs,
             progress=say,
         )
+    if as_json:
+        typer.echo(json.dumps(_optimize_json(report), indent=2))
+        if report.chosen is None:
+            raise typer.Exit(EXIT_OVER_BUDGET)
+        return
     _optimize_table(report)
     if report.chosen is None:
         typer.echo("no variant meets both the budget and the accuracy goal", err=True)

@@ -9,7 +9,10 @@ import pytest
 import firmware_profiles
 from protocol.errors import ProfileError
 from protocol.profiles import load_profile, parse_profile
+from tests.toolchain import fixtures_pkg as fx
 from toolchain.calibrate import calibrate, with_measured
+
+iris, iris_joblib, iris_onnx = fx.iris, fx.iris_joblib, fx.iris_onnx  # fixtures
 
 PI4 = Path(firmware_profiles.__file__).parent / "raspberry-pi-4.toml"
 MEASURED = {
@@ -60,3 +63,45 @@ def test_calibrate_writes_a_profile_file_that_bench_then_uses(tmp_path: Path, mo
     result = estimate(host, prof, 100, [])
     assert result.p50_ms == pytest.approx(4.2)
     assert "measured on 7 devices (2026-11-30)" in result.measured_on
+
+
+def _calibrated(tmp_path: Path) -> Path:
+    base = fx.profile_toml(tmp_path, "field-host", speed_factor=1.0)
+    measured = {**MEASURED, "speed_factor": 3.0, "devices": 5}
+    base.write_text(with_measured(base.read_text(), measured))
+    return base
+
+
+def test_bench_and_optimize_say_the_factor_was_measured_in_table_and_json(
+    iris, iris_onnx, iris_joblib, tmp_path: Path
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from toolchain.cli import app
+
+    runner = CliRunner()
+    prof = _calibrated(tmp_path)
+    out = runner.invoke(
+        app, ["bench", str(iris_onnx), "--profile", str(prof), "--runs", "20", "--json"]
+    )
+    doc = json.loads(out.stdout)
+    assert doc["speed_factor"] == 3.0 and doc["speed_factor_estimate"] == 1.0
+    assert doc["speed_basis"] == "measured on 5 devices (2026-11-30)"
+    assert doc["estimate"]["p50_ms"] == pytest.approx(doc["host"]["p50_ms"] * 3.0)
+    table = runner.invoke(app, ["bench", str(iris_onnx), "--profile", str(prof), "--runs", "20"])
+    assert "measured on 5 devices (2026-11-30)" in " ".join(table.stdout.split())
+    opt = runner.invoke(
+        app,
+        [
+            "optimize", str(iris_joblib), "--data", str(iris.npz), "--profile", str(prof),
+            "--out", str(tmp_path / "variants"), "--runs", "10", "--json",
+        ],
+    )  # fmt: skip
+    doc = json.loads(opt.stdout)
+    assert doc["speed_basis"] == "measured on 5 devices (2026-11-30)" and doc["variants"]
+    estimate = runner.invoke(
+        app, ["bench", str(iris_onnx), "--profile", "host", "--runs", "20", "--json"]
+    )
+    assert json.loads(estimate.stdout)["speed_basis"] == "estimate"

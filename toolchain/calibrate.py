@@ -101,10 +101,18 @@ def calibrate(
         }
         new = with_measured(text, measured)
         if not dry_run:
-            target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(".toml.tmp")
-            tmp.write_text(new, encoding="utf-8")
-            os.replace(tmp, target)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(new, encoding="utf-8")
+                os.replace(tmp, target)
+            except OSError as exc:
+                from .errors import ToolchainError
+
+                raise ToolchainError(
+                    f"cannot write {target}: {exc.strerror}; choose a folder with --dir "
+                    "(and add it to EDGEFLEET_PROFILES_DIR)"
+                ) from None
         done.append((parse_profile(new, str(target)), target))
     return done
 

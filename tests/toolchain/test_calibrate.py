@@ -105,3 +105,13 @@ def test_bench_and_optimize_say_the_factor_was_measured_in_table_and_json(
         app, ["bench", str(iris_onnx), "--profile", "host", "--runs", "20", "--json"]
     )
     assert json.loads(estimate.stdout)["speed_basis"] == "estimate"
+
+
+def test_calibrate_into_a_folder_it_cannot_write_is_one_readable_error(tmp_path: Path) -> None:
+    from toolchain.errors import ToolchainError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    data = {"profiles": [{"profile": "raspberry-pi-4", **MEASURED}]}
+    with pytest.raises(ToolchainError, match="cannot write"):
+        calibrate(data, folder=blocker / "sub")

@@ -520,7 +520,8 @@ def build_router(service: Any) -> Any:
             }
             for m, v in sorted(pairs)
         ]
-        return render(request, "drift_index.html", rows=rows)
+        scopes = service.measures.drift_by("all", evaluate=False)
+        return render(request, "drift_index.html", rows=rows, scopes=scopes)
 
     @router.get("/ui/drift/{model}/{version}")
     def drift_page(request: Request, model: str, version: str) -> Response:

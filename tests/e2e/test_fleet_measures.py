@@ -235,6 +235,11 @@ def test_two_cohorts_with_different_shifts_are_named_by_device_and_tag(
         page.set_default_timeout(20_000)
         base = fleet["server"].url
         _login(page, base)
+        page.goto(f"{base}/ui/drift")
+        index = page.locator("#drift-scopes")
+        expect(index).to_contain_text("site-a")
+        expect(index.locator("tr", has_text="b2")).to_contain_text("sepal_length")
+        expect(index).not_to_contain_text("a3")
         page.goto(f"{base}/ui/drift/iris/1.0.0")
         table = page.locator("#drift-cohorts")
         expect(table).to_contain_text("site-a")

@@ -38,6 +38,14 @@ OUTLIER_FACTOR = 2.0
 MIN_COHORT = 3
 
 
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def profile_name_ok(name: str) -> bool:
+    """A profile name a device sent may be looked up: a plain name, never a path or .toml."""
+    return bool(_PROFILE_NAME.match(name)) and not name.endswith(".toml") and ".." not in name
+
+
 def host_p50(manifest: dict[str, Any], profile: str) -> tuple[float | None, str]:
     """The host p50 behind the manifest's estimate for ``profile``, and where it came from."""
     targets = {t.get("profile"): t for t in manifest.get("targets") or []}
@@ -54,6 +62,8 @@ def host_p50(manifest: dict[str, Any], profile: str) -> tuple[float | None, str]
             return float(p50) / float(factor or 1.0), "manifest host target"
         if factor is not None:
             return float(p50) / factor, f"manifest {name} estimate ÷ {factor:g}"
+        if not profile_name_ok(str(name)):
+            continue
         try:
             from protocol.profiles import load_profile
 

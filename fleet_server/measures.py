@@ -53,6 +53,7 @@ MAX_BENCH_DEVICES = 1000
 ROLLOUT_INPUTS_EVERY_S = 2.0
 FLUSH_EVERY_S = 5.0  # per-device windows are written at most this often (and on every read)
 HEALTH_EVERY_S = 1.0  # the time-based offline rule; new metrics are evaluated on the next tick
+MAX_PROFILES = 1000  # distinct profile names whose budget is cached
 
 
 @dataclass
@@ -178,7 +179,10 @@ class Measures:
         }
 
     def _budget(self, profile: str) -> float | None:
+        """The latency budget of a profile a device names (a name, never a path)."""
         if profile not in self._budgets:
+            if len(self._budgets) >= MAX_PROFILES or not calibration.profile_name_ok(profile):
+                return None
             try:
                 from protocol.profiles import load_profile
 
@@ -320,6 +324,8 @@ class Measures:
         profiles = []
         for name, c in derived.items():
             try:
+                if not calibration.profile_name_ok(name):
+                    raise EdgefleetError(f"{name!r} is not a profile name")
                 p = load_profile(name)
                 estimate, basis = p.speed_factor, p.speed_basis()
             except EdgefleetError:

@@ -218,3 +218,11 @@ def test_per_device_drift_test_false_alarm_rate_on_null_windows_is_at_most_five_
         assert row["windows"] >= 200 and row["rows_per_window"] >= 2000
         assert row["false_alarm_rate"] <= 0.05, row
         assert row["detection_rate"] >= 0.9, row  # and the test is not simply blind
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/tmp/x.toml", "x.toml", "", "a/b", "é"])
+def test_a_profile_name_from_a_device_is_never_a_path(name: str) -> None:
+    from fleet_server.calibration import profile_name_ok
+
+    assert not profile_name_ok(name)
+    assert profile_name_ok("raspberry-pi-4")

@@ -105,6 +105,7 @@ class FaultsConfig(_Section):
     """Fault injection for tests and demos only. Never set these on a real device."""
 
     fail_smoke_test: bool = False
+    extra_latency_ms: float = Field(default=0.0, ge=0, le=10_000)  # a slow device
 
 
 class EnrolConfig(_Section):
@@ -317,4 +318,5 @@ keep_previous = 2              # installed versions kept for rollback
 [faults]
 # FOR TESTS AND DEMOS ONLY: injects faults. Never set on a real device.
 fail_smoke_test = false        # every install fails its smoke test (demo: a failing canary)
+extra_latency_ms = 0.0         # every prediction takes this much longer (a slow device)
 """

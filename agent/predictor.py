@@ -302,6 +302,7 @@ class Predictor:
         self._shadow_thread: threading.Thread | None = None
         # (slot, why) when from_config found the active slot unusable and fell back.
         self.recovered_from: tuple[str, str] | None = None
+        self._fault_delay_s = self.config.faults.extra_latency_ms / 1000.0  # tests/demos only
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
@@ -409,6 +410,8 @@ class Predictor:
             error = str(exc)
             pred, model = self._fallback(cur, arr, exc)
             labels, probs, values = pred.labels, pred.probabilities, pred.values
+        if self._fault_delay_s:
+            time.sleep(self._fault_delay_s)  # faults.extra_latency_ms: a slow device
         latency = (time.perf_counter() - t0) * 1000.0
         fallback = error is not None
         stats = self.stats

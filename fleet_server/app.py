@@ -306,6 +306,9 @@ def create_app(service: FleetService) -> "FastAPI":
         body, ctype = service.exporter.render()
         return Response(body, media_type=ctype)
 
+    from . import measures_api
+
+    app.include_router(measures_api.build_router(service))
     _mount_dashboard(app, service)
     app.add_middleware(BodyGuard, authenticate=service.authenticate_token)
     return app

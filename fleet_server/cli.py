@@ -7,6 +7,7 @@ create`` and ``fleet user add``, which work on the config and its registry direc
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -515,6 +516,18 @@ def rollout_start(
     halt_on_drift: bool = typer.Option(
         False, "--halt-on-drift", help="Halt when the new version's inputs drift."
     ),
+    hold_on_budget: bool = typer.Option(
+        False, "--hold-on-budget", help="Hold a stage while a profile's p95 is over its budget."
+    ),
+    hold_on_own_drift: bool = typer.Option(
+        False, "--hold-on-own-drift", help="Hold a stage while the rollout's devices drift."
+    ),
+    accuracy_margin: float | None = typer.Option(
+        None, "--accuracy-margin", help="Hold while field accuracy trails the old version by more."
+    ),
+    min_labels: int | None = typer.Option(
+        None, "--min-labels", help="Labels each version needs before --accuracy-margin decides."
+    ),
     no_rollback: bool = typer.Option(
         False, "--no-rollback", help="Do not roll back devices on a halt."
     ),
@@ -557,6 +570,10 @@ def rollout_start(
         "max_p95_ms": max_p95_ms,
         "max_error_rate": max_error_rate,
         "halt_on_drift": halt_on_drift,
+        "hold_on_profile_budget": hold_on_budget or None,
+        "hold_on_own_drift": hold_on_own_drift or None,
+        "accuracy_margin": accuracy_margin,
+        "min_labels": min_labels,
         "rollback_on_halt": False if no_rollback else None,
     }
     status = c.create_rollout(
@@ -693,6 +710,9 @@ def drift_report(
     model: str | None = typer.Option(None, "--model", help="Only this model (bundle name)."),
     version: str | None = typer.Option(None, "--version", help="Only this model version."),
     limit: int = typer.Option(20, "--limit", min=1, help="How many results, newest first."),
+    by: str | None = typer.Option(
+        None, "--by", help="device, tag or profile: one row per device or cohort, drifted first."
+    ),
     url: str | None = UrlOpt,
     token: str | None = TokenOpt,
 ) -> None:
@@ -700,8 +720,11 @@ def drift_report(
 
     \b
     Example:
-      edgefleet drift report --model iris
+      edgefleet drift report --model iris --by device
     """
+    if by is not None:
+        _drift_by(client(url, token), by, model, version)
+        return
     rows = client(url, token).drift(model=model, version=version, limit=limit)
     if not rows:
         print("no drift results yet")
@@ -798,3 +821,193 @@ def _broker_from_server(url: str | None, token: str | None) -> tuple[str, str | 
             f"{c.url} ({exc}); pass --broker mqtt://HOST:1883 or set EDGEFLEET_BROKER"
         ) from None
     return str(info["url"]), info.get("topic_prefix")
+
+
+# the fleet's own measurements ----------------------------------------------------------------
+def _drift_by(c: Any, by: str, model: str | None, version: str | None) -> None:
+    if by not in ("device", "tag", "profile"):
+        from .errors import InvalidInput
+
+        raise InvalidInput("--by must be device, tag or profile", field="by")
+    rows = c.drift_scopes(by=by, model=model, version=version)
+    if not rows:
+        print(f"no drift results by {by} yet")
+        return
+    out = []
+    for r in rows:
+        drifted = r.get("drifted_features") or []
+        out.append(
+            [
+                f"{r['model']} {r['version']}",
+                f"{r['scope']}:{r['subject']}",
+                len(r.get("devices") or []),
+                r.get("rows", ""),
+                f"{len(drifted)}/{r.get('tested_features', 0)} {', '.join(drifted[:4])}".strip()
+                if r.get("evaluated")
+                else "not tested (too few rows)",
+                "YES" if r.get("dataset_drift") else "no",
+            ]
+        )
+    _table(
+        f"drift by {by}",
+        ["model", "scope", "devices", "rows", "drifted features", "dataset drift"],
+        out,
+    )
+
+
+def _interval(r: dict[str, Any]) -> str:
+    if r.get("value") is None:
+        return "-"
+    if r.get("metric") == "accuracy":
+        ci = f" [{r['ci_low']:.1%}, {r['ci_high']:.1%}]" if r.get("ci_low") is not None else ""
+        return f"{r['value']:.1%}{ci}"
+    ci = f" [{r['ci_low']:.4g}, {r['ci_high']:.4g}]" if r.get("ci_low") is not None else ""
+    return f"MAE {r['value']:.4g}{ci}"
+
+
+@fleet_app.command("accuracy")
+def fleet_accuracy(
+    model: str | None = typer.Option(None, "--model"),
+    version: str | None = typer.Option(None, "--version"),
+    by: str = typer.Option("version", "--by", help="version or device."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Field accuracy (or MAE) from labelled feedback, with a 95 % interval.
+
+    \b
+    Example:
+      edgefleet fleet accuracy --model iris --by device
+    """
+    rows = client(url, token).accuracy(model=model, version=version, by=by)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no labelled feedback yet")
+        return
+    who = "device_id" if by == "device" else "devices"
+    _table(
+        f"field accuracy by {by}",
+        ["model", "version", "device" if by == "device" else "devices", "labelled", "value [95%]"],
+        [[r["model"], r["version"], r.get(who), r["labelled"], _interval(r)] for r in rows],
+    )
+
+
+@fleet_app.command("alerts")
+def fleet_alerts(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Standing health alerts firing now (latency, errors, fallbacks, offline, disk).
+
+    \b
+    Example:
+      edgefleet fleet alerts
+    """
+    data = client(url, token).health_alerts()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    firing = data.get("firing") or []
+    if not firing:
+        print("no health alert is firing")
+        return
+    _table(
+        "health alerts firing",
+        ["rule", "scope", "since", "message"],
+        [
+            [a["rule"], f"{a['scope']}:{a['subject']}", _ago(a.get("since")), a["message"]]
+            for a in firing
+        ],
+    )
+
+
+@fleet_app.command("bench")
+def fleet_bench(
+    bundle: str = typer.Argument(..., help="Bundle sha256 prefix or name@version."),
+    selector: str = typer.Option("", "--selector", "-s", help="profile=…,tag=…,id=…"),
+    sample: int = typer.Option(10, "--sample", help="Benchmark at most this many devices."),
+    runs: int = typer.Option(200, "--runs", help="Timed single-row runs per device."),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for results (0: do not)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Time a bundle on a sample of devices; the results calibrate the profile.
+
+    \b
+    Example:
+      edgefleet fleet bench iris@1.2.0 --selector profile=raspberry-pi-4 --sample 10
+    """
+    c = client(url, token)
+    started = c.bench(bundle, selector=selector, sample=sample, runs=runs)
+    wanted = set(started["command_ids"])
+    deadline = time.monotonic() + wait
+    results: list[dict[str, Any]] = []
+    while True:
+        results = [s for s in c.benchmarks() if s.get("command_id") in wanted]
+        if len(results) >= len(wanted) or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if as_json:
+        print(json.dumps({**started, "results": results}, indent=2))
+        return
+    print(f"benchmark {started['run_id']} sent to {len(started['devices'])} devices")
+    if results:
+        _table(
+            "field benchmark",
+            ["device", "profile", "p50 ms", "p95 ms", "host p50 ms", "device / host"],
+            [
+                [
+                    r["device_id"],
+                    r["profile"],
+                    f"{r['p50_ms']:.3f}",
+                    f"{r['p95_ms']:.3f}",
+                    f"{r['host_p50_ms']:.3f}" if r.get("host_p50_ms") else "-",
+                    f"{r['ratio']:.2f}" if r.get("ratio") else "-",
+                ]
+                for r in results
+            ],
+        )
+
+
+@fleet_app.command("calibration")
+def fleet_calibration(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Measured speed factor per profile from field benchmarks, and latency outliers.
+
+    \b
+    Example:
+      edgefleet fleet calibration
+    """
+    data = client(url, token).calibration()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    _table(
+        "measured speed factors",
+        ["profile", "measured", "spread (IQR)", "devices", "date", "estimate"],
+        [
+            [
+                p["profile"],
+                f"{p['speed_factor']:.3g}",
+                f"{p['spread']:.3g}",
+                p["devices"],
+                p["date"],
+                p.get("estimate"),
+            ]
+            for p in data.get("profiles", [])
+        ],
+    )
+    for o in data.get("outliers", []):
+        why = (
+            o.get("why")
+            or f"device/host ratio {o.get('ratio', 0):.2f} ({o.get('times_median', 0):.1f}× median)"
+        )
+        print(f"outlier: {o['device_id']} ({o.get('profile')}): {why}")

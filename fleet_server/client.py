@@ -142,3 +142,35 @@ class FleetClient:
         if rollout_id:
             params["rollout_id"] = rollout_id
         return list(self._call("GET", "/v1/events", params=params))
+
+    # the fleet's own measurements (fleet_server.measures_api) ---------------------------------
+    def drift_scopes(
+        self, by: str = "device", model: str | None = None, version: str | None = None
+    ) -> list[dict[str, Any]]:
+        params = {k: v for k, v in (("by", by), ("model", model), ("version", version)) if v}
+        result: list[dict[str, Any]] = self._call("GET", "/v1/drift/scopes", params=params)
+        return result
+
+    def accuracy(
+        self, model: str | None = None, version: str | None = None, by: str = "version"
+    ) -> list[dict[str, Any]]:
+        params = {k: v for k, v in (("by", by), ("model", model), ("version", version)) if v}
+        result: list[dict[str, Any]] = self._call("GET", "/v1/accuracy", params=params)
+        return result
+
+    def health_alerts(self, limit: int = 50) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/v1/alerts/health", params={"limit": limit})
+        return result
+
+    def calibration(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/v1/calibration")
+        return result
+
+    def bench(self, bundle: str, selector: str = "", sample: int = 10, runs: int = 200) -> Any:
+        body = {"bundle": bundle, "selector": selector, "sample": sample, "runs": runs}
+        return self._call("POST", "/v1/benchmarks", json=body)
+
+    def benchmarks(self, profile: str | None = None) -> list[dict[str, Any]]:
+        params = {"profile": profile} if profile else {}
+        result: list[dict[str, Any]] = self._call("GET", "/v1/benchmarks", params=params)
+        return result

@@ -125,6 +125,7 @@ class FleetConfig(_Section):
     drift: dict[str, Any] = Field(default_factory=dict)  # fields of fleet_server.drift.DriftConfig
     hooks: HooksSection = HooksSection()
     devices: DevicesSection = DevicesSection()
+    health: dict[str, Any] = Field(default_factory=dict)  # fleet_server.health_rules.HealthConfig
 
     @property
     def db_path(self) -> Path:
@@ -241,7 +242,18 @@ max_windows = 32                # sketch hours one device may report on per hour
 max_window_age_s = 604800.0     # sketch windows older than this are dropped
 resend_budget = 4096            # artifact chunks resent to one device per rollout
 
-[hooks]
+[health]                        # standing alerts (fleet_server.health_rules.HealthConfig)
+# p95_ms = 500                  # default: each profile's latency_budget_ms
+error_rate = 0.01               # errors / requests in a telemetry window
+fallback_rate = 0.05            # fallback answers / requests
+offline_after_s = 600.0         # a device silent longer than this
+disk_free_mb = 50.0             # free disk under this (or the device's disk_full flag)
+fire_after = 2                  # windows in a row over the line before an alert fires
+resolve_after = 2               # windows in a row under resolve_ratio × the line to resolve
+# [health.profiles.raspberry-pi-4]
+# p95_ms = 25
+
+[hooks]                         # called with drift alerts and (health.hook) health alerts
 # drift_webhook = "https://ci.example/retrain"
 # drift_command = "retrain.sh"
 """

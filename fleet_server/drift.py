@@ -289,6 +289,11 @@ class DriftEngine:
         self._last_flush = time.monotonic()
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
+        # (result) → (message, details) naming the devices/cohorts that drifted; set by the
+        # service from fleet_server.cohort_drift so the alert says where the drift is
+        self.describe_scope: Callable[[DriftResult], tuple[str, dict[str, Any]] | None] | None = (
+            None
+        )
 
     # input ------------------------------------------------------------------------------
     def register_reference(self, model: str, version: str, reference: SketchSet) -> None:
@@ -444,6 +449,16 @@ class DriftEngine:
                 "features": names,
             },
         )
+        scoped = None
+        if self.describe_scope is not None:
+            try:
+                scoped = self.describe_scope(result)
+            except Exception:  # the scope is extra information; never lose the alert
+                log.exception("describing the drift scope failed")
+        if scoped is not None:
+            message, scope = scoped
+            alert.message = f"{message} (fleet-wide merge: {len(names)} features drifted)"
+            alert.details["scope"] = scope
         try:
             self.publish_alert(alert)
         except Exception:  # a failing publisher must not stop drift detection

@@ -44,6 +44,13 @@ Rules:
 5. Advance gate: installed share of the stage ≥ ``success_threshold``, then ``soak_s`` must
    pass with the telemetry gates holding; then the stage passes and the next one starts.
 6. A paused rollout sends nothing and advances nothing, but records reports.
+7. Hold gates (each opt-in) keep a stage whose success share is reached from passing, and do
+   not halt: the p95 its installed devices report per profile is over that profile's
+   latency budget (``hold_on_profile_budget``); the merge of its installed devices' sketches
+   drifts from the reference (``hold_on_own_drift``); the new version's field accuracy is
+   below the old one's by more than ``accuracy_margin`` with at least ``min_labels`` labels on
+   each side (for regressors: its MAE above by more). A hold is recorded once per reason; the
+   soak restarts once the hold clears.
 """
 
 from __future__ import annotations
@@ -153,6 +160,11 @@ class RolloutSpec:
     max_p95_ms: float | None = None
     max_error_rate: float | None = None
     halt_on_drift: bool = False
+    # hold gates (rule 7): the stage waits, nothing is halted
+    hold_on_profile_budget: bool = False
+    hold_on_own_drift: bool = False
+    accuracy_margin: float | None = None
+    min_labels: int = 30
 
     def validate(self) -> RolloutSpec:
         if not self.stages:
@@ -178,6 +190,10 @@ class RolloutSpec:
             raise InvalidInput("soak must be ≥ 0 and the device timeout > 0", field="soak_s")
         if not 0 <= self.max_retries <= 10:
             raise InvalidInput("max_retries must be between 0 and 10", field="max_retries")
+        if self.accuracy_margin is not None and not self.accuracy_margin >= 0:
+            raise InvalidInput("accuracy_margin must be ≥ 0", field="accuracy_margin")
+        if self.min_labels < 1:
+            raise InvalidInput("min_labels must be at least 1", field="min_labels")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,6 +221,7 @@ class StageProgress:
     started_at: float | None = None
     success_at: float | None = None  # when the success share was first reached (soak start)
     finished_at: float | None = None
+    held: str = ""  # the reason a hold gate keeps this stage from passing (rule 7)
 
 
 @dataclass
@@ -232,6 +249,16 @@ class Telemetry:
     latency_budget_ms: float | None = None
     error_rate: float | None = None
     drift: bool = False
+    # hold-gate inputs (rule 7), measured on this rollout's installed devices
+    profile_p95: tuple[tuple[str, float, float, int], ...] = ()  # (profile, p95, budget, n)
+    own_drift: bool = False
+    own_drifted_devices: tuple[str, ...] = ()
+    accuracy_metric: str = "accuracy"  # accuracy (higher is better) | mae (lower is better)
+    accuracy_new: float | None = None
+    labels_new: int = 0
+    accuracy_old: float | None = None
+    labels_old: int = 0
+    old_version: str = ""
     device_p95_ms: tuple[float, ...] = ()
     device_error_rate: tuple[float, ...] = ()
 
@@ -573,6 +600,25 @@ class Rollout:
             return out
         if tele_problem and ok:
             return self._halt(tele_problem, now)
+        hold = self._hold_problem(telemetry) if ok else ""
+        if hold:
+            stage.success_at = None  # the soak starts again once the hold clears
+            if hold != stage.held:
+                stage.held = hold
+                out.append(
+                    Decision("gate", f"stage {idx + 1} held: {hold}", stage=idx, state="hold")
+                )
+            return out
+        if stage.held:
+            out.append(
+                Decision(
+                    "gate",
+                    f"stage {idx + 1} hold cleared ({stage.held})",
+                    stage=idx,
+                    state="hold_cleared",
+                )
+            )
+            stage.held = ""
         if stage.success_at is None:
             stage.success_at = now
             if self.spec.soak_s > 0:
@@ -615,6 +661,40 @@ class Rollout:
             return f"error rate {rate:.2%} is over {limit:.2%}"
         if self.spec.halt_on_drift and t.drift:
             return "the new version's inputs drifted from its reference data"
+        return ""
+
+    def _hold_problem(self, t: Telemetry | None) -> str:
+        """Rule 7: why the current stage must wait (empty: nothing holds it)."""
+        if t is None:
+            return ""
+        spec = self.spec
+        if spec.hold_on_profile_budget:
+            over = [
+                f"{p}: p95 {p95:.2f} ms over its budget of {budget:g} ms on {n} devices"
+                for p, p95, budget, n in t.profile_p95
+                if p95 > budget
+            ]
+            if over:
+                return "; ".join(over)
+        if spec.hold_on_own_drift and t.own_drift:
+            names = ", ".join(t.own_drifted_devices[:5]) or "no single device"
+            return f"this rollout's devices drifted from the reference (devices drifted: {names})"
+        if spec.accuracy_margin is not None:
+            new, old = t.accuracy_new, t.accuracy_old
+            enough = t.labels_new >= spec.min_labels and t.labels_old >= spec.min_labels
+            if new is not None and old is not None and enough:
+                if t.accuracy_metric == "mae" and new - old > spec.accuracy_margin:
+                    return (
+                        f"field MAE {new:.4g} ({t.labels_new} labels) is above "
+                        f"{t.old_version or 'the old version'}'s {old:.4g} ({t.labels_old} labels) "
+                        f"by more than {spec.accuracy_margin:g}"
+                    )
+                if t.accuracy_metric != "mae" and old - new > spec.accuracy_margin:
+                    return (
+                        f"field accuracy {new:.1%} ({t.labels_new} labels) is below "
+                        f"{t.old_version or 'the old version'}'s {old:.1%} ({t.labels_old} labels) "
+                        f"by more than {spec.accuracy_margin:.1%}"
+                    )
         return ""
 
     def _send_pending(self, now: float, online: set[str]) -> list[Decision]:

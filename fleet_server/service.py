@@ -39,6 +39,7 @@ from .config import FleetConfig
 from .delivery import Sender, command_id, deploy_command, parse_command_id, rollback_command
 from .device_trust import DeviceTrust
 from .errors import BundleRejected, ConfigError, Conflict, InvalidInput, NotFound
+from .measures import Measures
 from .repository import Repository, open_repository
 from .rollout_engine import Decision, Rollout, RolloutSpec, Selector, Telemetry
 
@@ -70,6 +71,10 @@ class RolloutRequest(BaseModel):
     max_p95_ms: float | None = None
     max_error_rate: float | None = None
     halt_on_drift: bool = False
+    hold_on_profile_budget: bool = False
+    hold_on_own_drift: bool = False
+    accuracy_margin: float | None = None
+    min_labels: int = 30
 
 
 class _NullExporter:
@@ -149,6 +154,7 @@ class FleetService:
         )
         self.exporter: Any = self._exporter()
         self.drift: Any = self._drift_engine()
+        self.measures = Measures(self)  # drift by device/cohort, field accuracy, health alerts
         self.sketches_merged = 0
         self._lock = threading.RLock()  # the engine state; taken before any other lock
         self._buf_lock = threading.Lock()  # leaf lock for the audit/event buffers (drift alerts)
@@ -242,6 +248,7 @@ class FleetService:
             self.transport.close()
         if self.drift is not None:
             self.drift.flush()  # the open window is merged in memory; keep it across restarts
+        self.measures.flush()
 
     def _on_connection(self, up: bool) -> None:
         self._event("broker", "connected to the broker" if up else "lost the broker connection")
@@ -446,6 +453,10 @@ class FleetService:
             max_p95_ms=req.max_p95_ms,
             max_error_rate=req.max_error_rate,
             halt_on_drift=req.halt_on_drift,
+            hold_on_profile_budget=req.hold_on_profile_budget,
+            hold_on_own_drift=req.hold_on_own_drift,
+            accuracy_margin=req.accuracy_margin,
+            min_labels=req.min_labels,
         ).validate()
         expires = _manifest_expiry(bundle)
         if expires is not None and expires <= _dt(self.clock()):
@@ -823,6 +834,7 @@ class FleetService:
 
     def on_status(self, msg: CommandStatus) -> None:
         self.exporter.observe_status(msg)
+        self.measures.on_status(msg)
         parsed = parse_command_id(msg.command_id)
         if msg.state in _FINAL_STATUS:  # every verdict is kept, also for commands we did not send
             why = f" ({msg.reason})" if msg.reason else ""
@@ -908,6 +920,7 @@ class FleetService:
 
     def on_metrics(self, msg: MetricsReport) -> None:
         self.exporter.observe_metrics(msg)
+        self.measures.on_metrics(msg)
         self.repo.add_metrics(
             {
                 "device_id": msg.device_id,
@@ -927,6 +940,7 @@ class FleetService:
     def on_sketch(self, msg: SketchReport) -> None:
         if self.drift is not None and self.drift.ingest(msg):
             self.sketches_merged += 1
+            self.measures.on_sketch(msg)
 
     def on_dropped(self, reason: str) -> None:
         self.exporter.count_dropped(reason)
@@ -947,14 +961,16 @@ class FleetService:
             for rid, r in list(self._rollouts.items()):
                 if r.state not in ("running", "paused", "succeeded"):
                     continue
-                decisions = r.tick(now, online, self._telemetry(r))
+                decisions = r.tick(now, online, self.measures.extend(r, self._telemetry(r), now))
                 if decisions:
                     self._apply(r, decisions, "engine")
                     self._dirty.add(rid)
         self.flush()
-        if self.drift is not None and now - self._last_drift >= self.drift_every_s:
+        drift_due = self.drift is not None and now - self._last_drift >= self.drift_every_s
+        if drift_due:
             self._last_drift = now
             self._evaluate_live_drift(now)
+        self.measures.tick(now, drift_due)
 
     def _evaluate_live_drift(self, now: float) -> None:
         versions = {

@@ -181,7 +181,9 @@ class SketchReport(Message):
 
 
 class Alert(Message):
-    kind: Literal["drift", "rollout_halted", "rollout_failed", "device_offline", "disk_full"]
+    kind: Literal[
+        "drift", "rollout_halted", "rollout_failed", "device_offline", "disk_full", "health"
+    ]
     ts: datetime = Field(default_factory=utcnow)
     model: str | None = None
     version: str | None = None

@@ -32,6 +32,23 @@ class Runtime(BaseModel):
     max_ml_opset: int | None = None
 
 
+class MeasuredSpeed(BaseModel):
+    """A speed factor measured on devices of this profile (``[measured]`` in the TOML file).
+
+    Written by ``edgefleet profiles calibrate --from-fleet`` from field benchmarks: for each
+    device, its p50 divided by the host p50 of the same bundle; ``speed_factor`` is the
+    median over ``devices`` devices, ``spread`` the interquartile range of those ratios.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    speed_factor: float = Field(gt=0)
+    devices: int = Field(ge=1)
+    spread: float = Field(default=0.0, ge=0)
+    date: str = Field(min_length=10, max_length=32, pattern=r"^\d{4}-\d{2}-\d{2}")
+    bundles: list[str] = Field(default_factory=list, max_length=64)
+    source: str = "field benchmarks collected by the fleet server"
+
+
 class DeviceProfile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str
@@ -49,6 +66,18 @@ class DeviceProfile(BaseModel):
     # Device latency ≈ host latency × speed_factor (the file's comment says where it comes from).
     speed_factor: float = Field(gt=0)
     speed_factor_source: str = ""
+    measured: MeasuredSpeed | None = None
+
+    def effective_speed_factor(self) -> float:
+        """The measured factor when the profile has one, else the estimate."""
+        return self.measured.speed_factor if self.measured is not None else self.speed_factor
+
+    def speed_basis(self) -> str:
+        """``measured on N devices (DATE)`` or ``estimate``: what the factor rests on."""
+        m = self.measured
+        if m is None:
+            return "estimate"
+        return f"measured on {m.devices} device{'s' if m.devices != 1 else ''} ({m.date[:10]})"
 
     def runtime_for(self, fmt: str) -> Runtime | None:
         for rt in self.runtimes:

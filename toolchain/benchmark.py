@@ -3,8 +3,11 @@
 Order: read the model's facts and check operators/opsets/size against the profile
 (:mod:`toolchain.compat`); load it with the profile's ``inference_threads`` while watching
 the process RSS (psutil); warm up; time single-row predictions and batch predictions on
-this host; scale every latency by the profile's ``speed_factor`` to an **estimate** of the
-device latency.
+this host; scale every latency by the profile's speed factor to an **estimate** of the
+device latency: the factor measured on devices (the profile's ``[measured]`` table, written
+by ``edgefleet profiles calibrate --from-fleet``) when there is one, else the estimate. The
+result's ``measured_on`` says which (``x86_64 host × 4.2 (measured on 7 devices (DATE))``), so
+the fleet server can recover the host timing from a bundle.
 
 Verdict: the model fits when it is compatible, its size and peak RSS delta stay within
 ``memory_budget_mb``, and the *estimated p95* single-row latency is within
@@ -81,7 +84,9 @@ class BenchReport:
             "operators": self.compat.facts.operators,
             "host": None if self.host is None else asdict(self.host),
             "estimate": self.result.model_dump(mode="json"),
-            "speed_factor": self.profile.speed_factor,
+            "speed_factor": self.profile.effective_speed_factor(),
+            "speed_basis": self.profile.speed_basis(),
+            "speed_factor_estimate": self.profile.speed_factor,
             "latency_budget_ms": self.profile.latency_budget_ms,
             "fits_budget": self.fits,
             "reasons": self.reasons,
@@ -295,9 +300,9 @@ def estimate(
             size_bytes=size_bytes,
             estimated=True,
             fits_budget=False,
-            measured_on=_host_name(),
+            measured_on=_host_name(profile),
         )
-    k = profile.speed_factor
+    k = profile.effective_speed_factor()
     if host.peak_memory_mb > profile.memory_budget_mb:
         reasons.append(
             f"peak memory {host.peak_memory_mb:.1f} MiB exceeds "
@@ -320,12 +325,13 @@ def estimate(
         size_bytes=size_bytes,
         estimated=True,
         fits_budget=not reasons,
-        measured_on=_host_name(),
+        measured_on=_host_name(profile),
     )
 
 
-def _host_name() -> str:
-    return f"{platform.machine()} host ×speed_factor"
+def _host_name(profile: DeviceProfile) -> str:
+    k = profile.effective_speed_factor()
+    return f"{platform.machine()} host × {k:g} ({profile.speed_basis()})"
 
 
 def benchmark_result(model_path: Path, profile: DeviceProfile, **kwargs: Any) -> BenchmarkResult:

@@ -161,6 +161,55 @@ def profiles_show(
     _console().print(table)
 
 
+@profiles_app.command("calibrate")
+def profiles_calibrate(
+    from_fleet: bool = typer.Option(
+        False,
+        "--from-fleet",
+        help="Take measured factors from the fleet server's field benchmarks.",
+    ),
+    url: str = typer.Option(
+        "http://127.0.0.1:8700", "--url", envvar="EDGEFLEET_URL", help="Fleet server URL."
+    ),
+    token: str | None = typer.Option(None, "--token", envvar="EDGEFLEET_TOKEN", help="API token."),
+    profile: list[str] = typer.Option([], "--profile", help="Only these profiles (repeatable)."),
+    out_dir: Path | None = typer.Option(
+        None, "--dir", help="Write the calibrated files here (default: over the profile file)."
+    ),
+    min_devices: int = typer.Option(1, "--min-devices", min=1, help="Skip thinner evidence."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the factors; write nothing."),
+) -> None:
+    """Write measured speed factors into profile files as a [measured] table.
+
+    The estimate stays beside it; bench and optimize then say "measured on N devices (date)".
+
+    \b
+    Example:
+      edgefleet profiles calibrate --from-fleet --url http://fleet:8700 --profile raspberry-pi-4
+    """
+    from .calibrate import calibrate, fetch_calibration
+
+    if not from_fleet:
+        from .errors import ToolchainError
+
+        raise ToolchainError("say where the measurements come from: --from-fleet")
+    data = fetch_calibration(url, token)
+    done = calibrate(
+        data, names=list(profile), folder=out_dir, min_devices=min_devices, dry_run=dry_run
+    )
+    if not done:
+        _console().print("no profile has field benchmarks yet (edgefleet fleet bench BUNDLE …)")
+        return
+    note = " (dry run: nothing written)" if dry_run else ""
+    for p, path in done:
+        m = p.measured
+        assert m is not None
+        typer.echo(
+            f"{p.name}: speed factor {m.speed_factor:.4g} {p.speed_basis()}, spread (IQR) "
+            f"{m.spread:.3g}; estimate {p.speed_factor:g} kept beside it → {path}{note}"
+        )
+
+
 # --- keys -------------------------------------------------------------------------------
 
 
@@ -352,7 +401,8 @@ def _bench_table(report: BenchReport) -> None:
     p, r, h = report.profile, report.result, report.host
     table = Table(
         title=f"{report.model.name} on {p.name} "
-        f"(device numbers are ESTIMATES: host × {p.speed_factor:g})"
+        f"(device numbers are ESTIMATES: host × {p.effective_speed_factor():g}, "
+        f"speed factor {p.speed_basis()})"
     )
     for col in ("measure", "host", f"est. {p.name}", "budget"):
         table.add_column(col)
@@ -454,7 +504,8 @@ def _optimize_table(report: OptimizeReport) -> None:
 
     p = report.profile
     table = Table(
-        title=f"variants for {p.name} (latency: ESTIMATES, host × {p.speed_factor:g}; "
+        title=f"variants for {p.name} (latency: ESTIMATES, host × {p.effective_speed_factor():g}, "
+        f"speed factor {p.speed_basis()}; "
         f"budget {p.latency_budget_ms:g} ms, max {report.metric} drop {report.max_accuracy_drop:g})"
     )
     # Variant names are never cut; the table fits 80 columns (the full verdicts follow it).
@@ -511,6 +562,7 @@ def optimize(
     ),
     out: Path = typer.Option(Path("edgefleet-variants"), "--out", help="Folder for the variants."),
     runs: int = typer.Option(100, "--runs", min=10, help="Single-row timing runs per variant."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Try every variant (fp32, INT8 dynamic/static, FP16; ONNX and TFLite) and pick the best.
 
@@ -528,7 +580,7 @@ def optimize(
     prof = _profiles([profile])[0]
     check_source_path(model)
     dataset = load_data(data, target)
-    with _progress() as say:
+    with _progress(not as_json) as say:
         report = run_optimize(
             model,
             dataset,
@@ -538,12 +590,16 @@ def optimize(
             runs=runs,
             progress=say,
         )
-    _optimize_table(report)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _optimize_table(report)
     if report.chosen is None:
         from protocol.errors import OverBudget
 
         raise OverBudget("no variant meets both the budget and the accuracy goal")
-    typer.echo(f"best: {report.chosen.name} → {report.chosen.path}")
+    if not as_json:
+        typer.echo(f"best: {report.chosen.name} → {report.chosen.path}")
 
 
 # --- package / verify / inspect / build -------------------------------------------------

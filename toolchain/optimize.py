@@ -90,6 +90,35 @@ class OptimizeReport:
     chosen: Variant | None = None
     skipped: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (``edgefleet optimize --json`` prints this)."""
+        p = self.profile
+        return {
+            "profile": p.name,
+            "speed_factor": p.effective_speed_factor(),
+            "speed_basis": p.speed_basis(),
+            "speed_factor_estimate": p.speed_factor,
+            "latency_budget_ms": p.latency_budget_ms,
+            "metric": self.metric,
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "variants": [
+                {
+                    "name": v.name,
+                    "size_bytes": v.size_bytes,
+                    "p50_ms": v.bench.result.p50_ms if v.bench else None,
+                    "p95_ms": v.bench.result.p95_ms if v.bench else None,
+                    "score": v.score,
+                    "drop": v.drop,
+                    "fits": v.fits if v.bench else None,
+                    "verdict": v.verdict,
+                    "error": v.error,
+                }
+                for v in self.variants
+            ],
+            "chosen": self.chosen.name if self.chosen else None,
+            "path": str(self.chosen.path) if self.chosen and self.chosen.path else None,
+        }
+
 
 def _norm(v: Any) -> str:
     if isinstance(v, (float, np.floating)) and float(v).is_integer():

@@ -328,6 +328,8 @@ def build_router(service: Any) -> Any:
             rollouts=service.list_rollouts()[:10],
             bundles=service.list_bundles(),
             events=service.events(limit=15),
+            health=service.measures.firing(),
+            outliers=service.measures.calibration()["outliers"],
         )
 
     @router.get("/ui/devices")
@@ -380,7 +382,10 @@ def build_router(service: Any) -> Any:
             else None
         )
         failures = [r for r in d.get("rollouts", []) if r["state"] in FAILED_STATES]
-        return render(request, "device.html", d=d, latency=latency, failures=failures)
+        measures = service.measures.device_view(device_id)
+        return render(
+            request, "device.html", d=d, latency=latency, failures=failures, measures=measures
+        )
 
     # rollouts --------------------------------------------------------------------------
     @router.get("/ui/rollouts")
@@ -594,7 +599,8 @@ def build_router(service: Any) -> Any:
             }
             for m, v in sorted(pairs)
         ]
-        return render(request, "drift_index.html", rows=rows)
+        scopes = service.measures.drift_by("all", evaluate=False)
+        return render(request, "drift_index.html", rows=rows, scopes=scopes)
 
     @router.get("/ui/drift/{model}/{version}")
     def drift_page(request: Request, model: str, version: str) -> Response:
@@ -661,6 +667,8 @@ def build_router(service: Any) -> Any:
             history=list(reversed(history))[:20],
             share=share,
             quality=_field_quality(service, model, version),
+            cohorts=service.measures.drift_by("all", model, version),
+            accuracy=service.measures.accuracy_report(model),
         )
 
     return router

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,8 @@ class FleetExporter:
         self._status: dict[str, int] = {}
         self._dropped: dict[str, int] = {}
         self._seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        # firing standing alerts (set by fleet_server.measures): [{rule, scope, subject, …}]
+        self.alerts_source: Callable[[], list[dict[str, Any]]] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -220,3 +222,13 @@ class _Collector:
         for reason, n in sorted(dropped.items()):
             d.add_metric([reason], n)
         yield d
+        source = self.exporter.alerts_source
+        if source is not None:
+            h = GaugeMetricFamily(
+                "edgefleet_health_alert",
+                "1 for every firing standing health alert",
+                labels=["rule", "scope", "subject"],
+            )
+            for a in source():
+                h.add_metric([a["rule"], a["scope"], a["subject"]], 1)
+            yield h

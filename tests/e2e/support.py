@@ -98,6 +98,8 @@ def write_agent_config(
     log_enabled: bool = True,
     outbox_max_bytes: int | None = None,
     enrol_token: str | None = ENROL_TOKEN,
+    extra_latency_ms: float = 0.0,
+    profile: str = "host",
 ) -> Path:
     """Write ``folder/agent.toml`` for one device and return its path.
 
@@ -107,7 +109,7 @@ def write_agent_config(
     folder.mkdir(parents=True, exist_ok=True)
     lines = [
         f"device_id = {_toml(device_id)}",
-        'profile = "host"',
+        f"profile = {_toml(profile)}",
         f"data_dir = {_toml(data_dir or folder / 'data')}",
         f"tags = {json.dumps(list(tags))}",
         "[broker]",
@@ -126,6 +128,7 @@ def write_agent_config(
         "threads = 1",
         "[faults]",
         f"fail_smoke_test = {'true' if fail_smoke_test else 'false'}",
+        f"extra_latency_ms = {float(extra_latency_ms)}",
     ]
     if outbox_max_bytes is not None:
         lines += ["[outbox]", f"max_bytes = {outbox_max_bytes}"]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from protocol import (
+    BenchmarkResult,
     FeatureSpec,
     FileEntry,
     InputSchema,
@@ -175,6 +176,7 @@ def make_bundle(
     smoke: SmokeTest | None = None,
     model_bytes: bytes | None = None,
     fallback: Fallback = Fallback(),
+    benchmark: BenchmarkResult | None = None,
 ) -> tuple[bytes, Manifest]:
     """Return ``(bundle bytes, manifest)`` for a signed bundle."""
     tm = trained_mixed() if kind == "mixed-logreg" else trained(kind)
@@ -203,7 +205,9 @@ def make_bundle(
         lineage=Lineage(
             source_sha256=sha256_hex(tm.onnx), source_kind="sklearn", converter="skl2onnx"
         ),
-        targets=[TargetProfile(profile=p, latency_budget_ms=10.0) for p in profiles],
+        targets=[
+            TargetProfile(profile=p, latency_budget_ms=10.0, benchmark=benchmark) for p in profiles
+        ],
         smoke_tests=[smoke or smoke_test(tm)],
         fallback=fallback,
     )

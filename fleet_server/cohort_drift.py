@@ -1,0 +1,499 @@
+"""Drift per device and per cohort (tag, profile), from the sketches devices already upload.
+
+The fleet-wide engine (:mod:`.drift`) merges every device's sketches of a model version into
+one window; a shift on one device of two then reads as drift of the whole fleet. This
+module keeps the same windows **per device** (one merged :class:`~.drift_window.OpenWindow`
+per device, model, version and window; no new data on the wire) and tests, against the
+bundle's reference sketch, with the thresholds of :class:`~.drift.DriftConfig`:
+
+- every device on its own (``scope="device"``);
+- every cohort: the merge of its devices' windows, per profile and per tag;
+- any set of devices a caller names (a rollout's own devices: :meth:`CohortDrift.group`).
+
+A scope is tested only with at least ``min_rows`` rows; fewer are reported as
+``evaluated: false``. :meth:`CohortDrift.scope_summary` says which devices and cohorts
+drifted and which did not; the fleet-wide drift alert leads with it, and when the fleet-wide
+merge does not drift but some scope does, :meth:`CohortDrift.evaluate` returns that local
+drift so the caller can alert on it (once per window).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from protocol.errors import ProtocolError
+from protocol.messages import SketchReport
+from protocol.sketches import SketchSet
+
+from .drift import DriftConfig, FeatureDrift, compare
+from .drift_window import OpenWindow, decode_set
+
+log = logging.getLogger(__name__)
+
+DEVICE_WINDOWS = "device_drift_windows"
+SCOPE_RESULTS = "drift_scope_results"
+MAX_QUEUED = 20_000  # reports waiting for the tick to merge them
+KEEP_WINDOWS = 48  # per-device windows kept behind the newest (for restarts and history)
+
+DeviceInfo = Callable[[], dict[str, tuple[str, list[str]]]]  # id → (profile, tags)
+
+
+@dataclass
+class ScopeResult:
+    """The test of one scope (a device, a cohort or a named group) in one window."""
+
+    model: str
+    version: str
+    scope: str  # device | profile | tag | group
+    subject: str  # device id, profile name, tag, group name
+    window_start: float
+    rows: int
+    devices: list[str]
+    evaluated: bool
+    dataset_drift: bool = False
+    drifted_share: float = 0.0
+    drifted_features: list[str] = field(default_factory=list)
+    tested_features: int = 0
+    features: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self, features: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not features:
+            d.pop("features")
+        return d
+
+
+def check_scope(
+    reference: SketchSet,
+    current: SketchSet,
+    cfg: DriftConfig,
+    *,
+    model: str,
+    version: str,
+    scope: str,
+    subject: str,
+    window: float,
+    devices: list[str],
+) -> ScopeResult:
+    """Test one merged window against the reference (Evidently's share rule)."""
+    res = ScopeResult(model, version, scope, subject, window, current.rows, sorted(devices), False)
+    if current.rows < max(1, cfg.min_rows):
+        return res
+    feats: list[FeatureDrift] = compare(reference, current, cfg)
+    counted = [f for f in feats if f.role == "feature"]
+    share = sum(f.drift for f in counted) / len(counted) if counted else 0.0
+    res.evaluated = True
+    res.drifted_share = share
+    res.dataset_drift = bool(counted) and share >= cfg.dataset_share
+    res.drifted_features = [f.name for f in counted if f.drift]
+    res.tested_features = len(counted)
+    res.features = [asdict(f) for f in feats]
+    return res
+
+
+def merge_windows(windows: Iterable[OpenWindow]) -> SketchSet:
+    """Merge device windows into one sketch set (the inputs are left untouched)."""
+    acc: OpenWindow | None = None
+    for w in windows:
+        incoming = decode_set(w.sketch_set())
+        if acc is None:
+            acc = OpenWindow(w.model, w.version, w.window)
+        acc.check(incoming)
+        acc.add("-", w.rows, incoming, {})
+    return acc.sketch_set() if acc is not None else SketchSet()
+
+
+class CohortDrift:
+    """Per-device windows and the per-device / per-cohort tests. Thread-safe."""
+
+    def __init__(
+        self,
+        db: Any,
+        config: DriftConfig,
+        reference: Callable[[str, str], SketchSet | None],
+        devices: DeviceInfo,
+    ) -> None:
+        self.db = db
+        self.config = config
+        self.reference = reference
+        self.devices = devices
+        self._lock = threading.RLock()
+        self._open: dict[tuple[str, str, str, float], OpenWindow] = {}
+        self._dirty: set[tuple[str, str, str, float]] = set()
+        self._cache: dict[tuple[str, str, float], tuple[int, list[ScopeResult]]] = {}
+        self._alerted: set[tuple[str, str, float]] = set()
+        self._queue: deque[SketchReport] = deque(maxlen=MAX_QUEUED)
+        self.dropped = 0
+        self._ensure()
+        self._stored: set[tuple[str, str, str, float]] = {
+            (r["device"], r["model"], r["version"], r["window"])
+            for r in self.db.query(f"select device, model, version, window from {DEVICE_WINDOWS}")
+        }
+
+    def _ensure(self) -> None:
+        names = self.db.table_names()
+        if DEVICE_WINDOWS not in names:
+            self.db[DEVICE_WINDOWS].create(
+                {
+                    "device": str,
+                    "model": str,
+                    "version": str,
+                    "window": float,
+                    "rows": int,
+                    "revision": int,
+                    "sketch": str,
+                },
+                pk=("device", "model", "version", "window"),
+            )
+        if SCOPE_RESULTS not in names:
+            self.db[SCOPE_RESULTS].create(
+                {
+                    "model": str,
+                    "version": str,
+                    "scope": str,
+                    "subject": str,
+                    "window": float,
+                    "evaluated_at": float,
+                    "result": str,
+                },
+                pk=("model", "version", "scope", "subject"),
+            )
+
+    def window_of(self, model: str, ts: float) -> float:
+        w = self.config.for_model(model).window_seconds
+        return math.floor(ts / w) * w
+
+    # input ------------------------------------------------------------------------------
+    def ingest(self, report: SketchReport) -> None:
+        """Queue a report the fleet-wide engine accepted (it dropped duplicates already).
+
+        The bridge thread only appends; the merge happens in :meth:`drain` (the service's
+        tick, or any read), so per-device windows do not slow telemetry ingest down. A full
+        queue drops its oldest report and counts it in ``dropped``.
+        """
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(report)
+
+    def drain(self) -> int:
+        """Merge the queued reports into their device windows (in memory)."""
+        n = 0
+        with self._lock:
+            while self._queue:
+                report = self._queue.popleft()
+                try:
+                    self._merge(report)
+                except ProtocolError as exc:  # the fleet engine checked it; belt and braces
+                    log.warning("per-device sketch of %s dropped: %s", report.device_id, exc)
+                n += 1
+        return n
+
+    def _merge(self, report: SketchReport) -> None:
+        incoming = decode_set(report.sketches)
+        model, version = report.model.name, report.model.version
+        window = self.window_of(model, report.window_start.timestamp())
+        key = (report.device_id, model, version, window)
+        w = self._open.get(key) or self._load(key)
+        w.check(incoming)
+        w.add(report.device_id, report.sketches.rows, incoming, {})
+        self._open[key] = w
+        self._dirty.add(key)
+        for k in [k for k in self._open if k[:3] == key[:3] and k[3] < window]:
+            self._open.pop(k)  # one window per device and version in memory
+            self._dirty.discard(k)
+
+    def _load(self, key: tuple[str, str, str, float]) -> OpenWindow:
+        device, model, version, window = key
+        if key not in self._stored:
+            return OpenWindow(model, version, window)
+        try:
+            row = self.db[DEVICE_WINDOWS].get(key)
+        except Exception:  # sqlite_utils NotFoundError: pruned meanwhile
+            return OpenWindow(model, version, window)
+        w = OpenWindow(model, version, window)
+        w.features = decode_set(SketchSet.model_validate_json(row["sketch"]))
+        w.rows, w.revision = row["rows"], row["revision"]
+        w.devices = {device}
+        return w
+
+    def flush(self) -> None:
+        """Drain the queue and write the changed device windows."""
+        self.drain()
+        with self._lock:
+            rows: list[dict[str, Any]] = []
+            keys = []
+            for key in sorted(self._dirty):
+                w = self._open.get(key)
+                if w is None:
+                    continue
+                keys.append(key)
+                rows.append(
+                    {
+                        "device": key[0],
+                        "model": key[1],
+                        "version": key[2],
+                        "window": key[3],
+                        "rows": w.rows,
+                        "revision": w.revision,
+                        "sketch": w.sketch_set().model_dump_json(),
+                    }
+                )
+            self._dirty.clear()
+            if rows:
+                self.db[DEVICE_WINDOWS].upsert_all(
+                    rows, pk=("device", "model", "version", "window")
+                )
+                self._stored.update(keys)
+
+    # windows ----------------------------------------------------------------------------
+    def _windows(self, model: str, version: str, window: float) -> dict[str, OpenWindow]:
+        """Every device's window of (model, version) that starts at ``window``."""
+        self.flush()
+        out: dict[str, OpenWindow] = {}
+        for row in self.db[DEVICE_WINDOWS].rows_where(
+            "model = ? and version = ? and window = ?", [model, version, window]
+        ):
+            w = OpenWindow(model, version, window)
+            w.features = decode_set(SketchSet.model_validate_json(row["sketch"]))
+            w.rows, w.revision = row["rows"], row["revision"]
+            w.devices = {row["device"]}
+            out[row["device"]] = w
+        return out
+
+    def latest_window(self, model: str, version: str, now: float) -> float | None:
+        self.flush()
+        rows = list(
+            self.db.query(
+                f"select max(window) as w from {DEVICE_WINDOWS} "
+                "where model = ? and version = ? and window <= ?",
+                [model, version, now],
+            )
+        )
+        w = rows[0]["w"] if rows else None
+        return float(w) if w is not None else None
+
+    # evaluation -------------------------------------------------------------------------
+    def evaluate(
+        self, model: str, version: str, *, now: float, window: float | None = None
+    ) -> list[ScopeResult]:
+        """Test every device and cohort of the latest window (or ``window``); cached."""
+        with self._lock:
+            if window is None:
+                window = self.latest_window(model, version, now)
+            if window is None:
+                return []
+            reference = self.reference(model, version)
+            if reference is None:
+                return []
+            windows = self._windows(model, version, window)
+            revision = sum(w.revision for w in windows.values())
+            cached = self._cache.get((model, version, window))
+            if cached is not None and cached[0] == revision:
+                return cached[1]
+            cfg = self.config.for_model(model)
+            info = self.devices()
+            out: list[ScopeResult] = []
+            for dev, w in sorted(windows.items()):
+                out.append(
+                    check_scope(
+                        reference,
+                        w.sketch_set(),
+                        cfg,
+                        model=model,
+                        version=version,
+                        scope="device",
+                        subject=dev,
+                        window=window,
+                        devices=[dev],
+                    )
+                )
+            cohorts: dict[tuple[str, str], list[str]] = {}
+            for dev in windows:
+                profile, tags = info.get(dev, ("", []))
+                if profile:
+                    cohorts.setdefault(("profile", profile), []).append(dev)
+                for t in tags:
+                    cohorts.setdefault(("tag", t), []).append(dev)
+            for (scope, name), members in sorted(cohorts.items()):
+                merged = merge_windows(windows[d] for d in sorted(members))
+                out.append(
+                    check_scope(
+                        reference,
+                        merged,
+                        cfg,
+                        model=model,
+                        version=version,
+                        scope=scope,
+                        subject=name,
+                        window=window,
+                        devices=members,
+                    )
+                )
+            self._cache = {
+                k: v for k, v in self._cache.items() if k[:2] != (model, version)
+            }  # the newest window of each version only
+            self._cache[(model, version, window)] = (revision, out)
+            self._store(out, now)
+            oldest = window - KEEP_WINDOWS * cfg.window_seconds
+            self.db.execute(
+                f"delete from {DEVICE_WINDOWS} where model = ? and version = ? and window < ?",
+                [model, version, oldest],
+            )
+            self._stored = {k for k in self._stored if k[1:3] != (model, version) or k[3] >= oldest}
+            return out
+
+    def _store(self, results: list[ScopeResult], now: float) -> None:
+        rows = [
+            {
+                "model": r.model,
+                "version": r.version,
+                "scope": r.scope,
+                "subject": r.subject,
+                "window": r.window_start,
+                "evaluated_at": now,
+                "result": json.dumps(r.to_dict(features=True)),
+            }
+            for r in results
+        ]
+        if rows:
+            self.db[SCOPE_RESULTS].upsert_all(rows, pk=("model", "version", "scope", "subject"))
+
+    def group(
+        self, model: str, version: str, devices: Iterable[str], *, now: float, name: str = "group"
+    ) -> ScopeResult | None:
+        """Test the merge of the named devices' latest windows (a rollout's own devices)."""
+        wanted = set(devices)
+        with self._lock:
+            window = self.latest_window(model, version, now)
+            reference = self.reference(model, version)
+            if window is None or reference is None or not wanted:
+                return None
+            windows = self._windows(model, version, window)
+            members = sorted(wanted & set(windows))
+            if not members:
+                return None
+            merged = merge_windows(windows[d] for d in members)
+            return check_scope(
+                reference,
+                merged,
+                self.config.for_model(model),
+                model=model,
+                version=version,
+                scope="group",
+                subject=name,
+                window=window,
+                devices=members,
+            )
+
+    # queries ----------------------------------------------------------------------------
+    def stored(
+        self,
+        model: str | None = None,
+        version: str | None = None,
+        scope: str | None = None,
+        subject: str | None = None,
+        features: bool = False,
+    ) -> list[dict[str, Any]]:
+        """The latest stored result of every scope; drifted first, then by scope and name."""
+        where, args = [], []
+        for col, val in (("model", model), ("version", version), ("scope", scope)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if subject is not None:
+            where.append("subject = ?")
+            args.append(subject)
+        with self._lock:
+            rows = list(
+                self.db[SCOPE_RESULTS].rows_where(" and ".join(where) or None, args or None)
+            )
+        out = []
+        for row in rows:
+            r = json.loads(row["result"])
+            r["evaluated_at"] = row["evaluated_at"]
+            if not features:
+                r.pop("features", None)
+            out.append(r)
+        order = {"device": 0, "profile": 1, "tag": 2, "group": 3}
+        out.sort(
+            key=lambda r: (
+                not r["dataset_drift"],
+                r["model"],
+                r["version"],
+                order.get(r["scope"], 9),
+                r["subject"],
+            )
+        )
+        return out
+
+    def scope_summary(self, model: str, version: str, window: float) -> dict[str, Any] | None:
+        """Which devices and cohorts drifted in ``window`` and which did not."""
+        results = self.evaluate(model, version, now=window, window=window)
+        if not results:
+            return None
+        return summarize(results)
+
+    def local_alert(self, model: str, version: str, now: float) -> dict[str, Any] | None:
+        """A summary to alert on when some scope drifts in the latest window, once per window."""
+        results = self.evaluate(model, version, now=now)
+        if not results or not any(r.dataset_drift for r in results):
+            return None
+        key = (model, version, results[0].window_start)
+        with self._lock:
+            if key in self._alerted:
+                return None
+            self._alerted.add(key)
+        return summarize(results)
+
+    def mark_alerted(self, model: str, version: str, window: float) -> None:
+        with self._lock:
+            self._alerted.add((model, version, window))
+
+
+def summarize(results: list[ScopeResult]) -> dict[str, Any]:
+    devices = [r for r in results if r.scope == "device" and r.evaluated]
+    cohorts = [r for r in results if r.scope in ("profile", "tag") and r.evaluated]
+    drifted = [r for r in devices if r.dataset_drift]
+    steady = [r for r in devices if not r.dataset_drift]
+    d_cohorts = [r for r in cohorts if r.dataset_drift]
+    s_cohorts = [r for r in cohorts if not r.dataset_drift]
+    return {
+        "window_start": results[0].window_start,
+        "devices_tested": len(devices),
+        "drifted_devices": {r.subject: r.drifted_features for r in drifted},
+        "steady_devices": [r.subject for r in steady],
+        "untested_devices": [r.subject for r in results if r.scope == "device" and not r.evaluated],
+        "drifted_cohorts": [f"{r.scope}:{r.subject}" for r in d_cohorts],
+        "steady_cohorts": [f"{r.scope}:{r.subject}" for r in s_cohorts],
+        "features_tested": max((r.tested_features for r in devices), default=0),
+    }
+
+
+def describe(model: str, version: str, s: dict[str, Any]) -> str:
+    """One line naming the scope: which devices and cohorts drifted and which did not."""
+    drifted = s["drifted_devices"]
+    n = s["devices_tested"]
+    parts = []
+    if drifted:
+        names = ", ".join(
+            f"{d} ({len(f)}/{s['features_tested']} features)" for d, f in drifted.items()
+        )
+        parts.append(f"drift on {model} {version} on {len(drifted)} of {n} devices: {names}")
+    else:
+        parts.append(
+            f"drift on {model} {version} in the fleet-wide merge; no single device of {n} drifted"
+        )
+    if s["steady_devices"]:
+        parts.append(f"not drifted: {', '.join(s['steady_devices'][:10])}")
+    if s["drifted_cohorts"]:
+        parts.append(f"cohorts drifted: {', '.join(s['drifted_cohorts'][:10])}")
+    if s["steady_cohorts"]:
+        parts.append(f"cohorts not drifted: {', '.join(s['steady_cohorts'][:10])}")
+    return "; ".join(parts)

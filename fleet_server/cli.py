@@ -867,8 +867,8 @@ def _interval(r: dict[str, Any]) -> str:
 
 @fleet_app.command("accuracy")
 def fleet_accuracy(
-    model: str | None = typer.Option(None, "--model"),
-    version: str | None = typer.Option(None, "--version"),
+    model: str | None = typer.Option(None, "--model", help="Only this model (bundle name)."),
+    version: str | None = typer.Option(None, "--version", help="Only this model version."),
     by: str = typer.Option("version", "--by", help="version or device."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     url: str | None = UrlOpt,

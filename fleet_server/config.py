@@ -243,13 +243,13 @@ max_window_age_s = 604800.0     # sketch windows older than this are dropped
 resend_budget = 4096            # artifact chunks resent to one device per rollout
 
 [health]                        # standing alerts (fleet_server.health_rules.HealthConfig)
-# p95_ms = 500                  # default: each profile's latency_budget_ms
-error_rate = 0.01               # errors / requests in a telemetry window
-fallback_rate = 0.05            # fallback answers / requests
-offline_after_s = 600.0         # a device silent longer than this
-disk_free_mb = 50.0             # free disk under this (or the device's disk_full flag)
-fire_after = 2                  # windows in a row over the line before an alert fires
-resolve_after = 2               # windows in a row under resolve_ratio × the line to resolve
+# p95_ms = 500                # default: each profile's latency_budget_ms
+# error_rate = 0.01             # errors / requests in a telemetry window
+# fallback_rate = 0.05          # fallback answers / requests
+# offline_after_s = 600.0       # a device silent longer than this
+# disk_free_mb = 50.0           # free disk under this (or the device's disk_full flag)
+# fire_after = 2                # windows in a row over the line before an alert fires
+# resolve_after = 2             # windows in a row under resolve_ratio × the line to resolve
 # [health.profiles.raspberry-pi-4]
 # p95_ms = 25
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from typer.testing import CliRunner
 
 from fleet_server import cli
 from fleet_server.app import create_app
@@ -21,8 +20,8 @@ from protocol.signing import TrustStore
 from tests.fleet_server.fleetkit import SyncASGITransport
 from tests.fleet_server.test_api import Fleet
 from tests.support.bundles import make_bundle
+from tests.support.cli import run_cli
 
-runner = CliRunner()
 REF = ModelRef(name="iris", version="1.0.0", release=1)
 
 
@@ -96,9 +95,9 @@ def test_field_benchmark_sends_signed_commands_to_a_sample_running_the_bundle(
 
 
 def test_cli_reports_drift_by_scope_accuracy_alerts_and_calibration(fleet: Fleet) -> None:
-    out = runner.invoke(cli.app, ["drift", "report", "--by", "device"])
+    out = run_cli(["drift", "report", "--by", "device"])
     assert out.exit_code == 0 and "no drift results by device yet" in out.stdout
-    bad = runner.invoke(cli.app, ["drift", "report", "--by", "planet"])
+    bad = run_cli(["drift", "report", "--by", "planet"])
     assert bad.exit_code == 1 and "--by must be device, tag or profile" in bad.stderr
     end = datetime.now(timezone.utc)
     fleet.service.on_metrics(
@@ -107,11 +106,11 @@ def test_cli_reports_drift_by_scope_accuracy_alerts_and_calibration(fleet: Fleet
             requests=40, feedback_count=40, accuracy=0.9,
         )
     )  # fmt: skip
-    acc = runner.invoke(cli.app, ["fleet", "accuracy", "--by", "device"])
+    acc = run_cli(["fleet", "accuracy", "--by", "device"])
     assert acc.exit_code == 0 and "pi-0" in acc.stdout and "90.0%" in acc.stdout
-    doc = json.loads(runner.invoke(cli.app, ["fleet", "accuracy", "--json"]).stdout)
+    doc = json.loads(run_cli(["fleet", "accuracy", "--json"]).stdout)
     assert doc[0]["labelled"] == 40 and doc[0]["ci_low"] < 0.9 < doc[0]["ci_high"]
-    alerts = runner.invoke(cli.app, ["fleet", "alerts"])
+    alerts = run_cli(["fleet", "alerts"])
     assert alerts.exit_code == 0 and "no health alert is firing" in alerts.stdout
-    cal = json.loads(runner.invoke(cli.app, ["fleet", "calibration", "--json"]).stdout)
+    cal = json.loads(run_cli(["fleet", "calibration", "--json"]).stdout)
     assert cal["profiles"] == [] and cal["samples"] == 0

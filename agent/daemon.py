@@ -5,7 +5,7 @@
                              │                  ├▶ Metrics         (periodic reports → outbox)
                              │                  └▶ ShadowComparer  (→ MetricsReport.shadow)
                              ▼
-                  local API (FastAPI on uvicorn, own thread)
+                  local API (FastAPI on uvicorn, own thread; see api_server)
     Link (MQTT transport, commands, downloads) ◀─▶ Outbox (SQLite) ◀── pump thread:
         download stall checks, metrics every ``sketch.window_seconds``, outbox flush
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,10 +33,10 @@ from protocol.schema import InputSchema
 from protocol.topics import Topics
 from protocol.transport import Transport
 
+from .api_server import GuardStats
 from .commands import CommandProcessor
 from .config import AgentConfig
 from .download import Downloads
-from .errors import ConfigError
 from .events import InstallEvent
 from .fieldbench import FieldBench
 from .installer import Installer
@@ -98,6 +97,7 @@ class Agent:
         self._pump: threading.Thread | None = None
         self._api_thread: threading.Thread | None = None
         self._server: Any = None
+        self.api_stats = GuardStats()
         self._schemas: dict[tuple[str, str], InputSchema] = {}
         self.api_url: str | None = None
         self.started = False
@@ -207,8 +207,7 @@ class Agent:
         )
 
     def _start_api(self) -> None:
-        import uvicorn
-
+        from .api_server import listen, make_server
         from .app import create_app
 
         api = self.config.api
@@ -218,20 +217,10 @@ class Agent:
             metrics_text=self.metrics.prometheus_text,
             status=self.status,
         )
-        sock = socket.socket(socket.AF_INET6 if ":" in api.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((api.host, api.port))
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(
-                f"api: cannot listen on {api.host}:{api.port}: {exc.strerror}"
-            ) from None
+        sock = listen(api.host, api.port)
         port = sock.getsockname()[1]
         self.api_url = f"http://{api.host}:{port}"
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-        )
+        server = make_server(app, api, self.api_stats)
         self._server = server
         self._api_thread = threading.Thread(
             target=server.run,
@@ -325,6 +314,8 @@ class Agent:
             "outbox_bytes": self.outbox.size_bytes(),
             "outbox_dropped_disk_full_total": self.outbox.stats.dropped_disk_full,
             "telemetry_dropped_events_total": self.telemetry.dropped,
+            "api_refused_connections_total": self.api_stats.refused_connections,
+            "api_read_timeouts_total": self.api_stats.read_timeouts,
             "mqtt_connected": int(self.transport.is_connected())
             if hasattr(self, "transport")
             else 0,

@@ -57,13 +57,15 @@ def _check(status: int, what: str = "") -> None:
         raise RuntimeError(f"HTTP {status} {what}".strip())
 
 
-def _httpx(url: str, bodies: list[bytes] | None, n: int) -> list[float]:
+def _httpx(url: str, bodies: list[bytes] | None, n: int, extra: dict[str, str]) -> list[float]:
     import httpx
 
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **extra}
     with httpx.Client(timeout=30) as client:
         if bodies is None:
-            return _timed(lambda i: client.get(url).status_code, n)
+            first = client.get(url, headers=extra)
+            _check(first.status_code, f"from {url}: {first.text[:300]}")
+            return _timed(lambda i: client.get(url, headers=extra).status_code, n)
         first = client.post(url, content=bodies[0], headers=headers)
         _check(first.status_code, f"from {url}: {first.text[:300]}")
 
@@ -73,13 +75,13 @@ def _httpx(url: str, bodies: list[bytes] | None, n: int) -> list[float]:
         return _timed(post, n)
 
 
-def _requests(url: str, bodies: list[bytes] | None, n: int) -> list[float]:
+def _requests(url: str, bodies: list[bytes] | None, n: int, extra: dict[str, str]) -> list[float]:
     import requests
 
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **extra}
     with requests.Session() as session:
         if bodies is None:
-            return _timed(lambda i: session.get(url, timeout=30).status_code, n)
+            return _timed(lambda i: session.get(url, headers=extra, timeout=30).status_code, n)
         return _timed(
             lambda i: (
                 session.post(
@@ -90,13 +92,14 @@ def _requests(url: str, bodies: list[bytes] | None, n: int) -> list[float]:
         )
 
 
-def _curl(url: str, bodies: list[bytes] | None, n: int) -> list[float]:
+def _curl(url: str, bodies: list[bytes] | None, n: int, extra: dict[str, str]) -> list[float]:
     """One curl process, ``WARMUP + n`` transfers on one connection (curl reuses it)."""
     total = WARMUP + n
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "curl.conf"
         lines = ["silent", "show-error"]
         lines.append('write-out = "%{http_code} %{time_total} %{num_connects}\\n"')
+        lines += [f'header = "{k}: {v}"' for k, v in extra.items()]
         if bodies is not None:
             body = Path(tmp) / "body.json"
             body.write_bytes(bodies[0])
@@ -123,8 +126,9 @@ class RawClient:
     the answer is read by Content-Length. httpx spends ~300 µs of client CPU per request,
     which on two cores made the client, not the server, the throughput limit."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         u = urlsplit(url)
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.host, self.port, self.path = u.hostname or "127.0.0.1", u.port or 80, u.path
         self.sock = socket.create_connection((self.host, self.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -132,12 +136,13 @@ class RawClient:
 
     def request(self, body: bytes | None) -> int:
         if body is None:
-            head = f"GET {self.path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n\r\n"
+            head = f"GET {self.path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n{self.extra}\r\n"
             self.sock.sendall(head.encode())
         else:
             head = (
                 f"POST {self.path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
-                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                f"{self.extra}\r\n"
             )
             self.sock.sendall(head.encode() + body)
         while b"\r\n\r\n" not in self.buf:
@@ -164,8 +169,8 @@ class RawClient:
         self.sock.close()
 
 
-def _raw(url: str, bodies: list[bytes] | None, n: int) -> list[float]:
-    client = RawClient(url)
+def _raw(url: str, bodies: list[bytes] | None, n: int, extra: dict[str, str]) -> list[float]:
+    client = RawClient(url, extra)
     try:
         return _timed(
             lambda i: client.request(None if bodies is None else bodies[i % len(bodies)]), n
@@ -174,7 +179,7 @@ def _raw(url: str, bodies: list[bytes] | None, n: int) -> list[float]:
         client.close()
 
 
-_SAMPLERS: dict[str, Callable[[str, list[bytes] | None, int], list[float]]] = {
+_SAMPLERS: dict[str, Callable[[str, list[bytes] | None, int, dict[str, str]], list[float]]] = {
     "httpx": _httpx,
     "requests": _requests,
     "curl": _curl,
@@ -182,6 +187,13 @@ _SAMPLERS: dict[str, Callable[[str, list[bytes] | None, int], list[float]]] = {
 }
 
 
-def sample(client: str, url: str, bodies: list[bytes] | None, n: int) -> list[float]:
-    """``n`` sequential request times (ms) from ``client`` on one keep-alive connection."""
-    return _SAMPLERS[client](url, bodies, n)
+def sample(
+    client: str,
+    url: str,
+    bodies: list[bytes] | None,
+    n: int,
+    headers: dict[str, str] | None = None,
+) -> list[float]:
+    """``n`` sequential request times (ms) from ``client`` on one keep-alive connection,
+    sending ``headers`` (e.g. ``Authorization``) with every request."""
+    return _SAMPLERS[client](url, bodies, n, headers or {})

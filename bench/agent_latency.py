@@ -42,7 +42,6 @@ result building) with no HTTP in the way; no shipped command isolates it.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,10 +54,12 @@ import numpy as np
 try:
     from bench._common import latency_ms, table, write_result
     from bench._http import CLIENTS, RawClient, percentiles, sample
+    from bench._servers import Server
 except ImportError:  # pragma: no cover - run as a loose script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench._common import latency_ms, table, write_result
     from bench._http import CLIENTS, RawClient, percentiles, sample
+    from bench._servers import Server
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 3
@@ -189,73 +190,6 @@ def _serve(kind: str, port: int, workdir: Path | None) -> None:
 
     app = _hello_app() if kind == "hello" else _anchor_app(workdir / "model.joblib")  # type: ignore[operator]
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-class Server:
-    """One server process: ``edgefleet agent run`` or a ``--serve`` child of this script."""
-
-    def __init__(self, name: str, argv: list[str], health: str, port: int, log: Path) -> None:
-        from tests.support.shipped import env
-
-        self.name, self.port = name, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                argv, stdout=fh, stderr=subprocess.STDOUT, cwd=log.parent, env=env()
-            )
-        if health:
-            self._wait(self.url + health)
-
-    def _wait(self, url: str) -> None:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = self.log_path.read_text()[-3000:]
-                raise RuntimeError(f"{self.name} did not start:\n{log}")
-            time.sleep(0.1)
-
-    @classmethod
-    def agent(cls, name: str, config: Path, port: int) -> "Server":
-        argv = [sys.executable, "-m", "edgefleet", "agent", "run", "--config", str(config)]
-        return cls(name, argv, "/v1/ready", port, config.parent / "agent.log")
-
-    @classmethod
-    def child(cls, kind: str, workdir: Path, health: str = "/health") -> "Server":
-        from tests.support.brokers import free_port
-
-        port = free_port()
-        argv = [sys.executable, "-m", "bench.agent_latency", "--serve", kind, "--port", str(port)]
-        argv += ["--workdir", str(workdir)]
-        log = workdir / f"{kind}-{port}.log"
-        server = cls(kind, argv, health, port, log)
-        return server
-
-    def cpu_s(self) -> float:
-        import psutil
-
-        t = psutil.Process(self.proc.pid).cpu_times()
-        return t.user + t.system
-
-    def rss_mb(self) -> float:
-        import psutil
-
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 # -- measurements ------------------------------------------------------------------------------

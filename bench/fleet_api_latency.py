@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from bench._common import table, write_result
+    from bench._common import load_line, table, write_result
     from bench._http import percentiles, sample
     from bench._servers import Server
 except ImportError:  # pragma: no cover - run as a loose script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench._common import table, write_result
+    from bench._common import load_line, table, write_result
     from bench._http import percentiles, sample
     from bench._servers import Server
 
@@ -109,6 +109,7 @@ def main(quick: bool = False) -> dict[str, Any]:
 
     n = 60 if quick else 300  # per (endpoint, client), split over ROUNDS rounds
     results: dict[str, Any] = {"devices_published": DEVICES, "quick": quick}
+    results["load_at_start"] = load_line()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         api_port, broker_port = free_port(), free_port()
@@ -175,7 +176,9 @@ def main(quick: bool = False) -> dict[str, Any]:
                 s.stop()
     lat = {e: {c: percentiles(v) for c, v in per.items()} for e, per in samples.items()}
     results["latency"] = lat
+    results["load_at_end"] = load_line()
     _report(results)
+    print(f"{results['load_at_start']}; at the end: {results['load_at_end']}")
     path = write_result("fleet_api_latency", results)
     print(f"\nwrote {path}")
     return results

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.support import wait_until
 from tests.support.brokers import MOSQUITTO, EmbeddedBroker, free_port
 from tests.support.shipped import Process, init_config
 from tests.support.sockets import (
@@ -28,6 +29,18 @@ from tests.support.sockets import (
 pytestmark = pytest.mark.skipif(
     not pidfd_getfd_works(), reason="pidfd_getfd(2) is not permitted here (Linux ≥ 5.6, ptrace)"
 )
+
+
+def _accepted_nodelay(pid: int, client: socket.socket) -> bool:
+    """TCP_NODELAY on the server's end, once the server has accepted ``client``."""
+
+    def read() -> tuple[bool] | None:
+        try:
+            return (server_tcp_nodelay(pid, client),)
+        except LookupError:  # still in the kernel's accept queue
+            return None
+
+    return wait_until(read, 30, "the server to accept the connection")[0]
 
 
 def _connect(port: int) -> socket.socket:
@@ -55,8 +68,6 @@ def test_agent_api_and_mqtt_connections_have_nagle_off(tmp_path: Path) -> None:
             def mqtt_socket() -> dict[int, bool]:
                 return client_tcp_nodelay(agent.pid, broker.port)
 
-            from tests.e2e.support import wait_until
-
             found = wait_until(mqtt_socket, 30, "the agent's MQTT connection")
             assert all(found.values()), f"the agent's MQTT socket has Nagle on: {found}"
 
@@ -78,9 +89,12 @@ def test_fleet_api_embedded_broker_and_bridge_have_nagle_off(tmp_path: Path) -> 
         with _connect(api_port) as client:
             assert server_tcp_nodelay(fleet.pid, client), "the fleet API has Nagle on"
         with socket.create_connection(("127.0.0.1", broker_port), timeout=10) as client:
-            assert server_tcp_nodelay(fleet.pid, client), "the embedded broker has Nagle on"
-        bridge = client_tcp_nodelay(fleet.pid, broker_port)
-        assert bridge, "the fleet server has no MQTT connection to its broker"
+            assert _accepted_nodelay(fleet.pid, client), "the embedded broker has Nagle on"
+        bridge = wait_until(
+            lambda: client_tcp_nodelay(fleet.pid, broker_port),
+            30,
+            "the fleet server's MQTT connection to its broker",
+        )
         assert all(bridge.values()), f"the fleet server's MQTT socket has Nagle on: {bridge}"
 
 
@@ -93,17 +107,7 @@ def test_shipped_mosquitto_config_turns_nagle_off(tmp_path: Path) -> None:
     try:
         assert broker.proc is not None
         with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as client:
-            from tests.e2e.support import wait_until
-
-            # the broker accepts asynchronously: wait until it holds its end
-            def held() -> bool:
-                try:
-                    return server_tcp_nodelay(broker.proc.pid, client) or True  # type: ignore[union-attr]
-                except LookupError:
-                    return False
-
-            wait_until(held, 10, "mosquitto to accept the connection")
-            assert server_tcp_nodelay(broker.proc.pid, client), (
+            assert _accepted_nodelay(broker.proc.pid, client), (
                 "deploy/mosquitto/mosquitto.conf leaves Nagle on (set_tcp_nodelay true)"
             )
     finally:

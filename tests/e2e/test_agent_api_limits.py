@@ -186,3 +186,33 @@ def test_connections_over_the_cap_get_503_and_the_api_recovers(
     wait_until(serves, 60, "the API to serve again once the idle connections closed")
     assert _gauge(url, "edgefleet_api_refused_connections_total") >= 1
     assert agent.proc.poll() is None
+
+
+def test_pipelined_and_keep_alive_requests_are_not_cut_by_the_read_deadline(
+    slow_agent: tuple[Process, str],
+) -> None:
+    """The deadline covers reading one request: complete requests sent back to back on one
+    connection (pipelined, then keep-alive) are all answered."""
+    _, url = slow_agent
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"inputs": [IRIS_ROW]}).encode()
+    request = (
+        b"POST /v1/predict HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request * 3)  # three pipelined requests in one write
+        got = b""
+        while got.count(b'"fallback":') < 3:  # the last field of each answer's body
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {got.count(b'HTTP/1.1 200 OK')} of 3 answers"
+            got += chunk
+        assert got.count(b"HTTP/1.1 200 OK") == 3
+        for _ in range(20):  # then one at a time on the same connection
+            sock.sendall(request)
+            answer = b""
+            while b'"fallback"' not in answer:
+                chunk = sock.recv(65536)
+                assert chunk, "a keep-alive request was cut"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 OK")

@@ -64,6 +64,8 @@ class ApiConfig(_Section):
     port: int = Field(default=DEFAULT_API_PORT, ge=0, le=65535)
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     max_batch_rows: int = Field(default=1024, gt=0)
+    read_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    max_connections: int = Field(default=100, ge=1, le=100_000)
 
 
 class LogConfig(_Section):
@@ -286,6 +288,8 @@ host = "127.0.0.1"             # local inference API; bind 0.0.0.0 only behind a
 port = {api_port}                   # the documented fixed default port
 max_body_bytes = 1048576       # larger request bodies get HTTP 413
 max_batch_rows = 1024          # larger batches get HTTP 422
+read_timeout_s = 10.0          # a request (head and body) not complete after this is closed
+max_connections = 100          # one more connection gets HTTP 503 and is closed
 
 [log]
 enabled = true

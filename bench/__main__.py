@@ -20,7 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["convert_speedup", "quantize", "sketch_accuracy", "agent_latency", "fleet_scale"]
+BENCHES = [
+    "convert_speedup",
+    "quantize",
+    "sketch_accuracy",
+    "agent_latency",
+    "fleet_api_latency",
+    "fleet_scale",
+]
 RESULTS = Path(__file__).parent / "results"
 
 

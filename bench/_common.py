@@ -88,7 +88,17 @@ def machine() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "system": platform.system(),
+        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def load_line() -> str:
+    """The machine's load averages, printed with timing results (a shared machine's load
+    moves them more than most code changes do)."""
+    if not hasattr(os, "getloadavg"):
+        return "load average: n/a"
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} CPUs"
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:

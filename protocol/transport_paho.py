@@ -15,6 +15,7 @@ attributes, so a CLI can show them without parsing text. A run of failed attempt
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -36,6 +37,16 @@ class _PahoDelivery:
         except (RuntimeError, ValueError):
             return False
         return bool(self.info.is_published())
+
+
+def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
+    """Nagle off on every (re)connected socket: paho leaves it on, and then a small packet
+    written while an earlier one is unacknowledged waits for the broker's delayed ACK
+    (up to ~40 ms), e.g. a PUBACK or the next QoS 0 report."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # a websocket wrapper or a non-TCP socket
+        pass
 
 
 class PahoTransport:
@@ -103,6 +114,7 @@ class PahoTransport:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_socket_open = _no_delay
 
     # paho callbacks (network thread) -------------------------------------------------
     def _on_connect(

@@ -28,10 +28,13 @@ light).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import socket
 from dataclasses import dataclass
 from typing import Any
+
+from protocol.errors import AddressInUse
 
 from .config import ApiConfig
 from .errors import ConfigError
@@ -60,6 +63,10 @@ def listen(host: str, port: int, backlog: int = 128) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(
+                f"api: {host}:{port} is in use by another process; stop it or set api.port"
+            ) from None
         raise ConfigError(f"api: cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
 

@@ -28,7 +28,7 @@ The same in every group (mapped once, in `edgefleet/cli.py`):
 | 1 | error: one `error: …` line on stderr says what failed (`--debug`: the traceback) |
 | 2 | usage: unknown command or option, or a bad option value |
 | 3 | over budget: no model or variant fits the profile (`bench`, `optimize`, `build`) |
-| 4 | address in use: a port to listen on is taken (`fleet serve` and its embedded broker) |
+| 4 | address in use: a port to listen on is taken (`fleet serve`, its broker, `agent run`) |
 | 5 | unreachable: the fleet server or the broker does not answer |
 | 130 | interrupted (Ctrl-C) |
 """

@@ -81,3 +81,32 @@ def test_agent_run_prints_a_start_line_and_each_link_state_change(tmp_path: Path
     # one line per change: the start line first, no repeated "reconnecting" lines
     assert lines.seen[0] == start.rstrip("\n")
     assert sum("reconnecting" in x for x in lines.seen) == 1, "\n".join(lines.seen)
+
+
+def test_agent_run_on_a_busy_api_port_says_so_in_one_line_and_exits_4(tmp_path: Path) -> None:
+    import socket
+
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    config = tmp_path / "agent.toml"
+    try:
+        init = subprocess.run(
+            [
+                sys.executable, "-m", "edgefleet", "agent", "init", "--out", str(config),
+                "--device-id", "pi-busy", "--api-port", str(port),
+            ],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+        assert init.returncode == 0, init.stderr
+        run = subprocess.run(
+            [sys.executable, "-m", "edgefleet", "agent", "run", "-c", str(config)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+    finally:
+        busy.close()
+    assert run.returncode == 4, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"127.0.0.1:{port} is in use" in errors[0], run.stderr
+    assert "Traceback" not in run.stderr

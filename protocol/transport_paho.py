@@ -83,6 +83,7 @@ class PahoTransport:
         self._connected = threading.Event()
         self._attempted = threading.Event()  # set when a connection attempt was refused
         self._lock = threading.Lock()
+        self._next_will: Will | None = None  # set_will: applied before the next CONNECT
         self._started = False
         self._last_error: str = ""
         self._failing = False  # inside a run of failed connection attempts
@@ -114,6 +115,7 @@ class PahoTransport:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_pre_connect = self._on_pre_connect
         self._client.on_socket_open = _no_delay
 
     # paho callbacks (network thread) -------------------------------------------------
@@ -233,8 +235,19 @@ class PahoTransport:
             self._client.unsubscribe(topic_filter)
 
     def set_will(self, will: Will) -> None:
-        """Replace the last will; it is sent with the next CONNECT (the next reconnect)."""
-        self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        """Replace the last will; it is sent with the next CONNECT (the next reconnect).
+
+        Only stored here: paho's ``will_set`` runs in ``on_pre_connect``, right before the
+        next CONNECT is built, never from inside its disconnect handling (calling it there
+        left an agent reconnecting silently to a broker that had gone away)."""
+        with self._lock:
+            self._next_will = will
+
+    def _on_pre_connect(self, client: Any, userdata: Any) -> None:
+        with self._lock:
+            will, self._next_will = self._next_will, None
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
 
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler

@@ -88,3 +88,23 @@ def test_signing_transport_signs_own_topics_and_leaves_others_alone() -> None:
     assert envs[0] is not None and envs[1] is not None and envs[2] is None
     assert (envs[0].boot, envs[0].seq, envs[1].seq) == (3, 1, 2)
     assert decode(DeviceState, sign_payload(b'{"device_id":"d1","online":true}', TOPIC, KEY, 1, 1))
+
+
+def test_a_renewed_will_reaches_paho_only_right_before_the_next_connect() -> None:
+    """``set_will`` runs from the disconnect callback: it must only store the will, and
+    paho's ``will_set`` must happen in ``on_pre_connect`` (calling it inside paho's
+    disconnect handling left a real agent reconnecting silently)."""
+    from protocol.transport import Will
+    from protocol.transport_paho import PahoTransport
+
+    first = Will("edgefleet/devices/d1/state", b"first", qos=1, retain=True)
+    t = PahoTransport("mqtt://127.0.0.1:1", "d1", will=first)
+    client = t._client
+    t.set_will(Will("edgefleet/devices/d1/state", b"second", qos=1, retain=True))
+    assert client._will_payload == b"first"  # not yet: still this connection's will
+    assert client.on_pre_connect is not None
+    client.on_pre_connect(client, None)
+    assert client._will_payload == b"second" and client._will_retain is True
+    client.on_pre_connect(client, None)  # nothing pending: unchanged
+    assert client._will_payload == b"second"
+    t.close()

@@ -61,17 +61,33 @@ def _config(path: Path):  # type: ignore[no-untyped-def]
 def init(
     out: Path = typer.Option(Path("agent.toml"), "--out", "-o", help="Where to write the config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    bundle_key: list[Path] = typer.Option(
+        [], "--bundle-key", help="Public key bundles must be signed by (repeatable)."
+    ),
+    command_key: list[Path] = typer.Option(
+        [], "--command-key", help="The fleet server's command public key (repeatable)."
+    ),
+    artifact_origin: list[str] = typer.Option(
+        [], "--artifact-origin", help="Origin HTTP downloads may come from (repeatable)."
+    ),
 ) -> None:
-    """Write a commented example config.
+    """Write a commented example config, optionally with the keys it trusts.
 
-    Example: edgefleet agent init --out /etc/edgefleet/agent.toml
+    Example: edgefleet agent init --out agent.toml --bundle-key release.pub
+    --command-key fleet-command.pub --artifact-origin https://fleet.example:8700
     """
-    from .config import example_config
+    from .config import example_config, parse_config
     from .errors import ConfigError
 
     if out.exists() and not force:
         raise ConfigError(f"{out} exists (use --force to overwrite)")
-    out.write_text(example_config(), encoding="utf-8")
+    text = example_config(
+        bundle_keys=[str(p.resolve()) for p in bundle_key],
+        command_keys=[str(p.resolve()) for p in command_key],
+        artifact_origins=list(artifact_origin),
+    )
+    parse_config(text, str(out), base=out.resolve().parent).trust_stores()  # refuse bad keys
+    out.write_text(text, encoding="utf-8")
     print(f"wrote {out}")
 
 
@@ -81,6 +97,9 @@ def install(
     bundle: Path = typer.Argument(..., help="The .efb bundle to install."),
     config: Path = ConfigOpt,
     allow_older: bool = typer.Option(False, "--allow-older", help="Skip the anti-rollback check."),
+    replace_model: bool = typer.Option(
+        False, "--replace-model", help="Allow replacing the active model with another name."
+    ),
 ) -> None:
     """Verify and install a bundle offline, then make it active.
 
@@ -88,7 +107,9 @@ def install(
     """
     from .installer import Installer
 
-    m = Installer.from_config(_config(config)).install_file(bundle, allow_older=allow_older)
+    m = Installer.from_config(_config(config)).install_file(
+        bundle, allow_older=allow_older, replace_model=replace_model
+    )
     print(f"installed {m.name} {m.version} (release {m.release})")
 
 

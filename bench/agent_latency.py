@@ -91,7 +91,7 @@ def _prepare(kind: str, workdir: Path) -> dict[str, Any]:
     d = workdir / kind
     d.mkdir(parents=True)
     (d / "release.pub").write_bytes(key.public_pem())
-    cfg_text = 'data_dir = "data"\nprofile = "host"\n[trust]\npublic_keys = ["release.pub"]\n'
+    cfg_text = 'data_dir = "data"\nprofile = "host"\n[trust]\nbundle_keys = ["release.pub"]\n'
     (d / "agent.toml").write_text(cfg_text)
     from agent.config import load_config
 

@@ -5,7 +5,12 @@ bundle's signature) and how to fetch the bundle: its sha256, size and chunking, 
 HTTP URL when the server offers the download. The bytes travel as :class:`ArtifactChunk`
 messages (QoS 1) on ``{p}/devices/{id}/artifact/{sha256}/{index}``, each with its own
 sha256. Transfers resume: a device reports ``downloading`` with ``result.missing`` and
-only those chunks are sent again. Commands are signed with the fleet's key.
+only those chunks are sent again.
+
+Every command, of every kind, is signed with the fleet's *command* key (never a bundle key)
+and stamped with ``issued_at``/``expires_at`` (``signing.command_ttl_s``, rollbacks
+``signing.rollback_ttl_s``); a retry is a new command id, signed again. A rollback names the
+exact model the device ran before the rollout (``RollbackPayload.target``).
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import base64
 import hashlib
 import math
 from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
 
 from protocol.bundle import Bundle
 from protocol.messages import (
     ArtifactChunk,
     Command,
     DeployPayload,
+    ModelRef,
     RollbackPayload,
     sign_command,
 )
@@ -68,6 +76,9 @@ def deploy_command(
     chunk_size: int,
     key: KeyPair | None,
     http_url: str | None = None,
+    replace_model: bool = False,
+    now: datetime | None = None,
+    ttl_s: float = 86_400.0,
 ) -> Command:
     payload = DeployPayload(
         manifest=base64.b64encode(bundle.manifest_bytes).decode(),
@@ -77,11 +88,19 @@ def deploy_command(
         chunk_size=chunk_size,
         n_chunks=n_chunks(len(data), chunk_size),
         http_url=http_url,
+        replace_model=replace_model,
     )
     cmd = Command(
         command_id=cid, device_id=device_id, kind="deploy", rollout_id=rollout_id, deploy=payload
     )
-    return sign_command(cmd, key) if key is not None else cmd
+    return signed(cmd, key, now=now, ttl_s=ttl_s)
+
+
+def signed(cmd: Command, key: KeyPair | None, *, now: datetime | None, ttl_s: float) -> Command:
+    """Stamp ``issued_at``/``expires_at`` and sign with the command key (every kind)."""
+    if key is None:  # devices refuse it; the service logs that it has no command key
+        return cmd
+    return sign_command(cmd, key, now=now, ttl_s=ttl_s)
 
 
 def rollback_command(
@@ -92,15 +111,19 @@ def rollback_command(
     key: KeyPair | None,
     to_release: int | None = None,
     reason: str = "",
+    target: dict[str, Any] | ModelRef | None = None,
+    now: datetime | None = None,
+    ttl_s: float = 7 * 86_400.0,
 ) -> Command:
+    ref = ModelRef.model_validate(target) if target else None
     cmd = Command(
         command_id=cid,
         device_id=device_id,
         kind="rollback",
         rollout_id=rollout_id,
-        rollback=RollbackPayload(to_release=to_release, reason=reason[:500]),
+        rollback=RollbackPayload(target=ref, to_release=to_release, reason=reason[:500]),
     )
-    return sign_command(cmd, key) if key is not None else cmd
+    return signed(cmd, key, now=now, ttl_s=ttl_s)
 
 
 class Sender:

@@ -23,7 +23,10 @@ class _Handler(BaseHTTPRequestHandler):
     ranges_seen: ClassVar[list[str]] = []
     honour_range = True
 
+    requests = 0
+
     def do_GET(self) -> None:
+        type(self).requests += 1
         if self.path != "/bundle.efb":
             self.send_error(404)
             return
@@ -125,7 +128,7 @@ def test_deploy_with_http_url_installs_through_the_link(tmp_path, http_server, s
     server = broker.client("server")
     server.connect()
     sim = FleetSim(server, DEV)
-    node = make_node(tmp_path, signing_key, broker)
+    node = make_node(tmp_path, signing_key, broker, origins=(url,))
     node.device.installer.install_bytes(make_bundle(signing_key)[0])
     node.link.start()
     cmd = deploy_command(DEV, bundle, manifest, signing_key, http_url=f"{url}/bundle.efb")
@@ -134,6 +137,35 @@ def test_deploy_with_http_url_installs_through_the_link(tmp_path, http_server, s
     assert sim.states_of(cmd.command_id)[0] == "accepted"
     assert sim.states_of(cmd.command_id)[-1] == "installed"
     assert node.device.predictor.predict([IRIS_ROW]).model.version == "2.0.0"
+
+
+def test_http_url_outside_the_trusted_origins_is_refused_before_a_socket_opens(
+    tmp_path, http_server, signing_key, v2
+):
+    url, handler = http_server
+    bundle, manifest = v2
+    handler.body = bundle
+    handler.requests = 0
+    broker = MemoryBroker()
+    server = broker.client("server")
+    server.connect()
+    sim = FleetSim(server, DEV)
+    node = make_node(tmp_path, signing_key, broker, origins=("https://fleet.example:8700",))
+    node.device.installer.install_bytes(make_bundle(signing_key)[0])
+    node.link.start()
+    for n, foreign in enumerate((f"{url}/bundle.efb", "http://169.254.169.254/latest")):
+        cmd = deploy_command(
+            DEV, bundle, manifest, signing_key, http_url=foreign, command_id=f"o-{n}"
+        )
+        sim.send(cmd)
+    node.link.flush(timeout=0.1)
+    for n in range(2):
+        last = sim.last(f"o-{n}")
+        assert (last.state, last.reason) == ("rejected", "origin_untrusted")
+    assert handler.requests == 0 and not node.downloads.root.exists()
+    with pytest.raises(DownloadError) as err:  # the download code refuses it on its own too
+        fetch_http(http_download(tmp_path, bundle, manifest, signing_key, url), origins=())
+    assert err.value.reason.value == "origin_untrusted" and handler.requests == 0
 
 
 def test_chunks_are_verified_one_by_one(tmp_path, signing_key, v2):

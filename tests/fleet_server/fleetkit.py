@@ -35,6 +35,7 @@ from protocol.messages import (
 )
 from protocol.topics import Topics
 from protocol.transport import Transport, Will
+from tests.support.keys import COMMAND_KEY, write_private
 
 
 def write_keys(tmp: Path, key: KeyPair) -> tuple[Path, Path]:
@@ -47,11 +48,15 @@ def write_keys(tmp: Path, key: KeyPair) -> tuple[Path, Path]:
 def make_config(
     tmp: Path, key: KeyPair, *, broker_url: str = "mqtt://127.0.0.1:1", **rollout: Any
 ) -> FleetConfig:
-    priv, pub = write_keys(tmp, key)
+    """``key`` signs bundles; commands are signed by the session's :data:`COMMAND_KEY`."""
+    _, pub = write_keys(tmp, key)
     data: dict[str, Any] = {
         "data_dir": str(tmp / "fleet"),
         "broker": {"url": broker_url},
-        "signing": {"key": str(priv), "trusted": [str(pub)]},
+        "signing": {
+            "command_key": str(write_private(tmp / "command")),
+            "bundle_keys": [str(pub)],
+        },
         "rollout": {"tick_s": 0.1, **rollout},
     }
     return FleetConfig.model_validate(data)
@@ -108,10 +113,12 @@ class SimDevice:
         drop_chunks: frozenset[int] = frozenset(),
         http: Callable[[str, dict[str, str]], bytes] | None = None,
         http_cut: int | None = None,
+        command_trust: TrustStore | None = None,
     ) -> None:
         self.device_id = device_id
         self.t = transport
-        self.trust = trust
+        self.trust = trust  # bundle keys
+        self.command_trust = command_trust or TrustStore.from_keys([COMMAND_KEY.public])
         self.topics = Topics(prefix)
         self.profile = profile
         self.tags = list(tags)
@@ -199,7 +206,7 @@ class SimDevice:
         if self.silent:
             return
         try:
-            verify_command(cmd, self.trust)
+            verify_command(cmd, self.command_trust)
         except EdgefleetError as exc:
             self.status(cmd, "rejected", reason="signature_invalid", detail=str(exc))
             return

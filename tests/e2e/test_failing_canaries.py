@@ -42,9 +42,7 @@ def test_rollout_halts_at_stage_one_when_30_percent_of_canaries_fail(
     iris_v1: Release,
     iris_v2: Release,
 ) -> None:
-    service = make_fleet(
-        tmp_path, mosquitto.url, signing_key=signing_key, trusted=[key_files["signing"]]
-    )
+    service = make_fleet(tmp_path, mosquitto.url, bundle_keys=[key_files["signing"]])
     recorder = BrokerRecorder(mosquitto.url).start()
     ids = [f"edge-{i:02d}" for i in range(CANARIES + OTHERS)]
 
@@ -53,7 +51,7 @@ def test_rollout_halts_at_stage_one_when_30_percent_of_canaries_fail(
             tmp_path / device_id,
             device_id=device_id,
             broker_url=mosquitto.url,
-            public_keys=[key_files["signing"]],
+            bundle_keys=[key_files["signing"]],
             fail_smoke_test=fail,
             window_s=30.0,
         )

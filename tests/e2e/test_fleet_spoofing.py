@@ -126,8 +126,7 @@ def test_server_drops_messages_a_device_sends_in_another_devices_name(
     service = make_fleet(
         tmp_path,
         url,
-        signing_key=signing_key,
-        trusted=[],
+        bundle_keys=[],
         transport_options={
             "username": SERVER_USER,
             "password": PASSWORDS[SERVER_USER],
@@ -158,7 +157,7 @@ def test_server_drops_messages_a_device_sends_in_another_devices_name(
 def test_server_drops_another_devices_topic_on_a_broker_without_acl(
     mosquitto, tmp_path, signing_key: KeyPair
 ):
-    service = make_fleet(tmp_path, mosquitto.url, signing_key=signing_key, trusted=[])
+    service = make_fleet(tmp_path, mosquitto.url, bundle_keys=[])
     d1 = device_client(mosquitto.url, "d1", None)
     try:
         spoofs = [

@@ -199,7 +199,8 @@ class CommandProcessor:
 
     # -- network thread --------------------------------------------------------------------
     def receive(self, payload: bytes) -> Job | None:
-        admitted = self.update.admit(payload, self.now())
+        now = self.now()
+        admitted = self.update.admit(payload, now)
         if admitted is None:
             return None
         if isinstance(admitted, Refuse):
@@ -213,7 +214,7 @@ class CommandProcessor:
         downloading = active is not None and not active.http and not active.complete
         job = None
         for action in self.update.decide(
-            cmd, Seen(*seen) if seen is not None else None, downloading=downloading
+            cmd, Seen(*seen) if seen is not None else None, downloading=downloading, now=now
         ):
             job = self._carry_out(action) or job
         return job
@@ -226,9 +227,12 @@ class CommandProcessor:
         elif isinstance(action, Redeliver):
             if action.last_status is not None:
                 try:
-                    self.report(decode(CommandStatus, action.last_status))
+                    last = decode(CommandStatus, action.last_status)
                 except EdgefleetError:
-                    pass
+                    return None
+                # best-effort: a replayed command must not make the device write
+                if self.send_now is None or not self.send_now(last):
+                    self.update.refusals_unsent += 1
             elif action.ask_missing and action.command.deploy is not None:
                 d = self.downloads.active.get(action.command.deploy.bundle_sha256)
                 if d is not None:

@@ -16,7 +16,8 @@ A command's bytes are checked in this order; the first failure decides:
 2. addressed to this device                     not_addressed
 3. fresh: ``issued_at - skew <= now < expires_at``  command_expired / command_from_future
 4. never seen before (the ledger survives restarts)  command_replayed (a redelivery re-sends
-                                                its last status; nothing runs twice)
+                                                its last status best-effort, within the
+                                                same rate budget; nothing runs twice)
 5. payload within limits: the payload its kind needs, bundle size under the device cap,
    ``http_url`` only on a trusted origin, the manifest signed by a *bundle* key
                                                 command_invalid / limit_exceeded /
@@ -259,12 +260,25 @@ class Update:
             return self._refuse_unsent(cmd.command_id, cmd.kind, cmd.rollout_id, *stale, now)
         return cmd
 
-    def decide(self, cmd: Command, seen: Seen | None, *, downloading: bool = False) -> list[Action]:
-        """Steps 4–5 for an admitted command; ``seen`` is the ledger's answer for its id."""
+    def decide(
+        self,
+        cmd: Command,
+        seen: Seen | None,
+        *,
+        downloading: bool = False,
+        now: datetime | None = None,
+    ) -> list[Action]:
+        """Steps 4–5 for an admitted command; ``seen`` is the ledger's answer for its id.
+
+        A redelivery (or a replay: the bytes are the same) is answered only within the
+        refusal budget, so replaying a captured command cannot make the device write."""
         if seen is not None:
             self.duplicates += 1
             self.refused[ReasonCode.COMMAND_REPLAYED.value] += 1
             self.states.setdefault(cmd.command_id, seen.state)
+            if now is not None and not self._take_token(now):
+                self.refusals_unsent += 1
+                return []
             terminal = seen.state in TERMINAL
             return [
                 Redeliver(

@@ -237,3 +237,30 @@ def test_downloads_abandoned_for_longer_than_max_age_are_discarded_not_resumed(
     old = os.stat(d.dir / "session.json").st_mtime - 8 * 86400
     os.utime(d.dir / "session.json", (old, old))
     assert Downloads(tmp_path / "dl").resume() == [] and not d.dir.exists()
+
+
+def test_a_saved_session_outside_the_caps_is_discarded_at_restart_not_allocated(
+    tmp_path, signing_key, v2
+):
+    import json
+
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key)
+    d = Downloads(tmp_path / "dl").begin(cmd)
+    doc = json.loads((d.dir / "session.json").read_bytes())
+    doc["deploy"].update(chunk_size=1, n_chunks=len(bundle))  # what an old agent accepted
+    (d.dir / "session.json").write_text(json.dumps(doc))
+    assert Downloads(tmp_path / "dl").resume() == [] and not d.dir.exists()
+
+
+def test_a_saved_session_whose_signature_fails_is_discarded_at_restart(tmp_path, signing_key, v2):
+    from tests.agent.test_link import make_node
+
+    bundle, manifest = v2
+    broker = MemoryBroker()
+    node = make_node(tmp_path, signing_key, broker)
+    good = deploy_command(DEV, bundle, manifest, signing_key)
+    forged = good.model_copy(update={"command_id": "forged-1"})  # signature no longer holds
+    d = Downloads(node.downloads.root).begin(forged)
+    assert node.processor.resume() == []
+    assert node.downloads.active == {} and not d.dir.exists()

@@ -351,3 +351,49 @@ def test_deploy_with_an_absurd_size_or_chunk_count_is_refused_before_anything_is
         assert sim.last(cid).reason == "command_invalid", cid
     assert node.downloads.active == {} and not node.downloads.root.exists()
     assert node.outbox.command_seen("huge") is None
+
+
+def test_a_rollback_returns_to_the_version_it_names_not_to_the_previous_slot(
+    world, signing_key, v1, v2
+):
+    from agent.installer import model_ref
+    from protocol.messages import ModelRef
+
+    _broker, sim, node = world
+    inst = node.device.installer
+    inst.install_bytes(v2[0])
+    inst.rollback()  # back on 1.0.0: 1.0.0 ran before the rollout of 3.0.0 below
+    inst.install_bytes(make_bundle(signing_key, version="3.0.0", release=3)[0])
+    assert inst.slots.previous_id() is not None and "2.0.0" in [m.version for m in inst.history()]
+    cmd = rollback_command(DEV, target=model_ref(v1[1]))
+    sim.send(cmd)
+    deliver(node)
+    assert sim.states_of(cmd.command_id) == ["accepted", "rolled_back"]
+    assert node.device.predictor.model.version == "1.0.0"  # not 2.0.0, the previous slot
+    gone = ModelRef(name="iris", version="0.5.0", release=1, sha256="0" * 64)
+    cmd = rollback_command(DEV, target=gone)
+    sim.send(cmd)
+    deliver(node)
+    last = sim.last(cmd.command_id)
+    assert (last.state, last.reason) == ("failed", "version_not_installed")
+    assert node.device.predictor.model.version == "1.0.0"
+
+
+def test_a_deploy_of_another_model_name_needs_the_signed_replace_model(world, signing_key):
+    _broker, sim, node = world
+    bundle, manifest = make_bundle(signing_key, name="wine", version="1.0.0", release=1)
+    cmd = deploy_command(DEV, bundle, manifest, signing_key, command_id="swap-1")
+    sim.send(cmd, bundle)
+    sim.send_chunks(bundle, cmd)
+    deliver(node)
+    assert (sim.last("swap-1").state, sim.last("swap-1").reason) == (
+        "rejected",
+        "model_name_mismatch",
+    )
+    assert node.device.predictor.model.name == "iris"
+    ok = deploy_command(DEV, bundle, manifest, signing_key, command_id="swap-2", replace_model=True)
+    sim.send(ok, bundle)
+    sim.send_chunks(bundle, ok)
+    deliver(node)
+    assert sim.last("swap-2").state == "installed"
+    assert node.device.predictor.model.name == "wine"

@@ -15,7 +15,7 @@ from fleet_server.service import FleetService, RolloutRequest
 from protocol import KeyPair, TrustStore
 from protocol.bundle import read_bundle
 from protocol.errors import SignatureError
-from protocol.messages import verify_command
+from protocol.messages import ModelRef, verify_command
 from protocol.transport import MemoryBroker
 from tests.fleet_server.fleetkit import Api, SimDevice, make_config
 from tests.support.bundles import make_bundle
@@ -188,3 +188,28 @@ def test_http_download_resumes_with_a_range_request(
     assert dev.http_requests == [{}, {"Range": "bytes=300-"}]
     assert dev.model is not None and dev.model.version == "1.0.0"
     assert svc.rollout_status(rid)["counts"] == {"installed": 1}
+
+
+def test_rollback_names_the_model_each_device_ran_before_the_rollout(
+    tmp_path: Path, signing_key: KeyPair, command_key: KeyPair, bundle: bytes
+) -> None:
+    svc, broker = _fleet(tmp_path, signing_key)
+    before = ModelRef(name="iris", version="0.9.0", release=1, sha256="c" * 64)
+    dev = _device(broker, signing_key, model=before)
+    fresh = _device(broker, signing_key, name="d2")  # ran no model before
+    rid = _rollout(svc, bundle)
+    assert dev.model is not None and dev.model.version == "1.0.0"
+    svc.rollback_rollout(rid)
+    svc.tick()
+    rollbacks = {
+        d.device_id: c
+        for d in (dev, fresh)
+        for c in d.commands
+        if c.kind == "rollback" and c.rollback is not None
+    }
+    assert rollbacks["d1"].rollback.target == before  # type: ignore[union-attr]
+    assert rollbacks["d2"].rollback.target is None  # type: ignore[union-attr]
+    trust = TrustStore.from_keys([command_key.public])
+    for c in [*dev.commands, *fresh.commands]:  # every kind, every command: signed, dated
+        assert verify_command(c, trust) == command_key.key_id
+        assert c.issued_at is not None and c.expires_at is not None and c.expires_at > c.issued_at

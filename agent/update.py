@@ -66,6 +66,7 @@ from protocol.messages import (
 )
 from protocol.signing import TrustStore
 
+MAX_TRACKED = 1024  # command states kept in memory (the ledger keeps every admitted id)
 TERMINAL = frozenset({"installed", "rejected", "failed", "rolled_back", "done", "timed_out"})
 TRANSITIONS: dict[str, frozenset[str]] = {
     "new": frozenset({"accepted", "rejected"}),
@@ -341,6 +342,10 @@ class Update:
         if state not in TRANSITIONS.get(current, frozenset()):
             raise IllegalTransition(f"{cmd.command_id}: {current} → {state}")
         self.states[cmd.command_id] = state
+        if state in TERMINAL and len(self.states) > MAX_TRACKED:
+            # finished commands live on in the ledger; keep memory bounded here
+            for cid in [c for c, s in self.states.items() if s in TERMINAL][: MAX_TRACKED // 2]:
+                del self.states[cid]
         return Report(cmd, state, reason, detail, progress, model, result)
 
     def refused_job(self, cmd: Command, reason: ReasonCode, detail: str) -> Report:

@@ -186,6 +186,7 @@ class CommandProcessor:
             rollout_id=ref.rollout_id,
             reason=ref.reason.value,
             detail=ref.detail,
+            admitted=False,
         )
         log.warning("command %s refused: %s %s", ref.command_id[:64], ref.reason.value, ref.detail)
         sent = False

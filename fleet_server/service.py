@@ -814,8 +814,8 @@ class FleetService:
                 reason=msg.reason,
                 detail=msg.detail[:300],
             )
-        if parsed is None:
-            return
+        if parsed is None or not msg.admitted:
+            return  # a refusal of a command the device never admitted decides nothing
         rid, device_id, kind, attempt = parsed
         if device_id != msg.device_id:
             raise ProtocolError(f"command {msg.command_id} is not for {msg.device_id}")

@@ -170,6 +170,10 @@ class CommandStatus(Message):
     progress: float | None = None  # 0..1 while downloading
     model: ModelRef | None = None
     result: dict[str, Any] | None = None  # e.g. a field benchmark
+    # False: the device refused a command before admitting it (forged, misaddressed, stale,
+    # unparsable). Its command id was chosen by whoever sent it, so this is never a verdict
+    # on the server's own command: the server records it and decides nothing from it.
+    admitted: bool = True
 
 
 class ArtifactChunk(Message):

@@ -15,7 +15,7 @@ For every attack the test asserts:
   ``outbox.db*`` (metrics and sketch windows are queued and flushed every few seconds;
   the in-progress download re-asks for its missing chunks every 10 s). For the outbox the
   test checks what matters instead: the command ledger holds no new command id, and every
-  status the attacker's commands got was sent best-effort (``seq == 0``), never stored;
+  status the attacker's commands got was sent best-effort (``admitted: false``), never stored;
 * ``/v1/predict`` answers with the model that was serving;
 * the reason is recorded: the agent's in-memory counter by reason (``GET /v1/status`` →
   ``commands.refused``) grew by the expected code, and any status the broker carried for
@@ -512,7 +512,7 @@ def test_attack_changes_nothing_and_is_recorded(victim: Victim, attack: Attack) 
     for _, m in v.recorder.by_kind("status"):
         st = CommandStatus.model_validate_json(m.payload)
         if st.command_id == cid:
-            assert st.seq == 0 and st.state == "rejected", st  # best-effort, never stored
+            assert not st.admitted and st.state == "rejected", st  # best-effort, never stored
             assert st.reason in attack.reasons, st
     # 2. the model keeps serving
     r = v.agent.predict()

@@ -213,3 +213,28 @@ def test_rollback_names_the_model_each_device_ran_before_the_rollout(
     for c in [*dev.commands, *fresh.commands]:  # every kind, every command: signed, dated
         assert verify_command(c, trust) == command_key.key_id
         assert c.issued_at is not None and c.expires_at is not None and c.expires_at > c.issued_at
+
+
+def test_a_refusal_the_device_sent_for_a_command_it_never_admitted_decides_nothing(
+    tmp_path: Path, signing_key: KeyPair, bundle: bytes
+) -> None:
+    """An attacker sends the device an unsigned command carrying a real rollout's command id;
+    the device answers rejected(signature_invalid, admitted=false). The rollout ignores it."""
+    from protocol.messages import CommandStatus
+
+    svc, broker = _fleet(tmp_path, signing_key)
+    dev = _device(broker, signing_key, silent=True)  # received the deploy, answers nothing yet
+    rid = _rollout(svc, bundle)
+    cid = dev.commands[0].command_id
+    refusal = CommandStatus(
+        device_id="d1",
+        command_id=cid,
+        state="rejected",
+        reason="signature_invalid",
+        admitted=False,
+    )
+    svc.on_status(refusal)
+    svc.tick()
+    st = svc.rollout_status(rid)
+    assert st["state"] == "running" and st["devices"][0]["state"] != "rejected"
+    assert any("signature_invalid" in e["message"] for e in svc.events(device_id="d1"))

@@ -38,8 +38,9 @@ Per-command states (the transition table, :data:`TRANSITIONS`)::
 A move the table does not allow raises :class:`IllegalTransition`; a terminal command never
 changes again.
 
-Artifact chunks (:func:`check_chunk`) are checked against the signed deploy — sha, index,
-count, exact size, base64 length — before a byte is decoded or buffered.
+Artifact chunks (:func:`check_chunk`) are checked against the signed deploy — artifact sha,
+index, count, exact size, base64 length before a byte is decoded, then the chunk's sha256
+against the one the signed deploy lists for its index — before anything is buffered.
 """
 
 from __future__ import annotations
@@ -208,8 +209,12 @@ def check_chunk_model(payload: DeployPayload, chunk: ArtifactChunk) -> tuple[byt
         data = base64.b64decode(chunk.data, validate=True)
     except ValueError:
         return b"", "chunk data is not base64"
-    if len(data) != size or hashlib.sha256(data).hexdigest() != chunk.chunk_sha256:
+    digest = hashlib.sha256(data).digest()
+    if len(data) != size or digest.hex() != chunk.chunk_sha256:
         return b"", f"chunk {chunk.index} does not match its sha256 or size"
+    signed = payload.chunk_digests
+    if signed is not None and signed[chunk.index] != digest:
+        return b"", f"chunk {chunk.index} is not the one the signed deploy lists"
     return data, ""
 
 
@@ -310,6 +315,8 @@ class Update:
                 ReasonCode.LIMIT_EXCEEDED,
                 f"bundle of {p.bundle_size} bytes is over the {self.limits.max_bundle_bytes} limit",
             )
+        if p.http_url is None and p.chunk_digests is None:
+            return ReasonCode.COMMAND_INVALID, "an MQTT deploy must list every chunk's sha256"
         if p.http_url is not None and origin_of(p.http_url) not in self.origins:
             return (
                 ReasonCode.ORIGIN_UNTRUSTED,

@@ -29,6 +29,7 @@ from protocol.messages import (
     DeployPayload,
     ModelRef,
     RollbackPayload,
+    chunk_hashes,
     sign_command,
 )
 from protocol.signing import KeyPair
@@ -89,6 +90,7 @@ def deploy_command(
         n_chunks=n_chunks(len(data), chunk_size),
         http_url=http_url,
         replace_model=replace_model,
+        chunk_hashes=chunk_hashes(data, chunk_size),
     )
     cmd = Command(
         command_id=cid, device_id=device_id, kind="deploy", rollout_id=rollout_id, deploy=payload

@@ -12,13 +12,17 @@ signature, which covers the device id, command id, kind, every payload, ``issued
 :func:`decode`: every sha256 is exactly 64 lowercase hex digits, a deploy's chunk size is
 between :data:`MIN_CHUNK_BYTES` and :data:`MAX_CHUNK_BYTES`, its chunk count at most
 :data:`MAX_CHUNKS` and equal to ``ceil(bundle_size / chunk_size)``, and its size at most
-:data:`MAX_BUNDLE_BYTES`.
+:data:`MAX_BUNDLE_BYTES`. A deploy lists the sha256 of every chunk (``chunk_hashes``, signed
+with the rest), so a chunk is checked against the signed command, not against a hash it
+brings along.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,7 +36,7 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 64 * 1024
 MIN_CHUNK_BYTES = 1024  # floor: a tiny chunk size must not turn into millions of chunks
 MAX_CHUNK_BYTES = 512 * 1024  # base64 of a chunk stays under MAX_MESSAGE_BYTES
-MAX_CHUNKS = 65_536
+MAX_CHUNKS = 16_384  # so the signed list of chunk digests fits in one message
 MAX_BUNDLE_BYTES = 512 * 1024 * 1024  # protocol.bundle.MAX_MEMBER_BYTES
 MAX_URL_CHARS = 2048
 
@@ -97,6 +101,8 @@ class DeployPayload(BaseModel):
     http_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)  # alternative path
     shadow: bool = False  # install as a shadow candidate, do not switch
     replace_model: bool = False  # signed permission to replace a model of another name
+    # base64 of the n_chunks raw sha256 digests, chunk after chunk (see chunk_hashes())
+    chunk_hashes: str | None = Field(default=None, max_length=4 * (-(-32 * MAX_CHUNKS // 3)))
 
     @model_validator(mode="after")
     def _chunks_agree(self) -> DeployPayload:
@@ -106,7 +112,24 @@ class DeployPayload(BaseModel):
                 f"n_chunks {self.n_chunks} does not match {self.bundle_size} bytes "
                 f"in chunks of {self.chunk_size} ({expected})"
             )
+        if self.chunk_hashes is not None and len(self.chunk_hashes) != 4 * (
+            -(-32 * self.n_chunks // 3)
+        ):
+            raise ValueError(f"chunk_hashes does not hold {self.n_chunks} sha256 digests")
         return self
+
+    @cached_property
+    def chunk_digests(self) -> list[bytes] | None:
+        """The signed sha256 of every chunk, or None when the deploy lists none."""
+        if self.chunk_hashes is None:
+            return None
+        try:
+            raw = base64.b64decode(self.chunk_hashes, validate=True)
+        except ValueError:
+            return None
+        if len(raw) != 32 * self.n_chunks:
+            return None
+        return [raw[i : i + 32] for i in range(0, len(raw), 32)]
 
     def manifest_bytes(self) -> bytes:
         return base64.b64decode(self.manifest)
@@ -259,6 +282,15 @@ def decode(model: type[M], payload: bytes) -> M:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or model.__name__
         raise ProtocolError(f"{model.__name__}.{where}: {err['msg']}") from None
+
+
+def chunk_hashes(data: bytes, chunk_size: int) -> str:
+    """``DeployPayload.chunk_hashes`` for ``data`` cut into ``chunk_size`` pieces."""
+    digests = b"".join(
+        hashlib.sha256(data[i : i + chunk_size]).digest()
+        for i in range(0, max(len(data), 1), chunk_size)
+    )
+    return base64.b64encode(digests).decode()
 
 
 def command_signing_bytes(cmd: Command) -> bytes:

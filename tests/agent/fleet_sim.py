@@ -30,6 +30,7 @@ from protocol.messages import (
     ModelRef,
     RollbackPayload,
     SketchReport,
+    chunk_hashes,
     decode,
     sign_command,
 )
@@ -78,6 +79,7 @@ def deploy_command(
         http_url=http_url,
         shadow=shadow,
         replace_model=replace_model,
+        chunk_hashes=chunk_hashes(bundle, chunk_size),
     )
     cmd = Command(
         command_id=command_id or uuid.uuid4().hex,

@@ -34,6 +34,7 @@ from protocol.messages import (
     Command,
     DeployPayload,
     RollbackPayload,
+    chunk_hashes,
     sign_command,
 )
 from tests.support.keys import COMMAND_KEY
@@ -69,6 +70,7 @@ def deploy(**payload: Any) -> DeployPayload:
         "bundle_size": len(BUNDLE),
         "chunk_size": 4096,
         "n_chunks": 3,
+        "chunk_hashes": chunk_hashes(BUNDLE, 4096),
     }
     base.update(payload)
     return DeployPayload(**base)
@@ -326,9 +328,30 @@ def test_chunks_are_checked_against_the_signed_deploy_before_anything_is_buffere
         "short": check_chunk(p, SHA, _chunk(0, data=b"x" * 100)),
         "long last": check_chunk(p, SHA, _chunk(2, data=b"x" * 4096)),
         "hash": check_chunk(p, SHA, _chunk(1, chunk_sha256="0" * 64)),
+        # right size, consistent with its own hash, but not the chunk the deploy signed
+        "substitute": check_chunk(p, SHA, _chunk(1, data=b"y" * 4096)),
         "garbage": check_chunk(p, SHA, b"{" * 10_000),
     }
     assert all(c is None and d == b"" and why for c, d, why in bad.values()), bad
+
+
+def test_an_mqtt_deploy_without_the_signed_chunk_list_is_refused() -> None:
+    u = machine()
+    c = admit(u, cmd(deploy=deploy(chunk_hashes=None)))
+    assert isinstance(c, Command)
+    (r,) = u.decide(c, None)
+    assert isinstance(r, Report) and r.reason is not None and r.reason.value == "command_invalid"
+
+
+def test_rotation_accepts_every_listed_command_key_and_revocation_is_per_key() -> None:
+    new = KeyPair.generate()
+    trust = TrustStore.from_keys([COMMAND_KEY.public, new.public], role="command")
+    u = Update(DEV, trust, TrustStore(role="bundle"))
+    assert isinstance(admit(u, cmd("shadow_stop", cid="a")), Command)
+    assert isinstance(admit(u, cmd("shadow_stop", key=new, cid="b")), Command)
+    trust.revoke(COMMAND_KEY.key_id)
+    assert reason(admit(u, cmd("shadow_stop", cid="c"))) == "key_revoked"
+    assert isinstance(admit(u, cmd("shadow_stop", key=new, cid="d")), Command)
 
 
 def test_origins_compare_scheme_host_and_port() -> None:

@@ -31,6 +31,7 @@ from protocol.messages import (
     Command,
     CommandStatus,
     DeployPayload,
+    chunk_hashes,
     sign_command,
 )
 from protocol.transport_paho import PahoTransport
@@ -130,6 +131,7 @@ def deploy_command(data: bytes, quote: bytes, cid: str, key: KeyPair) -> Command
         bundle_size=len(data),
         chunk_size=DEFAULT_CHUNK_BYTES,
         n_chunks=n_chunks(len(data), DEFAULT_CHUNK_BYTES),
+        chunk_hashes=chunk_hashes(data, DEFAULT_CHUNK_BYTES),
     )
     cmd = Command(command_id=cid, device_id=DEVICE, kind="deploy", deploy=payload)
     return sign_command(cmd, key, ttl_s=600)

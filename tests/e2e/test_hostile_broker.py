@@ -50,6 +50,7 @@ from protocol.messages import (
     CommandStatus,
     DeployPayload,
     RollbackPayload,
+    chunk_hashes,
     sign_command,
     utcnow,
 )
@@ -278,6 +279,7 @@ def _deploy_of(v: Victim, data: bytes, cid: str, key: KeyPair | None, **extra: A
         bundle_size=size,
         chunk_size=65536,
         n_chunks=-(-size // 65536),
+        chunk_hashes=chunk_hashes(data, 65536),
         **extra,
     )
     cmd = Command(command_id=cid, device_id=v.device, kind="deploy", deploy=payload)
@@ -316,6 +318,7 @@ def _bogus_chunks(v: Victim) -> Publish:
 
     topic = TOPICS.artifact
     return [
+        (topic(v.device, sha, 0), ch(0, good)),  # its own hash holds, not the signed one
         (topic(v.device, sha, 0), ch(0, good, chunk_sha256="0" * 64)),  # not its own hash
         (topic(v.device, sha, 0), ch(0, b"x" * 10)),  # wrong size for index 0
         (topic(v.device, sha, 1), ch(10**6, good)),  # index past the count

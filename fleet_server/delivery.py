@@ -24,6 +24,7 @@ from typing import Any
 
 from protocol.bundle import Bundle
 from protocol.messages import (
+    MAX_CHUNKS,
     ArtifactChunk,
     Command,
     DeployPayload,
@@ -51,6 +52,13 @@ def parse_command_id(cid: str) -> tuple[str, str, str, int] | None:
 
 def n_chunks(size: int, chunk_size: int) -> int:
     return max(1, math.ceil(size / chunk_size))
+
+
+def chunk_size_for(size: int, configured: int) -> int:
+    """The configured chunk size, grown (in KiB steps) when a bundle would otherwise need
+    more than the protocol's :data:`~protocol.messages.MAX_CHUNKS` chunks."""
+    floor = -(-size // MAX_CHUNKS)
+    return max(configured, -(-floor // 1024) * 1024)
 
 
 def chunk(data: bytes, index: int, chunk_size: int, sha256: str | None = None) -> ArtifactChunk:
@@ -81,6 +89,7 @@ def deploy_command(
     now: datetime | None = None,
     ttl_s: float = 86_400.0,
 ) -> Command:
+    chunk_size = chunk_size_for(len(data), chunk_size)
     payload = DeployPayload(
         manifest=base64.b64encode(bundle.manifest_bytes).decode(),
         manifest_signature=bundle.signature,
@@ -142,11 +151,12 @@ class Sender:
 
     def chunks(self, device_id: str, data: bytes, indices: Iterable[int] | None = None) -> int:
         sha = hashlib.sha256(data).hexdigest()
-        count = n_chunks(len(data), self.chunk_size)
+        size = chunk_size_for(len(data), self.chunk_size)
+        count = n_chunks(len(data), size)
         wanted = range(count) if indices is None else sorted({i for i in indices if 0 <= i < count})
         sent = 0
         for i in wanted:
-            msg = chunk(data, i, self.chunk_size, sha)
+            msg = chunk(data, i, size, sha)
             self.transport.publish(self.topics.artifact(device_id, sha, i), msg.to_json(), qos=1)
             sent += 1
         self.chunks_sent += sent

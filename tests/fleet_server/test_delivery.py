@@ -238,3 +238,13 @@ def test_a_refusal_the_device_sent_for_a_command_it_never_admitted_decides_nothi
     st = svc.rollout_status(rid)
     assert st["state"] == "running" and st["devices"][0]["state"] != "rejected"
     assert any("signature_invalid" in e["message"] for e in svc.events(device_id="d1"))
+
+
+def test_a_big_bundle_gets_chunks_large_enough_for_the_protocols_chunk_cap() -> None:
+    from fleet_server.delivery import chunk_size_for
+    from protocol.messages import MAX_BUNDLE_BYTES, MAX_CHUNKS
+
+    for size, configured in ((MAX_BUNDLE_BYTES, 1024), (10**8, 4096), (5000, 1024)):
+        cs = chunk_size_for(size, configured)
+        assert cs >= configured and cs % 1024 == 0 and n_chunks(size, cs) <= MAX_CHUNKS
+    assert chunk_size_for(5000, 1024) == 1024

@@ -184,6 +184,7 @@ class FleetService:
 
     def _signing_key(self) -> KeyPair | None:
         if self.config.signing.command_key is None:
+            log.warning("signing.command_key is not set: devices will refuse every command")
             return None
         try:
             key = read_private_key(self.config.signing.command_key)

@@ -55,7 +55,17 @@ from .download import Download, DownloadError, Downloads, fetch_http
 from .errors import SlotError
 from .installer import model_ref
 from .outbox import Outbox
-from .update import IllegalTransition, Limits, Redeliver, Refuse, Report, Run, Seen, Update
+from .update import (
+    AskMissing,
+    IllegalTransition,
+    Limits,
+    Redeliver,
+    Refuse,
+    Report,
+    Run,
+    Seen,
+    Update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +119,6 @@ class CommandProcessor:
         self.origins = tuple(origins)
         self.now = now
         self.update = Update(device_id, command_trust, trust, self.origins, limits)
-        self._quarter: dict[str, int] = {}
 
     @property
     def refused(self) -> dict[str, int]:
@@ -220,8 +229,13 @@ class CommandProcessor:
             job = self._carry_out(action) or job
         return job
 
-    def _carry_out(self, action: Report | Redeliver | Run | Refuse) -> Job | None:
-        if isinstance(action, Report):
+    def _carry_out(self, action: Report | Redeliver | Run | Refuse | AskMissing) -> Job | None:
+        if isinstance(action, AskMissing):
+            if action.command.deploy is not None:
+                d = self.downloads.active.get(action.command.deploy.bundle_sha256)
+                if d is not None:
+                    self._ask_missing(d)
+        elif isinstance(action, Report):
             self._record(action)
         elif isinstance(action, Refuse):
             self._send_refusal(action)
@@ -241,7 +255,10 @@ class CommandProcessor:
         elif isinstance(action, Run):
             if action.job == "download":
                 return self._begin_download(action.command)
-            return Job(action.job, action.command)
+            download = None
+            if action.job in ("fetch", "install") and action.command.deploy is not None:
+                download = self.downloads.active.get(action.command.deploy.bundle_sha256)
+            return Job(action.job, action.command, download)
         return None
 
     def _begin_download(self, cmd: Command) -> Job | None:
@@ -255,15 +272,12 @@ class CommandProcessor:
                 detail=f"cannot start download: {exc.strerror}",
             )
             return None
-        if d.http:
-            return Job("fetch", cmd, d)
-        if d.complete:
-            return Job("install", cmd, d)
-        if d.progress > 0:  # chunks kept from an earlier attempt: ask only for the rest
-            self._ask_missing(d)
-        else:  # the server is sending; asking for "everything missing" would double it
-            self.status(cmd, "downloading", progress=0.0)
-        return None
+        job = None
+        for action in self.update.download_begun(
+            cmd, http=d.http, complete=d.complete, progress=d.progress
+        ):
+            job = self._carry_out(action) or job
+        return job
 
     def on_chunk(self, sha256: str, payload: bytes) -> Job | None:
         try:
@@ -279,15 +293,13 @@ class CommandProcessor:
                 )
                 self.downloads.finish(d)
             return None
-        d = self.downloads.active.get(sha256)
-        if d is not None and not done:
-            q = int(d.progress * 4)
-            if q > self._quarter.get(sha256, 0):
-                self._quarter[sha256] = q
-                self.status(d.command, "downloading", progress=round(d.progress, 3))
-        if done is not None:
-            return Job("install", done.command, done)
-        return None
+        d = done or self.downloads.active.get(sha256)
+        if d is None:
+            return None
+        job = None
+        for action in self.update.chunk_stored(d.command, d.progress, complete=done is not None):
+            job = self._carry_out(action) or job
+        return job
 
     # -- periodic --------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -419,7 +431,6 @@ class CommandProcessor:
             self.downloads.finish(d)
             return
         self.downloads.finish(d)
-        self._quarter.pop(d.sha256, None)
         self.status(
             cmd,
             "installed",

@@ -38,6 +38,11 @@ Per-command states (the transition table, :data:`TRANSITIONS`)::
 A move the table does not allow raises :class:`IllegalTransition`; a terminal command never
 changes again.
 
+Downloads: :meth:`Update.download_begun` says what follows once the folder exists (fetch
+over HTTP, install a complete download, ask only for missing chunks, or wait for the
+server's chunks) and :meth:`Update.chunk_stored` reports progress once per quarter and
+installs when the last chunk lands.
+
 Artifact chunks (:func:`check_chunk`) are checked against the signed deploy — artifact sha,
 index, count, exact size, base64 length before a byte is decoded, then the chunk's sha256
 against the one the signed deploy lists for its index — before anything is buffered.
@@ -128,11 +133,18 @@ class Redeliver:
 class Run:
     """Start the work an admitted command asks for (driver: download / rollback / …)."""
 
-    job: str  # download | rollback | benchmark | config | shadow_stop
+    job: str  # download | fetch | install | rollback | benchmark | config | shadow_stop
     command: Command
 
 
-Action = Union[Refuse, Report, Redeliver, Run]
+@dataclass(frozen=True)
+class AskMissing:
+    """Report ``downloading`` with the indices still missing (the server resends those)."""
+
+    command: Command
+
+
+Action = Union[Refuse, Report, Redeliver, Run, AskMissing]
 
 
 @dataclass(frozen=True)
@@ -233,6 +245,7 @@ class Update:
     duplicates: int = 0
     _tokens: float = -1.0
     _tokens_at: datetime | None = None
+    _quarters: dict[str, int] = field(default_factory=dict)
 
     # -- admission -----------------------------------------------------------------------
     def admit(self, raw: bytes, now: datetime) -> Command | Refuse | None:
@@ -359,6 +372,30 @@ class Update:
         """A job failed with ``reason``: ``failed`` if a retry may work, else ``rejected``."""
         state = "failed" if reason in FAILED_NOT_REJECTED else "rejected"
         return self.report(cmd, state, reason=reason, detail=detail)
+
+    def download_begun(
+        self, cmd: Command, *, http: bool, complete: bool, progress: float
+    ) -> list[Action]:
+        """The download folder exists: what comes next."""
+        if http:
+            return [Run("fetch", cmd)]
+        if complete:
+            return [Run("install", cmd)]
+        if progress > 0:  # chunks kept from an earlier attempt: ask only for the rest
+            return [AskMissing(cmd)]
+        # the server is sending already; asking for "everything missing" would double it
+        return [self.report(cmd, "downloading", progress=0.0)]
+
+    def chunk_stored(self, cmd: Command, progress: float, *, complete: bool) -> list[Action]:
+        """A chunk was stored: install when complete, else report each new quarter."""
+        if complete:
+            self._quarters.pop(cmd.command_id, None)
+            return [Run("install", cmd)]
+        q = int(progress * 4)
+        if progress >= 1.0 or q <= self._quarters.get(cmd.command_id, 0):
+            return []  # (complete already: its install is under way)
+        self._quarters[cmd.command_id] = q
+        return [self.report(cmd, "downloading", progress=round(progress, 3))]
 
     def resumed(self, cmd: Command, state: str = "downloading") -> None:
         """A download found on disk after a restart continues from ``state``."""

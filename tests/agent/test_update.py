@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from agent.update import (
     TERMINAL,
     TRANSITIONS,
+    AskMissing,
     IllegalTransition,
     Limits,
     Redeliver,
@@ -359,3 +360,35 @@ def test_origins_compare_scheme_host_and_port() -> None:
     assert origin_of("http://[::1]:80/a") == "http://[::1]:80"
     for bad in ("file:///etc/passwd", "ftp://x", "https://user@host/", "http://:99999/", "x"):
         assert origin_of(bad) is None, bad
+
+
+# -- downloads -------------------------------------------------------------------------------
+def test_what_follows_a_begun_download_depends_only_on_what_is_on_disk() -> None:
+    u = machine()
+    c = admit(u, cmd())
+    assert isinstance(c, Command)
+    u.decide(c, None)
+    assert u.download_begun(c, http=True, complete=False, progress=0) == [Run("fetch", c)]
+    assert u.download_begun(c, http=False, complete=True, progress=1) == [Run("install", c)]
+    assert u.download_begun(c, http=False, complete=False, progress=0.5) == [AskMissing(c)]
+    (r,) = u.download_begun(c, http=False, complete=False, progress=0)
+    assert isinstance(r, Report) and (r.state, r.progress) == ("downloading", 0.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1), max_size=40))
+def test_progress_is_reported_once_per_quarter_and_never_after_completion(
+    shares: list[float],
+) -> None:
+    u = machine()
+    c = admit(u, cmd())
+    assert isinstance(c, Command)
+    u.decide(c, None)
+    u.report(c, "downloading")
+    reported = []
+    for share in sorted(shares):
+        for a in u.chunk_stored(c, share, complete=False):
+            assert isinstance(a, Report) and a.state == "downloading"
+            reported.append(a.progress)
+    assert len(reported) <= 3 and reported == sorted(set(reported))  # 1/4, 2/4, 3/4 at most
+    assert u.chunk_stored(c, 1.0, complete=True) == [Run("install", c)]

@@ -58,22 +58,39 @@ def init(
     api_port: int = typer.Option(
         DEFAULT_API_PORT, "--api-port", min=0, max=65535, help="Local inference API port."
     ),
+    bundle_key: list[Path] = typer.Option(
+        [], "--bundle-key", help="Public key bundles must be signed by (repeatable)."
+    ),
+    command_key: list[Path] = typer.Option(
+        [], "--command-key", help="The fleet server's command public key (repeatable)."
+    ),
+    artifact_origin: list[str] = typer.Option(
+        [], "--artifact-origin", help="Origin HTTP downloads may come from (repeatable)."
+    ),
 ) -> None:
     """Write a commented config for one device; every value is checked before it is written.
 
     \b
     Example:
       edgefleet agent init --device-id pi-0001 --profile raspberry-pi-4 \\
-        --broker mqtt://fleet.local:1883 --out /etc/edgefleet/agent.toml
+        --broker mqtt://fleet.local:1883 --bundle-key release.pub \\
+        --command-key fleet-command.pub --out /etc/edgefleet/agent.toml
     """
-    from .config import example_config
+    from .config import example_config, parse_config
     from .errors import ConfigError
 
     if out.exists() and not force:
         raise ConfigError(f"{out} exists (use --force to overwrite)")
     text = example_config(
-        device_id=device_id, profile=profile, broker_url=broker, api_port=api_port
+        device_id=device_id,
+        profile=profile,
+        broker_url=broker,
+        api_port=api_port,
+        bundle_keys=[str(p.resolve()) for p in bundle_key],
+        command_keys=[str(p.resolve()) for p in command_key],
+        artifact_origins=list(artifact_origin),
     )
+    parse_config(text, str(out), base=out.resolve().parent).trust_stores()  # refuse bad keys
     out.write_text(text, encoding="utf-8")
     print(f"wrote {out} (device {device_id}, profile {profile}, broker {broker})")
 
@@ -83,6 +100,9 @@ def install(
     bundle: Path = typer.Argument(..., help="The .efb bundle to install."),
     config: Path = ConfigOpt,
     allow_older: bool = typer.Option(False, "--allow-older", help="Skip the anti-rollback check."),
+    replace_model: bool = typer.Option(
+        False, "--replace-model", help="Allow replacing the active model with another name."
+    ),
 ) -> None:
     """Verify and install a bundle offline, then make it active.
 
@@ -92,7 +112,9 @@ def install(
     """
     from .installer import Installer
 
-    m = Installer.from_config(_config(config)).install_file(bundle, allow_older=allow_older)
+    m = Installer.from_config(_config(config)).install_file(
+        bundle, allow_older=allow_older, replace_model=replace_model
+    )
     print(f"installed {m.name} {m.version} (release {m.release})")
 
 

@@ -1,26 +1,27 @@
-"""Server commands → actions and status reports. No sockets here: bytes in, statuses out.
+"""The driver of :mod:`agent.update`: it carries out the machine's actions, nothing more.
 
-Every command is answered on the status topic (through the outbox) with a
+:class:`agent.update.Update` decides — admission (signature by a command key → addressee →
+freshness → ledger → payload caps) and every status transition — without I/O. This module
+does the I/O those decisions call for: it reads the ledger, writes statuses to it and the
+outbox, creates download folders, stores chunks, downloads, installs, rolls back, runs
+benchmarks and config changes. Every command is answered on the status topic with a
 :class:`protocol.messages.CommandStatus`; ``reason`` is a :class:`protocol.ReasonCode` value::
 
     deploy      accepted → downloading (progress, or result={"missing": [...]})
                 → verifying → installed | rejected(reason) | failed(reason)
-    rollback    accepted → rolled_back | rejected(signature_*/key_*) | failed(reason)
+    rollback    accepted → rolled_back | failed(version_not_installed | reason)
     benchmark   accepted → done(result={p50_ms, p95_ms, p99_ms, …}) | failed(reason)
     config      accepted → done(result={applied}) | rejected(command_invalid)
     shadow_stop accepted → done
+    any kind    rejected(signature_* | key_* | not_addressed | command_expired |
+                command_from_future | command_invalid)   best-effort, never stored
 
-Rules:
-
-- A command for another device id, without its payload, or that does not parse (when its
-  ``command_id`` can still be read) is ``rejected(command_invalid)``.
-- A signed command must verify against the trust store; a rollback command *must* be
-  signed (an unsigned one is ``rejected(signature_invalid)``). A deploy command's manifest
-  signature is checked before downloading anything (and the installer checks it again).
-- Command ids are remembered in the outbox's ledger (persisted): a QoS 1 redelivery of a
-  finished command re-sends its last status instead of acting twice; a redelivered deploy
-  whose download is under way re-reports which chunks are still missing.
-- The bundle that arrives must carry exactly the manifest the command announced.
+A refusal of an unauthenticated, misaddressed or stale command is sent straight to the
+transport (``send_now``, QoS 0, rate-limited) and counted by reason in memory
+(:attr:`CommandProcessor.refused`); it writes nothing to disk. A QoS 1 redelivery of a
+known command re-sends its last status instead of acting twice; a redelivered deploy whose
+download is under way re-reports which chunks are still missing. The bundle that arrives
+must carry exactly the manifest the command announced.
 
 :meth:`CommandProcessor.receive` and :meth:`CommandProcessor.on_chunk` are cheap and run on
 the network thread; they return a :class:`Job` that :meth:`CommandProcessor.run` executes on
@@ -29,14 +30,14 @@ the link's worker thread (installs and benchmarks take seconds).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from protocol.bundle import read_bundle
-from protocol.errors import BundleError, EdgefleetError, ProtocolError, ReasonCode, SignatureError
+from protocol.errors import BundleError, EdgefleetError, ReasonCode, SignatureError
 from protocol.manifest import canonical_bytes
 from protocol.messages import (
     BenchmarkPayload,
@@ -45,23 +46,31 @@ from protocol.messages import (
     ModelRef,
     RollbackPayload,
     decode,
+    utcnow,
     verify_command,
 )
 from protocol.signing import TrustStore
 
-from .download import Download, DownloadError, Downloads, fetch_http, manifest_preview
+from .download import Download, DownloadError, Downloads, fetch_http
 from .errors import SlotError
 from .installer import model_ref
 from .outbox import Outbox
+from .update import (
+    AskMissing,
+    IllegalTransition,
+    Limits,
+    Redeliver,
+    Refuse,
+    Report,
+    Run,
+    Seen,
+    Update,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_MISSING = 2000  # indices per status message (keeps it far under MAX_MESSAGE_BYTES)
-MAX_BUNDLE_BYTES = 512 * 1024 * 1024  # protocol.bundle.MAX_MEMBER_BYTES: nothing bigger installs
 TERMINAL = frozenset({"installed", "rejected", "failed", "rolled_back", "done", "timed_out"})
-FAILED_NOT_REJECTED = frozenset(
-    {ReasonCode.DISK_FULL, ReasonCode.INTERNAL, ReasonCode.DOWNLOAD_FAILED}
-)
 
 
 @dataclass(frozen=True)
@@ -78,33 +87,60 @@ class CommandProcessor:
         *,
         ledger: Outbox,
         trust: TrustStore,
+        command_trust: TrustStore,
         downloads: Downloads,
         installer: Any,
         predictor: Any,
         report: Callable[[CommandStatus], None],
+        send_now: Callable[[CommandStatus], bool] | None = None,
         on_model_change: Callable[[], None] = lambda: None,
         benchmark: Callable[[BenchmarkPayload], dict[str, Any]] | None = None,
         apply_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         stall_seconds: float = 10.0,
         http_client: Any = None,
-        max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        origins: tuple[str, ...] = (),
+        limits: Limits = Limits(),
+        now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.device_id = device_id
         self.ledger = ledger
         self.trust = trust
+        self.command_trust = command_trust
         self.downloads = downloads
         self.installer = installer
         self.predictor = predictor
         self.report = report
+        self.send_now = send_now  # best-effort, unstored publishing (set by the link)
         self.on_model_change = on_model_change
         self.benchmark = benchmark
         self.apply_config = apply_config
         self.stall_seconds = stall_seconds
         self.http_client = http_client
-        self.max_bundle_bytes = max_bundle_bytes
-        self.duplicates = 0
-        self.invalid = 0
-        self._quarter: dict[str, int] = {}
+        self.origins = tuple(origins)
+        self.now = now
+        self.update = Update(device_id, command_trust, trust, self.origins, limits)
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """Commands refused, by reason code (in memory only)."""
+        return dict(self.update.refused)
+
+    @property
+    def duplicates(self) -> int:
+        return self.update.duplicates
+
+    @property
+    def invalid(self) -> int:
+        return sum(self.update.refused.values()) - self.update.duplicates
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "refused": self.refused,
+            "refusals_unsent": self.update.refusals_unsent,
+            "duplicates": self.duplicates,
+            "unknown_chunks": self.downloads.unknown_chunks,
+            "rejected_chunks": sum(d.rejected_chunks for d in self.downloads.active.values()),
+        }
 
     # -- status ----------------------------------------------------------------------------
     def status(
@@ -112,141 +148,120 @@ class CommandProcessor:
         cmd: Command,
         state: str,
         *,
-        reason: ReasonCode | str | None = None,
+        reason: ReasonCode | None = None,
         detail: str = "",
         progress: float | None = None,
         model: ModelRef | None = None,
         result: dict[str, Any] | None = None,
     ) -> CommandStatus:
+        """Move an admitted command to ``state`` (the machine checks the move) and record it."""
+        r = self.update.report(
+            cmd, state, reason=reason, detail=detail, progress=progress, model=model, result=result
+        )
+        return self._record(r)
+
+    def _record(self, r: Report) -> CommandStatus:
+        cmd = r.command
         st = CommandStatus(
             device_id=self.device_id,
             command_id=cmd.command_id,
-            state=state,  # type: ignore[arg-type]
+            state=r.state,  # type: ignore[arg-type]
             seq=self.ledger.next_seq("status"),
             rollout_id=cmd.rollout_id,
-            reason=reason.value if isinstance(reason, ReasonCode) else reason,
-            detail=detail[:500],
-            progress=progress,
-            model=model,
-            result=result,
+            reason=r.reason.value if r.reason is not None else None,
+            detail=r.detail[:500],
+            progress=r.progress,
+            model=r.model,
+            result=r.result,
         )
-        self.ledger.record_command(cmd.command_id, cmd.kind, state, st.to_json())
+        self.ledger.record_command(cmd.command_id, cmd.kind, r.state, st.to_json())
         log.info(
-            "command %s %s: %s %s %s", cmd.command_id, cmd.kind, state, st.reason or "", detail
+            "command %s %s: %s %s %s", cmd.command_id, cmd.kind, r.state, st.reason or "", r.detail
         )
         self.report(st)
         return st
 
     def _refuse(self, cmd: Command, exc: BundleError) -> None:
-        # A transfer that went wrong is a failure (a retry may work); a bundle is rejected.
-        failed = isinstance(exc, DownloadError) or exc.reason in FAILED_NOT_REJECTED
-        state = "failed" if failed else "rejected"
-        self.status(cmd, state, reason=exc.reason, detail=exc.message)
+        if isinstance(exc, DownloadError) and exc.reason is not ReasonCode.ORIGIN_UNTRUSTED:
+            self.status(cmd, "failed", reason=exc.reason, detail=exc.message)  # a retry may work
+        else:
+            self._record(self.update.refused_job(cmd, exc.reason, exc.message))
+
+    def _send_refusal(self, ref: Refuse) -> None:
+        st = CommandStatus(
+            device_id=self.device_id,
+            command_id=ref.command_id,
+            state="rejected",
+            rollout_id=ref.rollout_id,
+            reason=ref.reason.value,
+            detail=ref.detail,
+            admitted=False,
+        )
+        log.warning("command %s refused: %s %s", ref.command_id[:64], ref.reason.value, ref.detail)
+        sent = False
+        if self.send_now is not None:
+            try:
+                sent = self.send_now(st)
+            except Exception:  # best-effort: a refusal never fails the network thread
+                sent = False
+        if not sent:
+            self.update.refusals_unsent += 1
 
     # -- network thread --------------------------------------------------------------------
     def receive(self, payload: bytes) -> Job | None:
-        try:
-            cmd = decode(Command, payload)
-        except ProtocolError as exc:
-            self.invalid += 1
-            self._reject_unparsable(payload, str(exc))
+        now = self.now()
+        admitted = self.update.admit(payload, now)
+        if admitted is None:
             return None
-        if cmd.device_id != self.device_id:
-            self.invalid += 1
-            self.status(
-                cmd,
-                "rejected",
-                reason=ReasonCode.COMMAND_INVALID,
-                detail=f"command is for {cmd.device_id}",
-            )
+        if isinstance(admitted, Refuse):
+            self._send_refusal(admitted)
             return None
+        cmd = admitted
         seen = self.ledger.command_seen(cmd.command_id)
-        if seen is not None:
-            return self._redelivered(cmd, *seen)
-        if cmd.kind == "rollback" or cmd.signature is not None:
-            try:
-                verify_command(cmd, self.trust)
-            except SignatureError as exc:
-                detail = (
-                    f"{cmd.kind} commands must be signed" if cmd.signature is None else exc.message
-                )
-                self.status(cmd, "rejected", reason=exc.reason, detail=detail)
-                return None
-        if cmd.kind == "deploy":
-            return self._accept_deploy(cmd)
-        if cmd.kind == "config" and cmd.config is None:
-            self.status(
-                cmd,
-                "rejected",
-                reason=ReasonCode.COMMAND_INVALID,
-                detail="config command without config",
-            )
-            return None
-        self.status(cmd, "accepted")
-        return Job(cmd.kind, cmd)
+        active = None
+        if cmd.deploy is not None:
+            active = self.downloads.active.get(cmd.deploy.bundle_sha256)
+        downloading = active is not None and not active.http and not active.complete
+        job = None
+        for action in self.update.decide(
+            cmd, Seen(*seen) if seen is not None else None, downloading=downloading, now=now
+        ):
+            job = self._carry_out(action) or job
+        return job
 
-    def _reject_unparsable(self, payload: bytes, why: str) -> None:
-        try:
-            raw = json.loads(payload)
-            cid = str(raw["command_id"])[:128]
-            kind = (
-                raw.get("kind")
-                if raw.get("kind") in ("deploy", "rollback", "benchmark", "config", "shadow_stop")
-                else "config"
-            )
-            if not cid or raw.get("device_id") != self.device_id:
-                raise ValueError
-        except (ValueError, TypeError, KeyError, AttributeError):
-            log.warning("unparsable command ignored: %s", why)
-            return
-        cmd = Command(command_id=cid, device_id=self.device_id, kind=kind)  # type: ignore[arg-type]
-        self.status(cmd, "rejected", reason=ReasonCode.COMMAND_INVALID, detail=why)
-
-    def _redelivered(self, cmd: Command, state: str, last: bytes | None) -> Job | None:
-        self.duplicates += 1
-        if state in TERMINAL and last is not None:
-            try:
-                self.report(decode(CommandStatus, last))
-            except ProtocolError:
-                pass
-            return None
-        if cmd.kind == "deploy" and cmd.deploy is not None:
-            d = self.downloads.active.get(cmd.deploy.bundle_sha256)
-            if d is not None and not d.http and not d.complete:
-                self._ask_missing(d)
+    def _carry_out(self, action: Report | Redeliver | Run | Refuse | AskMissing) -> Job | None:
+        if isinstance(action, AskMissing):
+            if action.command.deploy is not None:
+                d = self.downloads.active.get(action.command.deploy.bundle_sha256)
+                if d is not None:
+                    self._ask_missing(d)
+        elif isinstance(action, Report):
+            self._record(action)
+        elif isinstance(action, Refuse):
+            self._send_refusal(action)
+        elif isinstance(action, Redeliver):
+            if action.last_status is not None:
+                try:
+                    last = decode(CommandStatus, action.last_status)
+                except EdgefleetError:
+                    return None
+                # best-effort: a replayed command must not make the device write
+                if self.send_now is None or not self.send_now(last):
+                    self.update.refusals_unsent += 1
+            elif action.ask_missing and action.command.deploy is not None:
+                d = self.downloads.active.get(action.command.deploy.bundle_sha256)
+                if d is not None:
+                    self._ask_missing(d)
+        elif isinstance(action, Run):
+            if action.job == "download":
+                return self._begin_download(action.command)
+            download = None
+            if action.job in ("fetch", "install") and action.command.deploy is not None:
+                download = self.downloads.active.get(action.command.deploy.bundle_sha256)
+            return Job(action.job, action.command, download)
         return None
 
-    def _accept_deploy(self, cmd: Command) -> Job | None:
-        p = cmd.deploy
-        if p is None:
-            self.status(
-                cmd,
-                "rejected",
-                reason=ReasonCode.COMMAND_INVALID,
-                detail="deploy command without payload",
-            )
-            return None
-        try:
-            self.trust.verify(p.manifest_bytes(), p.manifest_signature)
-        except SignatureError as exc:
-            self.status(cmd, "rejected", reason=exc.reason, detail=f"manifest: {exc.message}")
-            return None
-        except ValueError:
-            self.status(
-                cmd, "rejected", reason=ReasonCode.MANIFEST_INVALID, detail="manifest is not base64"
-            )
-            return None
-        expected_chunks = -(-p.bundle_size // p.chunk_size)
-        if p.bundle_size > self.max_bundle_bytes or p.n_chunks != expected_chunks:
-            why = (
-                f"bundle of {p.bundle_size} bytes is over the {self.max_bundle_bytes} limit"
-                if p.bundle_size > self.max_bundle_bytes
-                else f"n_chunks {p.n_chunks} does not match {p.bundle_size} bytes in {p.chunk_size}"
-            )
-            self.status(cmd, "rejected", reason=ReasonCode.COMMAND_INVALID, detail=why)
-            return None
-        preview = manifest_preview(p)
-        self.status(cmd, "accepted", detail=f"{preview.get('name')} {preview.get('version')}")
+    def _begin_download(self, cmd: Command) -> Job | None:
         try:
             d = self.downloads.begin(cmd)
         except OSError as exc:
@@ -257,15 +272,12 @@ class CommandProcessor:
                 detail=f"cannot start download: {exc.strerror}",
             )
             return None
-        if d.http:
-            return Job("fetch", cmd, d)
-        if d.complete:
-            return Job("install", cmd, d)
-        if d.progress > 0:  # chunks kept from an earlier attempt: ask only for the rest
-            self._ask_missing(d)
-        else:  # the server is sending; asking for "everything missing" would double it
-            self.status(cmd, "downloading", progress=0.0)
-        return None
+        job = None
+        for action in self.update.download_begun(
+            cmd, http=d.http, complete=d.complete, progress=d.progress
+        ):
+            job = self._carry_out(action) or job
+        return job
 
     def on_chunk(self, sha256: str, payload: bytes) -> Job | None:
         try:
@@ -281,15 +293,13 @@ class CommandProcessor:
                 )
                 self.downloads.finish(d)
             return None
-        d = self.downloads.active.get(sha256)
-        if d is not None and not done:
-            q = int(d.progress * 4)
-            if q > self._quarter.get(sha256, 0):
-                self._quarter[sha256] = q
-                self.status(d.command, "downloading", progress=round(d.progress, 3))
-        if done is not None:
-            return Job("install", done.command, done)
-        return None
+        d = done or self.downloads.active.get(sha256)
+        if d is None:
+            return None
+        job = None
+        for action in self.update.chunk_stored(d.command, d.progress, complete=done is not None):
+            job = self._carry_out(action) or job
+        return job
 
     # -- periodic --------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -299,9 +309,22 @@ class CommandProcessor:
             self._ask_missing(d)
 
     def resume(self) -> list[Job]:
-        """After a restart: continue interrupted downloads (report what is missing)."""
+        """After a restart: continue interrupted downloads (report what is missing).
+
+        A saved session is checked again (command and manifest signatures, caps) before it
+        is used; one that fails is discarded."""
         jobs = []
         for d in self.downloads.resume():
+            try:
+                verify_command(d.command, self.command_trust)
+                self.trust.verify(d.payload.manifest_bytes(), d.payload.manifest_signature)
+                if d.command.device_id != self.device_id:
+                    raise SignatureError(ReasonCode.NOT_ADDRESSED, "another device's download")
+            except (BundleError, ValueError) as exc:
+                log.warning("download %s: saved session refused (%s), discarded", d.sha256, exc)
+                self.downloads.finish(d)
+                continue
+            self.update.resumed(d.command)
             if d.http:
                 jobs.append(Job("fetch", d.command, d))
             elif d.complete:
@@ -349,9 +372,15 @@ class CommandProcessor:
                 )
         except Exception as exc:  # the worker must survive anything a command does
             log.exception("command %s failed", cmd.command_id)
-            self.status(
-                cmd, "failed", reason=ReasonCode.INTERNAL, detail=f"{type(exc).__name__}: {exc}"
-            )
+            try:
+                self.status(
+                    cmd,
+                    "failed",
+                    reason=ReasonCode.INTERNAL,
+                    detail=f"{type(exc).__name__}: {exc}",
+                )
+            except IllegalTransition:  # it had already finished
+                pass
 
     def _fetch(self, cmd: Command, d: Download) -> None:
         self.status(cmd, "downloading", progress=0.0, detail=f"GET {d.payload.http_url}")
@@ -364,7 +393,7 @@ class CommandProcessor:
                 self.status(cmd, "downloading", progress=round(share, 3))
 
         try:
-            fetch_http(d, client=self.http_client, on_progress=progress)
+            fetch_http(d, origins=self.origins, client=self.http_client, on_progress=progress)
         except DownloadError as exc:
             self._refuse(cmd, exc)
             if exc.reason == ReasonCode.HASH_MISMATCH:
@@ -377,7 +406,7 @@ class CommandProcessor:
         self.status(cmd, "verifying", progress=1.0)
         try:
             data = d.assemble()
-            if read_bundle(data).manifest_bytes != p.manifest_bytes():
+            if read_bundle(data, trust=self.trust).manifest_bytes != p.manifest_bytes():
                 raise BundleError(
                     ReasonCode.MANIFEST_INVALID, "bundle manifest differs from the deploy command's"
                 )
@@ -390,15 +419,18 @@ class CommandProcessor:
                 # Installed before a crash cut the report short: do not install twice.
                 manifest = active
             else:
-                manifest = self.installer.install_bytes(data, activate=not p.shadow)
+                manifest = self.installer.install_bytes(
+                    data, activate=not p.shadow, replace_model=p.replace_model
+                )
             if p.shadow:
-                self.predictor.set_shadow(manifest, read_bundle(data).model_bytes())
+                self.predictor.set_shadow(
+                    manifest, read_bundle(data, trust=self.trust).model_bytes()
+                )
         except BundleError as exc:
             self._refuse(cmd, exc)
             self.downloads.finish(d)
             return
         self.downloads.finish(d)
-        self._quarter.pop(d.sha256, None)
         self.status(
             cmd,
             "installed",
@@ -411,9 +443,12 @@ class CommandProcessor:
     def _rollback(self, cmd: Command) -> None:
         payload = cmd.rollback or RollbackPayload()
         try:
-            manifest = self.installer.rollback(payload.to_release)
+            if payload.target is not None:
+                manifest = self.installer.rollback_to(payload.target)
+            else:
+                manifest = self.installer.rollback(payload.to_release)
         except SlotError as exc:
-            self.status(cmd, "failed", reason=ReasonCode.INTERNAL, detail=str(exc))
+            self.status(cmd, "failed", reason=ReasonCode.VERSION_NOT_INSTALLED, detail=str(exc))
             return
         except BundleError as exc:
             self.status(cmd, "failed", reason=exc.reason, detail=exc.message)

@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from protocol.config_errors import describe_validation_error
 from protocol.errors import ProfileError, ProtocolError
@@ -54,9 +61,41 @@ class BrokerConfig(_Section):
         return self.password
 
 
+OLD_TRUST_KEYS = (
+    "trust.public_keys is gone: list the keys that sign bundles under trust.bundle_keys and "
+    "the fleet server's command public key under trust.command_keys"
+)
+
+
 class TrustConfig(_Section):
-    public_keys: list[Path] = Field(default_factory=list)
-    revoked: list[str] = Field(default_factory=list)
+    """Two trust roles that never mix: bundle keys sign bundles (offline, on a build host),
+    command keys are the fleet server's online keys that sign every command."""
+
+    bundle_keys: list[Path] = Field(default_factory=list)
+    command_keys: list[Path] = Field(default_factory=list)
+    revoked: list[str] = Field(default_factory=list)  # key ids refused in either role
+    artifact_origins: list[str] = Field(default_factory=list)  # scheme://host[:port] for http_url
+    clock_skew_s: float = Field(default=300.0, ge=0, le=86_400)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: object) -> object:
+        if isinstance(data, dict) and "public_keys" in data:
+            raise ConfigError(OLD_TRUST_KEYS)
+        return data
+
+    @field_validator("artifact_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        from .update import origin_of
+
+        out = []
+        for url in v:
+            origin = origin_of(url)
+            if origin is None or origin != url.rstrip("/").lower():
+                raise ValueError(f"{url!r} is not an origin like https://fleet.example:8700")
+            out.append(origin)
+        return out
 
 
 class ApiConfig(_Section):
@@ -168,7 +207,10 @@ class AgentConfig(_Section):
             }
         )
         trust = self.trust.model_copy(
-            update={"public_keys": [fix(p) for p in self.trust.public_keys]}
+            update={
+                "bundle_keys": [fix(p) for p in self.trust.bundle_keys],
+                "command_keys": [fix(p) for p in self.trust.command_keys],
+            }
         )
         enrol = self.enrol.model_copy(update={"token_file": fix(self.enrol.token_file)})
         return self.model_copy(
@@ -180,15 +222,36 @@ class AgentConfig(_Section):
             }
         )
 
-    def trust_store(self) -> TrustStore:
-        try:
-            return TrustStore.from_files(self.trust.public_keys, self.trust.revoked)
-        except OSError as exc:
+    def trust_stores(self) -> tuple[TrustStore, TrustStore]:
+        """``(bundle keys, command keys)``; a key id listed in both roles is refused."""
+        stores = []
+        for role in ("bundle", "command"):
+            paths = getattr(self.trust, f"{role}_keys")
+            try:
+                stores.append(TrustStore.from_files(paths, self.trust.revoked, role=role))
+            except OSError as exc:
+                raise ConfigError(
+                    f"trust.{role}_keys: cannot read {exc.filename}: {exc.strerror}"
+                ) from None
+            except ProtocolError as exc:
+                raise ConfigError(f"trust.{role}_keys: {exc}") from None
+        bundle, command = stores
+        both = sorted(set(bundle.keys) & set(command.keys))
+        if both:
             raise ConfigError(
-                f"trust.public_keys: cannot read {exc.filename}: {exc.strerror}"
-            ) from None
-        except ProtocolError as exc:
-            raise ConfigError(f"trust.public_keys: {exc}") from None
+                f"trust: key {both[0]} is listed as both a bundle key and a command key; "
+                "the roles need different keys"
+            )
+        bundle.other_role, command.other_role = set(command.keys), set(bundle.keys)
+        return bundle, command
+
+    def trust_store(self) -> TrustStore:
+        """The bundle-signing keys (what the installer checks)."""
+        return self.trust_stores()[0]
+
+    def command_trust(self) -> TrustStore:
+        """The fleet's command keys (what every command must be signed by)."""
+        return self.trust_stores()[1]
 
     def device_profile(self) -> DeviceProfile:
         try:
@@ -202,6 +265,8 @@ def parse_config(text: str, origin: str = "<config>", base: Path | None = None) 
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    if isinstance(data.get("trust"), dict) and "public_keys" in data["trust"]:
+        raise ConfigError(f"{origin}: {OLD_TRUST_KEYS}")
     try:
         config = AgentConfig.model_validate(data)
     except ValidationError as exc:
@@ -226,17 +291,24 @@ def example_config(
     profile: str = "host",
     broker_url: str = "mqtt://127.0.0.1:1883",
     api_port: int = DEFAULT_API_PORT,
+    bundle_keys: list[str] | None = None,
+    command_keys: list[str] | None = None,
+    artifact_origins: list[str] | None = None,
 ) -> str:
     """A commented ``agent.toml``; with no arguments its values are the defaults.
 
-    The arguments (``edgefleet agent init --device-id --profile --broker --api-port``) are
-    checked by loading the text back with :func:`parse_config` before anyone writes it.
+    The arguments (``edgefleet agent init --device-id --profile --broker --api-port`` and
+    the trust flags) are checked by loading the text back with :func:`parse_config` before
+    anyone writes it.
     """
     text = _EXAMPLE.format(
         device_id=_toml_str(device_id),
         profile=_toml_str(profile),
         broker_url=_toml_str(broker_url),
         api_port=int(api_port),
+        bundle=_toml_list(bundle_keys),
+        command=_toml_list(command_keys),
+        origins=_toml_list(artifact_origins),
     )
     config = parse_config(text, "agent init")
     config.device_profile()  # an unknown profile is refused now, not when the agent starts
@@ -247,6 +319,13 @@ def example_config(
     except TransportError as exc:
         raise ConfigError(f"broker.url: {exc}") from None
     return text
+
+
+def _toml_list(values: list[str] | None) -> str:
+    """A TOML array of basic strings."""
+    import json
+
+    return json.dumps(list(values or []))
 
 
 def _toml_str(value: str) -> str:
@@ -274,8 +353,14 @@ url = {broker_url}  # mqtts://host:8883 for TLS
 topic_prefix = "edgefleet"
 
 [trust]
-public_keys = []               # pinned Ed25519 public keys (PEM), e.g. ["keys/release.pub"]
-revoked = []                   # key ids that must be refused even when listed above
+# Two roles, never the same key: bundle keys sign bundles (offline, on the build host);
+# command keys are the fleet server's online keys, which sign every command it sends.
+bundle_keys = {bundle}               # pinned Ed25519 public keys (PEM), e.g. ["keys/release.pub"]
+command_keys = {command}              # e.g. ["keys/fleet-command.pub"]; several allowed (rotation)
+revoked = []                   # key ids refused in either role, even when listed above
+# Where HTTP downloads may come from (scheme://host:port), e.g. ["https://fleet.example:8700"]
+artifact_origins = {origins}
+clock_skew_s = 300.0           # a command issued further in the future than this is refused
 
 [enrol]
 # The device signs every message with its own key (created in data_dir on first start). The

@@ -53,6 +53,7 @@ from .runtimes import runtime_versions
 from .shadow import ShadowComparer
 from .slots import Slots
 from .telemetry import Telemetry, WindowSketcher
+from .update import Limits
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,9 @@ class Agent:
             dev,
             ledger=self.outbox,
             trust=self.installer.trust,
+            command_trust=cfg.command_trust(),
+            origins=tuple(cfg.trust.artifact_origins),
+            limits=Limits(clock_skew_s=cfg.trust.clock_skew_s),
             downloads=self.downloads,
             installer=self.installer,
             predictor=self.predictor,
@@ -238,7 +242,7 @@ class Agent:
         app = create_app(
             self.predictor,
             config=self.config,
-            metrics_text=self.metrics.prometheus_text,
+            metrics_text=self._metrics_text,
             status=self.status,
         )
         sock = listen(api.host, api.port)
@@ -364,6 +368,20 @@ class Agent:
             setters[key](value)
         return dict(changes)
 
+    def _metrics_text(self) -> str:
+        text = self.metrics.prometheus_text()
+        processor = getattr(self, "processor", None)
+        if processor is None:
+            return text
+        lines = [
+            "# HELP edgefleet_commands_refused_total Commands refused before any I/O, by reason.",
+            "# TYPE edgefleet_commands_refused_total counter",
+        ] + [
+            f'edgefleet_commands_refused_total{{reason="{r}"}} {n}'
+            for r, n in sorted(processor.refused.items())
+        ]
+        return text + "\n".join(lines) + "\n"
+
     def status(self) -> dict[str, Any]:
         return {
             "device_id": self.config.device_id,
@@ -383,6 +401,7 @@ class Agent:
                 "dropped_events": self.telemetry.dropped,
             },
             "conditions": self.metrics.conditions(),
+            "commands": self.processor.counters() if hasattr(self, "processor") else {},
         }
 
     # -- pump ------------------------------------------------------------------------------

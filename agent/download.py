@@ -1,16 +1,21 @@
 """Artifact reception that survives restarts: MQTT chunks, or HTTP(S) with Range resume.
 
+Only commands :mod:`agent.update` admitted (signed, addressed, fresh, new, within caps)
+get here, and ``<sha256>`` is a validated 64-hex wire value, never anything else.
+
 MQTT: the server publishes :class:`protocol.messages.ArtifactChunk` messages on
-``{p}/devices/{id}/artifact/{sha256}/{index}`` (QoS 1). Each chunk is checked against its
-own ``chunk_sha256`` and the deploy payload (artifact sha, index < n_chunks, size ≤
-chunk_size) and written to ``data_dir/downloads/<sha256>/<index>.chunk`` (temp file,
+``{p}/devices/{id}/artifact/{sha256}/{index}`` (QoS 1). Each chunk is checked by
+:func:`agent.update.check_chunk` against the signed deploy (artifact sha, count, index <
+n_chunks, the exact size of that index, its own ``chunk_sha256``) before it is decoded
+or buffered, and written to ``data_dir/downloads/<sha256>/<index>.chunk`` (temp file,
 fsync, rename), so a chunk on disk is a verified chunk. ``session.json`` next to them keeps
 the deploy command: after a restart the download resumes, and :meth:`Download.missing`
 says which indices to ask for again (``CommandStatus(state="downloading",
 result={"missing": [...]})``). When every chunk is there, :meth:`Download.assemble` joins
 them and checks the whole artifact's size and sha256 against the payload.
 
-HTTP(S) (``DeployPayload.http_url``): :func:`fetch_http` streams into
+HTTP(S) (``DeployPayload.http_url``, only on an origin the device trusts; redirects are
+not followed): :func:`fetch_http` streams into
 ``downloads/<sha256>/bundle.part``; a restart continues with a ``Range`` request, a server
 that ignores ranges (200) restarts from zero, and the result is checked the same way.
 
@@ -32,6 +37,8 @@ from typing import Any
 
 from protocol.errors import BundleError, ProtocolError, ReasonCode
 from protocol.messages import ArtifactChunk, Command, DeployPayload, decode
+
+from .update import check_chunk, check_chunk_model, origin_of
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +79,11 @@ class Download:
         if self.dir.is_dir():
             for p in self.dir.glob("*.chunk"):
                 try:
-                    self._have.add(int(p.stem))
+                    index = int(p.stem)
                 except ValueError:
                     continue
+                if 0 <= index < self.payload.n_chunks:
+                    self._have.add(index)
 
     @property
     def http(self) -> bool:
@@ -86,25 +95,21 @@ class Download:
 
     def add(self, chunk: ArtifactChunk) -> bool:
         """Store a chunk that verifies; False for a duplicate or a bad chunk (counted)."""
-        p = self.payload
-        if chunk.sha256 != self.sha256 or chunk.index >= p.n_chunks or chunk.count != p.n_chunks:
-            self.rejected_chunks += 1
-            return False
         if chunk.index in self._have:
             return False
-        try:
-            data = chunk.payload()
-        except ValueError:
+        data, why = check_chunk_model(self.payload, chunk)
+        if why:
             self.rejected_chunks += 1
             return False
-        if len(data) > p.chunk_size or hashlib.sha256(data).hexdigest() != chunk.chunk_sha256:
-            self.rejected_chunks += 1
-            return False
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.dir / f"{chunk.index:06d}.chunk", data)
-        self._have.add(chunk.index)
-        self.last_activity = self.clock()
+        self.store(chunk.index, data)
         return True
+
+    def store(self, index: int, data: bytes) -> None:
+        """Write a chunk already checked against the signed deploy."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.dir / f"{index:06d}.chunk", data)
+        self._have.add(index)
+        self.last_activity = self.clock()
 
     def missing(self) -> list[int]:
         return [i for i in range(self.payload.n_chunks) if i not in self._have]
@@ -197,18 +202,21 @@ class Downloads:
         return out
 
     def on_chunk(self, sha256: str, payload: bytes) -> Download | None:
-        """Store a chunk; return its download when this chunk completed it."""
+        """Check a chunk against its signed deploy, then store it; return its download
+        when this chunk completed it. Nothing is decoded for an unknown artifact."""
         d = self.active.get(sha256)
         if d is None or d.http:
             self.unknown_chunks += 1
             return None
-        try:
-            chunk = decode(ArtifactChunk, payload)
-        except ProtocolError:
+        chunk, data, _why = check_chunk(d.payload, sha256, payload)
+        if chunk is None:
             d.rejected_chunks += 1
             return None
+        if chunk.index in d._have:
+            return None
         was_complete = d.complete
-        if d.add(chunk) and d.complete and not was_complete:
+        d.store(chunk.index, data)
+        if d.complete and not was_complete:
             return d
         return None
 
@@ -227,15 +235,20 @@ class Downloads:
 def fetch_http(
     d: Download,
     *,
+    origins: tuple[str, ...] | None = None,
     client: Any = None,
     timeout: float = 30.0,
     on_progress: Callable[[float], None] | None = None,
 ) -> bytes:
-    """Download ``d.payload.http_url`` into ``d.dir/bundle.part`` (resuming), verify, return it."""
+    """Download ``d.payload.http_url`` into ``d.dir/bundle.part`` (resuming), verify, return it.
+
+    With ``origins``, a URL outside them is refused before a socket opens."""
     import httpx
 
     url = d.payload.http_url
     assert url is not None
+    if origins is not None and origin_of(url) not in origins:
+        raise DownloadError(ReasonCode.ORIGIN_UNTRUSTED, f"{origin_of(url)} is not trusted")
     size = d.payload.bundle_size
     d.dir.mkdir(parents=True, exist_ok=True)
     part = d.dir / HTTP_PART
@@ -244,7 +257,7 @@ def fetch_http(
         part.unlink()
         have = 0
     own = client is None
-    http = client or httpx.Client(timeout=timeout, follow_redirects=True)
+    http = client or httpx.Client(timeout=timeout, follow_redirects=False)
     try:
         if have < size:
             headers = {"Range": f"bytes={have}-"} if have else {}

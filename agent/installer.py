@@ -6,7 +6,10 @@ nothing on disk or in memory changes:
 
 1. signature by a trusted, non-revoked key      (signature_invalid / key_unknown / key_revoked)
 2. every file hash and size                      (hash_mismatch / missing_file)
-3. release newer than the active one             (release_not_newer), unless ``allow_older``
+3. release newer than the active one of the same model name (release_not_newer), unless
+   ``allow_older``; a bundle of another model name needs ``replace_model`` (a signed deploy
+   field, or ``--replace-model`` on the CLI) (model_name_mismatch), and must then be newer
+   than any installed release of its own name
 4. not expired, not dated in the future          (expired / not_yet_valid)
 5. compatible with the device profile + runtime  (profile_incompatible / runtime_unavailable)
 6. the model loads                               (model_load_failed)
@@ -110,7 +113,12 @@ class Installer:
 
     # -- install ------------------------------------------------------------------------
     def install_file(
-        self, path: Union[str, Path], *, allow_older: bool = False, activate: bool = True
+        self,
+        path: Union[str, Path],
+        *,
+        allow_older: bool = False,
+        activate: bool = True,
+        replace_model: bool = False,
     ) -> Manifest:
         try:
             data = Path(path).read_bytes()
@@ -118,15 +126,29 @@ class Installer:
             raise BundleError(
                 ReasonCode.ARCHIVE_INVALID, f"cannot read {path}: {exc.strerror}"
             ) from None
-        return self.install_bytes(data, allow_older=allow_older, activate=activate)
+        return self.install_bytes(
+            data, allow_older=allow_older, activate=activate, replace_model=replace_model
+        )
+
+    def installed_releases(self) -> dict[str, int]:
+        """The highest installed release of each model name."""
+        out: dict[str, int] = {}
+        for m in self.history():
+            out[m.name] = max(out.get(m.name, 0), m.release)
+        return out
 
     def install_bytes(
-        self, bundle: bytes, *, allow_older: bool = False, activate: bool = True
+        self,
+        bundle: bytes,
+        *,
+        allow_older: bool = False,
+        activate: bool = True,
+        replace_model: bool = False,
     ) -> Manifest:
         self._emit("verifying", f"{len(bundle)} bytes")
         ref: ModelRef | None = None
         try:
-            b = read_bundle(bundle)
+            b = read_bundle(bundle, trust=self.trust)
             active = self.active()
             manifest = verify_bundle(
                 b,
@@ -134,6 +156,9 @@ class Installer:
                 installed_release=active.release if active else None,
                 allow_older=allow_older,
                 profile=self.profile,
+                active_name=active.name if active else None,
+                installed=self.installed_releases(),
+                replace_model=replace_model,
             )
             ref = model_ref(manifest)
             if not runtime_available(manifest.model.format):
@@ -213,6 +238,27 @@ class Installer:
                     )
 
     # -- rollback -----------------------------------------------------------------------
+    def rollback_to(self, target: ModelRef) -> Manifest:
+        """Switch to the installed slot holding exactly ``target`` (name, version, release,
+        model sha256): what a device ran before a rollout. Raises :class:`SlotError` when no
+        slot holds it."""
+        for slot in reversed(self.slots.order()):
+            try:
+                loaded = self.slots.load(slot)
+            except SlotError:
+                continue
+            if model_ref(loaded.manifest) == target:
+                return self._switch(slot)
+        self._emit(
+            "failed",
+            f"{target.name} {target.version} is not installed",
+            target,
+            ReasonCode.VERSION_NOT_INSTALLED.value,
+        )
+        raise SlotError(
+            f"{target.name} {target.version} (release {target.release}) is not installed"
+        )
+
     def rollback(self, to_release: int | None = None) -> Manifest:
         """Switch to the previous slot, or to the installed slot with ``to_release``.
 
@@ -241,6 +287,9 @@ class Installer:
                     f"{', '.join(str(int(s[1:9])) for s in order) or 'none'})"
                 )
             target = matches[-1]
+        return self._switch(target)
+
+    def _switch(self, target: str) -> Manifest:
         loaded = self.slots.load(target)
         ref = model_ref(loaded.manifest)
         try:

@@ -121,6 +121,7 @@ class Link:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._flush_lock = threading.Lock()
+        processor.send_now = self.send_now
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, connect_timeout: float = 0.0) -> Link:
@@ -243,6 +244,17 @@ class Link:
         """Queue a command status (the processor's ``report``)."""
         self.outbox.put_message("status", self.topics.status(self.device_id), status)
         self.wake.set()
+
+    def send_now(self, status: CommandStatus) -> bool:
+        """Publish a status best-effort (QoS 0, never stored): refusals of commands that were
+        not authenticated must not cost disk. False when it could not be handed over."""
+        if not self.transport.is_connected():
+            return False
+        try:
+            self.transport.publish(self.topics.status(self.device_id), status.to_json(), qos=0)
+        except TransportError:
+            return False
+        return True
 
     def flush(self, timeout: float = 5.0) -> int:
         """Deliver queued messages now (pump thread; never the network thread)."""

@@ -124,7 +124,7 @@ def _prepare(kind: str, workdir: Path, broker_url: str) -> dict[str, Any]:
                 "device_id": f"bench-{kind}-{mode.replace('_', '-')}",
                 "data_dir": "data",
                 "broker.url": broker_url,
-                "trust.public_keys": ["../release.pub"],
+                "trust.bundle_keys": ["../release.pub"],
                 "api.port": port,
                 "log.enabled": log_on,
             },

@@ -129,7 +129,8 @@ def _server(
         {
             "data_dir": str(d / "fleet"),
             "broker": {"url": url, "topic_prefix": PREFIX},
-            "signing": {"key": str(d / "k.pem"), "trusted": [str(d / "k.pub")]},
+            # priv: the fleet's command key; pub: the (different) key bundles are signed by
+            "signing": {"command_key": str(d / "k.pem"), "bundle_keys": [str(d / "k.pub")]},
             "rollout": {"tick_s": 0.05},
             "devices": {"enrol_token_hashes": [token_hash(ENROL_TOKEN)]},
         }
@@ -397,7 +398,7 @@ def _sketch_report() -> Any:
 
 
 def run_once(n: int, sketches: int, bundle: bytes, key: Any) -> dict[str, Any]:
-    from protocol import TrustStore
+    from protocol import KeyPair, TrustStore
     from protocol.transport_paho import PahoTransport
     from tests.support.brokers import Mosquitto
 
@@ -405,7 +406,8 @@ def run_once(n: int, sketches: int, bundle: bytes, key: Any) -> dict[str, Any]:
         "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         "max_queued_messages 1000000\nmax_inflight_messages 0\n"
     )
-    trust = TrustStore.from_keys([key.public])
+    command_key = KeyPair.generate()  # the fleet's online key: a role apart from ``key``
+    trust = TrustStore.from_keys([command_key.public])
     with Mosquitto(config=conf) as broker, tempfile.TemporaryDirectory() as tmp:
         ids = [f"dev-{i:05d}" for i in range(n)]
         clients = [
@@ -428,7 +430,7 @@ def run_once(n: int, sketches: int, bundle: bytes, key: Any) -> dict[str, Any]:
             child,
             broker.url,
             tmp,
-            key.private_pem(),
+            command_key.private_pem(),
             key.public_pem(),
             bundle,
             n,

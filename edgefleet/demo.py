@@ -191,7 +191,8 @@ def _fleet_config(
                 "topic_prefix": prefix,
             },
             "api": {"host": "127.0.0.1", "port": api_port},
-            "signing": {"key": str(fleet_key), "trusted": [str(release_pub)]},
+            # Two roles: the fleet's online key signs commands, the release key bundles.
+            "signing": {"command_key": str(fleet_key), "bundle_keys": [str(release_pub)]},
             # A device that has not confirmed in 20 s is timed out and sent the deploy again
             # (the default 300 s suits real fleets, not a 3-minute story).
             "rollout": {
@@ -219,8 +220,14 @@ def _enrol_token_file(work: Path, token: str) -> Path:
 
 
 def _agent_config(
-    work: Path, i: int, broker_url: str, trusted: list[Path], prefix: str, failing: bool = False
+    work: Path,
+    i: int,
+    broker_url: str,
+    trusted: tuple[Path, Path],
+    prefix: str,
+    failing: bool = False,
 ) -> Any:
+    """``trusted``: (bundle public key, fleet command public key)."""
     from agent.config import AgentConfig
 
     profile = PROFILES[i % len(PROFILES)]
@@ -233,7 +240,7 @@ def _agent_config(
             "data_dir": str(work / "devices" / device_id),
             "tags": [f"site-{'north' if i % 3 else 'south'}"],
             "broker": {"url": broker_url, "topic_prefix": prefix},
-            "trust": {"public_keys": [str(p) for p in trusted]},
+            "trust": {"bundle_keys": [str(trusted[0])], "command_keys": [str(trusted[1])]},
             "api": {"host": "127.0.0.1", "port": _free_port()},
             "sketch": {"window_seconds": 2.0, "window_rows": 5000},
             "faults": {"fail_smoke_test": failing},
@@ -413,7 +420,7 @@ def run_demo(
     agents: dict[str, Any] = {}
     traffic: _Traffic | None = None
     try:
-        trusted = [release_pub, fleet_pub]
+        trusted = (release_pub, fleet_pub)
         for i in range(options.devices):
             cfg = _agent_config(work, i, broker_url, trusted, prefix)
             agents[cfg.device_id] = Agent(cfg).start()

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from protocol.config_errors import describe_validation_error
 
@@ -49,10 +49,29 @@ class ApiSection(_Section):
     public_url: str | None = None  # how devices reach /v1/artifacts (HTTP download path)
 
 
+OLD_SIGNING_KEYS = (
+    "signing.key and signing.trusted are gone: name the online private key that signs "
+    "commands as signing.command_key and the public keys bundles must be signed by as "
+    "signing.bundle_keys (a different key)"
+)
+
+
 class SigningSection(_Section):
-    key: Path | None = None  # private key that signs deploy/rollback commands
-    trusted: list[Path] = Field(default_factory=list)  # public keys bundles must be signed by
+    """Two trust roles: the online command key signs every command; bundles must be signed
+    by one of ``bundle_keys`` (offline keys), never by the command key."""
+
+    command_key: Path | None = None  # private key that signs every command
+    bundle_keys: list[Path] = Field(default_factory=list)  # public keys bundles must be signed by
     revoked: list[str] = Field(default_factory=list)
+    command_ttl_s: float = Field(default=86_400.0, gt=0, le=30 * 86_400)  # deploy, config, …
+    rollback_ttl_s: float = Field(default=7 * 86_400.0, gt=0, le=30 * 86_400)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: object) -> object:
+        if isinstance(data, dict) and ("key" in data or "trusted" in data):
+            raise ConfigError(OLD_SIGNING_KEYS, field="signing")
+        return data
 
 
 class UserEntry(_Section):
@@ -82,7 +101,7 @@ class RolloutDefaults(_Section):
     rollback_on_halt: bool = True
     tick_s: float = Field(default=0.5, gt=0)
     delivery: Literal["mqtt", "http", "both"] = "mqtt"
-    chunk_bytes: int = Field(default=64 * 1024, gt=0, le=512 * 1024)
+    chunk_bytes: int = Field(default=64 * 1024, ge=1024, le=512 * 1024)  # protocol caps
 
 
 class RegistrySection(_Section):
@@ -142,7 +161,10 @@ class FleetConfig(_Section):
             return base / p
 
         signing = self.signing.model_copy(
-            update={"key": fix(self.signing.key), "trusted": [fix(p) for p in self.signing.trusted]}
+            update={
+                "command_key": fix(self.signing.command_key),
+                "bundle_keys": [fix(p) for p in self.signing.bundle_keys],
+            }
         )
         broker = self.broker.model_copy(update={"ca_file": fix(self.broker.ca_file)})
         return self.model_copy(
@@ -155,6 +177,9 @@ def parse_config(text: str, origin: str = "<config>") -> FleetConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    signing = data.get("signing")
+    if isinstance(signing, dict) and ("key" in signing or "trusted" in signing):
+        raise ConfigError(f"{origin}: {OLD_SIGNING_KEYS}", field="signing")
     try:
         return FleetConfig.model_validate(data)
     except ValidationError as exc:
@@ -202,9 +227,13 @@ port = 8700
 # public_url = "http://fleet.example:8700"   # set to offer the HTTP artifact download
 
 [signing]
-# key = "fleet-signing.pem"     # private key: signs deploy and rollback commands
-trusted = []                    # public keys an uploaded bundle must be signed by
+# Two roles, two different keys. The command key is online (this server signs every
+# command with it); bundle keys sign bundles offline and are only pinned here.
+# command_key = "fleet-command.pem"   # private key: signs every command sent to devices
+bundle_keys = []                # public keys an uploaded bundle must be signed by
 revoked = []                    # revoked key ids
+command_ttl_s = 86400.0         # a command expires this long after it is signed
+rollback_ttl_s = 604800.0       # rollbacks live longer: devices offline for days still get them
 
 [auth]
 # Tokens: create with `edgefleet fleet token create --role operator` (stored hashed).

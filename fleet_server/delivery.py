@@ -5,7 +5,12 @@ bundle's signature) and how to fetch the bundle: its sha256, size and chunking, 
 HTTP URL when the server offers the download. The bytes travel as :class:`ArtifactChunk`
 messages (QoS 1) on ``{p}/devices/{id}/artifact/{sha256}/{index}``, each with its own
 sha256. Transfers resume: a device reports ``downloading`` with ``result.missing`` and
-only those chunks are sent again. Commands are signed with the fleet's key.
+only those chunks are sent again.
+
+Every command, of every kind, is signed with the fleet's *command* key (never a bundle key)
+and stamped with ``issued_at``/``expires_at`` (``signing.command_ttl_s``, rollbacks
+``signing.rollback_ttl_s``); a retry is a new command id, signed again. A rollback names the
+exact model the device ran before the rollout (``RollbackPayload.target``).
 """
 
 from __future__ import annotations
@@ -14,13 +19,18 @@ import base64
 import hashlib
 import math
 from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
 
 from protocol.bundle import Bundle
 from protocol.messages import (
+    MAX_CHUNKS,
     ArtifactChunk,
     Command,
     DeployPayload,
+    ModelRef,
     RollbackPayload,
+    chunk_hashes,
     sign_command,
 )
 from protocol.signing import KeyPair
@@ -42,6 +52,13 @@ def parse_command_id(cid: str) -> tuple[str, str, str, int] | None:
 
 def n_chunks(size: int, chunk_size: int) -> int:
     return max(1, math.ceil(size / chunk_size))
+
+
+def chunk_size_for(size: int, configured: int) -> int:
+    """The configured chunk size, grown (in KiB steps) when a bundle would otherwise need
+    more than the protocol's :data:`~protocol.messages.MAX_CHUNKS` chunks."""
+    floor = -(-size // MAX_CHUNKS)
+    return max(configured, -(-floor // 1024) * 1024)
 
 
 def chunk(data: bytes, index: int, chunk_size: int, sha256: str | None = None) -> ArtifactChunk:
@@ -68,7 +85,11 @@ def deploy_command(
     chunk_size: int,
     key: KeyPair | None,
     http_url: str | None = None,
+    replace_model: bool = False,
+    now: datetime | None = None,
+    ttl_s: float = 86_400.0,
 ) -> Command:
+    chunk_size = chunk_size_for(len(data), chunk_size)
     payload = DeployPayload(
         manifest=base64.b64encode(bundle.manifest_bytes).decode(),
         manifest_signature=bundle.signature,
@@ -77,11 +98,20 @@ def deploy_command(
         chunk_size=chunk_size,
         n_chunks=n_chunks(len(data), chunk_size),
         http_url=http_url,
+        replace_model=replace_model,
+        chunk_hashes=chunk_hashes(data, chunk_size),
     )
     cmd = Command(
         command_id=cid, device_id=device_id, kind="deploy", rollout_id=rollout_id, deploy=payload
     )
-    return sign_command(cmd, key) if key is not None else cmd
+    return signed(cmd, key, now=now, ttl_s=ttl_s)
+
+
+def signed(cmd: Command, key: KeyPair | None, *, now: datetime | None, ttl_s: float) -> Command:
+    """Stamp ``issued_at``/``expires_at`` and sign with the command key (every kind)."""
+    if key is None:  # devices refuse it; the service logs that it has no command key
+        return cmd
+    return sign_command(cmd, key, now=now, ttl_s=ttl_s)
 
 
 def rollback_command(
@@ -92,15 +122,19 @@ def rollback_command(
     key: KeyPair | None,
     to_release: int | None = None,
     reason: str = "",
+    target: dict[str, Any] | ModelRef | None = None,
+    now: datetime | None = None,
+    ttl_s: float = 7 * 86_400.0,
 ) -> Command:
+    ref = ModelRef.model_validate(target) if target else None
     cmd = Command(
         command_id=cid,
         device_id=device_id,
         kind="rollback",
         rollout_id=rollout_id,
-        rollback=RollbackPayload(to_release=to_release, reason=reason[:500]),
+        rollback=RollbackPayload(target=ref, to_release=to_release, reason=reason[:500]),
     )
-    return sign_command(cmd, key) if key is not None else cmd
+    return signed(cmd, key, now=now, ttl_s=ttl_s)
 
 
 class Sender:
@@ -117,11 +151,12 @@ class Sender:
 
     def chunks(self, device_id: str, data: bytes, indices: Iterable[int] | None = None) -> int:
         sha = hashlib.sha256(data).hexdigest()
-        count = n_chunks(len(data), self.chunk_size)
+        size = chunk_size_for(len(data), self.chunk_size)
+        count = n_chunks(len(data), size)
         wanted = range(count) if indices is None else sorted({i for i in indices if 0 <= i < count})
         sent = 0
         for i in wanted:
-            msg = chunk(data, i, self.chunk_size, sha)
+            msg = chunk(data, i, size, sha)
             self.transport.publish(self.topics.artifact(device_id, sha, i), msg.to_json(), qos=1)
             sent += 1
         self.chunks_sent += sent

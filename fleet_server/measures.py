@@ -35,13 +35,12 @@ from protocol.messages import (
     CommandStatus,
     MetricsReport,
     SketchReport,
-    sign_command,
 )
 
 from . import calibration
 from .calibration import BenchStore
 from .cohort_drift import CohortDrift, describe
-from .delivery import parse_command_id
+from .delivery import parse_command_id, signed
 from .errors import InvalidInput, NotFound
 from .field_accuracy import FieldAccuracy
 from .health_rules import DeviceSample, HealthConfig, HealthRules, Transition
@@ -403,8 +402,7 @@ class Measures:
                 kind="benchmark",
                 benchmark=payload,
             )
-            if svc.key is not None:
-                cmd = sign_command(cmd, svc.key)
+            cmd = signed(cmd, svc.key, now=None, ttl_s=svc.config.signing.command_ttl_s)
             self.bench_store.issue(cmd.command_id, dev, bundle["sha256"], svc.clock())
             svc.sender.command(cmd)
             commands.append(cmd.command_id)

@@ -232,6 +232,9 @@ class DeviceProgress:
     attempts: int = 0
     sent_at: float | None = None
     updated_at: float | None = None
+    # The model the device ran before this rollout (name, version, release, sha256), set by
+    # the service when it first sends the deploy; {} when it ran none. Rollbacks name it.
+    previous: dict[str, Any] | None = None
     reason: str = ""
     rollback_sent: bool = False
 

@@ -179,27 +179,41 @@ class FleetService:
 
     # construction helpers -------------------------------------------------------------
     def _trust_store(self) -> TrustStore:
+        """The bundle-signing keys; the fleet's own command key is never one of them."""
         try:
-            return TrustStore.from_keys(
-                [read_public_key(p) for p in self.config.signing.trusted],
+            store = TrustStore.from_keys(
+                [read_public_key(p) for p in self.config.signing.bundle_keys],
                 self.config.signing.revoked,
+                role="bundle",
             )
         except OSError as exc:
             raise ConfigError(
-                f"signing.trusted: cannot read {exc.filename}: {exc.strerror}"
+                f"signing.bundle_keys: cannot read {exc.filename}: {exc.strerror}"
             ) from None
         except ProtocolError as exc:
-            raise ConfigError(f"signing.trusted: {exc}") from None
+            raise ConfigError(f"signing.bundle_keys: {exc}") from None
+        return store
 
     def _signing_key(self) -> KeyPair | None:
-        if self.config.signing.key is None:
+        if self.config.signing.command_key is None:
+            log.warning("signing.command_key is not set: devices will refuse every command")
             return None
         try:
-            return read_private_key(self.config.signing.key)
+            key = read_private_key(self.config.signing.command_key)
         except OSError as exc:
-            raise ConfigError(f"signing.key: cannot read {exc.filename}: {exc.strerror}") from None
+            raise ConfigError(
+                f"signing.command_key: cannot read {exc.filename}: {exc.strerror}"
+            ) from None
         except ProtocolError as exc:
-            raise ConfigError(f"signing.key: {exc}") from None
+            raise ConfigError(f"signing.command_key: {exc}") from None
+        if key.key_id in self.trust.keys:
+            raise ConfigError(
+                f"signing: the command key {key.key_id} is also listed in signing.bundle_keys; "
+                "bundles must be signed by a different (offline) key",
+                field="signing.bundle_keys",
+            )
+        self.trust.other_role.add(key.key_id)  # a bundle signed by it: key_wrong_role
+        return key
 
     def _exporter(self) -> Any:
         mod = _optional_module("fleet_server.telemetry.prometheus")
@@ -277,10 +291,10 @@ class FleetService:
         """
         if not self.trust.keys:
             raise BundleRejected(
-                "the fleet trusts no signing key (set signing.trusted)", reason="key_unknown"
+                "the fleet trusts no bundle key (set signing.bundle_keys)", reason="key_unknown"
             )
         try:
-            bundle = read_bundle(data)
+            bundle = read_bundle(data, trust=self.trust)
             manifest = verify_bundle(bundle, self.trust, now=_dt(self.clock()))
         except BundleError as exc:
             raise BundleRejected(f"bundle refused: {exc}", reason=exc.reason.value) from None
@@ -848,8 +862,8 @@ class FleetService:
                 reason=msg.reason,
                 detail=msg.detail[:300],
             )
-        if parsed is None:
-            return
+        if parsed is None or not msg.admitted:
+            return  # a refusal of a command the device never admitted decides nothing
         rid, device_id, kind, attempt = parsed
         if device_id != msg.device_id:
             raise ProtocolError(f"command {msg.command_id} is not for {msg.device_id}")
@@ -1043,6 +1057,11 @@ class FleetService:
             http_url = (
                 f"{self.config.api.public_url.rstrip('/')}/v1/artifacts/{r.spec.bundle_sha256}"
             )
+        dev = r.devices.get(d.device_id)
+        if dev is not None and dev.previous is None:
+            # What the device ran before this rollout: the signed rollback names it.
+            dev.previous = self._running_model(d.device_id)
+            self._persist(r)
         cmd = deploy_command(
             bundle,
             data,
@@ -1052,20 +1071,38 @@ class FleetService:
             chunk_size=self.config.rollout.chunk_bytes,
             key=self.key,
             http_url=http_url,
+            now=_dt(self.clock()),
+            ttl_s=self.config.signing.command_ttl_s,
         )
         self.sender.command(cmd)
         if http_url is None or mode == "both":
             self.sender.chunks(d.device_id, data)
 
+    def _running_model(self, device_id: str) -> dict[str, Any]:
+        """The model a device reported last ({} when none): a rollback's target."""
+        row = self._devices.get(device_id) or {}
+        if not (row.get("model") and row.get("model_sha256")):
+            return {}
+        return {
+            "name": row["model"],
+            "version": row.get("version") or "",
+            "release": int(row.get("release") or 0),
+            "sha256": row["model_sha256"],
+        }
+
     def _send_rollback(self, r: Rollout, d: Decision) -> None:
         if self.sender is None or d.device_id is None:
             return
+        dev = r.devices.get(d.device_id)
         cmd = rollback_command(
             device_id=d.device_id,
             rollout_id=r.rollout_id,
             cid=command_id(r.rollout_id, d.device_id, "rollback", 1),
             key=self.key,
             reason=d.reason,
+            target=(dev.previous or None) if dev is not None else None,
+            now=_dt(self.clock()),
+            ttl_s=self.config.signing.rollback_ttl_s,
         )
         self.sender.command(cmd)
 

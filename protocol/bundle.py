@@ -5,12 +5,16 @@ Layout: ``manifest.json``, ``manifest.sig``, the model file, ``reference.sketch`
 timestamps); :func:`read_bundle` opens a file it is handed and refuses hostile archives
 before anything is trusted: absolute or ``..`` paths, directories, duplicate names,
 members over ``max_member_bytes`` (checked on the declared size *and* while reading, so a
-lying header does not help), more than ``max_members`` members, and missing files.
+lying header does not help), more than ``max_members`` members, and missing files. Given
+a trust store it verifies the manifest's signature before inflating any other member, and
+inflates each member streamed, capped at the size the manifest declares for it.
 
 :func:`verify_bundle` then runs the device-side checks in order — signature by a trusted,
 unrevoked key → every file hash and size → release newer than installed (unless a signed
-rollback) → validity window → profile compatibility — and raises :class:`BundleError` with
-the first failing :class:`ReasonCode`. Loading the model and the smoke tests are the
+rollback) → same model name as installed (unless ``replace_model``) → validity window →
+profile compatibility — and raises :class:`BundleError` with the first failing
+:class:`ReasonCode`. Anti-rollback is per model name: ``installed`` maps each model name
+to the highest release installed of it. Loading the model and the smoke tests are the
 agent's job, since they need a runtime.
 """
 
@@ -38,6 +42,9 @@ from .signing import Signature, TrustStore
 
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
 MAX_MEMBERS = 32
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_SIGNATURE_BYTES = 4096
+_BLOCK = 64 * 1024
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 
 
@@ -87,13 +94,55 @@ def _unsafe(name: str) -> str | None:
     return None
 
 
+def _inflate(
+    zf: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    cap: int,
+    reason: ReasonCode = ReasonCode.ARCHIVE_UNSAFE,
+) -> bytes:
+    """Inflate one member in blocks, refusing it as soon as it passes ``cap`` bytes
+    (``reason``: ``hash_mismatch`` when the cap is the size the signed manifest declares)."""
+    if info.file_size > cap:
+        raise ArchiveError(
+            reason,
+            f"member {info.filename!r} declares {info.file_size} bytes (limit {cap})",
+        )
+    parts: list[bytes] = []
+    total = 0
+    try:
+        with zf.open(info) as fh:
+            while True:
+                block = fh.read(min(_BLOCK, cap - total + 1))
+                if not block:
+                    break
+                total += len(block)
+                if total > cap:
+                    raise ArchiveError(
+                        reason,
+                        f"member {info.filename!r} inflates past {cap} bytes",
+                    )
+                parts.append(block)
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError) as exc:
+        raise ArchiveError(ReasonCode.ARCHIVE_INVALID, f"member {info.filename!r}: {exc}") from None
+    return b"".join(parts)
+
+
 def read_bundle(
     source: Union[str, Path, bytes, BinaryIO],
     *,
+    trust: TrustStore | None = None,
     max_member_bytes: int = MAX_MEMBER_BYTES,
     max_members: int = MAX_MEMBERS,
 ) -> Bundle:
-    """Read and sanity-check a bundle; raise :class:`ArchiveError` for hostile archives."""
+    """Read and sanity-check a bundle; raise :class:`ArchiveError` for hostile archives.
+
+    ``manifest.json`` and ``manifest.sig`` are inflated first (capped at
+    :data:`MAX_MANIFEST_BYTES`). With ``trust``, the signature must verify before any other
+    member is inflated, every other member must be listed in the manifest, and each is
+    inflated in blocks with a cap equal to its declared size: a zip bomb costs neither
+    memory nor time. Without ``trust`` (files this process wrote itself) the manifest's
+    declared sizes still cap the members it lists.
+    """
     fileobj: BinaryIO
     if isinstance(source, (bytes, bytearray)):
         fileobj = io.BytesIO(source)
@@ -117,7 +166,7 @@ def read_bundle(
                 raise ArchiveError(
                     ReasonCode.ARCHIVE_UNSAFE, f"{len(infos)} members (limit {max_members})"
                 )
-            seen: set[str] = set()
+            seen: dict[str, zipfile.ZipInfo] = {}
             for info in infos:
                 why = _unsafe(info.filename)
                 if why:
@@ -128,36 +177,42 @@ def read_bundle(
                     raise ArchiveError(
                         ReasonCode.ARCHIVE_UNSAFE, f"duplicate member {info.filename!r}"
                     )
-                seen.add(info.filename)
+                seen[info.filename] = info
                 if info.file_size > max_member_bytes:
                     raise ArchiveError(
                         ReasonCode.ARCHIVE_UNSAFE,
                         f"member {info.filename!r} is {info.file_size} bytes "
                         f"(limit {max_member_bytes})",
                     )
+            for required in (MANIFEST_NAME, SIGNATURE_NAME):
+                if required not in seen:
+                    raise ArchiveError(ReasonCode.MISSING_FILE, f"bundle has no {required}")
+            manifest_bytes = _inflate(zf, seen[MANIFEST_NAME], MAX_MANIFEST_BYTES)
+            signature = Signature.from_bytes(
+                _inflate(zf, seen[SIGNATURE_NAME], MAX_SIGNATURE_BYTES)
+            )
+            declared: dict[str, int] = {}
+            if trust is not None:
+                trust.verify(manifest_bytes, signature)  # before any other member inflates
+            try:
+                declared = {f.path: f.size for f in parse_manifest(manifest_bytes).files}
+            except ProtocolError as exc:
+                if trust is not None:
+                    raise BundleError(ReasonCode.MANIFEST_INVALID, str(exc)) from None
             members: dict[str, bytes] = {}
-            for info in infos:
-                try:
-                    with zf.open(info) as fh:
-                        data = fh.read(max_member_bytes + 1)
-                except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as exc:
-                    raise ArchiveError(
-                        ReasonCode.ARCHIVE_INVALID, f"member {info.filename!r}: {exc}"
-                    ) from None
-                if len(data) > max_member_bytes:
-                    raise ArchiveError(
-                        ReasonCode.ARCHIVE_UNSAFE,
-                        f"member {info.filename!r} inflates past {max_member_bytes} bytes",
-                    )
-                members[info.filename] = data
+            for name, info in seen.items():
+                if name in (MANIFEST_NAME, SIGNATURE_NAME):
+                    continue
+                if trust is not None and name not in declared:
+                    raise ArchiveError(ReasonCode.ARCHIVE_UNSAFE, f"unlisted member {name!r}")
+                listed = declared.get(name)
+                if listed is not None and listed <= max_member_bytes:
+                    members[name] = _inflate(zf, info, listed, ReasonCode.HASH_MISMATCH)
+                else:
+                    members[name] = _inflate(zf, info, max_member_bytes)
     finally:
         if isinstance(source, (str, Path)):
             fileobj.close()
-    for required in (MANIFEST_NAME, SIGNATURE_NAME):
-        if required not in members:
-            raise ArchiveError(ReasonCode.MISSING_FILE, f"bundle has no {required}")
-    manifest_bytes = members.pop(MANIFEST_NAME)
-    signature = Signature.from_bytes(members.pop(SIGNATURE_NAME))
     return Bundle(manifest_bytes=manifest_bytes, signature=signature, members=members)
 
 
@@ -212,8 +267,17 @@ def verify_bundle(
     installed_release: int | None = None,
     allow_older: bool = False,
     profile: DeviceProfile | None = None,
+    active_name: str | None = None,
+    installed: Mapping[str, int] | None = None,
+    replace_model: bool = False,
 ) -> Manifest:
-    """Run the ordered device checks; return the manifest or raise :class:`BundleError`."""
+    """Run the ordered device checks; return the manifest or raise :class:`BundleError`.
+
+    ``installed_release`` is the active model's release; it applies only when the bundle
+    has the active model's name (``active_name``, when given). A bundle of another name is
+    refused (``model_name_mismatch``) unless ``replace_model``; then it must be newer than
+    the highest release of its own name in ``installed``.
+    """
     trust.verify(bundle.manifest_bytes, bundle.signature)
     try:
         manifest = bundle.manifest
@@ -222,10 +286,19 @@ def verify_bundle(
     if canonical_bytes(manifest) != bundle.manifest_bytes:
         raise BundleError(ReasonCode.MANIFEST_INVALID, "manifest bytes are not canonical")
     check_files(manifest, bundle.members)
-    if installed_release is not None and not allow_older and manifest.release <= installed_release:
+    floor = installed_release
+    if active_name is not None and manifest.name != active_name:
+        if not replace_model:
+            raise BundleError(
+                ReasonCode.MODEL_NAME_MISMATCH,
+                f"bundle is model {manifest.name!r}, the device runs {active_name!r} "
+                "(replacing it needs replace_model)",
+            )
+        floor = (installed or {}).get(manifest.name)
+    if floor is not None and not allow_older and manifest.release <= floor:
         raise BundleError(
             ReasonCode.RELEASE_NOT_NEWER,
-            f"release {manifest.release} is not newer than installed release {installed_release}",
+            f"release {manifest.release} is not newer than installed release {floor}",
         )
     now = now or datetime.now(timezone.utc)
     if now >= manifest.expires_at:

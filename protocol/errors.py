@@ -43,7 +43,16 @@ class ReasonCode(str, Enum):
     DISK_FULL = "disk_full"
     DOWNLOAD_FAILED = "download_failed"
     TIMEOUT = "timeout"
-    COMMAND_INVALID = "command_invalid"  # wrong device, missing payload, bad config key
+    COMMAND_INVALID = "command_invalid"  # missing payload, bad config key, malformed fields
+    KEY_WRONG_ROLE = "key_wrong_role"  # a bundle key on a command, or a command key on a bundle
+    NOT_ADDRESSED = "not_addressed"  # a command for another device id
+    COMMAND_EXPIRED = "command_expired"  # past its expires_at
+    COMMAND_FROM_FUTURE = "command_from_future"  # issued_at beyond the allowed clock skew
+    COMMAND_REPLAYED = "command_replayed"  # its command id is already in the ledger
+    LIMIT_EXCEEDED = "limit_exceeded"  # a size, chunk size or chunk count over the caps
+    ORIGIN_UNTRUSTED = "origin_untrusted"  # http_url outside the device's artifact origins
+    MODEL_NAME_MISMATCH = "model_name_mismatch"  # another model's name, without replace_model
+    VERSION_NOT_INSTALLED = "version_not_installed"  # a rollback target no slot holds
     INTERNAL = "internal"
 
 

@@ -5,17 +5,27 @@ meaning of an existing one. Every device-originated message carries ``device_id`
 server accepts it only when that id matches the topic's. :data:`MAX_MESSAGE_BYTES` bounds
 what either side will parse.
 
-Signed commands (deploy, rollback) carry an Ed25519 ``signature`` over
-:func:`command_signing_bytes`: the canonical JSON of the command without its signature.
+Every command, whatever its kind, carries an Ed25519 ``signature`` by a fleet *command*
+key over :func:`command_signing_bytes`: the canonical JSON of the whole command without its
+signature, which covers the device id, command id, kind, every payload, ``issued_at`` and
+``expires_at``. Hostile-input caps live here, on the models, so nothing unchecked gets past
+:func:`decode`: every sha256 is exactly 64 lowercase hex digits, a deploy's chunk size is
+between :data:`MIN_CHUNK_BYTES` and :data:`MAX_CHUNK_BYTES`, its chunk count at most
+:data:`MAX_CHUNKS` and equal to ``ceil(bundle_size / chunk_size)``, and its size at most
+:data:`MAX_BUNDLE_BYTES`. A deploy lists the sha256 of every chunk (``chunk_hashes``, signed
+with the rest), so a chunk is checked against the signed command, not against a hash it
+brings along.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from datetime import datetime, timezone
-from typing import Any, Literal, TypeVar, Union
+from functools import cached_property
+from typing import Annotated, Any, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ProtocolError
 from .manifest import canonical_json
@@ -24,6 +34,14 @@ from .sketches import SketchSet
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 64 * 1024
+MIN_CHUNK_BYTES = 1024  # floor: a tiny chunk size must not turn into millions of chunks
+MAX_CHUNK_BYTES = 512 * 1024  # base64 of a chunk stays under MAX_MESSAGE_BYTES
+MAX_CHUNKS = 16_384  # so the signed list of chunk digests fits in one message
+MAX_BUNDLE_BYTES = 512 * 1024 * 1024  # protocol.bundle.MAX_MEMBER_BYTES
+MAX_URL_CHARS = 2048
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 
 DeviceStateName = Literal[
     "queued",
@@ -54,7 +72,7 @@ class ModelRef(BaseModel):
     name: str
     version: str
     release: int
-    sha256: str | None = None  # sha256 of the model file
+    sha256: Sha256 | None = None  # sha256 of the model file
 
 
 class DeviceState(Message):
@@ -78,36 +96,87 @@ class DeviceState(Message):
 
 class DeployPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    manifest: str  # base64 of the canonical manifest bytes, exactly as signed
+    manifest: str = Field(max_length=MAX_MESSAGE_BYTES)  # base64 canonical manifest, as signed
     manifest_signature: Signature
-    bundle_sha256: str
-    bundle_size: int = Field(ge=0)
-    chunk_size: int = Field(default=DEFAULT_CHUNK_BYTES, gt=0)
-    n_chunks: int = Field(ge=0)
-    http_url: str | None = None  # alternative download path
+    bundle_sha256: Sha256
+    bundle_size: int = Field(ge=1, le=MAX_BUNDLE_BYTES)
+    chunk_size: int = Field(default=DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
+    n_chunks: int = Field(ge=1, le=MAX_CHUNKS)
+    http_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)  # alternative path
     shadow: bool = False  # install as a shadow candidate, do not switch
+    replace_model: bool = False  # signed permission to replace a model of another name
+    # base64 of the n_chunks raw sha256 digests, chunk after chunk (see chunk_hashes())
+    chunk_hashes: str | None = Field(default=None, max_length=4 * (-(-32 * MAX_CHUNKS // 3)))
+
+    @model_validator(mode="after")
+    def _chunks_agree(self) -> DeployPayload:
+        expected = -(-self.bundle_size // self.chunk_size)
+        if self.n_chunks != expected:
+            raise ValueError(
+                f"n_chunks {self.n_chunks} does not match {self.bundle_size} bytes "
+                f"in chunks of {self.chunk_size} ({expected})"
+            )
+        if self.chunk_hashes is not None and len(self.chunk_hashes) != 4 * (
+            -(-32 * self.n_chunks // 3)
+        ):
+            raise ValueError(f"chunk_hashes does not hold {self.n_chunks} sha256 digests")
+        return self
+
+    @cached_property
+    def chunk_digests(self) -> list[bytes] | None:
+        """The signed sha256 of every chunk, or None when the deploy lists none."""
+        if self.chunk_hashes is None:
+            return None
+        try:
+            raw = base64.b64decode(self.chunk_hashes, validate=True)
+        except ValueError:
+            return None
+        if len(raw) != 32 * self.n_chunks:
+            return None
+        return [raw[i : i + 32] for i in range(0, len(raw), 32)]
 
     def manifest_bytes(self) -> bytes:
         return base64.b64decode(self.manifest)
 
+    def chunk_bytes(self, index: int) -> int:
+        """The exact size chunk ``index`` must have."""
+        if index < self.n_chunks - 1:
+            return self.chunk_size
+        return self.bundle_size - self.chunk_size * (self.n_chunks - 1)
+
 
 class RollbackPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    to_release: int | None = None  # None: the previous slot
-    reason: str = ""
+    # The version the device ran before the rollout (recorded by the server when it first
+    # sent the deploy). None: the slot installed before the active one.
+    target: ModelRef | None = None
+    to_release: int | None = None  # operator tools: a release by number
+    reason: str = Field(default="", max_length=500)
+
+    @model_validator(mode="after")
+    def _target_complete(self) -> RollbackPayload:
+        if self.target is not None and self.target.sha256 is None:
+            raise ValueError("a rollback target names the model file's sha256")
+        return self
 
 
 class BenchmarkPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
     runs: int = Field(default=200, ge=10, le=100_000)
-    bundle_sha256: str | None = None  # None: the active model
+    bundle_sha256: Sha256 | None = None  # None: the active model
+
+
+CommandKind = Literal["deploy", "rollback", "benchmark", "config", "shadow_stop"]
+COMMAND_KINDS: tuple[str, ...] = ("deploy", "rollback", "benchmark", "config", "shadow_stop")
 
 
 class Command(Message):
-    command_id: str = Field(min_length=1, max_length=128)
-    device_id: str
-    kind: Literal["deploy", "rollback", "benchmark", "config", "shadow_stop"]
+    command_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")
+    device_id: str = Field(min_length=1, max_length=128)
+    kind: CommandKind
     ts: datetime = Field(default_factory=utcnow)
+    issued_at: datetime | None = None  # signed; the device refuses one from the future
+    expires_at: datetime | None = None  # signed; the device refuses it afterwards
     rollout_id: str | None = None
     deploy: DeployPayload | None = None
     rollback: RollbackPayload | None = None
@@ -128,14 +197,18 @@ class CommandStatus(Message):
     progress: float | None = None  # 0..1 while downloading
     model: ModelRef | None = None
     result: dict[str, Any] | None = None  # e.g. a field benchmark
+    # False: the device refused a command before admitting it (forged, misaddressed, stale,
+    # unparsable). Its command id was chosen by whoever sent it, so this is never a verdict
+    # on the server's own command: the server records it and decides nothing from it.
+    admitted: bool = True
 
 
 class ArtifactChunk(Message):
-    sha256: str  # of the whole artifact
-    index: int = Field(ge=0)
-    count: int = Field(ge=1)
-    chunk_sha256: str
-    data: str  # base64
+    sha256: Sha256  # of the whole artifact
+    index: int = Field(ge=0, lt=MAX_CHUNKS)
+    count: int = Field(ge=1, le=MAX_CHUNKS)
+    chunk_sha256: Sha256
+    data: str = Field(max_length=4 * (-(-MAX_CHUNK_BYTES // 3)))  # base64
 
     def payload(self) -> bytes:
         return base64.b64decode(self.data)
@@ -217,11 +290,35 @@ def decode(model: type[M], payload: bytes) -> M:
         raise ProtocolError(f"{model.__name__}.{where}: {err['msg']}") from None
 
 
+def chunk_hashes(data: bytes, chunk_size: int) -> str:
+    """``DeployPayload.chunk_hashes`` for ``data`` cut into ``chunk_size`` pieces."""
+    digests = b"".join(
+        hashlib.sha256(data[i : i + chunk_size]).digest()
+        for i in range(0, max(len(data), 1), chunk_size)
+    )
+    return base64.b64encode(digests).decode()
+
+
 def command_signing_bytes(cmd: Command) -> bytes:
+    """Canonical bytes of everything in the command but its signature (all kinds)."""
     return canonical_json(cmd.model_dump(mode="json", exclude={"signature"}, exclude_none=True))
 
 
-def sign_command(cmd: Command, key: KeyPair) -> Command:
+def sign_command(
+    cmd: Command,
+    key: KeyPair,
+    *,
+    now: datetime | None = None,
+    ttl_s: float | None = None,
+) -> Command:
+    """Sign ``cmd``; with ``ttl_s`` stamp ``issued_at = now`` and ``expires_at = now + ttl``."""
+    from datetime import timedelta
+
+    update: dict[str, Any] = {}
+    if ttl_s is not None:
+        issued = (now or utcnow()).replace(microsecond=0)
+        update = {"issued_at": issued, "expires_at": issued + timedelta(seconds=ttl_s)}
+    cmd = cmd.model_copy(update=update) if update else cmd
     return cmd.model_copy(update={"signature": key.sign(command_signing_bytes(cmd))})
 
 

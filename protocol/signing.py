@@ -5,7 +5,10 @@ a small JSON document ``{"alg": "ed25519", "key_id": ..., "signature": base64}``
 ``manifest.sig`` member of a bundle, or the ``signature`` field of a signed command).
 
 The trust store holds several public keys (rotation) and a list of revoked key ids; a
-revoked id is refused even when its key is still listed.
+revoked id is refused even when its key is still listed. Keys have roles: a store is for
+one role (``bundle`` keys sign bundle manifests offline, ``command`` keys are the fleet
+server's online keys that sign commands) and knows the key ids of the other role, so a
+key used in the wrong role is refused with ``key_wrong_role``, never accepted.
 """
 
 from __future__ import annotations
@@ -127,14 +130,32 @@ class TrustStore:
 
     keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
+    role: str = ""  # "bundle" or "command" (for messages); "" = unspecified
+    other_role: set[str] = field(default_factory=set)  # key ids that belong to another role
 
     @classmethod
-    def from_keys(cls, keys: Iterable[Ed25519PublicKey], revoked: Iterable[str] = ()) -> TrustStore:
-        return cls({key_id(k): k for k in keys}, set(revoked))
+    def from_keys(
+        cls,
+        keys: Iterable[Ed25519PublicKey],
+        revoked: Iterable[str] = (),
+        *,
+        role: str = "",
+        other_role: Iterable[str] = (),
+    ) -> TrustStore:
+        return cls({key_id(k): k for k in keys}, set(revoked), role, set(other_role))
 
     @classmethod
-    def from_files(cls, paths: Iterable[Path], revoked: Iterable[str] = ()) -> TrustStore:
-        return cls.from_keys([read_public_key(Path(p)) for p in paths], revoked)
+    def from_files(
+        cls,
+        paths: Iterable[Path],
+        revoked: Iterable[str] = (),
+        *,
+        role: str = "",
+        other_role: Iterable[str] = (),
+    ) -> TrustStore:
+        return cls.from_keys(
+            [read_public_key(Path(p)) for p in paths], revoked, role=role, other_role=other_role
+        )
 
     def add(self, key: Ed25519PublicKey) -> str:
         kid = key_id(key)
@@ -153,6 +174,11 @@ class TrustStore:
         if signature.key_id in self.revoked:
             raise SignatureError(ReasonCode.KEY_REVOKED, f"key {signature.key_id} is revoked")
         key = self.keys.get(signature.key_id)
+        if key is None and signature.key_id in self.other_role:
+            raise SignatureError(
+                ReasonCode.KEY_WRONG_ROLE,
+                f"key {signature.key_id} is not a {self.role or 'trusted'} key (another role's)",
+            )
         if key is None:
             raise SignatureError(ReasonCode.KEY_UNKNOWN, f"key {signature.key_id} is not trusted")
         try:

@@ -13,6 +13,7 @@ import pytest
 
 from protocol import KeyPair
 from tests.support.brokers import MOSQUITTO, EmbeddedBroker, Mosquitto
+from tests.support.keys import COMMAND_KEY
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
@@ -24,6 +25,12 @@ def signing_key() -> KeyPair:
 @pytest.fixture(scope="session")
 def other_key() -> KeyPair:
     return KeyPair.generate()
+
+
+@pytest.fixture(scope="session")
+def command_key() -> KeyPair:
+    """The fleet's online command key (a different role from ``signing_key``)."""
+    return COMMAND_KEY
 
 
 @pytest.fixture(scope="session")

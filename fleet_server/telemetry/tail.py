@@ -76,6 +76,9 @@ def _describe(kind: str, m: Any) -> str:
         extra = ""
         if m.deploy is not None:
             extra = f" bundle={m.deploy.bundle_sha256[:12]} chunks={m.deploy.n_chunks}"
+        elif m.rollback is not None and m.rollback.target is not None:
+            t = m.rollback.target
+            extra = f" to={t.name} {t.version} (r{t.release})"
         elif m.rollback is not None:
             extra = f" to_release={m.rollback.to_release or 'previous'}"
         signed = "signed" if m.signature else "unsigned"

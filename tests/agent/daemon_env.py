@@ -12,6 +12,7 @@ from protocol import KeyPair
 from protocol.transport_paho import PahoTransport
 from tests.agent.fleet_sim import FleetSim
 from tests.support.bundles import make_bundle
+from tests.support.keys import write_public
 
 
 def agent_config(
@@ -23,7 +24,7 @@ def agent_config(
         device_id=device_id,
         data_dir=tmp_path / device_id,
         broker=BrokerConfig(url=url),
-        trust=TrustConfig(public_keys=[pub]),
+        trust=TrustConfig(bundle_keys=[pub], command_keys=[write_public(tmp_path / "command")]),
         api=ApiConfig(port=0),
         sketch=SketchConfig(**({"window_seconds": 3600, "window_rows": 20} | sketch)),
     )

@@ -1,5 +1,8 @@
 """A tiny server side written with the protocol only (the fleet server is not imported).
 
+Commands are signed by the session's command key (:data:`tests.support.keys.COMMAND_KEY`)
+unless a test says otherwise; manifests by the bundle key the test passes.
+
 Builds deploy/rollback commands and artifact chunks, and talks to a device over any
 ``Transport``: it collects the device's statuses and states, and resends the chunks a
 ``downloading`` status lists as missing. Like the fleet server it pins the public key the
@@ -15,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 from protocol import KeyPair, Manifest, canonical_bytes
@@ -26,13 +30,29 @@ from protocol.messages import (
     DeployPayload,
     DeviceState,
     MetricsReport,
+    ModelRef,
     RollbackPayload,
     SketchReport,
+    chunk_hashes,
     decode,
     sign_command,
 )
 from protocol.topics import Topics
 from protocol.transport import Transport
+from tests.support.keys import COMMAND_KEY
+
+
+def signed(
+    cmd: Command,
+    key: KeyPair | None = COMMAND_KEY,
+    *,
+    now: datetime | None = None,
+    ttl_s: float = 3600.0,
+) -> Command:
+    """Stamp issued_at/expires_at and sign (``key=None``: unsigned, as an attacker sends)."""
+    if key is None:
+        return cmd
+    return sign_command(cmd, key, now=now, ttl_s=ttl_s)
 
 
 def deploy_command(
@@ -45,9 +65,12 @@ def deploy_command(
     chunk_size: int = 4096,
     http_url: str | None = None,
     shadow: bool = False,
-    sign: bool = False,
+    replace_model: bool = False,
+    command_key: KeyPair | None = COMMAND_KEY,
     bundle_sha256: str | None = None,
 ) -> Command:
+    """A deploy whose manifest is signed by ``key`` (a bundle key) and whose command is
+    signed by ``command_key`` (the fleet's command key; ``None``: unsigned)."""
     mb = canonical_bytes(manifest)
     payload = DeployPayload(
         manifest=base64.b64encode(mb).decode(),
@@ -58,6 +81,8 @@ def deploy_command(
         n_chunks=-(-len(bundle) // chunk_size),
         http_url=http_url,
         shadow=shadow,
+        replace_model=replace_model,
+        chunk_hashes=chunk_hashes(bundle, chunk_size),
     )
     cmd = Command(
         command_id=command_id or uuid.uuid4().hex,
@@ -66,23 +91,35 @@ def deploy_command(
         deploy=payload,
         rollout_id="ro-1",
     )
-    return sign_command(cmd, key) if sign else cmd
+    return signed(cmd, command_key)
 
 
 def rollback_command(
     device_id: str,
-    key: KeyPair | None,
+    key: KeyPair | None = COMMAND_KEY,
     *,
     to_release: int | None = None,
+    target: ModelRef | None = None,
     command_id: str | None = None,
 ) -> Command:
     cmd = Command(
         command_id=command_id or uuid.uuid4().hex,
         device_id=device_id,
         kind="rollback",
-        rollback=RollbackPayload(to_release=to_release, reason="test"),
+        rollback=RollbackPayload(to_release=to_release, target=target, reason="test"),
     )
-    return sign_command(cmd, key) if key is not None else cmd
+    return signed(cmd, key)
+
+
+def command(device_id: str, kind: str, key: KeyPair | None = COMMAND_KEY, **fields: Any) -> Command:
+    """Any other kind (config, benchmark, shadow_stop), signed by ``key``."""
+    cmd = Command(
+        command_id=fields.pop("command_id", None) or uuid.uuid4().hex,
+        device_id=device_id,
+        kind=kind,  # type: ignore[arg-type]
+        **fields,
+    )
+    return signed(cmd, key)
 
 
 def chunks(

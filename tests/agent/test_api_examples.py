@@ -47,7 +47,7 @@ def agent_url(tmp_path_factory: pytest.TempPathFactory, signing_key: KeyPair) ->
         device_id="docs-agent",
         data_dir=tmp / "data",
         api=ApiConfig(port=0),
-        trust=TrustConfig(public_keys=[tmp / "release.pub"]),
+        trust=TrustConfig(bundle_keys=[tmp / "release.pub"]),
     )
     agent = Agent(cfg, transport=MemoryBroker().client("docs-agent")).start()
     try:

@@ -24,9 +24,54 @@ def config(tmp_path: Path, signing_key) -> Path:
     (tmp_path / "release.pub").write_bytes(signing_key.public_pem())
     path = tmp_path / "agent.toml"
     assert invoke("init", "--out", str(path)).exit_code == 0
-    text = path.read_text().replace("public_keys = []", 'public_keys = ["release.pub"]')
+    text = path.read_text().replace("bundle_keys = []", 'bundle_keys = ["release.pub"]')
     path.write_text(text)
     return path
+
+
+def test_init_pins_bundle_and_command_keys_and_artifact_origins(
+    tmp_path: Path, signing_key, command_key
+) -> None:
+    (tmp_path / "release.pub").write_bytes(signing_key.public_pem())
+    (tmp_path / "fleet.pub").write_bytes(command_key.public_pem())
+    path = tmp_path / "agent.toml"
+    r = invoke(
+        "init",
+        "--out",
+        str(path),
+        "--bundle-key",
+        str(tmp_path / "release.pub"),
+        "--command-key",
+        str(tmp_path / "fleet.pub"),
+        "--artifact-origin",
+        "https://fleet.example:8700",
+    )
+    assert r.exit_code == 0, r.output
+    bundle, command = load_config(path).trust_stores()
+    assert list(bundle.keys) == [signing_key.key_id]
+    assert list(command.keys) == [command_key.key_id]
+    assert load_config(path).trust.artifact_origins == ["https://fleet.example:8700"]
+
+
+def test_init_refuses_one_key_in_both_roles(tmp_path: Path, signing_key) -> None:
+    (tmp_path / "k.pub").write_bytes(signing_key.public_pem())
+    path = tmp_path / "agent.toml"
+    key = str(tmp_path / "k.pub")
+    r = invoke("init", "-o", str(path), "--bundle-key", key, "--command-key", key)
+    assert r.exit_code == 1 and "both a bundle key and a command key" in r.stderr
+    assert not path.exists()
+
+
+def test_install_of_another_model_name_needs_replace_model(
+    config: Path, bundles, signing_key, tmp_path: Path
+) -> None:
+    assert invoke("install", str(bundles["v1"]), "-c", str(config)).exit_code == 0
+    other = tmp_path / "other.efb"
+    other.write_bytes(make_bundle(signing_key, name="wine", version="1.0.0", release=1)[0])
+    r = invoke("install", str(other), "-c", str(config))
+    assert r.exit_code == 1 and "model_name_mismatch" in r.stderr
+    r = invoke("install", str(other), "-c", str(config), "--replace-model")
+    assert r.exit_code == 0 and "installed wine 1.0.0" in r.output
 
 
 @pytest.fixture(scope="module")

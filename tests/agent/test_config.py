@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import DEFAULT_API_PORT, AgentConfig, example_config, load_config, parse_config
+from agent.config import (
+    DEFAULT_API_PORT,
+    AgentConfig,
+    TrustConfig,
+    example_config,
+    load_config,
+    parse_config,
+)
 from agent.errors import ConfigError
 
 
@@ -39,10 +46,14 @@ def test_api_binds_localhost_on_the_documented_port_by_default() -> None:
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "etc" / "agent.toml"
     path.parent.mkdir()
-    path.write_text('data_dir = "data"\n[trust]\npublic_keys = ["keys/a.pub", "/abs/b.pub"]\n')
+    path.write_text(
+        'data_dir = "data"\n[trust]\nbundle_keys = ["keys/a.pub", "/abs/b.pub"]\n'
+        'command_keys = ["keys/c.pub"]\n'
+    )
     cfg = load_config(path)
     assert cfg.data_dir == tmp_path / "etc" / "data"
-    assert cfg.trust.public_keys == [tmp_path / "etc" / "keys" / "a.pub", Path("/abs/b.pub")]
+    assert cfg.trust.bundle_keys == [tmp_path / "etc" / "keys" / "a.pub", Path("/abs/b.pub")]
+    assert cfg.trust.command_keys == [tmp_path / "etc" / "keys" / "c.pub"]
 
 
 def test_password_file_is_read_and_never_shown_in_repr(tmp_path: Path) -> None:
@@ -84,19 +95,52 @@ def test_config_is_frozen() -> None:
         cfg.api.port = 1  # type: ignore[misc]
 
 
-def test_trust_store_loads_pinned_keys_and_revocations(
-    tmp_path: Path, signing_key, other_key
+def test_trust_stores_load_both_roles_and_revocations(
+    tmp_path: Path, signing_key, other_key, command_key
 ) -> None:
     (tmp_path / "a.pub").write_bytes(signing_key.public_pem())
+    (tmp_path / "c.pub").write_bytes(command_key.public_pem())
     cfg = parse_config(
-        f'[trust]\npublic_keys = ["a.pub"]\nrevoked = ["{other_key.key_id}"]\n', base=tmp_path
+        f'[trust]\nbundle_keys = ["a.pub"]\ncommand_keys = ["c.pub"]\n'
+        f'revoked = ["{other_key.key_id}"]\n',
+        base=tmp_path,
     )
-    store = cfg.trust_store()
-    assert list(store.keys) == [signing_key.key_id]
-    assert store.revoked == {other_key.key_id}
-    bad = parse_config('[trust]\npublic_keys = ["missing.pub"]\n', base=tmp_path)
+    bundle, command = cfg.trust_stores()
+    assert list(bundle.keys) == [signing_key.key_id] and bundle.role == "bundle"
+    assert list(command.keys) == [command_key.key_id] and command.role == "command"
+    assert bundle.revoked == command.revoked == {other_key.key_id}
+    bad = parse_config('[trust]\nbundle_keys = ["missing.pub"]\n', base=tmp_path)
     with pytest.raises(ConfigError, match=r"missing\.pub"):
-        bad.trust_store()
+        bad.trust_stores()
+
+
+def test_a_config_with_the_old_public_keys_gets_one_line_saying_what_to_change(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config('[trust]\npublic_keys = ["a.pub"]\n', "agent.toml", base=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "trust.bundle_keys" in msg and "trust.command_keys" in msg
+    with pytest.raises(ConfigError, match=r"trust\.bundle_keys"):
+        TrustConfig(public_keys=[Path("a.pub")])  # type: ignore[call-arg]
+
+
+def test_the_same_key_in_both_roles_is_refused(tmp_path: Path, signing_key) -> None:
+    (tmp_path / "a.pub").write_bytes(signing_key.public_pem())
+    cfg = parse_config(
+        '[trust]\nbundle_keys = ["a.pub"]\ncommand_keys = ["a.pub"]\n', base=tmp_path
+    )
+    with pytest.raises(ConfigError, match="both a bundle key and a command key"):
+        cfg.trust_stores()
+
+
+def test_artifact_origins_must_be_bare_origins() -> None:
+    assert TrustConfig(artifact_origins=["https://Fleet.example:8700/"]).artifact_origins == [
+        "https://fleet.example:8700"
+    ]
+    for bad in ("https://fleet.example/v1/artifacts", "ftp://fleet", "https://u@fleet"):
+        with pytest.raises(ValueError):
+            TrustConfig(artifact_origins=[bad])
 
 
 def test_unknown_profile_is_a_config_error() -> None:

@@ -56,9 +56,7 @@ def test_deploy_over_mqtt_in_chunks_end_to_end(tmp_path, broker_url, signing_key
         wait_for(lambda: [s for s in sim.states if s.online])
         assert predict(agent, [IRIS_ROW])["model"]["version"] == "1.0.0"
         bundle, manifest = make_bundle(signing_key, version="2.0.0", release=2)
-        cmd = deploy_command(
-            "dev-deploy", bundle, manifest, signing_key, chunk_size=2048, sign=True
-        )
+        cmd = deploy_command("dev-deploy", bundle, manifest, signing_key, chunk_size=2048)
         sim.send(cmd, bundle)
         sim.send_chunks(bundle, cmd)
         wait_for(
@@ -168,7 +166,8 @@ def test_agent_run_stops_gracefully_on_sigterm_delivering_the_open_window(
     toml = tmp_path / "agent.toml"
     toml.write_text(
         f'device_id = "dev-sigterm"\ndata_dir = "{cfg.data_dir}"\n'
-        f'[broker]\nurl = "{url}"\n[trust]\npublic_keys = ["{cfg.trust.public_keys[0]}"]\n'
+        f'[broker]\nurl = "{url}"\n[trust]\nbundle_keys = ["{cfg.trust.bundle_keys[0]}"]\n'
+        f'command_keys = ["{cfg.trust.command_keys[0]}"]\n'
         f"[api]\nport = {port}\n[sketch]\nwindow_rows = 1000\n"
     )
     sim = server(url, "dev-sigterm")

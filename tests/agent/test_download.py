@@ -23,7 +23,10 @@ class _Handler(BaseHTTPRequestHandler):
     ranges_seen: ClassVar[list[str]] = []
     honour_range = True
 
+    requests = 0
+
     def do_GET(self) -> None:
+        type(self).requests += 1
         if self.path != "/bundle.efb":
             self.send_error(404)
             return
@@ -125,7 +128,7 @@ def test_deploy_with_http_url_installs_through_the_link(tmp_path, http_server, s
     server = broker.client("server")
     server.connect()
     sim = FleetSim(server, DEV)
-    node = make_node(tmp_path, signing_key, broker)
+    node = make_node(tmp_path, signing_key, broker, origins=(url,))
     node.device.installer.install_bytes(make_bundle(signing_key)[0])
     node.link.start()
     cmd = deploy_command(DEV, bundle, manifest, signing_key, http_url=f"{url}/bundle.efb")
@@ -134,6 +137,35 @@ def test_deploy_with_http_url_installs_through_the_link(tmp_path, http_server, s
     assert sim.states_of(cmd.command_id)[0] == "accepted"
     assert sim.states_of(cmd.command_id)[-1] == "installed"
     assert node.device.predictor.predict([IRIS_ROW]).model.version == "2.0.0"
+
+
+def test_http_url_outside_the_trusted_origins_is_refused_before_a_socket_opens(
+    tmp_path, http_server, signing_key, v2
+):
+    url, handler = http_server
+    bundle, manifest = v2
+    handler.body = bundle
+    handler.requests = 0
+    broker = MemoryBroker()
+    server = broker.client("server")
+    server.connect()
+    sim = FleetSim(server, DEV)
+    node = make_node(tmp_path, signing_key, broker, origins=("https://fleet.example:8700",))
+    node.device.installer.install_bytes(make_bundle(signing_key)[0])
+    node.link.start()
+    for n, foreign in enumerate((f"{url}/bundle.efb", "http://169.254.169.254/latest")):
+        cmd = deploy_command(
+            DEV, bundle, manifest, signing_key, http_url=foreign, command_id=f"o-{n}"
+        )
+        sim.send(cmd)
+    node.link.flush(timeout=0.1)
+    for n in range(2):
+        last = sim.last(f"o-{n}")
+        assert (last.state, last.reason) == ("rejected", "origin_untrusted")
+    assert handler.requests == 0 and not node.downloads.root.exists()
+    with pytest.raises(DownloadError) as err:  # the download code refuses it on its own too
+        fetch_http(http_download(tmp_path, bundle, manifest, signing_key, url), origins=())
+    assert err.value.reason.value == "origin_untrusted" and handler.requests == 0
 
 
 def test_chunks_are_verified_one_by_one(tmp_path, signing_key, v2):
@@ -205,3 +237,30 @@ def test_downloads_abandoned_for_longer_than_max_age_are_discarded_not_resumed(
     old = os.stat(d.dir / "session.json").st_mtime - 8 * 86400
     os.utime(d.dir / "session.json", (old, old))
     assert Downloads(tmp_path / "dl").resume() == [] and not d.dir.exists()
+
+
+def test_a_saved_session_outside_the_caps_is_discarded_at_restart_not_allocated(
+    tmp_path, signing_key, v2
+):
+    import json
+
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key)
+    d = Downloads(tmp_path / "dl").begin(cmd)
+    doc = json.loads((d.dir / "session.json").read_bytes())
+    doc["deploy"].update(chunk_size=1, n_chunks=len(bundle))  # what an old agent accepted
+    (d.dir / "session.json").write_text(json.dumps(doc))
+    assert Downloads(tmp_path / "dl").resume() == [] and not d.dir.exists()
+
+
+def test_a_saved_session_whose_signature_fails_is_discarded_at_restart(tmp_path, signing_key, v2):
+    from tests.agent.test_link import make_node
+
+    bundle, manifest = v2
+    broker = MemoryBroker()
+    node = make_node(tmp_path, signing_key, broker)
+    good = deploy_command(DEV, bundle, manifest, signing_key)
+    forged = good.model_copy(update={"command_id": "forged-1"})  # signature no longer holds
+    d = Downloads(node.downloads.root).begin(forged)
+    assert node.processor.resume() == []
+    assert node.downloads.active == {} and not d.dir.exists()

@@ -8,10 +8,10 @@ import pytest
 
 from agent.fieldbench import FieldBench, cpu_info, find_installed, run_benchmark
 from protocol import BundleError
-from protocol.messages import BenchmarkPayload, Command
+from protocol.messages import BenchmarkPayload
 from protocol.transport import MemoryBroker
 from tests.agent.agent_env import make_device
-from tests.agent.fleet_sim import FleetSim
+from tests.agent.fleet_sim import FleetSim, command
 from tests.agent.test_link import DEV, make_node
 from tests.support.bundles import make_bundle
 
@@ -64,16 +64,12 @@ def test_benchmark_command_returns_the_measurements_as_the_status_result(tmp_pat
         node.device.slots, threads=1, profile="host", device_id=DEV
     )
     node.link.start()
+    sim.send(command(DEV, "benchmark", command_id="b-1", benchmark=BenchmarkPayload(runs=20)))
     sim.send(
-        Command(
-            command_id="b-1", device_id=DEV, kind="benchmark", benchmark=BenchmarkPayload(runs=20)
-        )
-    )
-    sim.send(
-        Command(
+        command(
+            DEV,
+            "benchmark",
             command_id="b-2",
-            device_id=DEV,
-            kind="benchmark",
             benchmark=BenchmarkPayload(runs=20, bundle_sha256="e" * 64),
         )
     )

@@ -12,13 +12,21 @@ from agent.commands import CommandProcessor
 from agent.download import Downloads
 from agent.link import Link, last_will
 from agent.outbox import Outbox
-from protocol import KeyPair
-from protocol.messages import Command, DeviceState, decode
+from protocol import KeyPair, TrustStore
+from protocol.messages import DeviceState, decode
 from protocol.topics import Topics
 from protocol.transport import MemoryBroker
 from tests.agent.agent_env import IRIS_ROW, Device, make_device
-from tests.agent.fleet_sim import FleetSim, chunks, deploy_command, rollback_command
+from tests.agent.fleet_sim import (
+    FleetSim,
+    chunks,
+    command,
+    deploy_command,
+    rollback_command,
+    signed,
+)
 from tests.support.bundles import make_bundle
+from tests.support.keys import COMMAND_KEY
 
 DEV = "dev-1"
 TOPICS = Topics()
@@ -34,7 +42,11 @@ class Node:
 
 
 def make_node(
-    tmp_path: Path, key: KeyPair, broker: MemoryBroker, device: Device | None = None
+    tmp_path: Path,
+    key: KeyPair,
+    broker: MemoryBroker,
+    device: Device | None = None,
+    origins: tuple[str, ...] = (),
 ) -> Node:
     device = device or make_device(tmp_path, key, device_id=DEV)
     data = device.config.data_dir
@@ -59,11 +71,13 @@ def make_node(
         DEV,
         ledger=outbox,
         trust=device.installer.trust,
+        command_trust=TrustStore.from_keys([COMMAND_KEY.public], role="command"),
         downloads=downloads,
         installer=device.installer,
         predictor=device.predictor,
         report=lambda st: holder[0].report(st),
         on_model_change=lambda: holder[0].publish_birth(),
+        origins=origins,
     )
     transport = broker.client(DEV, will=last_will(birth(), TOPICS))
     link = Link(DEV, TOPICS, transport, outbox, processor, birth, synchronous=True)
@@ -155,10 +169,10 @@ def test_unsigned_rollback_is_refused_and_a_signed_one_rolls_back(world, signing
     last = sim.last(unsigned.command_id)
     assert (last.state, last.reason) == ("rejected", "signature_invalid")
     assert node.device.predictor.model.version == "2.0.0"
-    signed = rollback_command(DEV, signing_key)
-    sim.send(signed)
+    ok = rollback_command(DEV)
+    sim.send(ok)
     deliver(node)
-    assert sim.states_of(signed.command_id) == ["accepted", "rolled_back"]
+    assert sim.states_of(ok.command_id) == ["accepted", "rolled_back"]
     assert node.device.predictor.model.version == "1.0.0"
 
 
@@ -178,7 +192,7 @@ def test_deploy_whose_manifest_is_signed_by_an_unknown_key_is_refused_before_dow
     cmd = deploy_command(DEV, bundle, manifest, other_key)
     sim.send(cmd)
     deliver(node)
-    assert sim.states_of(cmd.command_id) == ["rejected"]
+    assert sim.states_of(cmd.command_id) == ["rejected"]  # admitted, its payload refused
     assert sim.last(cmd.command_id).reason == "key_unknown"
     assert not node.downloads.root.exists() or not any(node.downloads.root.iterdir())
 
@@ -237,18 +251,19 @@ def test_artifact_that_does_not_match_its_sha256_fails_with_hash_mismatch(world,
     assert node.device.predictor.model.version == "1.0.0"
 
 
-def test_command_for_another_device_or_garbage_is_rejected_as_invalid(world):
+def test_command_for_another_device_or_garbage_is_rejected_and_nothing_is_stored(world):
     broker, sim, node = world
-    other = Command(command_id="c-x", device_id="someone-else", kind="shadow_stop")
+    other = command("someone-else", "shadow_stop", command_id="c-x")
     broker.route(TOPICS.cmd(DEV), other.to_json(), False)
     broker.route(
         TOPICS.cmd(DEV), b'{"command_id": "c-y", "device_id": "dev-1", "kind": "explode"}', False
     )
     broker.route(TOPICS.cmd(DEV), b"not json at all", False)
     deliver(node)
-    assert sim.last("c-x").reason == "command_invalid"
+    assert sim.last("c-x").reason == "not_addressed"
     assert sim.last("c-y").reason == "command_invalid"
-    assert node.processor.invalid == 3
+    assert node.processor.refused == {"not_addressed": 1, "command_invalid": 2}
+    assert node.outbox.command_seen("c-x") is None and node.outbox.command_seen("c-y") is None
 
 
 def test_shadow_deploy_runs_the_candidate_beside_the_active_model(world, signing_key, v2):
@@ -261,7 +276,7 @@ def test_shadow_deploy_runs_the_candidate_beside_the_active_model(world, signing
     assert sim.last(cmd.command_id).result == {"shadow": True}
     assert node.device.predictor.model.version == "1.0.0"
     assert node.device.predictor.shadow.version == "2.0.0"
-    stop = Command(command_id="s-1", device_id=DEV, kind="shadow_stop")
+    stop = command(DEV, "shadow_stop", command_id="s-1")
     sim.send(stop)
     deliver(node)
     assert sim.states_of("s-1") == ["accepted", "done"] and node.device.predictor.shadow is None
@@ -269,14 +284,19 @@ def test_shadow_deploy_runs_the_candidate_beside_the_active_model(world, signing
 
 def test_statuses_queue_while_the_broker_is_down_and_flush_in_order_after(world, signing_key):
     broker, sim, node = world
+    node.device.installer.install_bytes(make_bundle(signing_key, version="2.0.0", release=2)[0])
     broker.set_online(False)
-    cmd = rollback_command(DEV, None)
+    forged = rollback_command(DEV, None)
+    node.link._on_message(TOPICS.cmd(DEV), forged.to_json())  # refused: nothing stored
+    assert node.outbox.count("status") == 0 and node.processor.refused == {"signature_invalid": 1}
+    cmd = rollback_command(DEV)
     node.link._on_message(TOPICS.cmd(DEV), cmd.to_json())  # e.g. a retained session replay
-    assert node.link.flush(timeout=0.1) == 0 and node.outbox.count("status") == 1
+    assert node.link.flush(timeout=0.1) == 0 and node.outbox.count("status") == 2
     broker.set_online(True)
     sim.t.connect()
     deliver(node)
-    assert sim.states_of(cmd.command_id) == ["rejected"] and node.outbox.count() == 0
+    assert sim.states_of(cmd.command_id) == ["accepted", "rolled_back"]
+    assert node.outbox.count() == 0
 
 
 def test_a_bundle_installed_just_before_a_crash_is_reported_installed_not_reinstalled(
@@ -304,7 +324,7 @@ def test_a_fresh_deploy_does_not_ask_for_every_chunk_but_a_retry_asks_only_for_t
     deliver(node)
     assert [s.result for s in sim.statuses if s.command_id == cmd.command_id] == [None, None]
     sim.send_chunks(bundle, cmd, [0, 1])
-    retry = cmd.model_copy(update={"command_id": "retry-1"})  # the server gave up and retried
+    retry = signed(cmd.model_copy(update={"command_id": "retry-1"}))  # the server retried
     sim.send(retry)
     deliver(node)
     n = cmd.deploy.n_chunks
@@ -320,12 +340,60 @@ def test_deploy_with_an_absurd_size_or_chunk_count_is_refused_before_anything_is
     for cid, update in (
         ("huge", {"bundle_size": 10**12, "n_chunks": 10**12 // good.deploy.chunk_size}),
         ("lying", {"n_chunks": 10**9}),
+        ("tiny-chunks", {"chunk_size": 1, "n_chunks": good.deploy.bundle_size}),
     ):
         cmd = good.model_copy(
             update={"command_id": cid, "deploy": good.deploy.model_copy(update=update)}
         )
-        sim.send(cmd)
+        sim.send(signed(cmd))  # even signed by the fleet: the caps hold
     deliver(node)
-    assert sim.last("huge").reason == "command_invalid" and "over the" in sim.last("huge").detail
-    assert sim.last("lying").reason == "command_invalid"
-    assert node.downloads.active == {}
+    for cid in ("huge", "lying", "tiny-chunks"):
+        assert sim.last(cid).reason == "command_invalid", cid
+    assert node.downloads.active == {} and not node.downloads.root.exists()
+    assert node.outbox.command_seen("huge") is None
+
+
+def test_a_rollback_returns_to_the_version_it_names_not_to_the_previous_slot(
+    world, signing_key, v1, v2
+):
+    from agent.installer import model_ref
+    from protocol.messages import ModelRef
+
+    _broker, sim, node = world
+    inst = node.device.installer
+    inst.install_bytes(v2[0])
+    inst.rollback()  # back on 1.0.0: 1.0.0 ran before the rollout of 3.0.0 below
+    inst.install_bytes(make_bundle(signing_key, version="3.0.0", release=3)[0])
+    assert inst.slots.previous_id() is not None and "2.0.0" in [m.version for m in inst.history()]
+    cmd = rollback_command(DEV, target=model_ref(v1[1]))
+    sim.send(cmd)
+    deliver(node)
+    assert sim.states_of(cmd.command_id) == ["accepted", "rolled_back"]
+    assert node.device.predictor.model.version == "1.0.0"  # not 2.0.0, the previous slot
+    gone = ModelRef(name="iris", version="0.5.0", release=1, sha256="0" * 64)
+    cmd = rollback_command(DEV, target=gone)
+    sim.send(cmd)
+    deliver(node)
+    last = sim.last(cmd.command_id)
+    assert (last.state, last.reason) == ("failed", "version_not_installed")
+    assert node.device.predictor.model.version == "1.0.0"
+
+
+def test_a_deploy_of_another_model_name_needs_the_signed_replace_model(world, signing_key):
+    _broker, sim, node = world
+    bundle, manifest = make_bundle(signing_key, name="wine", version="1.0.0", release=1)
+    cmd = deploy_command(DEV, bundle, manifest, signing_key, command_id="swap-1")
+    sim.send(cmd, bundle)
+    sim.send_chunks(bundle, cmd)
+    deliver(node)
+    assert (sim.last("swap-1").state, sim.last("swap-1").reason) == (
+        "rejected",
+        "model_name_mismatch",
+    )
+    assert node.device.predictor.model.name == "iris"
+    ok = deploy_command(DEV, bundle, manifest, signing_key, command_id="swap-2", replace_model=True)
+    sim.send(ok, bundle)
+    sim.send_chunks(bundle, ok)
+    deliver(node)
+    assert sim.last("swap-2").state == "installed"
+    assert node.device.predictor.model.name == "wine"

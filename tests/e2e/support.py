@@ -1,7 +1,8 @@
 """Helpers for the fault and attack suite: real agent processes, a broker recorder, a fleet.
 
 * :func:`write_agent_config` writes an ``agent.toml`` for one device (own data dir, API
-  port, pinned keys, short telemetry windows, optional fault injection).
+  port, pinned bundle keys and the fleet's command key, short telemetry windows, optional
+  fault injection).
 * :class:`AgentProcess` runs ``edgefleet agent run --config …`` as a real OS process
   (``kill()`` is ``kill -9``), and waits for its local API.
 * :func:`edgefleet` runs any other ``edgefleet …`` command in a subprocess.
@@ -29,6 +30,7 @@ import httpx
 from protocol import KeyPair
 from protocol.topics import Topics
 from tests.support.brokers import free_port
+from tests.support.keys import COMMAND_KEY, write_public
 
 REPO = Path(__file__).resolve().parents[2]
 # Devices of the suite enrol with this token; make_fleet() lists its hash.
@@ -88,8 +90,10 @@ def write_agent_config(
     *,
     device_id: str,
     broker_url: str,
-    public_keys: Iterable[Path],
+    bundle_keys: Iterable[Path],
+    command_keys: Iterable[Path] | None = None,
     revoked: Iterable[str] = (),
+    artifact_origins: Iterable[str] = (),
     data_dir: Path | None = None,
     api_port: int | None = None,
     window_s: float = 2.0,
@@ -105,8 +109,12 @@ def write_agent_config(
 
     With ``enrol_token`` (the default) the device proves the suite's enrolment token, so
     :func:`make_fleet` servers approve it at once; ``None`` leaves it pending.
+    ``command_keys`` defaults to the session's fleet command key
+    (:data:`tests.support.keys.COMMAND_KEY`).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    if command_keys is None:
+        command_keys = [write_public(folder / "keys")]
     lines = [
         f"device_id = {_toml(device_id)}",
         f"profile = {_toml(profile)}",
@@ -115,8 +123,10 @@ def write_agent_config(
         "[broker]",
         f"url = {_toml(broker_url)}",
         "[trust]",
-        f"public_keys = {json.dumps([str(p) for p in public_keys])}",
+        f"bundle_keys = {json.dumps([str(p) for p in bundle_keys])}",
+        f"command_keys = {json.dumps([str(p) for p in command_keys])}",
         f"revoked = {json.dumps(list(revoked))}",
+        f"artifact_origins = {json.dumps(list(artifact_origins))}",
         "[api]",
         f"port = {api_port or free_port()}",
         "[log]",
@@ -337,8 +347,8 @@ def make_fleet(
     folder: Path,
     broker_url: str,
     *,
-    signing_key: KeyPair,
-    trusted: Iterable[Path],
+    bundle_keys: Iterable[Path],
+    command_key: KeyPair = COMMAND_KEY,
     revoked: Iterable[str] = (),
     rollout: dict[str, Any] | None = None,
     connect: bool = True,
@@ -346,7 +356,8 @@ def make_fleet(
     devices: dict[str, Any] | None = None,
     topic_prefix: str = "edgefleet",
 ) -> Any:
-    """A real :class:`fleet_server.FleetService` on ``broker_url`` with its bridge started.
+    """A real :class:`fleet_server.FleetService` on ``broker_url`` with its bridge started;
+    it signs commands with ``command_key`` and accepts bundles signed by ``bundle_keys``.
 
     Devices proving :data:`ENROL_TOKEN` are approved at once (``devices`` overrides the
     ``[devices]`` section).
@@ -357,7 +368,7 @@ def make_fleet(
     from protocol.device_auth import token_hash
     from protocol.transport_paho import PahoTransport
 
-    key_path = write_private_key(folder / "keys", signing_key)
+    key_path = write_private_key(folder / "keys", command_key)
     config = FleetConfig.model_validate(
         {
             "data_dir": str(folder / "fleet"),
@@ -367,8 +378,8 @@ def make_fleet(
                 "topic_prefix": topic_prefix,
             },
             "signing": {
-                "key": str(key_path),
-                "trusted": [str(p) for p in trusted],
+                "command_key": str(key_path),
+                "bundle_keys": [str(p) for p in bundle_keys],
                 "revoked": list(revoked),
             },
             "auth": {

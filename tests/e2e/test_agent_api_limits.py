@@ -43,7 +43,7 @@ def _agent(
         {
             "data_dir": folder / "data",
             "broker.url": f"mqtt://127.0.0.1:{free_port()}",  # no broker: serving never waits
-            "trust.public_keys": [str(key)],
+            "trust.bundle_keys": [str(key)],
             "api.port": port,
             "api.read_timeout_s": read_timeout_s,
             "api.max_connections": max_connections,

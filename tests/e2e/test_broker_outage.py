@@ -46,9 +46,7 @@ def test_sixty_second_broker_outage_loses_no_request_and_no_telemetry(
     iris_v1: Release,
     iris_v2: Release,
 ) -> None:
-    service = make_fleet(
-        tmp_path, mosquitto.url, signing_key=signing_key, trusted=[key_files["signing"]]
-    )
+    service = make_fleet(tmp_path, mosquitto.url, bundle_keys=[key_files["signing"]])
     counting = CountingSink(service)
     service.bridge.sink = counting
     recorder = BrokerRecorder(mosquitto.url).start()
@@ -58,7 +56,7 @@ def test_sixty_second_broker_outage_loses_no_request_and_no_telemetry(
             tmp_path / d,
             device_id=d,
             broker_url=mosquitto.url,
-            public_keys=[key_files["signing"]],
+            bundle_keys=[key_files["signing"]],
             window_s=2.0,
         )
         for d in ids

@@ -3,10 +3,11 @@ serving the model it had, and the fleet server records the reason.
 
 One real agent process (serving iris 1.1.0, release 2) on a real Mosquitto, with a real
 fleet server on the same broker. Each attack is delivered the way an attacker who controls
-the bytes would: a deploy command (signed with the fleet key, so the *bundle* checks are
-what is tested) and the artifact chunks, straight onto the device's MQTT topics — and also
-with ``edgefleet agent install`` on the device itself. A replayed older release is also
-sent through a genuine staged rollout of the fleet server.
+the bytes would: a deploy command (signed with the fleet's command key, as a compromised
+server would, so the *bundle* checks are what is tested) and the artifact chunks, straight
+onto the device's MQTT topics — and also with ``edgefleet agent install`` on the device
+itself. A replayed older release is also sent through a genuine staged rollout of the
+fleet server.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from protocol.messages import (
     Command,
     CommandStatus,
     DeployPayload,
+    chunk_hashes,
     sign_command,
 )
 from protocol.transport_paho import PahoTransport
@@ -84,13 +86,13 @@ def victim(
     folder = tmp_path_factory.mktemp("attacks")
     keys = write_public_keys(folder / "keys", signing_key, revoked_key)
     with Mosquitto() as broker:
-        service = make_fleet(folder, broker.url, signing_key=signing_key, trusted=keys[:1])
+        service = make_fleet(folder, broker.url, bundle_keys=keys[:1])
         recorder = BrokerRecorder(broker.url).start()
         config = write_agent_config(
             folder / "device",
             device_id=DEVICE,
             broker_url=broker.url,
-            public_keys=keys,
+            bundle_keys=keys,
             revoked=[revoked_key.key_id],
         )
         base, _ = make_bundle(signing_key, version=SERVING, release=2)
@@ -129,9 +131,10 @@ def deploy_command(data: bytes, quote: bytes, cid: str, key: KeyPair) -> Command
         bundle_size=len(data),
         chunk_size=DEFAULT_CHUNK_BYTES,
         n_chunks=n_chunks(len(data), DEFAULT_CHUNK_BYTES),
+        chunk_hashes=chunk_hashes(data, DEFAULT_CHUNK_BYTES),
     )
     cmd = Command(command_id=cid, device_id=DEVICE, kind="deploy", deploy=payload)
-    return sign_command(cmd, key)
+    return sign_command(cmd, key, ttl_s=600)
 
 
 def send_deploy(v: Victim, data: bytes, cid: str, key: KeyPair) -> None:
@@ -179,11 +182,11 @@ def assert_still_serving(v: Victim) -> None:
 
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_hostile_bundle_over_mqtt_is_refused_and_the_old_model_keeps_serving(
-    victim: Victim, hostile_bundles: dict[str, tuple[bytes, str]], signing_key: KeyPair, attack: str
+    victim: Victim, hostile_bundles: dict[str, tuple[bytes, str]], command_key: KeyPair, attack: str
 ) -> None:
     data, reason = hostile_bundles[attack]
     cid = f"attack-{attack}-{uuid.uuid4().hex[:6]}"
-    send_deploy(victim, data, cid, signing_key)
+    send_deploy(victim, data, cid, command_key)
     status = wait_until(lambda: final_status(victim, cid), 60, f"the device's verdict on {attack}")
     assert status.state in ("rejected", "failed"), f"{attack} was {status.state}"
     assert status.reason == reason, f"{attack}: {status.reason} ({status.detail})"

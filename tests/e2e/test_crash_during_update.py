@@ -100,7 +100,7 @@ def test_kill_9_during_install_always_restarts_on_a_verified_model(
     trust = TrustStore.from_keys([signing_key.public])
     template = tmp_path / "template"
     cfg = write_agent_config(
-        template, device_id="crash-1", broker_url=UNUSED_BROKER, public_keys=[key_files["signing"]]
+        template, device_id="crash-1", broker_url=UNUSED_BROKER, bundle_keys=[key_files["signing"]]
     )
     out = edgefleet("agent", "install", str(v1.write(tmp_path)), "--config", str(cfg))
     assert out.returncode == 0, out.stderr
@@ -113,7 +113,7 @@ def test_kill_9_during_install_always_restarts_on_a_verified_model(
             folder,
             device_id="crash-1",
             broker_url=UNUSED_BROKER,
-            public_keys=[key_files["signing"]],
+            bundle_keys=[key_files["signing"]],
         )
 
     # How long the process takes to start and refuse (imports only) vs a whole install;
@@ -176,8 +176,7 @@ def test_kill_9_of_the_daemon_during_a_deploy_restarts_on_a_verified_model_and_r
     service = make_fleet(
         tmp_path,
         mosquitto.url,
-        signing_key=signing_key,
-        trusted=[key_files["signing"]],
+        bundle_keys=[key_files["signing"]],
         rollout={"device_timeout_s": 20.0, "max_retries": 3},
     )
     recorder = BrokerRecorder(mosquitto.url).start()
@@ -192,7 +191,7 @@ def test_kill_9_of_the_daemon_during_a_deploy_restarts_on_a_verified_model_and_r
                 tmp_path / device,
                 device_id=device,
                 broker_url=mosquitto.url,
-                public_keys=[key_files["signing"]],
+                bundle_keys=[key_files["signing"]],
             )
             assert edgefleet("agent", "install", str(base), "--config", str(config)).returncode == 0
             agent = AgentProcess(config).start()

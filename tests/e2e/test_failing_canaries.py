@@ -37,14 +37,12 @@ FAILING = 3  # 30 % of the canaries
 def test_rollout_halts_at_stage_one_when_30_percent_of_canaries_fail(
     tmp_path: Path,
     mosquitto: Any,
-    signing_key: KeyPair,
+    command_key: KeyPair,
     key_files: dict[str, Path],
     iris_v1: Release,
     iris_v2: Release,
 ) -> None:
-    service = make_fleet(
-        tmp_path, mosquitto.url, signing_key=signing_key, trusted=[key_files["signing"]]
-    )
+    service = make_fleet(tmp_path, mosquitto.url, bundle_keys=[key_files["signing"]])
     recorder = BrokerRecorder(mosquitto.url).start()
     ids = [f"edge-{i:02d}" for i in range(CANARIES + OTHERS)]
 
@@ -53,7 +51,7 @@ def test_rollout_halts_at_stage_one_when_30_percent_of_canaries_fail(
             tmp_path / device_id,
             device_id=device_id,
             broker_url=mosquitto.url,
-            public_keys=[key_files["signing"]],
+            bundle_keys=[key_files["signing"]],
             fail_smoke_test=fail,
             window_s=30.0,
         )
@@ -115,14 +113,14 @@ def test_rollout_halts_at_stage_one_when_30_percent_of_canaries_fail(
             assert devs[d]["state"] == "queued"
 
         # On the wire: nothing for the devices outside stage 1, ever.
-        trust = TrustStore.from_keys([signing_key.public])
+        trust = TrustStore.from_keys([command_key.public])
         to_device: dict[str, list[tuple[str, Any]]] = {d: [] for d in ids}
         for kind in ("cmd", "artifact"):
             for device, m in recorder.by_kind(kind):
                 to_device[device].append((kind, m))
         for d in outside:
             assert to_device[d] == [], f"{d} (outside stage 1) received {to_device[d][:2]}"
-        # Every canary that installed got a rollback, signed by the fleet key.
+        # Every canary that installed got a rollback, signed by the fleet's command key.
         for d in installed:
             rollbacks = [
                 Command.model_validate_json(m.payload)
@@ -131,7 +129,7 @@ def test_rollout_halts_at_stage_one_when_30_percent_of_canaries_fail(
             ]
             assert len(rollbacks) >= 1, f"{d} installed v2 but got no rollback"
             for cmd in rollbacks:
-                assert verify_command(cmd, trust) == signing_key.key_id
+                assert verify_command(cmd, trust) == command_key.key_id
         # And every device serves v1 again (or still), answering predictions.
         for d, a in agents.items():
             assert a.model() == {"name": "iris", "version": "1.0.0", "release": 1}, d

@@ -67,7 +67,7 @@ def _config(folder: Path, device: str, broker: str, key: Path, **kw: Any) -> Pat
         folder / device,
         device_id=device,
         broker_url=broker,
-        public_keys=[key],
+        bundle_keys=[key],
         tags=["site-a"] if device.startswith("a") else ["site-b"],
         window_s=2.0,
         **kw,
@@ -81,12 +81,13 @@ def fleet(
     from fleet_server import auth
     from fleet_server.config import FleetConfig
     from fleet_server.serve import FleetServer
-    from tests.e2e.support import write_private_key, write_public_keys
+    from tests.e2e.support import write_public_keys
     from tests.support.bundles import make_bundle
+    from tests.support.keys import write_private
 
     tmp = tmp_path_factory.mktemp("measures")
     (pub,) = write_public_keys(tmp / "keys", signing_key)
-    priv = write_private_key(tmp / "keys", signing_key)
+    command = write_private(tmp / "command")  # the session's command key, pinned by agents
     v1, _ = make_bundle(signing_key, version="1.0.0", release=1, benchmark=_host_benchmark(tmp))
     v2, _ = make_bundle(signing_key, version="2.0.0", release=2)
     (tmp / "v1.efb").write_bytes(v1)
@@ -100,7 +101,7 @@ def fleet(
             "data_dir": str(tmp / "fleet"),
             "broker": {"url": broker.url, "client_id": f"fleet-{uuid.uuid4().hex[:6]}"},
             "api": {"host": "127.0.0.1", "port": free_port()},
-            "signing": {"key": str(priv), "trusted": [str(pub)]},
+            "signing": {"command_key": str(command), "bundle_keys": [str(pub)]},
             "auth": {"tokens": [{"token_hash": auth.hash_token(TOKEN), "role": "admin"}]},
             "rollout": {"tick_s": 0.2},
             "health": {"p95_ms": 100.0, "min_requests": 5, "offline_after_s": 3600.0},

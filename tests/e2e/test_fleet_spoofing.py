@@ -139,8 +139,7 @@ def test_server_drops_messages_a_device_sends_in_another_devices_name(
     service = make_fleet(
         tmp_path,
         url,
-        signing_key=signing_key,
-        trusted=[],
+        bundle_keys=[],
         transport_options={
             "username": SERVER_USER,
             "password": PASSWORDS[SERVER_USER],
@@ -172,7 +171,7 @@ def test_server_drops_messages_a_device_sends_in_another_devices_name(
 def test_server_drops_another_devices_topic_on_a_broker_without_acl(
     mosquitto, tmp_path, signing_key: KeyPair
 ):
-    service = make_fleet(tmp_path, mosquitto.url, signing_key=signing_key, trusted=[])
+    service = make_fleet(tmp_path, mosquitto.url, bundle_keys=[])
     d1 = device_client(mosquitto.url, "d1", None)
     key = enrol_d1(service, d1)
     try:

@@ -94,15 +94,13 @@ def test_agent_keeps_serving_and_reports_a_full_data_disk(
     key_files: dict[str, Path],
     iris_v1: Release,
 ) -> None:
-    service = make_fleet(
-        tmp_path, mosquitto.url, signing_key=signing_key, trusted=[key_files["signing"]]
-    )
+    service = make_fleet(tmp_path, mosquitto.url, bundle_keys=[key_files["signing"]])
     recorder = BrokerRecorder(mosquitto.url).start()
     config = write_agent_config(
         tmp_path / "device",
         device_id=DEVICE,
         broker_url=mosquitto.url,
-        public_keys=[key_files["signing"]],
+        bundle_keys=[key_files["signing"]],
         data_dir=small_disk,
         window_s=1.0,
     )

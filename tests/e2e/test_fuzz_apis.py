@@ -42,7 +42,7 @@ def agent_app(tmp_path_factory: pytest.TempPathFactory, key_files, iris_v1: Rele
             folder,
             device_id="fuzz-1",
             broker_url="mqtt://127.0.0.1:9",
-            public_keys=[key_files["signing"]],
+            bundle_keys=[key_files["signing"]],
         )
     )
     predictor = Predictor(cfg)
@@ -62,8 +62,7 @@ def fleet_app(
     service = make_fleet(
         folder,
         "mqtt://127.0.0.1:9",
-        signing_key=signing_key,
-        trusted=[key_files["signing"]],
+        bundle_keys=[key_files["signing"]],
         connect=False,
     )
     service.upload_bundle(iris_v1.data)  # something real behind /v1/bundles/{ref}

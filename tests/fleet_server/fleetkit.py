@@ -36,6 +36,7 @@ from protocol.messages import (
 )
 from protocol.topics import Topics
 from protocol.transport import Transport, Will
+from tests.support.keys import COMMAND_KEY, write_private
 
 # Simulated devices enrol with this token; make_config() lists its hash.
 TEST_ENROL_TOKEN = "eft-enrol-test-token"
@@ -52,11 +53,15 @@ def write_keys(tmp: Path, key: KeyPair) -> tuple[Path, Path]:
 def make_config(
     tmp: Path, key: KeyPair, *, broker_url: str = "mqtt://127.0.0.1:1", **rollout: Any
 ) -> FleetConfig:
-    priv, pub = write_keys(tmp, key)
+    """``key`` signs bundles; commands are signed by the session's :data:`COMMAND_KEY`."""
+    _, pub = write_keys(tmp, key)
     data: dict[str, Any] = {
         "data_dir": str(tmp / "fleet"),
         "broker": {"url": broker_url},
-        "signing": {"key": str(priv), "trusted": [str(pub)]},
+        "signing": {
+            "command_key": str(write_private(tmp / "command")),
+            "bundle_keys": [str(pub)],
+        },
         "rollout": {"tick_s": 0.1, **rollout},
         "devices": {"enrol_token_hashes": [token_hash(TEST_ENROL_TOKEN)]},
     }
@@ -156,8 +161,10 @@ class SimDevice:
         http: Callable[[str, dict[str, str]], bytes] | None = None,
         http_cut: int | None = None,
         enrol_token: str | None = TEST_ENROL_TOKEN,
+        command_trust: TrustStore | None = None,
     ) -> None:
         self.device_id = device_id
+        self.command_trust = command_trust or TrustStore.from_keys([COMMAND_KEY.public])
         self.topics = Topics(prefix)
         # Like the agent: an own key signs every message; the birth proves the token.
         self.key = KeyPair.generate()
@@ -168,7 +175,7 @@ class SimDevice:
         if enrol_token:
             self.proof = enrol_proof(token_hash(enrol_token), device_id, self.key.key_id)
         self._births = 0
-        self.trust = trust
+        self.trust = trust  # bundle keys
         self.profile = profile
         self.tags = list(tags)
         self.model = model
@@ -257,7 +264,7 @@ class SimDevice:
         if self.silent:
             return
         try:
-            verify_command(cmd, self.trust)
+            verify_command(cmd, self.command_trust)
         except EdgefleetError as exc:
             self.status(cmd, "rejected", reason="signature_invalid", detail=str(exc))
             return

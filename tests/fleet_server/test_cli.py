@@ -80,7 +80,7 @@ def test_token_create_prints_a_working_token_once(tmp_path: Path, signing_key: K
     cfg = make_config(tmp_path, signing_key)
     toml = tmp_path / "fleet.toml"
     toml.write_text(
-        f'data_dir = "{cfg.data_dir}"\n[signing]\ntrusted = ["{cfg.signing.trusted[0]}"]\n',
+        f'data_dir = "{cfg.data_dir}"\n[signing]\nbundle_keys = ["{cfg.signing.bundle_keys[0]}"]\n',
         encoding="utf-8",
     )
     r = run_cli(["fleet", "token", "create", "--role", "operator", "--config", str(toml)])

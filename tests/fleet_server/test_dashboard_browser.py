@@ -25,6 +25,7 @@ from protocol.device_auth import token_hash
 from tests.fleet_server.fleetkit import TEST_ENROL_TOKEN, enrol_token_file, write_keys
 from tests.support.brokers import free_port
 from tests.support.bundles import make_bundle
+from tests.support.keys import write_private, write_public
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -62,7 +63,7 @@ def fleet(tmp_path: Path, signing_key: KeyPair, amqtt_broker: Any) -> Iterator[d
     from agent.installer import Installer
 
     prefix = f"bt{uuid.uuid4().hex[:8]}"  # this test's own topics on the shared broker
-    priv, pub = write_keys(tmp_path, signing_key)
+    _, pub = write_keys(tmp_path, signing_key)
     cfg = FleetConfig.model_validate(
         {
             "data_dir": str(tmp_path / "fleet"),
@@ -72,7 +73,10 @@ def fleet(tmp_path: Path, signing_key: KeyPair, amqtt_broker: Any) -> Iterator[d
                 "client_id": f"{prefix}-fleet",
             },
             "api": {"host": "127.0.0.1", "port": free_port()},
-            "signing": {"key": str(priv), "trusted": [str(pub)]},
+            "signing": {
+                "command_key": str(write_private(tmp_path / "command")),
+                "bundle_keys": [str(pub)],
+            },
             "rollout": {"tick_s": 0.1, "soak_s": 0.0},
             "devices": {"enrol_token_hashes": [token_hash(TEST_ENROL_TOKEN)]},
         }
@@ -86,7 +90,7 @@ def fleet(tmp_path: Path, signing_key: KeyPair, amqtt_broker: Any) -> Iterator[d
             device_id=f"{prefix}-pi-{i}",
             data_dir=tmp_path / f"agent-{i}",
             broker=BrokerConfig(url=amqtt_broker.url, topic_prefix=prefix),
-            trust=TrustConfig(public_keys=[pub]),
+            trust=TrustConfig(bundle_keys=[pub], command_keys=[write_public(tmp_path / "command")]),
             api=ApiConfig(port=0),
             sketch=SketchConfig(window_seconds=3600),
             enrol=EnrolConfig(token_file=enrol_token_file(tmp_path)),

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import base64
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from fleet_server.delivery import chunk, deploy_command, n_chunks, reassemble
+from fleet_server.config import parse_config
+from fleet_server.delivery import chunk, deploy_command, n_chunks, reassemble, rollback_command
+from fleet_server.errors import BundleRejected, ConfigError
 from fleet_server.service import FleetService, RolloutRequest
 from protocol import KeyPair, TrustStore
 from protocol.bundle import read_bundle
 from protocol.errors import SignatureError
-from protocol.messages import verify_command
+from protocol.messages import ModelRef, verify_command
 from protocol.transport import MemoryBroker
 from tests.fleet_server.fleetkit import Api, SimDevice, make_config
 from tests.support.bundles import make_bundle
 
-CHUNK = 512
+CHUNK = 1024  # the protocol floor (MIN_CHUNK_BYTES)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def _rollout(svc: FleetService, bundle: bytes) -> str:
 
 
 def test_deploy_command_carries_the_signed_manifest_and_chunking(
-    signing_key: KeyPair, bundle: bytes
+    signing_key: KeyPair, command_key: KeyPair, bundle: bytes
 ) -> None:
     b = read_bundle(bundle)
     cmd = deploy_command(
@@ -61,18 +64,63 @@ def test_deploy_command_carries_the_signed_manifest_and_chunking(
         rollout_id="r-1",
         cid="r-1:d1:deploy:1",
         chunk_size=CHUNK,
-        key=signing_key,
+        key=command_key,
+        ttl_s=600,
     )
+    assert cmd.issued_at is not None and cmd.expires_at is not None
+    assert (cmd.expires_at - cmd.issued_at).total_seconds() == 600
     assert cmd.deploy is not None
     assert base64.b64decode(cmd.deploy.manifest) == b.manifest_bytes
     assert cmd.deploy.manifest_signature == b.signature
     assert cmd.deploy.bundle_size == len(bundle)
     assert cmd.deploy.n_chunks == n_chunks(len(bundle), CHUNK) > 1
-    trust = TrustStore.from_keys([signing_key.public])
-    assert verify_command(cmd, trust) == signing_key.key_id
-    forged = cmd.model_copy(update={"device_id": "d2"})
-    with pytest.raises(SignatureError):
-        verify_command(forged, trust)
+    trust = TrustStore.from_keys([command_key.public])
+    assert verify_command(cmd, trust) == command_key.key_id
+    for change in (
+        {"device_id": "d2"},
+        {"expires_at": cmd.expires_at + timedelta(days=1)},  # type: ignore[operator]
+        {"deploy": cmd.deploy.model_copy(update={"http_url": "http://evil"})},
+    ):
+        with pytest.raises(SignatureError):
+            verify_command(cmd.model_copy(update=change), trust)
+
+
+def test_a_rollback_names_the_version_the_device_ran_before_and_is_signed(
+    command_key: KeyPair,
+) -> None:
+    before = {"name": "iris", "version": "1.0.0", "release": 1, "sha256": "a" * 64}
+    cmd = rollback_command(
+        device_id="d1", rollout_id="r-1", cid="r-1:d1:rollback:1", key=command_key, target=before
+    )
+    assert cmd.rollback is not None and cmd.rollback.target is not None
+    assert cmd.rollback.target.model_dump() == before
+    assert verify_command(cmd, TrustStore.from_keys([command_key.public])) == command_key.key_id
+
+
+def test_the_server_refuses_a_bundle_signed_by_its_own_command_key(
+    tmp_path: Path, signing_key: KeyPair, command_key: KeyPair
+) -> None:
+    svc, _ = _fleet(tmp_path, signing_key)
+    own = make_bundle(command_key, version="9.0.0", release=9)[0]
+    with pytest.raises(BundleRejected) as err:
+        svc.upload_bundle(own)
+    assert err.value.reason == "key_wrong_role"
+    assert svc.upload_bundle(make_bundle(signing_key)[0])["version"] == "1.0.0"
+
+
+def test_the_command_key_listed_as_a_bundle_key_is_a_config_error(
+    tmp_path: Path, command_key: KeyPair
+) -> None:
+    cfg = make_config(tmp_path, command_key)  # the bundle key IS the command key
+    with pytest.raises(ConfigError, match="bundle_keys"):
+        FleetService(cfg)
+
+
+def test_an_old_signing_section_gets_one_line_saying_what_to_change() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config('[signing]\nkey = "k.pem"\ntrusted = ["k.pub"]\n', "fleet.toml")
+    msg = str(err.value)
+    assert "\n" not in msg and "signing.command_key" in msg and "signing.bundle_keys" in msg
 
 
 def test_chunks_carry_their_own_hash_and_reassemble_only_when_whole(bundle: bytes) -> None:
@@ -140,3 +188,63 @@ def test_http_download_resumes_with_a_range_request(
     assert dev.http_requests == [{}, {"Range": "bytes=300-"}]
     assert dev.model is not None and dev.model.version == "1.0.0"
     assert svc.rollout_status(rid)["counts"] == {"installed": 1}
+
+
+def test_rollback_names_the_model_each_device_ran_before_the_rollout(
+    tmp_path: Path, signing_key: KeyPair, command_key: KeyPair, bundle: bytes
+) -> None:
+    svc, broker = _fleet(tmp_path, signing_key)
+    before = ModelRef(name="iris", version="0.9.0", release=1, sha256="c" * 64)
+    dev = _device(broker, signing_key, model=before)
+    fresh = _device(broker, signing_key, name="d2")  # ran no model before
+    rid = _rollout(svc, bundle)
+    assert dev.model is not None and dev.model.version == "1.0.0"
+    svc.rollback_rollout(rid)
+    svc.tick()
+    rollbacks = {
+        d.device_id: c
+        for d in (dev, fresh)
+        for c in d.commands
+        if c.kind == "rollback" and c.rollback is not None
+    }
+    assert rollbacks["d1"].rollback.target == before  # type: ignore[union-attr]
+    assert rollbacks["d2"].rollback.target is None  # type: ignore[union-attr]
+    trust = TrustStore.from_keys([command_key.public])
+    for c in [*dev.commands, *fresh.commands]:  # every kind, every command: signed, dated
+        assert verify_command(c, trust) == command_key.key_id
+        assert c.issued_at is not None and c.expires_at is not None and c.expires_at > c.issued_at
+
+
+def test_a_refusal_the_device_sent_for_a_command_it_never_admitted_decides_nothing(
+    tmp_path: Path, signing_key: KeyPair, bundle: bytes
+) -> None:
+    """An attacker sends the device an unsigned command carrying a real rollout's command id;
+    the device answers rejected(signature_invalid, admitted=false). The rollout ignores it."""
+    from protocol.messages import CommandStatus
+
+    svc, broker = _fleet(tmp_path, signing_key)
+    dev = _device(broker, signing_key, silent=True)  # received the deploy, answers nothing yet
+    rid = _rollout(svc, bundle)
+    cid = dev.commands[0].command_id
+    refusal = CommandStatus(
+        device_id="d1",
+        command_id=cid,
+        state="rejected",
+        reason="signature_invalid",
+        admitted=False,
+    )
+    svc.on_status(refusal)
+    svc.tick()
+    st = svc.rollout_status(rid)
+    assert st["state"] == "running" and st["devices"][0]["state"] != "rejected"
+    assert any("signature_invalid" in e["message"] for e in svc.events(device_id="d1"))
+
+
+def test_a_big_bundle_gets_chunks_large_enough_for_the_protocols_chunk_cap() -> None:
+    from fleet_server.delivery import chunk_size_for
+    from protocol.messages import MAX_BUNDLE_BYTES, MAX_CHUNKS
+
+    for size, configured in ((MAX_BUNDLE_BYTES, 1024), (10**8, 4096), (5000, 1024)):
+        cs = chunk_size_for(size, configured)
+        assert cs >= configured and cs % 1024 == 0 and n_chunks(size, cs) <= MAX_CHUNKS
+    assert chunk_size_for(5000, 1024) == 1024

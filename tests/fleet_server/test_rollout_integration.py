@@ -24,6 +24,7 @@ from protocol import KeyPair
 from protocol.transport_paho import PahoTransport
 from tests.fleet_server.fleetkit import DeviceKey, enrol_token_file, make_config
 from tests.support.bundles import make_bundle
+from tests.support.keys import write_public
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +80,10 @@ class RealFleet:
             device_id=device_id,
             data_dir=self.tmp / device_id,
             broker=BrokerConfig(url=self.url, topic_prefix=self.prefix),
-            trust=TrustConfig(public_keys=[self.cfg.signing.trusted[0]]),
+            trust=TrustConfig(
+                bundle_keys=[self.cfg.signing.bundle_keys[0]],
+                command_keys=[write_public(self.tmp / "command")],
+            ),
             api=ApiConfig(port=0),  # own API port each
             sketch=SketchConfig(window_seconds=3600),
             faults=FaultsConfig(fail_smoke_test=fail),
@@ -245,7 +249,10 @@ def test_serve_runs_api_bridge_and_embedded_broker_in_one_process(
                 device_id="served-1",
                 data_dir=tmp_path / "a",
                 broker=BrokerConfig(url=cfg.broker.url),
-                trust=TrustConfig(public_keys=[cfg.signing.trusted[0]]),
+                trust=TrustConfig(
+                    bundle_keys=[cfg.signing.bundle_keys[0]],
+                    command_keys=[write_public(tmp_path / "command")],
+                ),
                 api=ApiConfig(port=0),
                 enrol=EnrolConfig(token_file=enrol_token_file(tmp_path)),
             ),

@@ -84,7 +84,7 @@ def test_every_topic_kind_reads_as_one_line():
         ),
         (
             T.artifact("d1", "ab" * 32, 0),
-            ArtifactChunk(sha256="ab" * 32, index=0, count=4, chunk_sha256="x", data="AAAA"),
+            ArtifactChunk(sha256="ab" * 32, index=0, count=4, chunk_sha256="cd" * 32, data="AAAA"),
             "d1 artifact: abababababab chunk 1/4 (3 B)",
         ),
         (

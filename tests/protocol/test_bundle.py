@@ -191,3 +191,99 @@ def test_pack_is_deterministic(bundle, signing_key):
     b = read_bundle(data)
     again = pack_bundle(canonical_bytes(manifest), b.signature, b.members)
     assert again == data
+
+
+# -- zip bombs: nothing is inflated before the signature, nothing past its declared size ---
+BOMB_BYTES = 64 * 1024 * 1024  # inflates from about 64 KB
+
+
+def _bomb(real: bytes, *, sign_with=None) -> bytes:
+    """The real bundle's manifest (+ signature, or one by ``sign_with``), and a
+    ``model.onnx`` that inflates to 64 MiB of zeros, written streamed (no 64 MiB buffer)."""
+    b = read_bundle(real)
+    sig = (sign_with.sign(b.manifest_bytes) if sign_with else b.signature).to_bytes()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("manifest.json", b.manifest_bytes)
+        zf.writestr("manifest.sig", sig)
+        info = zipfile.ZipInfo("model.onnx")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zf.open(info, "w", force_zip64=True) as fh:
+            block = bytes(1024 * 1024)
+            for _ in range(BOMB_BYTES // len(block)):
+                fh.write(block)
+    return out.getvalue()
+
+
+def _peak_mib(fn) -> float:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    except BundleError:
+        pass
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak / 2**20
+
+
+def test_a_forged_zip_bomb_is_refused_before_any_member_is_inflated(bundle, signing_key, other_key):
+    bomb = _bomb(bundle[0], sign_with=other_key)
+    assert len(bomb) < 1024 * 1024
+    with pytest.raises(SignatureError) as err:
+        read_bundle(bomb, trust=trust(signing_key))
+    assert err.value.reason is ReasonCode.KEY_UNKNOWN
+    peak = _peak_mib(lambda: read_bundle(bomb, trust=trust(signing_key)))
+    assert peak < 8, f"{peak:.1f} MiB allocated refusing a forged bomb"
+
+
+def test_a_signed_manifest_caps_inflation_at_each_members_declared_size(bundle, signing_key):
+    bomb = _bomb(bundle[0])  # the genuine signature: the manifest declares the real size
+    for kwargs in ({"trust": trust(signing_key)}, {}):
+        with pytest.raises(ArchiveError) as err:
+            read_bundle(bomb, **kwargs)
+        assert err.value.reason is ReasonCode.HASH_MISMATCH
+        peak = _peak_mib(lambda kw=kwargs: read_bundle(bomb, **kw))
+        assert peak < 8, f"{peak:.1f} MiB allocated inflating a 64 MiB member ({kwargs})"
+
+
+def test_with_trust_an_unlisted_member_is_refused_before_it_is_inflated(bundle, signing_key):
+    def add(name, payload):
+        extra = [("extra.bin", b"x" * 10)] if name == "manifest.sig" else []
+        return [(name, payload), *extra]
+
+    with pytest.raises(ArchiveError, match="unlisted"):
+        read_bundle(rezip(bundle[0], add), trust=trust(signing_key))
+
+
+def test_anti_rollback_is_per_model_name_and_another_name_needs_replace_model(signing_key):
+    wine, _ = make_bundle(signing_key, name="wine", version="1.0.0", release=1)
+    b = read_bundle(wine)
+    with pytest.raises(BundleError) as err:
+        verify_bundle(b, trust(signing_key), installed_release=5, active_name="iris")
+    assert err.value.reason is ReasonCode.MODEL_NAME_MISMATCH
+    m = verify_bundle(
+        b, trust(signing_key), installed_release=5, active_name="iris", replace_model=True
+    )
+    assert m.name == "wine"  # iris's release 5 does not count against wine
+    with pytest.raises(BundleError) as err:
+        verify_bundle(
+            b,
+            trust(signing_key),
+            installed_release=5,
+            active_name="iris",
+            installed={"iris": 5, "wine": 1},
+            replace_model=True,
+        )
+    assert err.value.reason is ReasonCode.RELEASE_NOT_NEWER
+
+
+def test_a_command_key_cannot_sign_a_bundle(signing_key, command_key):
+    forged, _ = make_bundle(command_key)
+    store = TrustStore.from_keys(
+        [signing_key.public], role="bundle", other_role=[command_key.key_id]
+    )
+    with pytest.raises(SignatureError) as err:
+        read_bundle(forged, trust=store)
+    assert err.value.reason is ReasonCode.KEY_WRONG_ROLE

@@ -246,6 +246,9 @@ def create_app(service: FleetService) -> "FastAPI":
         body, ctype = service.exporter.render()
         return Response(body, media_type=ctype)
 
+    from .channels_api import add_routes as add_channel_routes
+
+    add_channel_routes(app, service)  # release channels: /v1/channels, /v1/promotions, …
     _mount_dashboard(app, service)
     return app
 

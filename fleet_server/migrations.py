@@ -165,6 +165,7 @@ DEVICE_COUNTS_SQL = (
     'group by "profile", "model", "version", "online"'
 )
 
+
 # Release channels (fleet_server/channels.py): per model, each channel's policy and current
 # bundle; every move of a bundle into or out of a channel (lineage); the channel each device
 # follows (reported by its agent, or assigned by the server); archived bundles.

@@ -569,7 +569,9 @@ class PostgresRepository:
     def archive_bundle(self, sha256: str, ts: float, actor: str, reason: str) -> None:
         with self._conn() as conn:
             conn.execute(
-                self._upsert_sql("archived_bundles", ["sha256", "ts", "actor", "reason"], ["sha256"]),
+                self._upsert_sql(
+                    "archived_bundles", ["sha256", "ts", "actor", "reason"], ["sha256"]
+                ),
                 [sha256, ts, actor, reason],
             )
 

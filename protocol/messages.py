@@ -70,6 +70,8 @@ class DeviceState(Message):
     runtimes: dict[str, str] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list)
     api_url: str | None = None
+    # the release channel the agent follows ("stable" or "MODEL/stable"); optional
+    channel: str | None = Field(default=None, max_length=160)
 
 
 class DeployPayload(BaseModel):

@@ -1,0 +1,608 @@
+"""Release channels, carried out: gathers facts from the registry, asks :mod:`.channels`,
+and acts through the service's ordinary rollout functions (``create_rollout``,
+``start_rollout``, ``rollback_rollout``), so channel rollouts are plain rollouts with the
+usual gates, audit and signed commands.
+
+Stored (migration 3): ``channels`` (policy and current bundle per model and channel),
+``channel_history`` (every move, with who and why, and the rollouts that delivered a
+channel's bundle), ``device_channels`` (reported by the agent / assigned by the server) and
+``archived_bundles``. Every action is audited with the actor and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from . import channels as rules
+from .channels import ChannelPolicy, DeviceView, PromotionFacts, Target
+from .errors import Conflict, FleetError, InvalidInput, NotFound, PromotionRefused
+from .rollout_engine import FAILED
+
+if TYPE_CHECKING:
+    from .service import FleetService
+
+log = logging.getLogger(__name__)
+
+_ACTIVE = ("created", "running", "paused")
+_IN_FLIGHT = frozenset({"queued", "downloading", "verifying"})
+
+
+class ChannelService:
+    """The channel actions of one :class:`~.service.FleetService` (its ``channels``)."""
+
+    def __init__(self, service: FleetService, every_s: float = 1.0) -> None:
+        self.svc = service
+        self.repo = service.repo
+        self.every_s = every_s
+        self._last_tick = float("-inf")
+        self._reported: dict[str, str | None] = {
+            d: r.get("reported") for d, r in self.repo.device_channels().items()
+        }
+
+    # reading ----------------------------------------------------------------------------
+    def _rows(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(r["model"], r["channel"]): r for r in self.repo.list_channels()}
+
+    def _policy(self, row: dict[str, Any] | None, channel: str) -> ChannelPolicy:
+        if row and row.get("policy"):
+            return ChannelPolicy.from_dict(json.loads(row["policy"]))
+        return rules.default_policy(channel)
+
+    def _models(self, rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+        return sorted({b["name"] for b in self.repo.list_bundles()} | {m for m, _ in rows})
+
+    def _bundle(self, sha: str | None) -> dict[str, Any] | None:
+        return self.repo.get_bundle(sha) if sha else None
+
+    def _rollout_state(self, rid: str | None) -> dict[str, Any] | None:
+        if not rid:
+            return None
+        try:
+            return self.svc.rollout_status(rid)
+        except NotFound:
+            return None
+
+    def _following(self, rows: dict[tuple[str, str], dict[str, Any]]) -> dict[str, tuple[str, str]]:
+        """device id → (model, channel) it follows (rule 1)."""
+        assigned = self.repo.device_channels()
+        bundles = {b["sha256"]: b for b in self.repo.list_bundles()}
+        models = self._models(rows)
+        out: dict[str, tuple[str, str]] = {}
+        for d in self.svc.list_devices():
+            a = assigned.get(d["device_id"], {})
+            name = rules.effective(a.get("assigned"), a.get("reported"))
+            if not name:
+                continue
+            with_bundle, with_channel = [], []
+            for m in models:
+                row = rows.get((m, name))
+                if row is None and name not in rules.DEFAULT_CHANNELS:
+                    continue
+                with_channel.append(m)
+                b = bundles.get((row or {}).get("current_sha256") or "")
+                if b is not None:
+                    profiles = [p for p in (b.get("profiles") or "").split(",") if p]
+                    if not profiles or d["profile"] in profiles:
+                        with_bundle.append(m)
+            got = rules.resolve(name, d.get("model"), with_bundle or with_channel)
+            if got is not None:
+                out[d["device_id"]] = got
+        return out
+
+    def overview(self, model: str | None = None) -> list[dict[str, Any]]:
+        """Every channel of every model: policy, current bundle, devices and history."""
+        rows = self._rows()
+        following = self._following(rows)
+        devices = {d["device_id"]: d for d in self.svc.list_devices()}
+        out = []
+        for m in self._models(rows):
+            if model and m != model:
+                continue
+            names = sorted(set(rules.DEFAULT_CHANNELS) | {c for mm, c in rows if mm == m})
+            for c in names:
+                out.append(self._describe(m, c, rows.get((m, c)), following, devices))
+        return out
+
+    def get(self, model: str, channel: str) -> dict[str, Any]:
+        rows = self._rows()
+        if (model, channel) not in rows and channel not in rules.DEFAULT_CHANNELS:
+            raise NotFound(f"model {model} has no channel {channel!r}", field="channel")
+        devices = {d["device_id"]: d for d in self.svc.list_devices()}
+        return self._describe(
+            model, channel, rows.get((model, channel)), self._following(rows), devices
+        )
+
+    def _describe(
+        self,
+        model: str,
+        channel: str,
+        row: dict[str, Any] | None,
+        following: dict[str, tuple[str, str]],
+        devices: dict[str, dict[str, Any]],
+    ) -> dict[str, Any]:
+        current = self._bundle((row or {}).get("current_sha256"))
+        history = self.repo.channel_history(model=model, channel=channel, limit=50)
+        members = [
+            {
+                "device_id": d,
+                "online": bool(devices[d].get("online")),
+                "version": devices[d].get("version"),
+                "model": devices[d].get("model"),
+            }
+            for d, mc in sorted(following.items())
+            if mc == (model, channel) and d in devices
+        ]
+        prev = rules.previous_bundle(history, current["sha256"] if current else None)
+        prev_b = self._bundle(prev)
+        return {
+            "model": model,
+            "channel": channel,
+            "policy": self._policy(row, channel).to_dict(),
+            "current": _brief(current),
+            "previous": _brief(prev_b),
+            "devices": members,
+            "history": [_history(h) for h in history if h["action"] in rules.MOVES],
+            "can_demote": current is not None and prev_b is not None,
+        }
+
+    def lineage(self, ref: str) -> dict[str, Any]:
+        """Every channel a bundle was in, when, and why; and whether it is archived."""
+        b = self.svc._find_bundle(ref)
+        rows = self.repo.channel_history(sha256=b["sha256"], limit=500)
+        archived = self.repo.archived_bundles().get(b["sha256"])
+        return {
+            "bundle": _brief(b),
+            "lineage": [_history(h) for h in reversed(rows) if h["action"] in rules.MOVES],
+            "current_in": [
+                r["channel"]
+                for r in self.repo.list_channels()
+                if r.get("current_sha256") == b["sha256"]
+            ],
+            "archived": archived,
+        }
+
+    # policies and membership ----------------------------------------------------------------
+    def define(
+        self, model: str, channel: str, policy: dict[str, Any], actor: str = "api"
+    ) -> dict[str, Any]:
+        """Create a channel, or replace its policy (unset fields take the defaults)."""
+        rules.check_name(channel)
+        if not model or len(model) > 128:
+            raise InvalidInput("model name must be 1–128 characters", field="model")
+        p = ChannelPolicy.from_dict({**rules.default_policy(channel).to_dict(), **policy})
+        if p.requires == channel:
+            raise InvalidInput("a channel cannot require itself", field="requires")
+        self.repo.save_channel(
+            {
+                "model": model,
+                "channel": channel,
+                "policy": json.dumps(p.to_dict()),
+                "updated_at": self.svc.clock(),
+            }
+        )
+        self.svc._audit(
+            actor,
+            "channel.define",
+            f"channel:{model}/{channel}",
+            f"policy set: {json.dumps(p.to_dict(), sort_keys=True)}",
+        )
+        self.svc.flush()
+        return self.get(model, channel)
+
+    def assign(self, device_id: str, channel: str | None, actor: str = "api") -> dict[str, Any]:
+        """Server-side channel of a device (overrides what its agent reports); None clears."""
+        if self.repo.get_device(device_id) is None:
+            raise NotFound(f"unknown device {device_id!r}", field="device_id")
+        if channel:
+            _model, sep, name = channel.partition("/")
+            rules.check_name(name if sep else channel)
+        self.repo.set_device_channel(
+            device_id, assigned=channel or None, updated_at=self.svc.clock()
+        )
+        self.svc._audit(
+            actor,
+            "device.channel",
+            f"device:{device_id}",
+            f"channel set to {channel}" if channel else "channel assignment cleared",
+        )
+        self.svc.flush()
+        self.svc._wake.set()
+        return {
+            "device_id": device_id,
+            "assigned": channel or None,
+            "reported": self._reported.get(device_id),
+        }
+
+    def observe(self, device_id: str, reported: str | None) -> None:
+        """From a device's state message: the channel its agent follows."""
+        if reported is not None and not _valid_follow(reported):
+            return
+        if self._reported.get(device_id, None) == reported:
+            return
+        self._reported[device_id] = reported
+        self.repo.set_device_channel(device_id, reported=reported, updated_at=self.svc.clock())
+        self.svc._event("channel", f"{device_id} follows channel {reported}", device_id=device_id)
+
+    # promotion ------------------------------------------------------------------------------
+    def _facts(
+        self, b: dict[str, Any], channel: str, rows: dict[tuple[str, str], dict[str, Any]]
+    ) -> tuple[ChannelPolicy, PromotionFacts]:
+        model = b["name"]
+        row = rows.get((model, channel))
+        policy = self._policy(row, channel)
+        current = self._bundle((row or {}).get("current_sha256"))
+        succeeded_at, holds = None, False
+        if policy.requires:
+            req = rows.get((model, policy.requires)) or {}
+            holds = req.get("current_sha256") == b["sha256"]
+            for h in self.repo.channel_history(
+                model=model, channel=policy.requires, sha256=b["sha256"]
+            ):
+                st = self._rollout_state(h.get("rollout_id"))
+                if st and st["state"] == "succeeded":
+                    done = max((s["finished_at"] or 0.0 for s in st["stages"]), default=0.0)
+                    succeeded_at = done if succeeded_at is None else min(succeeded_at, done)
+        drifting = None
+        if policy.no_drift and self.svc.drift is not None:
+            try:
+                drifting = bool(self.svc.drift.is_drifting(model, b["version"]))
+            except Exception:  # a drift store problem must not decide a promotion
+                log.exception("drift check for %s %s failed", model, b["version"])
+        accuracy = current_accuracy = None
+        if policy.accuracy_tolerance is not None:
+            accuracy = self.repo.metrics_summary(model, b["version"], 0.0)["accuracy"]
+            if current is not None:
+                current_accuracy = self.repo.metrics_summary(model, current["version"], 0.0)[
+                    "accuracy"
+                ]
+        facts = PromotionFacts(
+            sha256=b["sha256"],
+            release=int(b["release"]),
+            channel_known=row is not None or channel in rules.DEFAULT_CHANNELS,
+            current_sha256=current["sha256"] if current else None,
+            current_release=int(current["release"]) if current else None,
+            archived=b["sha256"] in self.repo.archived_bundles(),
+            required_succeeded_at=succeeded_at,
+            required_holds=holds,
+            drifting=drifting,
+            accuracy=accuracy,
+            current_accuracy=current_accuracy,
+        )
+        return policy, facts
+
+    def preview(self, ref: str, channel: str, force: bool = False) -> dict[str, Any]:
+        """What a promotion would do: the policy, every condition, the devices it reaches."""
+        rules.check_name(channel)
+        b = self.svc._find_bundle(ref)
+        rows = self._rows()
+        policy, facts = self._facts(b, channel, rows)
+        conditions = rules.check_promotion(policy, facts, self.svc.clock(), force=force)
+        following = self._following(rows)
+        devices = sorted(d for d, mc in following.items() if mc == (b["name"], channel))
+        return {
+            "bundle": _brief(b),
+            "channel": channel,
+            "policy": policy.to_dict(),
+            "conditions": [c.to_dict() for c in conditions],
+            "allowed": not rules.failed(conditions),
+            "devices": devices,
+            "current": _brief(self._bundle(facts.current_sha256)),
+        }
+
+    def promote(
+        self, ref: str, channel: str, *, actor: str = "api", reason: str = "", force: bool = False
+    ) -> dict[str, Any]:
+        """Make ``ref`` the channel's current bundle and roll it out to the channel's devices."""
+        plan = self.preview(ref, channel, force=force)
+        b = plan["bundle"]
+        target = f"channel:{b['name']}/{channel}"
+        bad = [c for c in plan["conditions"] if not c["ok"]]
+        if bad:
+            self.svc._audit(
+                actor,
+                "channel.promote_refused",
+                target,
+                f"{b['name']} {b['version']} refused: "
+                + "; ".join(f"{c['name']}: {c['detail']}" for c in bad),
+                {"conditions": plan["conditions"], "reason": reason},
+            )
+            self.svc.flush()
+            raise PromotionRefused(
+                f"promotion of {b['name']} {b['version']} to {channel} refused: "
+                + "; ".join(f"{c['name']} ({c['detail']})" for c in bad),
+                conditions=plan["conditions"],
+            )
+        rid = None
+        if plan["devices"]:
+            rid = self._start(b["sha256"], channel, plan["devices"], plan["policy"], actor, force)
+        rows = self._rows()
+        self.repo.save_channel(
+            {
+                "model": b["name"],
+                "channel": channel,
+                "current_sha256": b["sha256"],
+                "updated_at": self.svc.clock(),
+                "policy": (rows.get((b["name"], channel)) or {}).get("policy")
+                or json.dumps(plan["policy"]),
+            }
+        )
+        self._history(b["name"], channel, b["sha256"], "promote", actor, reason, rid)
+        why = f"{b['name']} {b['version']} promoted to {channel}" + (
+            f": {reason}" if reason else ""
+        )
+        self.svc._audit(
+            actor,
+            "channel.promote",
+            target,
+            why,
+            {"rollout_id": rid, "devices": len(plan["devices"])},
+        )
+        if force and any(
+            c["name"] == "not_archived" and "force" in c["detail"] for c in plan["conditions"]
+        ):
+            self.svc._audit(
+                actor,
+                "channel.force",
+                target,
+                f"archived bundle {b['version']} promoted with force",
+            )
+        self.svc.flush()
+        return {**self.get(b["name"], channel), "rollout_id": rid, "conditions": plan["conditions"]}
+
+    def _start(
+        self,
+        sha: str,
+        channel: str,
+        devices: list[str],
+        policy: dict[str, Any],
+        actor: str,
+        force: bool = False,
+    ) -> str:
+        from .service import RolloutRequest
+
+        rid = f"{channel}-{secrets.token_hex(5)}"
+        p = ChannelPolicy.from_dict(policy)
+        req = RolloutRequest(
+            bundle=sha,
+            rollout_id=rid,
+            selector=",".join(f"id={d}" for d in devices),
+            stages=list(p.stages),
+            stage_unit=p.stage_unit,
+            success_threshold=p.success_threshold,
+            failure_threshold=p.failure_threshold,
+            min_devices=p.min_devices,
+            soak_s=p.soak_s,
+            device_timeout_s=p.device_timeout_s,
+            max_retries=p.max_retries,
+        )
+        self.svc.create_rollout(req, actor=actor, force=force)
+        self.svc.start_rollout(rid, actor=actor)
+        return rid
+
+    # demotion and archiving -----------------------------------------------------------------
+    def demote(
+        self, model: str, channel: str, *, actor: str = "api", reason: str = ""
+    ) -> dict[str, Any]:
+        """Back to the previous bundle; signed rollbacks to the devices that got this one."""
+        rows = self._rows()
+        row = rows.get((model, channel))
+        cur = (row or {}).get("current_sha256")
+        if not cur:
+            raise Conflict(f"{model}/{channel} has no current bundle to demote", field="channel")
+        history = self.repo.channel_history(model=model, channel=channel, limit=500)
+        prev = rules.previous_bundle(history, cur)
+        if prev is None:
+            raise Conflict(
+                f"{model}/{channel} has no previous bundle to return to", field="channel"
+            )
+        rolled = []
+        for h in history:
+            if h["sha256"] != cur or h["action"] not in ("promote", "deliver"):
+                continue
+            st = self._rollout_state(h.get("rollout_id"))
+            if st and st["state"] in ("running", "paused", "halted", "succeeded"):
+                self.svc.rollback_rollout(h["rollout_id"], actor=actor)
+                rolled.append(h["rollout_id"])
+        self.repo.save_channel(
+            {
+                "model": model,
+                "channel": channel,
+                "current_sha256": prev,
+                "updated_at": self.svc.clock(),
+            }
+        )
+        self._history(model, channel, prev, "demote", actor, reason, None)
+        cur_b, prev_b = self._bundle(cur) or {}, self._bundle(prev) or {}
+        self.svc._audit(
+            actor,
+            "channel.demote",
+            f"channel:{model}/{channel}",
+            f"{channel} demoted from {cur_b.get('version')} to {prev_b.get('version')}"
+            + (f": {reason}" if reason else ""),
+            {"rolled_back": rolled},
+        )
+        self.svc.flush()
+        return {**self.get(model, channel), "rolled_back": rolled}
+
+    def archive(self, ref: str, *, actor: str = "api", reason: str = "") -> dict[str, Any]:
+        """Archive a bundle: it cannot be promoted again without force."""
+        b = self.svc._find_bundle(ref)
+        self.repo.archive_bundle(b["sha256"], self.svc.clock(), actor, reason)
+        self.svc._audit(
+            actor,
+            "bundle.archive",
+            f"bundle:{b['sha256']}",
+            f"{b['name']} {b['version']} archived" + (f": {reason}" if reason else ""),
+        )
+        self.svc.flush()
+        return self.lineage(b["sha256"])
+
+    def _history(
+        self,
+        model: str,
+        channel: str,
+        sha: str,
+        action: str,
+        actor: str,
+        reason: str,
+        rid: str | None,
+    ) -> None:
+        self.repo.add_channel_history(
+            {
+                "model": model,
+                "channel": channel,
+                "sha256": sha,
+                "ts": self.svc.clock(),
+                "action": action,
+                "actor": actor,
+                "reason": reason[:500],
+                "rollout_id": rid,
+            }
+        )
+
+    # the clock ------------------------------------------------------------------------------
+    def tick(self, force: bool = False) -> None:
+        """Revert failed promotions; deliver channel bundles to late joiners and drifted ones."""
+        now = self.svc.clock()
+        if not force and now - self._last_tick < self.every_s:
+            return
+        self._last_tick = now
+        rows = self._rows()
+        if not any(r.get("current_sha256") for r in rows.values()):
+            return
+        following = self._following(rows)
+        rollouts = {r["rollout_id"]: r for r in self.svc.list_rollouts()}
+        busy = self._busy_devices(rollouts)
+        for (model, channel), row in sorted(rows.items()):
+            cur = row.get("current_sha256")
+            if not cur:
+                continue
+            history = self.repo.channel_history(model=model, channel=channel, limit=200)
+            if self._maybe_revert(model, channel, cur, history, rollouts):
+                continue
+            b = self._bundle(cur)
+            if b is None:
+                continue
+            target = Target(model, channel, cur, b["version"], int(b["release"]))
+            mine = [h for h in history if h.get("rollout_id")]
+            active = next(
+                (
+                    h["rollout_id"]
+                    for h in mine
+                    if rollouts.get(h["rollout_id"], {}).get("state") in _ACTIVE
+                ),
+                "",
+            )
+            failed_before = self._failed_on(
+                cur, [h["rollout_id"] for h in mine if h["sha256"] == cur]
+            )
+            views = [
+                _view(d, busy, failed_before)
+                for d in self.svc.list_devices()
+                if following.get(d["device_id"]) == (model, channel)
+            ]
+            plan = rules.plan_catch_up(target, views, active)
+            if not plan.send:
+                continue
+            try:
+                rid = self._start(
+                    cur, channel, plan.send, self._policy(row, channel).to_dict(), "channels"
+                )
+            except FleetError as exc:
+                self.svc._event("channel", f"{model}/{channel}: catch-up not started: {exc}")
+                continue
+            why = "; ".join(f"{d}: {plan.reasons[d]}" for d in plan.send)
+            self._history(model, channel, cur, "deliver", "channels", why, rid)
+            self.svc._audit(
+                "channels",
+                "channel.deliver",
+                f"channel:{model}/{channel}",
+                f"{b['version']} to {len(plan.send)} devices: {why}",
+                {"rollout_id": rid, "devices": plan.send},
+            )
+        self.svc.flush()
+
+    def _busy_devices(self, rollouts: dict[str, dict[str, Any]]) -> set[str]:
+        out: set[str] = set()
+        for rid, r in rollouts.items():
+            if r["state"] in _ACTIVE:
+                st = self._rollout_state(rid)
+                out |= {d["device_id"] for d in (st or {}).get("devices", [])}
+            elif r["state"] == "succeeded":  # late devices still get its deploy
+                st = self._rollout_state(rid)
+                out |= {
+                    d["device_id"]
+                    for d in (st or {}).get("devices", [])
+                    if d["state"] in _IN_FLIGHT
+                }
+        return out
+
+    def _failed_on(self, sha: str, rollout_ids: list[str]) -> set[str]:
+        out: set[str] = set()
+        for rid in rollout_ids:
+            st = self._rollout_state(rid)
+            if st and st["bundle"].get("sha256") == sha:
+                out |= {d["device_id"] for d in st["devices"] if d["state"] in FAILED}
+        return out
+
+    def _maybe_revert(
+        self,
+        model: str,
+        channel: str,
+        cur: str,
+        history: list[dict[str, Any]],
+        rollouts: dict[str, dict[str, Any]],
+    ) -> bool:
+        moves = [h for h in history if h["action"] in rules.MOVES]
+        last = moves[0] if moves else None
+        if last is None or last["action"] != "promote" or not last.get("rollout_id"):
+            return False
+        state = rollouts.get(last["rollout_id"], {}).get("state", "")
+        if not rules.revert_needed(state):
+            return False
+        prev = rules.previous_bundle(history, cur)
+        self.repo.save_channel(
+            {
+                "model": model,
+                "channel": channel,
+                "current_sha256": prev,
+                "updated_at": self.svc.clock(),
+            }
+        )
+        why = f"promotion rollout {last['rollout_id']} ended {state}"
+        self._history(model, channel, prev or "", "revert", "channels", why, None)
+        self.svc._audit("channels", "channel.revert", f"channel:{model}/{channel}", why)
+        return True
+
+
+def _valid_follow(name: str) -> bool:
+    model, sep, channel = name.partition("/")
+    return bool(rules.CHANNEL_NAME.match(channel if sep else name)) and len(model) <= 128
+
+
+def _view(d: dict[str, Any], busy: set[str], failed_before: set[str]) -> DeviceView:
+    return DeviceView(
+        device_id=d["device_id"],
+        online=bool(d.get("online")),
+        model=d.get("model") or None,
+        version=d.get("version") or None,
+        release=int(d["release"]) if d.get("release") is not None else None,
+        busy=d["device_id"] in busy,
+        failed_current=d["device_id"] in failed_before,
+    )
+
+
+def _brief(b: dict[str, Any] | None) -> dict[str, Any] | None:
+    if b is None:
+        return None
+    return {k: b.get(k) for k in ("sha256", "name", "version", "release")}
+
+
+def _history(h: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: h.get(k)
+        for k in ("model", "channel", "sha256", "ts", "action", "actor", "reason", "rollout_id")
+    }

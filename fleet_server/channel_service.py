@@ -488,14 +488,19 @@ class ChannelService:
                 continue
             target = Target(model, channel, cur, b["version"], int(b["release"]))
             mine = [h for h in history if h.get("rollout_id")]
-            active = next(
-                (
-                    h["rollout_id"]
-                    for h in mine
-                    if rollouts.get(h["rollout_id"], {}).get("state") in _ACTIVE
-                ),
-                "",
-            )
+            for h in mine:
+                if h["action"] == "deliver" and self._stalled(h["rollout_id"]):
+                    self.svc._audit(
+                        "channels",
+                        "channel.stalled",
+                        f"channel:{model}/{channel}",
+                        f"catch-up rollout {h['rollout_id']} stalled: aborted so "
+                        "its waiting devices go in the next batch",
+                    )
+                    self.svc.abort_rollout(h["rollout_id"], actor="channels")
+            rollouts = {r["rollout_id"]: r for r in self.svc.list_rollouts()}
+            busy = self._busy_devices(rollouts)
+            active = next((h["rollout_id"] for h in mine if self._moving(h["rollout_id"])), "")
             failed_before = self._failed_on(
                 cur, [h["rollout_id"] for h in mine if h["sha256"] == cur]
             )
@@ -539,6 +544,19 @@ class ChannelService:
                     if d["state"] in _IN_FLIGHT
                 }
         return out
+
+    def _moving(self, rid: str) -> bool:
+        return self._check(rid, rules.rollout_moving)
+
+    def _stalled(self, rid: str) -> bool:
+        return self._check(rid, rules.rollout_stalled)
+
+    def _check(self, rid: str, rule: Any) -> bool:
+        st = self._rollout_state(rid)
+        if st is None:
+            return False
+        stages = [s["state"] for s in st["stages"]]
+        return bool(rule(st["state"], stages, [(d["stage"], d["state"]) for d in st["devices"]]))
 
     def _failed_on(self, sha: str, rollout_ids: list[str]) -> set[str]:
         out: set[str] = set()

@@ -348,10 +348,27 @@ def lag_reason(dev: DeviceView, target: Target) -> str | None:
     return f"drift back: runs {dev.version}, the channel is at {target.version}"
 
 
+def rollout_moving(state: str, stages: Sequence[str], devices: Iterable[tuple[int, str]]) -> bool:
+    """Whether a channel rollout still holds back the next batch (rule 5). ``stages``: the
+    stage states in order; ``devices``: (stage index, device state) pairs."""
+    if state not in ("created", "running", "paused"):
+        return False
+    if state == "created":
+        return True
+    started = {i for i, s in enumerate(stages) if s in ("running", "passed")}
+    unsettled = {"queued", "downloading", "verifying"}
+    return any(i in started and st in unsettled for i, st in devices)
+
+
+def rollout_stalled(state: str, stages: Sequence[str], devices: Iterable[tuple[int, str]]) -> bool:
+    """Running or paused, yet nothing of it can move any more (rule 5)."""
+    return state in ("running", "paused") and not rollout_moving(state, stages, devices)
+
+
 def plan_catch_up(target: Target, devices: Iterable[DeviceView], channel_busy: str) -> CatchUp:
     """The late joiners and drifted devices of one channel to deliver to now (rule 5).
 
-    ``channel_busy``: the id of an active rollout of this channel ("" when none).
+    ``channel_busy``: the id of a moving rollout of this channel ("" when none).
     """
     out = CatchUp()
     for dev in sorted(devices, key=lambda d: d.device_id):

@@ -38,12 +38,16 @@ class ChannelDevice(SimDevice):
         self.t.publish(self.topics.state(self.device_id), state.to_json(), qos=1, retain=True)
 
 
-@pytest.fixture(scope="module")
-def bundles(signing_key: KeyPair) -> dict[str, bytes]:
+def make_bundles(key: KeyPair) -> dict[str, bytes]:
     return {
-        v: make_bundle(signing_key, version=v, release=r, profiles=("host",))[0]
+        v: make_bundle(key, version=v, release=r, profiles=("host",))[0]
         for v, r in (("1.0.0", 1), ("1.1.0", 2), ("1.2.0", 3))
     }
+
+
+@pytest.fixture(scope="module")
+def bundles(signing_key: KeyPair) -> dict[str, bytes]:
+    return make_bundles(signing_key)
 
 
 class Fleet:

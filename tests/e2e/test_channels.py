@@ -160,7 +160,7 @@ def test_channels_promote_refuse_late_join_and_demote_with_real_agents(
             if json.loads(m.payload).get("kind") == "rollback":
                 rollbacks.setdefault(device, []).append(Command.model_validate_json(m.payload))
         assert not set(rollbacks) & set(BETA)
-        assert set(STABLE + [LATE]) <= set(rollbacks)
+        assert {*STABLE, LATE} <= set(rollbacks)
         for cmds in rollbacks.values():
             for cmd in cmds:
                 assert verify_command(cmd, trust) == signing_key.key_id

@@ -292,3 +292,43 @@ def test_a_user_defined_channel_takes_its_own_policy(fleet: Fleet) -> None:
     assert [s["devices"] for s in status["stages"]] == [1, 2]
     fleet.tick()
     assert set(fleet.versions().values()) == {"1.0.0"}
+
+
+# dashboard (in-process; the full flow runs in Chromium: test_channels_browser.py) -----------
+def test_the_channels_page_shows_a_viewer_no_actions_and_refuses_their_confirmations(
+    fleet: Fleet,
+) -> None:
+    from tests.fleet_server.test_dashboard import PASSWORD, Browser
+
+    fleet.service.add_user("watcher", PASSWORD, "viewer")
+    fleet.service.add_user("ops", PASSWORD, "operator")
+    fleet.device("b1", "beta")
+    assert promote(fleet, "iris@1.0.0", "beta").status_code == 201
+    fleet.tick()
+    assert promote(fleet, "iris@1.1.0", "beta").status_code == 201
+    fleet.tick()
+    viewer = Browser(fleet.api.app)
+    viewer.login("watcher")
+    page = viewer.get("/ui/channels")
+    assert page.status_code == 200 and "b1" in page.text and "1.1.0" in page.text
+    assert "Promote…" not in page.text and "Demote to" not in page.text
+    assert viewer.get("/ui/channels/iris/beta/demote").status_code == 403
+    ops = Browser(fleet.api.app)
+    ops.login("ops")
+    page = ops.get("/ui/channels").text
+    assert "Demote to 1.0.0…" in page
+    assert page.count("Promote…") == 2  # beta (1.2.0) and stable (any)
+    csrf = ops.csrf("/ui/channels")
+    r = ops.post("/ui/channels/iris/beta/demote", data={"csrf": csrf, "reason": "x"})
+    assert r.status_code == 422  # no confirm=yes: nothing happens
+    assert fleet.service.channels.get("iris", "beta")["current"]["version"] == "1.1.0"
+    r = ops.post(
+        "/ui/channels/iris/beta/demote",
+        data={"csrf": csrf, "confirm": "yes", "reason": "<script>alert(1)</script>"},
+    )
+    assert r.status_code == 303
+    assert fleet.service.channels.get("iris", "beta")["current"]["version"] == "1.0.0"
+    page = ops.get("/ui/channels").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
+    lineage = ops.get("/ui/bundles/iris@1.0.0").text
+    assert "demote" in lineage and "&lt;script&gt;" in lineage

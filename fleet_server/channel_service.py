@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import channels as rules
 from .channels import ChannelPolicy, DeviceView, PromotionFacts, Target
 from .errors import Conflict, FleetError, InvalidInput, NotFound, PromotionRefused
-from .rollout_engine import FAILED
+from .rollout_engine import FAILED, Rollout
 
 if TYPE_CHECKING:
     from .service import FleetService
@@ -38,6 +40,9 @@ class ChannelService:
         self.repo = service.repo
         self.every_s = every_s
         self._last_tick = float("-inf")
+        # one channel action at a time in this process (a promotion and a catch-up must not
+        # both plan a rollout for the same device)
+        self._lock = threading.RLock()
         self._reported: dict[str, str | None] = {
             d: r.get("reported") for d, r in self.repo.device_channels().items()
         }
@@ -56,14 +61,6 @@ class ChannelService:
 
     def _bundle(self, sha: str | None) -> dict[str, Any] | None:
         return self.repo.get_bundle(sha) if sha else None
-
-    def _rollout_state(self, rid: str | None) -> dict[str, Any] | None:
-        if not rid:
-            return None
-        try:
-            return self.svc.rollout_status(rid)
-        except NotFound:
-            return None
 
     def _following(self, rows: dict[tuple[str, str], dict[str, Any]]) -> dict[str, tuple[str, str]]:
         """device id → (model, channel) it follows (rule 1)."""
@@ -219,6 +216,7 @@ class ChannelService:
     def observe(self, device_id: str, reported: str | None) -> None:
         """From a device's state message: the channel its agent follows."""
         if reported is not None and not _valid_follow(reported):
+            self.svc.on_dropped("channel_invalid")  # the field is ignored; the state is kept
             return
         if self._reported.get(device_id, None) == reported:
             return
@@ -241,9 +239,9 @@ class ChannelService:
             for h in self.repo.channel_history(
                 model=model, channel=policy.requires, sha256=b["sha256"]
             ):
-                st = self._rollout_state(h.get("rollout_id"))
-                if st and st["state"] == "succeeded":
-                    done = max((s["finished_at"] or 0.0 for s in st["stages"]), default=0.0)
+                info = self._info(h.get("rollout_id"))
+                if info is not None and info.state == "succeeded":
+                    done = info.done_at or 0.0
                     succeeded_at = done if succeeded_at is None else min(succeeded_at, done)
         drifting = None
         if policy.no_drift and self.svc.drift is not None:
@@ -296,6 +294,12 @@ class ChannelService:
         self, ref: str, channel: str, *, actor: str = "api", reason: str = "", force: bool = False
     ) -> dict[str, Any]:
         """Make ``ref`` the channel's current bundle and roll it out to the channel's devices."""
+        with self._lock:
+            return self._promote(ref, channel, actor, reason, force)
+
+    def _promote(
+        self, ref: str, channel: str, actor: str, reason: str, force: bool
+    ) -> dict[str, Any]:
         plan = self.preview(ref, channel, force=force)
         b = plan["bundle"]
         target = f"channel:{b['name']}/{channel}"
@@ -387,6 +391,10 @@ class ChannelService:
         self, model: str, channel: str, *, actor: str = "api", reason: str = ""
     ) -> dict[str, Any]:
         """Back to the previous bundle; signed rollbacks to the devices that got this one."""
+        with self._lock:
+            return self._demote(model, channel, actor, reason)
+
+    def _demote(self, model: str, channel: str, actor: str, reason: str) -> dict[str, Any]:
         rows = self._rows()
         row = rows.get((model, channel))
         cur = (row or {}).get("current_sha256")
@@ -402,8 +410,8 @@ class ChannelService:
         for h in history:
             if h["sha256"] != cur or h["action"] not in ("promote", "deliver"):
                 continue
-            st = self._rollout_state(h.get("rollout_id"))
-            if st and st["state"] in ("running", "paused", "halted", "succeeded"):
+            info = self._info(h.get("rollout_id"))
+            if info is not None and info.state in ("running", "paused", "halted", "succeeded"):
                 self.svc.rollback_rollout(h["rollout_id"], actor=actor)
                 rolled.append(h["rollout_id"])
         self.repo.save_channel(
@@ -470,116 +478,103 @@ class ChannelService:
         if not force and now - self._last_tick < self.every_s:
             return
         self._last_tick = now
-        rows = self._rows()
-        if not any(r.get("current_sha256") for r in rows.values()):
-            return
-        following = self._following(rows)
-        rollouts = {r["rollout_id"]: r for r in self.svc.list_rollouts()}
-        busy = self._busy_devices(rollouts)
-        for (model, channel), row in sorted(rows.items()):
-            cur = row.get("current_sha256")
-            if not cur:
-                continue
-            history = self.repo.channel_history(model=model, channel=channel, limit=200)
-            if self._maybe_revert(model, channel, cur, history, rollouts):
-                continue
-            b = self._bundle(cur)
-            if b is None:
-                continue
-            target = Target(model, channel, cur, b["version"], int(b["release"]))
-            mine = [h for h in history if h.get("rollout_id")]
-            for h in mine:
-                if h["action"] == "deliver" and self._stalled(h["rollout_id"]):
-                    self.svc._audit(
-                        "channels",
-                        "channel.stalled",
-                        f"channel:{model}/{channel}",
-                        f"catch-up rollout {h['rollout_id']} stalled: aborted so "
-                        "its waiting devices go in the next batch",
-                    )
-                    self.svc.abort_rollout(h["rollout_id"], actor="channels")
-            rollouts = {r["rollout_id"]: r for r in self.svc.list_rollouts()}
-            busy = self._busy_devices(rollouts)
-            active = next((h["rollout_id"] for h in mine if self._moving(h["rollout_id"])), "")
-            failed_before = self._failed_on(
-                cur, [h["rollout_id"] for h in mine if h["sha256"] == cur]
-            )
-            views = [
-                _view(d, busy, failed_before)
-                for d in self.svc.list_devices()
-                if following.get(d["device_id"]) == (model, channel)
-            ]
-            plan = rules.plan_catch_up(target, views, active)
-            if not plan.send:
-                continue
-            try:
-                rid = self._start(
-                    cur, channel, plan.send, self._policy(row, channel).to_dict(), "channels"
-                )
-            except FleetError as exc:
-                self.svc._event("channel", f"{model}/{channel}: catch-up not started: {exc}")
-                continue
-            why = "; ".join(f"{d}: {plan.reasons[d]}" for d in plan.send)
-            self._history(model, channel, cur, "deliver", "channels", why, rid)
-            self.svc._audit(
-                "channels",
-                "channel.deliver",
-                f"channel:{model}/{channel}",
-                f"{b['version']} to {len(plan.send)} devices: {why}",
-                {"rollout_id": rid, "devices": plan.send},
-            )
+        with self._lock:
+            rows = self._rows()
+            if any(r.get("current_sha256") for r in rows.values()):
+                following = self._following(rows)
+                for (model, channel), row in sorted(rows.items()):
+                    if row.get("current_sha256"):
+                        self._tick_channel(model, channel, row, following)
         self.svc.flush()
 
-    def _busy_devices(self, rollouts: dict[str, dict[str, Any]]) -> set[str]:
-        out: set[str] = set()
-        for rid, r in rollouts.items():
-            if r["state"] in _ACTIVE:
-                st = self._rollout_state(rid)
-                out |= {d["device_id"] for d in (st or {}).get("devices", [])}
-            elif r["state"] == "succeeded":  # late devices still get its deploy
-                st = self._rollout_state(rid)
-                out |= {
-                    d["device_id"]
-                    for d in (st or {}).get("devices", [])
-                    if d["state"] in _IN_FLIGHT
-                }
-        return out
-
-    def _moving(self, rid: str) -> bool:
-        return self._check(rid, rules.rollout_moving)
-
-    def _stalled(self, rid: str) -> bool:
-        return self._check(rid, rules.rollout_stalled)
-
-    def _check(self, rid: str, rule: Any) -> bool:
-        st = self._rollout_state(rid)
-        if st is None:
-            return False
-        stages = [s["state"] for s in st["stages"]]
-        return bool(rule(st["state"], stages, [(d["stage"], d["state"]) for d in st["devices"]]))
-
-    def _failed_on(self, sha: str, rollout_ids: list[str]) -> set[str]:
-        out: set[str] = set()
-        for rid in rollout_ids:
-            st = self._rollout_state(rid)
-            if st and st["bundle"].get("sha256") == sha:
-                out |= {d["device_id"] for d in st["devices"] if d["state"] in FAILED}
-        return out
-
-    def _maybe_revert(
+    def _tick_channel(
         self,
         model: str,
         channel: str,
-        cur: str,
-        history: list[dict[str, Any]],
-        rollouts: dict[str, dict[str, Any]],
+        row: dict[str, Any],
+        following: dict[str, tuple[str, str]],
+    ) -> None:
+        cur = str(row["current_sha256"])
+        target_name = f"channel:{model}/{channel}"
+        history = self.repo.channel_history(model=model, channel=channel, limit=200)
+        if self._maybe_revert(model, channel, cur, history):
+            return
+        b = self._bundle(cur)
+        if b is None:
+            return
+        mine = [h for h in history if h.get("rollout_id")]
+        for h in mine:
+            info = self._info(h["rollout_id"])
+            if h["action"] == "deliver" and info is not None and rules.rollout_stalled(*info.rule):
+                self.svc._audit(
+                    "channels",
+                    "channel.stalled",
+                    target_name,
+                    f"catch-up rollout {info.rid} stalled: aborted so its waiting "
+                    "devices go in the next batch",
+                )
+                self.svc.abort_rollout(info.rid, actor="channels")
+        infos = [i for i in (self._info(h["rollout_id"]) for h in mine) if i is not None]
+        moving = next((i.rid for i in infos if rules.rollout_moving(*i.rule)), "")
+        failed_before = {d for i in infos if i.sha == cur for d, _, st in i.devices if st in FAILED}
+        busy = self._busy_devices()
+        views = [
+            _view(d, busy, failed_before)
+            for d in self.svc.list_devices()
+            if following.get(d["device_id"]) == (model, channel)
+        ]
+        target = Target(model, channel, cur, b["version"], int(b["release"]))
+        plan = rules.plan_catch_up(target, views, moving)
+        if not plan.send:
+            return
+        try:
+            rid = self._start(
+                cur, channel, plan.send, self._policy(row, channel).to_dict(), "channels"
+            )
+        except FleetError as exc:
+            self.svc._event("channel", f"{model}/{channel}: catch-up not started: {exc}")
+            return
+        why = "; ".join(f"{d}: {plan.reasons[d]}" for d in plan.send)
+        self._history(model, channel, cur, "deliver", "channels", why, rid)
+        self.svc._audit(
+            "channels",
+            "channel.deliver",
+            target_name,
+            f"{b['version']} to {len(plan.send)} devices: {why}",
+            {"rollout_id": rid, "devices": plan.send},
+        )
+
+    def _info(self, rid: str | None) -> _RolloutView | None:
+        """A rollout's state without the audit trail: from the engine's memory when live."""
+        if not rid:
+            return None
+        with self.svc._lock:
+            r = self.svc._rollouts.get(rid)
+            if r is not None:
+                return _RolloutView.of(r)
+        row = self.repo.get_rollout(rid)
+        return _RolloutView.of(Rollout.from_dict(row["doc"])) if row else None
+
+    def _busy_devices(self) -> set[str]:
+        """Devices a live rollout may still send a deploy to."""
+        out: set[str] = set()
+        with self.svc._lock:
+            for r in self.svc._rollouts.values():
+                if r.state in _ACTIVE:
+                    out |= set(r.devices)
+                elif r.state == "succeeded":  # late devices still get its deploy
+                    out |= {d for d, p in r.devices.items() if p.state in _IN_FLIGHT}
+        return out
+
+    def _maybe_revert(
+        self, model: str, channel: str, cur: str, history: list[dict[str, Any]]
     ) -> bool:
         moves = [h for h in history if h["action"] in rules.MOVES]
         last = moves[0] if moves else None
         if last is None or last["action"] != "promote" or not last.get("rollout_id"):
             return False
-        state = rollouts.get(last["rollout_id"], {}).get("state", "")
-        if not rules.revert_needed(state):
+        info = self._info(last["rollout_id"])
+        if info is None or not rules.revert_needed(info.state):
             return False
         prev = rules.previous_bundle(history, cur)
         self.repo.save_channel(
@@ -590,10 +585,37 @@ class ChannelService:
                 "updated_at": self.svc.clock(),
             }
         )
-        why = f"promotion rollout {last['rollout_id']} ended {state}"
+        why = f"promotion rollout {info.rid} ended {info.state}"
         self._history(model, channel, prev or "", "revert", "channels", why, None)
         self.svc._audit("channels", "channel.revert", f"channel:{model}/{channel}", why)
         return True
+
+
+@dataclass(frozen=True)
+class _RolloutView:
+    rid: str
+    state: str
+    sha: str
+    stages: tuple[str, ...]
+    devices: tuple[tuple[str, int, str], ...]  # (device id, stage, state)
+    done_at: float | None
+
+    @classmethod
+    def of(cls, r: Rollout) -> _RolloutView:
+        finished = [s.finished_at for s in r.stages if s.finished_at is not None]
+        return cls(
+            r.rollout_id,
+            r.state,
+            r.spec.bundle_sha256,
+            tuple(s.state for s in r.stages),
+            tuple((d.device_id, d.stage, d.state) for d in r.devices.values()),
+            max(finished) if finished else None,
+        )
+
+    @property
+    def rule(self) -> tuple[str, tuple[str, ...], list[tuple[int, str]]]:
+        """The arguments of :func:`.channels.rollout_moving` / ``rollout_stalled``."""
+        return self.state, self.stages, [(stage, st) for _, stage, st in self.devices]
 
 
 def _valid_follow(name: str) -> bool:

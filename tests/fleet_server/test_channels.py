@@ -332,3 +332,14 @@ def test_the_channels_page_shows_a_viewer_no_actions_and_refuses_their_confirmat
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
     lineage = ops.get("/ui/bundles/iris@1.0.0").text
     assert "demote" in lineage and "&lt;script&gt;" in lineage
+
+
+def test_a_malformed_channel_in_a_state_message_is_ignored_and_counted(fleet: Fleet) -> None:
+    fleet.device("b1", "beta")
+    bad = fleet.device("x1", "../../Beta Channel")
+    assert promote(fleet, "iris@1.0.0", "beta").status_code == 201
+    fleet.tick()
+    assert bad.model is None  # follows nothing
+    assert fleet.service.repo.get_device("x1") is not None  # the state itself was kept
+    assert "x1" not in fleet.service.repo.device_channels()
+    assert fleet.service.exporter.render()[0].count(b'reason="channel_invalid"') == 1

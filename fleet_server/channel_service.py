@@ -236,13 +236,18 @@ class ChannelService:
         if policy.requires:
             req = rows.get((model, policy.requires)) or {}
             holds = req.get("current_sha256") == b["sha256"]
-            for h in self.repo.channel_history(
-                model=model, channel=policy.requires, sha256=b["sha256"]
-            ):
+            # only since its latest promotion there, and held since it last became current
+            history = self.repo.channel_history(model=model, channel=policy.requires, limit=500)
+            for h in _since_latest_promote(history, b["sha256"]):
                 info = self._info(h.get("rollout_id"))
                 if info is not None and info.state == "succeeded":
                     done = info.done_at or 0.0
                     succeeded_at = done if succeeded_at is None else min(succeeded_at, done)
+            became = next(
+                (h["ts"] for h in history if h["action"] in rules.MOVES), None
+            )  # the newest move of the required channel: what made its current bundle current
+            if succeeded_at is not None and holds and became is not None:
+                succeeded_at = max(succeeded_at, float(became))
         drifting = None
         if policy.no_drift and self.svc.drift is not None:
             try:
@@ -616,6 +621,14 @@ class _RolloutView:
     def rule(self) -> tuple[str, tuple[str, ...], list[tuple[int, str]]]:
         """The arguments of :func:`.channels.rollout_moving` / ``rollout_stalled``."""
         return self.state, self.stages, [(stage, st) for _, stage, st in self.devices]
+
+
+def _since_latest_promote(history: list[dict[str, Any]], sha: str) -> list[dict[str, Any]]:
+    """The rows of ``sha`` from its newest promotion on (``history`` newest first)."""
+    for i, h in enumerate(history):
+        if h["action"] == "promote" and h["sha256"] == sha:
+            return [x for x in history[: i + 1] if x["sha256"] == sha]
+    return []
 
 
 def _valid_follow(name: str) -> bool:

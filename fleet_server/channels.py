@@ -21,8 +21,10 @@ Rules
    ``not_current`` the bundle is not already the channel's current bundle;
    ``newer_release`` its release is above the current bundle's (devices refuse older ones);
    ``not_archived`` it is not archived (``force`` overrides, and is audited);
-   ``requires`` a rollout of it on the required channel has succeeded, it is still that
-   channel's current bundle, and has held there ``hold_s`` since the rollout succeeded;
+   ``requires`` a rollout of it on the required channel has succeeded since its latest
+   promotion there, it is still that channel's current bundle, and ``hold_s`` has passed
+   since the later of that success and the move that last made it current there (a
+   demotion back to it restarts the clock);
    ``no_drift`` the drift engine raises no alert for it (when the policy asks);
    ``accuracy`` its field accuracy is no worse than the current bundle's by more than the
    tolerance (when the policy asks; a side with no labelled feedback yet is "not measured"

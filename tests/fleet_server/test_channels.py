@@ -343,3 +343,27 @@ def test_a_malformed_channel_in_a_state_message_is_ignored_and_counted(fleet: Fl
     assert fleet.service.repo.get_device("x1") is not None  # the state itself was kept
     assert "x1" not in fleet.service.repo.device_channels()
     assert fleet.service.exporter.render()[0].count(b'reason="channel_invalid"') == 1
+
+
+def test_the_hold_time_restarts_when_beta_returns_to_the_bundle_by_a_demotion(
+    fleet: Fleet,
+) -> None:
+    fleet.as_("operator").put("/v1/channels/iris/stable", json={"hold_s": 600})
+    fleet.device("b1", "beta")
+    assert promote(fleet, "iris@1.0.0", "beta").status_code == 201
+    fleet.tick()
+    assert promote(fleet, "iris@1.1.0", "beta").status_code == 201
+    fleet.tick()
+    fleet.now += 600  # 1.1.0 held long enough on beta, then 1.2.0 replaced it
+    assert promote(fleet, "iris@1.2.0", "beta").status_code == 201
+    fleet.tick()
+    r = promote(fleet, "iris@1.1.0", "stable")
+    assert r.status_code == 409 and "no longer current on beta" in r.json()["detail"]
+    op = fleet.as_("operator")
+    assert op.post("/v1/channels/iris/beta/demote", json={"reason": "1.2.0 bad"}).status_code == 200
+    fleet.tick()
+    assert fleet.versions() == {"b1": "1.1.0"}
+    r = promote(fleet, "iris@1.1.0", "stable")  # current on beta again: the clock restarted
+    assert r.status_code == 409 and "must hold 600 s" in r.json()["detail"]
+    fleet.now += 600
+    assert promote(fleet, "iris@1.1.0", "stable").status_code == 201

@@ -51,12 +51,15 @@ def bundles(signing_key: KeyPair) -> dict[str, bytes]:
 
 
 class Fleet:
-    def __init__(self, tmp: Path, key: KeyPair) -> None:
+    def __init__(self, tmp: Path, key: KeyPair, repo: Any = None) -> None:
         self.now = time.time()
         self.broker = MemoryBroker()
         self.key = key
         self.service = FleetService(
-            make_config(tmp, key), transport=self.broker.client("server"), clock=lambda: self.now
+            make_config(tmp, key),
+            repo=repo,
+            transport=self.broker.client("server"),
+            clock=lambda: self.now,
         )
         assert self.service.bridge is not None
         self.service.bridge.start()
@@ -367,3 +370,36 @@ def test_the_hold_time_restarts_when_beta_returns_to_the_bundle_by_a_demotion(
     assert r.status_code == 409 and "must hold 600 s" in r.json()["detail"]
     fleet.now += 600
     assert promote(fleet, "iris@1.1.0", "stable").status_code == 201
+
+
+@pytest.mark.postgres
+def test_promote_late_join_and_demote_on_a_postgresql_registry(
+    tmp_path: Path, signing_key: KeyPair, bundles: dict[str, bytes], request: pytest.FixtureRequest
+) -> None:
+    from fleet_server.repository_pg import PostgresRepository
+
+    server = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    f = Fleet(tmp_path, signing_key, repo=PostgresRepository(url, pool_size=2))
+    try:
+        for data in bundles.values():
+            f.service.upload_bundle(data)
+        f.device("b1", "beta")
+        f.device("s1", "stable")
+        _to_stable(f, "1.0.0")
+        _to_stable(f, "1.1.0")
+        late = f.device("s2", "stable")
+        f.tick()
+        assert late.model is not None and late.model.version == "1.1.0"
+        r = f.as_("operator").post("/v1/channels/iris/stable/demote", json={"reason": "pg"})
+        assert r.status_code == 200, r.text
+        f.tick()
+        assert (
+            f.versions() == {"b1": "1.1.0", "s1": "1.0.0", "s2": "1.1.0"}
+            or f.versions()["s1"] == "1.0.0"
+        )
+        lineage = f.as_("viewer").get("/v1/bundles/iris@1.0.0/lineage").json()["lineage"]
+        assert [(x["channel"], x["action"]) for x in lineage][-1] == ("stable", "demote")
+    finally:
+        f.service.repo.close()
+        server.drop_database(url)

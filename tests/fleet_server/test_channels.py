@@ -394,10 +394,9 @@ def test_promote_late_join_and_demote_on_a_postgresql_registry(
         r = f.as_("operator").post("/v1/channels/iris/stable/demote", json={"reason": "pg"})
         assert r.status_code == 200, r.text
         f.tick()
-        assert (
-            f.versions() == {"b1": "1.1.0", "s1": "1.0.0", "s2": "1.1.0"}
-            or f.versions()["s1"] == "1.0.0"
-        )
+        # s2 joined with no model: its rollback has nothing to return to, and devices refuse
+        # an older release, so it stays ahead of the channel (reported, not downgraded)
+        assert f.versions() == {"b1": "1.1.0", "s1": "1.0.0", "s2": "1.1.0"}
         lineage = f.as_("viewer").get("/v1/bundles/iris@1.0.0/lineage").json()["lineage"]
         assert [(x["channel"], x["action"]) for x in lineage][-1] == ("stable", "demote")
     finally:

@@ -122,12 +122,18 @@ class ChannelService:
     ) -> dict[str, Any]:
         current = self._bundle((row or {}).get("current_sha256"))
         history = self.repo.channel_history(model=model, channel=channel, limit=50)
+        target = (
+            Target(model, channel, current["sha256"], current["version"], int(current["release"]))
+            if current
+            else None
+        )
         members = [
             {
                 "device_id": d,
                 "online": bool(devices[d].get("online")),
                 "version": devices[d].get("version"),
                 "model": devices[d].get("model"),
+                "status": rules.device_status(_view(devices[d], set(), set()), target),
             }
             for d, mc in sorted(following.items())
             if mc == (model, channel) and d in devices

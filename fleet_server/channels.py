@@ -350,6 +350,20 @@ def lag_reason(dev: DeviceView, target: Target) -> str | None:
     return f"drift back: runs {dev.version}, the channel is at {target.version}"
 
 
+def device_status(dev: DeviceView, target: Target | None) -> str:
+    """One phrase for a device of a channel: on it, ahead of it, or why it lags."""
+    if target is None:
+        return "the channel has no bundle yet"
+    if (
+        dev.model == target.model
+        and dev.version != target.version
+        and dev.release is not None
+        and dev.release > target.release
+    ):
+        return f"ahead of the channel ({dev.version}); not sent an older release"
+    return lag_reason(dev, target) or "on the channel's version"
+
+
 def rollout_moving(state: str, stages: Sequence[str], devices: Iterable[tuple[int, str]]) -> bool:
     """Whether a channel rollout still holds back the next batch (rule 5). ``stages``: the
     stage states in order; ``devices``: (stage index, device state) pairs."""

@@ -397,6 +397,10 @@ def test_promote_late_join_and_demote_on_a_postgresql_registry(
         # s2 joined with no model: its rollback has nothing to return to, and devices refuse
         # an older release, so it stays ahead of the channel (reported, not downgraded)
         assert f.versions() == {"b1": "1.1.0", "s1": "1.0.0", "s2": "1.1.0"}
+        members = f.as_("viewer").get("/v1/channels/iris/stable").json()["devices"]
+        status = {d["device_id"]: d["status"] for d in members}
+        assert status["s1"] == "on the channel's version"
+        assert status["s2"].startswith("ahead of the channel (1.1.0)")
         lineage = f.as_("viewer").get("/v1/bundles/iris@1.0.0/lineage").json()["lineage"]
         assert [(x["channel"], x["action"]) for x in lineage][-1] == ("stable", "demote")
     finally:

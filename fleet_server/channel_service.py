@@ -70,7 +70,9 @@ class ChannelService:
         out: dict[str, tuple[str, str]] = {}
         for d in self.svc.list_devices():
             a = assigned.get(d["device_id"], {})
-            name = rules.effective(a.get("assigned"), a.get("reported"))
+            name = rules.effective(a.get("assigned"), a.get("reported"), d.get("manual_tags") or [])
+            if name and not _valid_follow(name):
+                continue
             if not name:
                 continue
             with_bundle, with_channel = [], []

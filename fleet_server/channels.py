@@ -9,8 +9,9 @@ functions, and carries the answers out with the ordinary rollout functions.
 Rules
 =====
 
-1. **Following.** A device follows the channel its server-side assignment names, else the
-   one its agent reports (``[agent] channel``). A name is ``CHANNEL`` (the channel of the
+1. **Following.** A device follows the channel its server-side assignment names, else a
+   manual tag ``channel:NAME`` set from the server, else the one its agent reports
+   (``[agent] channel``). A name is ``CHANNEL`` (the channel of the
    model the device runs) or ``MODEL/CHANNEL``. A device that runs no model and names a
    bare channel follows the one model that has that channel with a current bundle for the
    device's profile, else the one model that has the channel at all; with several, none
@@ -285,8 +286,16 @@ def revert_needed(rollout_state: str) -> bool:
 
 
 # following --------------------------------------------------------------------------------
-def effective(assigned: str | None, reported: str | None) -> str | None:
-    return assigned or reported or None
+TAG_PREFIX = "channel:"
+
+
+def effective(
+    assigned: str | None, reported: str | None, manual_tags: Iterable[str] = ()
+) -> str | None:
+    """Rule 1's precedence: the server's assignment, a manual ``channel:NAME`` tag (the
+    first in sorted order), then what the agent reports."""
+    tagged = sorted(t[len(TAG_PREFIX) :] for t in manual_tags if t.startswith(TAG_PREFIX))
+    return assigned or (tagged[0] if tagged else None) or reported or None
 
 
 def resolve(

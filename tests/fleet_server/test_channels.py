@@ -406,3 +406,19 @@ def test_promote_late_join_and_demote_on_a_postgresql_registry(
     finally:
         f.service.repo.close()
         server.drop_database(url)
+
+
+def test_a_channel_tag_set_on_the_server_moves_a_device_between_channels(fleet: Fleet) -> None:
+    fleet.as_("operator").put("/v1/channels/iris/stable", json={"hold_s": 0})
+    fleet.device("b1", "beta")
+    d = fleet.device("s1", "stable")
+    _to_stable(fleet, "1.0.0")
+    assert promote(fleet, "iris@1.1.0", "beta").status_code == 201
+    fleet.tick()
+    assert d.model is not None and d.model.version == "1.0.0"
+    r = fleet.as_("operator").put("/v1/devices/s1/tags", json={"tags": ["channel:beta"]})
+    assert r.status_code == 200, r.text
+    fleet.tick()
+    assert d.model.version == "1.1.0"  # a channel change: it gets beta's bundle
+    beta = fleet.as_("viewer").get("/v1/channels/iris/beta").json()
+    assert [x["device_id"] for x in beta["devices"]] == ["b1", "s1"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from fleet_server import migrations
 from fleet_server.app import create_app
 from fleet_server.config import FleetConfig, RegistrySection, example_config, parse_config
 from fleet_server.errors import ConfigError, StorageError
@@ -107,7 +108,7 @@ def test_processes_starting_together_migrate_the_database_once(postgres_url: str
         t.join()
     assert errors == []
     rows = repos[0]._all("select version from schema_version order by version")
-    assert [r["version"] for r in rows] == [1, 2]
+    assert [r["version"] for r in rows] == [m.version for m in migrations.POSTGRES]
     for r in repos:
         r.close()
 

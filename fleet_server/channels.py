@@ -48,6 +48,7 @@ Rules
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,20 @@ class ChannelPolicy:
     accuracy_tolerance: float | None = None  # None: accuracy is not compared
 
     def validate(self) -> ChannelPolicy:
+        numbers = {
+            "stages": self.stages,
+            "success_threshold": (self.success_threshold,),
+            "failure_threshold": (self.failure_threshold,),
+            "soak_s": (self.soak_s,),
+            "device_timeout_s": (self.device_timeout_s,),
+            "hold_s": (self.hold_s,),
+            "accuracy_tolerance": (self.accuracy_tolerance or 0.0,),
+        }
+        for name, values in numbers.items():
+            if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+                raise InvalidInput(f"{name} must be finite numbers", field=name)
+        if self.stage_unit not in ("percent", "count"):
+            raise InvalidInput("stage_unit must be percent or count", field="stage_unit")
         self.spec("0" * 64)  # the rollout engine's own checks on stages and thresholds
         if self.requires is not None:
             check_name(self.requires)
@@ -125,7 +140,10 @@ class ChannelPolicy:
         if unknown:
             raise InvalidInput(f"unknown policy field {unknown[0]!r}", field=unknown[0])
         if "stages" in known:
-            known["stages"] = tuple(float(s) for s in known["stages"])
+            try:
+                known["stages"] = tuple(float(s) for s in known["stages"])
+            except (TypeError, ValueError):
+                raise InvalidInput("stages must be a list of numbers", field="stages") from None
         try:
             return cls(**known).validate()
         except TypeError as exc:

@@ -158,6 +158,12 @@ def test_a_device_follows_the_named_model_or_the_one_it_runs() -> None:
         ({"requires": "Beta!"}, "channel"),
         ({"accuracy_tolerance": 2}, "accuracy"),
         ({"colour": "red"}, "colour"),
+        ({"hold_s": float("nan")}, "hold_s"),
+        ({"stages": [float("inf")], "stage_unit": "count"}, "stages"),
+        ({"soak_s": float("-inf")}, "soak_s"),
+        ({"stage_unit": "parsecs"}, "stage_unit"),
+        ({"stages": "abc"}, "stages"),
+        ({"stages": 5}, "stages"),
     ],
 )
 def test_a_bad_policy_is_refused_naming_the_field(policy: dict[str, Any], field: str) -> None:

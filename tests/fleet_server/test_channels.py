@@ -268,6 +268,12 @@ def test_bad_input_is_refused_naming_the_field(fleet: Fleet) -> None:
     assert r.status_code == 422 and r.json()["field"] == "stages"
     r = op.put("/v1/channels/iris/Canary!", json={})
     assert r.status_code == 422 and r.json()["field"] == "channel"
+    r = op.put(
+        "/v1/channels/iris/canary",
+        content=b'{"hold_s": NaN}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422 and r.json()["field"] == "hold_s"
     r = op.put("/v1/channels/iris/canary", json={"requires": "canary"})
     assert r.status_code == 422 and r.json()["field"] == "requires"
     assert promote(fleet, "iris@9.9.9", "beta").status_code == 404

@@ -496,8 +496,13 @@ class ChannelService:
             if any(r.get("current_sha256") for r in rows.values()):
                 following = self._following(rows)
                 for (model, channel), row in sorted(rows.items()):
-                    if row.get("current_sha256"):
+                    if not row.get("current_sha256"):
+                        continue
+                    try:
                         self._tick_channel(model, channel, row, following)
+                    except FleetError as exc:  # one channel's problem stops no other
+                        log.warning("channel %s/%s: %s", model, channel, exc)
+                        self.svc._event("channel", f"{model}/{channel}: {exc}")
         self.svc.flush()
 
     def _tick_channel(

@@ -71,9 +71,7 @@ class ChannelService:
         for d in self.svc.list_devices():
             a = assigned.get(d["device_id"], {})
             name = rules.effective(a.get("assigned"), a.get("reported"), d.get("manual_tags") or [])
-            if name and not _valid_follow(name):
-                continue
-            if not name:
+            if not name or not _valid_follow(name):
                 continue
             with_bundle, with_channel = [], []
             for m in models:
@@ -201,9 +199,10 @@ class ChannelService:
         """Server-side channel of a device (overrides what its agent reports); None clears."""
         if self.repo.get_device(device_id) is None:
             raise NotFound(f"unknown device {device_id!r}", field="device_id")
-        if channel:
+        if channel and not _valid_follow(channel):
             _model, sep, name = channel.partition("/")
-            rules.check_name(name if sep else channel)
+            rules.check_name(name if sep else channel)  # names the rule the name breaks
+            raise InvalidInput(f"channel {channel!r} names no model", field="channel")
         self.repo.set_device_channel(
             device_id, assigned=channel or None, updated_at=self.svc.clock()
         )
@@ -645,8 +644,11 @@ def _since_latest_promote(history: list[dict[str, Any]], sha: str) -> list[dict[
 
 
 def _valid_follow(name: str) -> bool:
+    """``CHANNEL`` or ``MODEL/CHANNEL`` with a 1–128 character model name."""
     model, sep, channel = name.partition("/")
-    return bool(rules.CHANNEL_NAME.match(channel if sep else name)) and len(model) <= 128
+    if sep and not 0 < len(model) <= 128:
+        return False
+    return bool(rules.CHANNEL_NAME.match(channel if sep else name))
 
 
 def _view(d: dict[str, Any], busy: set[str], failed_before: set[str]) -> DeviceView:

@@ -334,16 +334,13 @@ class ChannelService:
         rid = None
         if plan["devices"]:
             rid = self._start(b["sha256"], channel, plan["devices"], plan["policy"], actor, force)
-        rows = self._rows()
         self.repo.save_channel(
             {
                 "model": b["name"],
                 "channel": channel,
                 "current_sha256": b["sha256"],
                 "updated_at": self.svc.clock(),
-                "policy": (rows.get((b["name"], channel)) or {}).get("policy")
-                or json.dumps(plan["policy"]),
-            }
+            }  # the policy stays as defined (none stored: the channel's defaults)
         )
         self._history(b["name"], channel, b["sha256"], "promote", actor, reason, rid)
         why = f"{b['name']} {b['version']} promoted to {channel}" + (

@@ -174,6 +174,10 @@ class AgentConfig(_Section):
     profile: str = "host"
     data_dir: Path = Path("edgefleet-data")
     tags: list[str] = Field(default_factory=list)
+    # release channel this device follows: "stable", or "MODEL/stable" (None: none)
+    channel: str | None = Field(
+        default=None, max_length=160, pattern=r"^([^/\s]{1,128}/)?[a-z][a-z0-9-]{0,23}$"
+    )
     broker: BrokerConfig = BrokerConfig()
     trust: TrustConfig = TrustConfig()
     api: ApiConfig = ApiConfig()
@@ -342,6 +346,7 @@ device_id = {device_id}  # unique per device; appears in every MQTT topic
 profile = {profile}  # device profile name (see `edgefleet profiles list`) or a .toml path
 data_dir = "edgefleet-data"    # slots, prediction log and outbox live here
 tags = []                      # free-form labels rollouts can select on, e.g. ["line-3", "eu"]
+# channel = "stable"           # release channel to follow ("beta", "stable", "MODEL/NAME")
 
 [broker]
 url = {broker_url}  # mqtts://host:8883 for TLS

@@ -283,6 +283,7 @@ class Agent:
             runtimes=runtime_versions(),
             tags=list(cfg.tags),
             api_url=self.api_url,
+            channel=cfg.channel,
         )
 
     def _schema_for(self, model: ModelRef) -> InputSchema | None:

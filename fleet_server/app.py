@@ -309,6 +309,9 @@ def create_app(service: FleetService) -> "FastAPI":
     from . import measures_api
 
     app.include_router(measures_api.build_router(service))
+    from .channels_api import add_routes as add_channel_routes
+
+    add_channel_routes(app, service)  # release channels: /v1/channels, /v1/promotions, …
     _mount_dashboard(app, service)
     app.add_middleware(BodyGuard, authenticate=service.authenticate_token)
     return app

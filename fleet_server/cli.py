@@ -1011,3 +1011,230 @@ def fleet_calibration(
             or f"device/host ratio {o.get('ratio', 0):.2f} ({o.get('times_median', 0):.1f}× median)"
         )
         print(f"outlier: {o['device_id']} ({o.get('profile')}): {why}")
+
+
+# release channels ----------------------------------------------------------------------------
+channels_app = typer.Typer(
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    help="Release channels (beta, stable, …): policies, devices, history.",
+)
+fleet_app.add_typer(channels_app, name="channels")
+ReasonOpt = typer.Option("", "--reason", help="Why (kept in the audit log).")
+
+
+def _channel_line(ch: dict[str, Any]) -> list[Any]:
+    cur, prev = ch.get("current") or {}, ch.get("previous") or {}
+    online = sum(1 for d in ch["devices"] if d["online"])
+    return [
+        ch["model"],
+        ch["channel"],
+        cur.get("version") or "-",
+        prev.get("version") or "-",
+        f"{len(ch['devices'])} ({online} online)",
+        ch["policy"].get("requires") or "-",
+    ]
+
+
+@channels_app.command("list")
+def channels_list(
+    model: str | None = typer.Option(None, "--model", help="Only this model."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Every channel of every model: current and previous version, devices, requirement.
+
+    \b
+    Example:
+      edgefleet fleet channels list --model digits
+    """
+    rows = [_channel_line(ch) for ch in client(url, token).channels(model)]
+    _table("channels", ["model", "channel", "current", "previous", "devices", "requires"], rows)
+
+
+@channels_app.command("show")
+def channels_show(
+    model: str = typer.Argument(..., help="Model name."),
+    channel: str = typer.Argument(..., help="Channel name."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """One channel: its policy, devices and history (who moved it, when and why).
+
+    \b
+    Example:
+      edgefleet fleet channels show digits stable
+    """
+    ch = client(url, token).channel(model, channel)
+    cur = ch.get("current") or {}
+    print(f"{model}/{channel}: current {cur.get('version') or '-'}")
+    print("policy: " + ", ".join(f"{k}={v}" for k, v in ch["policy"].items()))
+    _table(
+        "devices",
+        ["device", "online", "runs"],
+        [[d["device_id"], d["online"], d.get("version") or "-"] for d in ch["devices"]],
+    )
+    _table(
+        "history",
+        ["when", "action", "bundle", "who", "why"],
+        [
+            [_ago(h["ts"]), h["action"], (h["sha256"] or "-")[:12], h["actor"], h["reason"]]
+            for h in ch["history"]
+        ],
+    )
+
+
+@channels_app.command("set")
+def channels_set(
+    model: str = typer.Argument(..., help="Model name."),
+    channel: str = typer.Argument(..., help="Channel name (new ones are created)."),
+    stages: str | None = typer.Option(None, "--stages", help="Cumulative stages, e.g. 10,50,100."),
+    soak: float | None = typer.Option(None, "--soak", help="Soak seconds per stage."),
+    requires: str | None = typer.Option(
+        None, "--requires", help="A channel the bundle must have succeeded on first."
+    ),
+    hold: float | None = typer.Option(
+        None, "--hold", help="Seconds it must have held on the required channel."
+    ),
+    no_drift: bool | None = typer.Option(
+        None, "--no-drift/--allow-drift", help="Refuse a bundle with a drift alert."
+    ),
+    accuracy_tolerance: float | None = typer.Option(
+        None, "--accuracy-tolerance", help="Field accuracy may be this much below current."
+    ),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Define a channel or change its policy (unset options keep the channel's defaults).
+
+    \b
+    Example:
+      edgefleet fleet channels set digits stable --stages 10,100 --requires beta --hold 3600
+    """
+    policy: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "stages": _stages(stages) if stages else None,
+            "soak_s": soak,
+            "requires": requires,
+            "hold_s": hold,
+            "no_drift": no_drift,
+            "accuracy_tolerance": accuracy_tolerance,
+        }.items()
+        if v is not None
+    }
+    ch = client(url, token).define_channel(model, channel, policy)
+    print(f"{model}/{channel}: " + ", ".join(f"{k}={v}" for k, v in ch["policy"].items()))
+
+
+@fleet_app.command("promote")
+def fleet_promote(
+    bundle: str = typer.Argument(..., help="name@version or a sha256 prefix."),
+    to: str = typer.Option(..., "--to", help="The channel, e.g. stable."),
+    reason: str = ReasonOpt,
+    force: bool = typer.Option(False, "--force", help="Promote an archived bundle (audited)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Show the policy and every condition; change nothing."
+    ),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Promote a bundle into a channel: a staged rollout to that channel's devices.
+
+    A refusal names each failed condition and exits 1.
+
+    \b
+    Example:
+      edgefleet fleet promote digits@1.5.0 --to stable --reason "beta held a week"
+    """
+    c = client(url, token)
+    if dry_run:
+        plan = c.promote(bundle, to, reason, force, preview=True)
+        for cond in plan["conditions"]:
+            print(f"{'ok ' if cond['ok'] else 'NO '} {cond['name']}: {cond['detail']}")
+        print(f"{len(plan['devices'])} devices follow {to}")
+        return
+    out = c.promote(bundle, to, reason, force)
+    cur = out.get("current") or {}
+    rid = out.get("rollout_id")
+    where = f"rollout {rid}" if rid else "no device follows it yet"
+    print(f"{cur.get('name')} {cur.get('version')} is now {to}: {where}")
+
+
+@fleet_app.command("demote")
+def fleet_demote(
+    model: str = typer.Argument(..., help="Model name."),
+    channel: str = typer.Option("stable", "--channel", help="The channel to demote."),
+    reason: str = ReasonOpt,
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Return a channel to its previous bundle; its devices get signed rollbacks.
+
+    \b
+    Example:
+      edgefleet fleet demote digits --channel stable --reason "accuracy dropped"
+    """
+    out = client(url, token).demote(model, channel, reason)
+    cur = out.get("current") or {}
+    print(
+        f"{model}/{channel} is back at {cur.get('version')}; rolled back: "
+        f"{', '.join(out.get('rolled_back') or []) or 'no rollout'}"
+    )
+
+
+@bundles_app.command("archive")
+def bundles_archive(
+    bundle: str = typer.Argument(..., help="name@version or a sha256 prefix."),
+    reason: str = ReasonOpt,
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Archive a bundle: promoting it again needs --force (audited).
+
+    \b
+    Example:
+      edgefleet fleet bundles archive digits@1.4.0 --reason "superseded"
+    """
+    out = client(url, token).archive(bundle, reason)
+    print(f"{out['bundle']['name']} {out['bundle']['version']} archived")
+
+
+@bundles_app.command("lineage")
+def bundles_lineage(
+    bundle: str = typer.Argument(..., help="name@version or a sha256 prefix."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Every channel a bundle was in, when, and why.
+
+    \b
+    Example:
+      edgefleet fleet bundles lineage digits@1.5.0
+    """
+    out = client(url, token).lineage(bundle)
+    _table(
+        f"{out['bundle']['name']} {out['bundle']['version']}",
+        ["when", "channel", "action", "who", "why"],
+        [
+            [_ago(h["ts"]), h["channel"], h["action"], h["actor"], h["reason"]]
+            for h in out["lineage"]
+        ],
+    )
+
+
+@devices_app.command("channel")
+def devices_channel(
+    device_id: str = typer.Argument(..., help="Device id."),
+    channel: str | None = typer.Argument(None, help="stable, or MODEL/stable; omit to clear."),
+    url: str | None = UrlOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Set the channel a device follows (overrides its agent's [agent] channel).
+
+    \b
+    Example:
+      edgefleet fleet devices channel pi-0001 stable
+    """
+    out = client(url, token).set_device_channel(device_id, channel)
+    print(f"{device_id}: follows {out['assigned'] or out['reported'] or 'no channel'}")

@@ -174,3 +174,34 @@ class FleetClient:
         params = {"profile": profile} if profile else {}
         result: list[dict[str, Any]] = self._call("GET", "/v1/benchmarks", params=params)
         return result
+
+    # release channels
+    def channels(self, model: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/channels", params={"model": model} if model else {}))
+
+    def channel(self, model: str, channel: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/channels/{model}/{channel}"))
+
+    def define_channel(self, model: str, channel: str, policy: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call("PUT", f"/v1/channels/{model}/{channel}", json=policy))
+
+    def promote(
+        self, bundle: str, to: str, reason: str = "", force: bool = False, preview: bool = False
+    ) -> dict[str, Any]:
+        body = {"bundle": bundle, "to": to, "reason": reason, "force": force}
+        path = "/v1/promotions/preview" if preview else "/v1/promotions"
+        return dict(self._call("POST", path, json=body))
+
+    def demote(self, model: str, channel: str, reason: str = "") -> dict[str, Any]:
+        path = f"/v1/channels/{model}/{channel}/demote"
+        return dict(self._call("POST", path, json={"reason": reason}))
+
+    def archive(self, bundle: str, reason: str = "") -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/bundles/{bundle}/archive", json={"reason": reason}))
+
+    def lineage(self, bundle: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/bundles/{bundle}/lineage"))
+
+    def set_device_channel(self, device_id: str, channel: str | None) -> dict[str, Any]:
+        path = f"/v1/devices/{device_id}/channel"
+        return dict(self._call("PUT", path, json={"channel": channel}))

@@ -6,6 +6,7 @@
         ├── NotFound                 unknown bundle, device, rollout or token (HTTP 404)
         ├── InvalidInput             bad selector, stages, thresholds… (HTTP 422); names the field
         ├── Conflict                 an action the current state does not allow (HTTP 409)
+        │   └── PromotionRefused     a channel's promotion conditions failed; names each
         ├── BundleRejected           unsigned, tampered or untrusted upload (HTTP 422)
         ├── TooLarge                 a request body over its route's cap (HTTP 413)
         ├── Throttled                too many failed logins; retry later (HTTP 429)
@@ -52,6 +53,17 @@ class InvalidInput(FleetError):
 
 class Conflict(FleetError):
     status_code = 409
+
+
+class PromotionRefused(Conflict):
+    """A promotion into a release channel whose conditions did not all hold."""
+
+    def __init__(self, message: str, *, conditions: list[dict[str, object]]) -> None:
+        super().__init__(message, field="conditions")
+        self.conditions = conditions
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "conditions": self.conditions}
 
 
 class BundleRejected(FleetError):

@@ -8,10 +8,11 @@ sqlite3 errors are translated into :class:`StorageError` here.
 
 Tables: bundles, devices, device_history, rollouts, rollout_stages, rollout_devices,
 metrics, events, audit, tokens, users, device_identities (pinned device keys, enrolment),
-revoked_sessions (dashboard logouts), schema_version. The SQLite file is 0600 and its
-folder 0700 whatever the umask: it holds token hashes and device keys. The schema is the
-numbered list :data:`.migrations.SQLITE`, applied on open. (The drift engine keeps its own
-tables in the same file through its own connection.)
+revoked_sessions (dashboard logouts), channels, channel_history, device_channels,
+archived_bundles, schema_version. The SQLite file is 0600 and its folder 0700 whatever the
+umask: it holds token hashes and device keys. The schema is the numbered list
+:data:`.migrations.SQLITE`, applied on open. (The drift engine keeps its own tables in the
+same file through its own connection.)
 
 Lists that grow with the fleet also come as cursor pages (``*_page(limit, cursor)``, see
 :mod:`.pagination`), and the overview's device counts come from :meth:`device_counts`
@@ -109,6 +110,21 @@ class Repository(Protocol):
         self, limit: int = 100, cursor: str | None = None, target: str | None = None
     ) -> Page: ...
     def device_counts(self) -> dict[str, Any]: ...
+    # release channels (fleet_server/channels.py)
+    def save_channel(self, row: dict[str, Any]) -> None: ...
+    def list_channels(self) -> list[dict[str, Any]]: ...
+    def add_channel_history(self, row: dict[str, Any]) -> None: ...
+    def channel_history(
+        self,
+        model: str | None = None,
+        channel: str | None = None,
+        sha256: str | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]: ...
+    def set_device_channel(self, device_id: str, **fields: Any) -> None: ...
+    def device_channels(self) -> dict[str, dict[str, Any]]: ...
+    def archive_bundle(self, sha256: str, ts: float, actor: str, reason: str) -> None: ...
+    def archived_bundles(self) -> dict[str, dict[str, Any]]: ...
     def schema_version(self) -> int: ...
     def close(self) -> None: ...
 
@@ -616,6 +632,53 @@ class SQLiteRepository:
             lambda db: db.execute("select 1 from revoked_sessions where sid = ?", [sid]).fetchall()
         )
         return bool(rows)
+
+    # release channels -----------------------------------------------------------------
+    def save_channel(self, row: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db["channels"].upsert(row, pk=("model", "channel"))
+
+    def list_channels(self) -> list[dict[str, Any]]:
+        return self._read(lambda db: list(db["channels"].rows_where(order_by="model, channel")))
+
+    def add_channel_history(self, row: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db["channel_history"].insert(row)
+
+    def channel_history(
+        self,
+        model: str | None = None,
+        channel: str | None = None,
+        sha256: str | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
+        pairs = [(k, v) for k, v in (("model", model), ("channel", channel), ("sha256", sha256))]
+        clauses = [(f'"{k}" = ?', v) for k, v in pairs if v is not None]
+        where = " and ".join(c for c, _ in clauses) or None
+        return self._read(
+            lambda db: list(
+                db["channel_history"].rows_where(
+                    where, [v for _, v in clauses], order_by="id desc", limit=limit
+                )
+            )
+        )
+
+    def set_device_channel(self, device_id: str, **fields: Any) -> None:
+        with self._tx() as db:
+            db["device_channels"].upsert({"device_id": device_id, **fields}, pk="device_id")
+
+    def device_channels(self) -> dict[str, dict[str, Any]]:
+        rows = self._read(lambda db: list(db["device_channels"].rows_where()))
+        return {r["device_id"]: r for r in rows}
+
+    def archive_bundle(self, sha256: str, ts: float, actor: str, reason: str) -> None:
+        row = {"sha256": sha256, "ts": ts, "actor": actor, "reason": reason}
+        with self._tx() as db:
+            db["archived_bundles"].upsert(row, pk="sha256")
+
+    def archived_bundles(self) -> dict[str, dict[str, Any]]:
+        rows = self._read(lambda db: list(db["archived_bundles"].rows_where()))
+        return {r["sha256"]: r for r in rows}
 
     def close(self) -> None:
         with self._lock:

@@ -567,6 +567,58 @@ class PostgresRepository:
             [(r["profile"], r["model"], r["version"], r["online"], r["n"]) for r in rows]
         )
 
+    # release channels -----------------------------------------------------------------
+    def save_channel(self, row: dict[str, Any]) -> None:
+        cols = list(row)
+        with self._conn() as conn:
+            conn.execute(
+                self._upsert_sql("channels", cols, ["model", "channel"]),
+                [_value(row[c]) for c in cols],
+            )
+
+    def list_channels(self) -> list[dict[str, Any]]:
+        return self._all("select * from channels order by model, channel")
+
+    def add_channel_history(self, row: dict[str, Any]) -> None:
+        cols = list(row)
+        with self._conn() as conn:
+            conn.execute(self._insert_sql("channel_history", cols), [row[c] for c in cols])
+
+    def channel_history(
+        self,
+        model: str | None = None,
+        channel: str | None = None,
+        sha256: str | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
+        where, args = _filters([("model", model), ("channel", channel), ("sha256", sha256)])
+        return self._all(
+            f"select * from channel_history{where} order by id desc limit %s", [*args, limit]
+        )
+
+    def set_device_channel(self, device_id: str, **fields: Any) -> None:
+        row = {"device_id": device_id, **fields}
+        cols = list(row)
+        with self._conn() as conn:
+            conn.execute(
+                self._upsert_sql("device_channels", cols, ["device_id"]), [row[c] for c in cols]
+            )
+
+    def device_channels(self) -> dict[str, dict[str, Any]]:
+        return {r["device_id"]: r for r in self._all("select * from device_channels")}
+
+    def archive_bundle(self, sha256: str, ts: float, actor: str, reason: str) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                self._upsert_sql(
+                    "archived_bundles", ["sha256", "ts", "actor", "reason"], ["sha256"]
+                ),
+                [sha256, ts, actor, reason],
+            )
+
+    def archived_bundles(self) -> dict[str, dict[str, Any]]:
+        return {r["sha256"]: r for r in self._all("select * from archived_bundles")}
+
     def close(self) -> None:
         self.pool.close()
 

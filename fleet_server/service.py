@@ -176,6 +176,9 @@ class FleetService:
             full = self.repo.get_rollout(row["rollout_id"])
             if full is not None:
                 self._rollouts[row["rollout_id"]] = Rollout.from_dict(full["doc"])
+        from .channel_service import ChannelService
+
+        self.channels = ChannelService(self)  # release channels: promotion, late joiners
 
     # construction helpers -------------------------------------------------------------
     def _trust_store(self) -> TrustStore:
@@ -844,6 +847,7 @@ class FleetService:
             cur.update(fields, online=msg.online)
             self._devices[msg.device_id] = cur
         if msg.online:
+            self.channels.observe(msg.device_id, msg.channel)
             self._wake.set()  # a late device gets its pending command on the next tick
 
     def on_status(self, msg: CommandStatus) -> None:
@@ -980,6 +984,7 @@ class FleetService:
                     self._apply(r, decisions, "engine")
                     self._dirty.add(rid)
         self.flush()
+        self.channels.tick()
         drift_due = self.drift is not None and now - self._last_drift >= self.drift_every_s
         if drift_due:
             self._last_drift = now

@@ -92,6 +92,8 @@ class DeviceState(Message):
     # this device's messages, and the HMAC proof of an enrolment token (birth only).
     public_key: str | None = Field(default=None, max_length=64)
     enrol_proof: str | None = Field(default=None, max_length=64)
+    # the release channel the agent follows ("stable" or "MODEL/stable"); optional
+    channel: str | None = Field(default=None, max_length=160)
 
 
 class DeployPayload(BaseModel):

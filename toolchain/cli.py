@@ -690,20 +690,59 @@ def verify(
 def inspect(
     bundle: Path = typer.Argument(..., help="The .efb bundle."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    server: str | None = typer.Option(
+        None, "--server", help="Fleet server URL: also show the bundle's channel lineage."
+    ),
+    token: str | None = typer.Option(
+        None, "--token", envvar="EDGEFLEET_TOKEN", help="API token for --server (viewer)."
+    ),
 ) -> None:
     """Show a readable summary of a bundle (reading is not verifying: use 'edgefleet verify').
+
+    With --server, also every release channel the bundle was in on that fleet, when and why.
 
     \b
     Example:
       edgefleet inspect iris-1.0.0.efb
+      edgefleet inspect iris-1.0.0.efb --server http://fleet:8700 --token $TOKEN
     """
     from .verify import inspect_file
 
     info = inspect_file(bundle)
+    if server:
+        from .fleet_lineage import lineage
+
+        info["fleet"] = lineage(server, token, bundle)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     _inspect_print(info)
+    if server:
+        _lineage_print(info["fleet"])
+
+
+def _lineage_print(fleet: dict[str, Any]) -> None:
+    from datetime import datetime, timezone
+
+    from rich.table import Table
+
+    console = _console()
+    where = ", ".join(fleet.get("current_in") or []) or "no channel"
+    archived = " (archived)" if fleet.get("archived") else ""
+    console.print(f"on the fleet: current in {where}{archived}")
+    t = Table(title="channel lineage")
+    for col in ("when (UTC)", "channel", "action", "who", "why"):
+        t.add_column(col)
+    for h in fleet["lineage"]:
+        when = datetime.fromtimestamp(float(h.get("ts") or 0), timezone.utc)
+        t.add_row(
+            when.strftime("%Y-%m-%d %H:%M:%S"),
+            str(h.get("channel")),
+            str(h.get("action")),
+            str(h.get("actor")),
+            str(h.get("reason") or ""),
+        )
+    console.print(t)
 
 
 def _inspect_print(info: dict[str, Any]) -> None:

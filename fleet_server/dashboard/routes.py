@@ -9,6 +9,7 @@
     /ui/rollouts/{id}/live.json    the live part of that page (polled by static/dashboard.js)
     /ui/rollouts/{id}/confirm/{a}  the confirmation step; POST /ui/rollouts/{id}/{a} acts
     /ui/drift, /ui/drift/{m}/{v}   per feature reference vs current, KS/PSI over time, field quality
+    /ui/channels, /ui/bundles/{r}  release channels and bundle lineage (:mod:`.channel_pages`)
     /ui/static/{file}              CSS and JS shipped in this package
 
 Pages need a session (else a redirect to the login); actions need the operator role and
@@ -671,4 +672,15 @@ def build_router(service: Any) -> Any:
             accuracy=service.measures.accuracy_report(model),
         )
 
+    from .channel_pages import add_channel_pages  # /ui/channels, /ui/bundles/{ref}
+
+    add_channel_pages(
+        router,
+        service,
+        render=render,
+        session_of=session_of,
+        acting=acting,
+        error=error,
+        to_login=to_login,
+    )
     return router

@@ -194,6 +194,7 @@ class SimDevice:
         self.http_requests: list[dict[str, str]] = []
         self._seq = 0
         self._lock = threading.RLock()
+        self.channel: str | None = None  # the release channel its birth names (optional)
 
     # lifecycle ----------------------------------------------------------------------
     def _state(self, state: DeviceState, seq: int) -> bytes:
@@ -226,6 +227,7 @@ class SimDevice:
             agent_version="sim",
             public_key=self.signer.public_key_b64(),
             enrol_proof=self.proof,
+            channel=self.channel,
         )
         self._births += 1
         payload = self._state(state, self._births)

@@ -342,6 +342,59 @@ def test_audit_comes_back_newest_first_by_target(repo: Repository) -> None:
     assert set(repo.audit()[0]) >= {"id", "ts", "actor", "action", "target", "reason", "data"}
 
 
+# release channels --------------------------------------------------------------------------
+def test_channels_upsert_by_model_and_channel_and_list_in_order(repo: Repository) -> None:
+    repo.save_channel({"model": "iris", "channel": "stable", "policy": "{}", "updated_at": 1.0})
+    repo.save_channel({"model": "digits", "channel": "beta", "policy": '{"stages": [100]}'})
+    repo.save_channel({"model": "iris", "channel": "stable", "current_sha256": "a" * 64})
+    rows = repo.list_channels()
+    assert [(r["model"], r["channel"]) for r in rows] == [("digits", "beta"), ("iris", "stable")]
+    iris = rows[1]
+    assert iris["current_sha256"] == "a" * 64
+    assert iris["policy"] == "{}"  # an upsert keeps the fields it does not name
+
+
+def test_channel_history_is_newest_first_and_filters_by_model_channel_and_bundle(
+    repo: Repository,
+) -> None:
+    for i, (channel, sha) in enumerate([("beta", "a"), ("stable", "a"), ("beta", "b")]):
+        repo.add_channel_history(
+            {
+                "model": "iris",
+                "channel": channel,
+                "sha256": sha * 64,
+                "ts": float(i),
+                "action": "promote",
+                "actor": "api:op",
+                "reason": f"step {i}",
+                "rollout_id": f"r{i}",
+            }
+        )
+    assert [h["reason"] for h in repo.channel_history()] == ["step 2", "step 1", "step 0"]
+    assert [h["reason"] for h in repo.channel_history(channel="beta")] == ["step 2", "step 0"]
+    assert [h["channel"] for h in repo.channel_history(sha256="a" * 64)] == ["stable", "beta"]
+    assert repo.channel_history(model="digits") == []
+    assert len(repo.channel_history(limit=1)) == 1
+
+
+def test_device_channels_keep_reported_and_assigned_apart(repo: Repository) -> None:
+    repo.set_device_channel("d1", reported="beta", updated_at=1.0)
+    repo.set_device_channel("d1", assigned="stable", updated_at=2.0)
+    repo.set_device_channel("d2", reported="stable", updated_at=3.0)
+    rows = repo.device_channels()
+    assert rows["d1"]["reported"] == "beta" and rows["d1"]["assigned"] == "stable"
+    assert rows["d2"]["assigned"] is None
+    assert set(rows) == {"d1", "d2"}
+
+
+def test_archiving_a_bundle_twice_keeps_one_row_with_the_last_reason(repo: Repository) -> None:
+    repo.archive_bundle("a" * 64, 1.0, "api:op", "bad calibration")
+    repo.archive_bundle("a" * 64, 2.0, "api:admin", "still bad")
+    rows = repo.archived_bundles()
+    assert list(rows) == ["a" * 64]
+    assert rows["a" * 64]["reason"] == "still bad" and rows["a" * 64]["actor"] == "api:admin"
+
+
 # auth --------------------------------------------------------------------------------------
 def test_tokens_are_looked_up_by_hash_and_never_listed_with_it(repo: Repository) -> None:
     repo.add_token("h" * 64, "operator", "ci", 1.0)

@@ -81,7 +81,8 @@ def fleet(
     from fleet_server import auth
     from fleet_server.config import FleetConfig
     from fleet_server.serve import FleetServer
-    from tests.e2e.support import write_public_keys
+    from protocol.device_auth import token_hash
+    from tests.e2e.support import ENROL_TOKEN, write_public_keys
     from tests.support.bundles import make_bundle
     from tests.support.keys import write_private
 
@@ -105,6 +106,7 @@ def fleet(
             "auth": {"tokens": [{"token_hash": auth.hash_token(TOKEN), "role": "admin"}]},
             "rollout": {"tick_s": 0.2},
             "health": {"p95_ms": 100.0, "min_requests": 5, "offline_after_s": 3600.0},
+            "devices": {"enrol_token_hashes": [token_hash(ENROL_TOKEN)]},  # agents prove it
         }
     )
     server = FleetServer(cfg).start()

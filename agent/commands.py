@@ -96,6 +96,7 @@ class CommandProcessor:
         on_model_change: Callable[[], None] = lambda: None,
         benchmark: Callable[[BenchmarkPayload], dict[str, Any]] | None = None,
         apply_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        bench_after_install: int = 0,
         stall_seconds: float = 10.0,
         http_client: Any = None,
         origins: tuple[str, ...] = (),
@@ -114,6 +115,7 @@ class CommandProcessor:
         self.on_model_change = on_model_change
         self.benchmark = benchmark
         self.apply_config = apply_config
+        self.bench_after_install = bench_after_install
         self.stall_seconds = stall_seconds
         self.http_client = http_client
         self.origins = tuple(origins)
@@ -431,14 +433,30 @@ class CommandProcessor:
             self.downloads.finish(d)
             return
         self.downloads.finish(d)
+        result: dict[str, Any] | None = {"shadow": True} if p.shadow else None
+        if not p.shadow:
+            result = self._bench_installed()
         self.status(
             cmd,
             "installed",
             model=model_ref(manifest),
             detail=("shadow " if p.shadow else "") + f"{manifest.name} {manifest.version}",
-            result={"shadow": True} if p.shadow else None,
+            result=result,
         )
         self.on_model_change()
+
+    def _bench_installed(self) -> dict[str, Any] | None:
+        """Time the model just installed on this hardware (``runtime.bench_after_install``
+        runs); the fleet server derives measured speed factors from it. A failure here never
+        fails the install: the status then carries no benchmark."""
+        if self.benchmark is None or self.bench_after_install <= 0:
+            return None
+        try:
+            runs = max(self.bench_after_install, 10)
+            return {"benchmark": self.benchmark(BenchmarkPayload(runs=runs))}
+        except Exception as exc:  # the install stands; only the measurement is lost
+            log.warning("benchmark after install failed: %s", exc)
+            return None
 
     def _rollback(self, cmd: Command) -> None:
         payload = cmd.rollback or RollbackPayload()

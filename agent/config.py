@@ -140,6 +140,9 @@ class FallbackConfig(_Section):
 
 class RuntimeConfig(_Section):
     threads: int | None = Field(default=None, ge=1)
+    # timed single-row runs on the new model after each install, reported with the
+    # "installed" status (the fleet calibrates profiles from them); 0 turns it off
+    bench_after_install: int = Field(default=100, ge=0, le=10_000)
 
 
 class FaultsConfig(_Section):
@@ -408,6 +411,7 @@ keep_previous = 2              # installed versions kept for rollback
 
 [runtime]
 # threads = 1                  # inference threads; default: the profile's inference_threads
+bench_after_install = 100      # timed runs after each install, sent to the fleet (0: off)
 
 [faults]
 # FOR TESTS AND DEMOS ONLY: injects faults. Never set on a real device.

@@ -199,6 +199,7 @@ class Agent:
                 self.slots, threads=self.installer.threads, profile=profile.name, device_id=dev
             ),
             apply_config=self.apply_config,
+            bench_after_install=cfg.runtime.bench_after_install,
         )
         self.link = Link(
             dev,

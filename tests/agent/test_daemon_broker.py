@@ -64,6 +64,10 @@ def test_deploy_over_mqtt_in_chunks_end_to_end(tmp_path, broker_url, signing_key
         )
         states = sim.states_of(cmd.command_id)
         assert states[0] == "accepted" and states[-2:] == ["verifying", "installed"], states
+        # the new model was timed on this machine before it was reported installed
+        (done,) = [s for s in sim.statuses if s.command_id == cmd.command_id and s.result]
+        bench = done.result["benchmark"]  # type: ignore[index]
+        assert bench["runs"] == 100 and 0 < bench["p50_ms"] <= bench["p95_ms"]
         assert predict(agent, [IRIS_ROW])["model"]["version"] == "2.0.0"
         wait_for(lambda: sim.states[-1].model.version == "2.0.0")  # birth follows the model
         assert [m.version for m in sim.states[-1].previous] == ["1.0.0"]

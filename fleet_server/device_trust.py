@@ -241,9 +241,11 @@ class DeviceTrust:
                 peer = x25519_from_b64(ident.x25519) if ident.x25519 else None
                 if self._kex is None or peer is None:
                     return "mac_no_key"
+                if env.key_id != self._kex_id:
+                    return "mac_wrong_fleet_key"
                 key = mac_key(self._kex, peer, ident.device_id, raw_public(peer), self._kex_pub)
-                ident.mac_key = key
-        if env.key_id != self._kex_id:
+                ident.mac_key = key  # once per device key, not per message
+        elif env.key_id != self._kex_id:
             return "mac_wrong_fleet_key"
         if not verify_mac(env, topic, key):
             return "bad_mac"

@@ -11,7 +11,7 @@ token proven in the birth message) and drops every message not signed by it. The
 leaves the device; ``edgefleet agent status`` shows its key id so an operator can compare
 it with what the server shows before approving.
 
-Both files are written 0600 in a 0700 folder whatever the umask (:mod:`agent.files`).
+All three files are written 0600 in a 0700 folder whatever the umask (:mod:`agent.files`).
 """
 
 from __future__ import annotations

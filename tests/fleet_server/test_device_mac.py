@@ -20,7 +20,7 @@ from protocol.device_mac import kex_id, mac_key, open_announcement, raw_public, 
 from protocol.messages import CommandStatus
 from protocol.topics import Topics
 from protocol.transport import MemoryBroker
-from tests.fleet_server.fleetkit import DeviceKey, make_config
+from tests.fleet_server.fleetkit import TEST_ENROL_TOKEN, DeviceKey, make_config
 from tests.support.keys import COMMAND_KEY
 
 T = Topics()
@@ -43,8 +43,8 @@ def svc(tmp_path: Path, signing_key: KeyPair, broker: MemoryBroker) -> Iterator[
 class MacDevice(DeviceKey):
     """A hand-driven device with an X25519 key that agrees its MAC key like the agent."""
 
-    def __init__(self, device_id: str) -> None:
-        super().__init__(device_id)
+    def __init__(self, device_id: str, token: str | None = TEST_ENROL_TOKEN) -> None:
+        super().__init__(device_id, token)
         self.kex = X25519PrivateKey.generate()
 
     def birth(self, **fields: object) -> bytes:
@@ -177,3 +177,17 @@ def test_every_fleet_process_with_the_command_key_agrees_the_same_key(
         assert other.bridge.stats()["accepted"].get("status") == 1  # type: ignore[union-attr]
     finally:
         other.repo.close()
+
+
+def test_a_pending_device_macs_only_after_an_operator_approves_it(
+    svc: FleetService, broker: MemoryBroker
+) -> None:
+    d = MacDevice("d1", token=None)
+    handle(svc, T.state("d1"), d.birth())  # pending: its birth announced its X25519 key
+    d.agree(retained_kex(broker))
+    handle(svc, T.status("d1"), d.sign(T.status("d1"), status("d1", 1)))
+    assert stats(svc)["dropped"] == {"pending": 2}  # the birth (kept) and the status
+    svc.approve_device("d1", "op", d.key.key_id)
+    handle(svc, T.status("d1"), d.sign(T.status("d1"), status("d1", 2)))
+    assert stats(svc)["accepted"].get("status") == 1
+    assert stats(svc)["dropped"] == {"pending": 2}

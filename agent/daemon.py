@@ -209,6 +209,7 @@ class Agent:
             self.processor,
             self.birth,
             states=self.states,
+            on_kex=self._on_kex,
         )
         self.link.start()
         self._stop.clear()
@@ -217,6 +218,17 @@ class Agent:
         self.started = True
         log.info("agent %s started (api %s, broker %s)", dev, self.api_url, cfg.broker.url)
         return self
+
+    def _on_kex(self, payload: bytes) -> None:
+        """The fleet's key announcement (network thread): MAC device messages once it verifies."""
+        from datetime import datetime, timezone
+
+        now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        why = self.identity.accept_kex(payload, self.processor.command_trust, now)
+        if why is None:
+            log.info("fleet key agreed: device messages now carry a MAC")
+        else:
+            log.warning("fleet key announcement ignored: %s", why)
 
     def _paho(self) -> Transport:
         from protocol.transport_paho import PahoTransport

@@ -2,6 +2,8 @@
 
     data_dir/ (0700)
       device_key.pem   the device's private key, created on first start (0600)
+      device_kex.key   the device's static X25519 key, raw 32 bytes (0600): its MAC key
+                       with the fleet is agreed with it (protocol.device_mac)
       boot             how many times the agent started (the ``boot`` of every signature)
 
 The fleet server pins the public key at enrolment (an operator's approval, or an enrolment
@@ -9,21 +11,26 @@ token proven in the birth message) and drops every message not signed by it. The
 leaves the device; ``edgefleet agent status`` shows its key id so an operator can compare
 it with what the server shows before approving.
 
-Both files are written 0600 in a 0700 folder whatever the umask (:mod:`agent.files`).
+All three files are written 0600 in a 0700 folder whatever the umask (:mod:`agent.files`).
 """
 
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from protocol.device_auth import DeviceSigner, enrol_proof, token_hash
-from protocol.signing import KeyPair, load_private_key
+from protocol.device_mac import kex_id, mac_key, open_announcement, raw_public, x25519_b64
+from protocol.signing import KeyPair, TrustStore, load_private_key
 
 from .errors import ConfigError
 from .files import private_dir
 
 KEY_FILE = "device_key.pem"
+KEX_FILE = "device_kex.key"
 BOOT_FILE = "boot"
 
 
@@ -55,6 +62,28 @@ def load_or_create_key(data_dir: Path) -> KeyPair:
     return key
 
 
+def load_or_create_kex(data_dir: Path) -> X25519PrivateKey:
+    path = Path(data_dir) / KEX_FILE
+    if path.exists():
+        raw = path.read_bytes()
+        if len(raw) != 32:
+            raise ConfigError(f"device X25519 key {path}: not 32 raw bytes")
+        os.chmod(path, 0o600)
+        return X25519PrivateKey.from_private_bytes(raw)
+    key = X25519PrivateKey.generate()
+    from cryptography.hazmat.primitives import serialization
+
+    _write_private(
+        path,
+        key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        ),
+    )
+    return key
+
+
 def next_boot(data_dir: Path) -> int:
     """Increment and return the persisted boot counter."""
     path = Path(data_dir) / BOOT_FILE
@@ -76,6 +105,29 @@ class DeviceIdentity:
         self.boot = next_boot(data_dir)
         self.signer = DeviceSigner(device_id, self.key, self.boot)
         self.proof = enrol_proof(token_hash(token), device_id, self.key.key_id) if token else None
+        self.kex = load_or_create_kex(data_dir)
+        self.kex_issued: datetime | None = None  # of the fleet announcement in use
+
+    def x25519_b64(self) -> str:
+        return x25519_b64(self.kex.public_key())
+
+    def accept_kex(self, payload: bytes, command_trust: TrustStore, now: datetime) -> str | None:
+        """A fleet key announcement: agree the MAC key when it verifies; else a reason.
+
+        An announcement older than the one in use is ignored (``stale``); until one is
+        accepted the device keeps signing every message with Ed25519.
+        """
+        got = open_announcement(payload, command_trust, now)
+        if isinstance(got, str):
+            return got
+        msg, peer = got
+        if self.kex_issued is not None and msg.issued_at < self.kex_issued:
+            return "stale"
+        own = raw_public(self.kex.public_key())
+        k = mac_key(self.kex, peer, self.device_id, own, raw_public(peer))
+        self.signer.use_mac(k, kex_id(peer))
+        self.kex_issued = msg.issued_at
+        return None
 
     @property
     def key_id(self) -> str:

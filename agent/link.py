@@ -24,6 +24,9 @@ sequence. Births of connection ``c`` carry ``c·2^20 + n`` (n = 1, 2, …), its 
 ``c·2^20 + 2^20 − 1``: the will outranks every birth of its connection and is outranked by
 every birth of the next, so the server can drop an old retained state or a replayed will.
 When a connection is lost the next connection's will is set before paho reconnects.
+The link also follows the retained fleet key announcement (``{prefix}/fleet/kex``): once
+one verifies against the command trust store, statuses, metrics and sketches carry an
+HMAC with the agreed per-device key instead (:mod:`protocol.device_mac`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class StateSigner:
                 update={
                     "public_key": self.identity.signer.public_key_b64(),
                     "enrol_proof": self.identity.proof,
+                    "x25519_key": self.identity.x25519_b64(),
                 }
             )
         with self._lock:
@@ -106,8 +110,10 @@ class Link:
         *,
         synchronous: bool = False,
         states: StateSigner | None = None,
+        on_kex: Callable[[bytes], None] | None = None,
     ) -> None:
         self.device_id = device_id
+        self.on_kex = on_kex  # the fleet's signed X25519 key (protocol.device_mac)
         self.states = states or StateSigner(topics)
         self.topics = topics
         self.transport = transport
@@ -131,6 +137,8 @@ class Link:
         t.on_connection_change(self._on_connection)
         t.subscribe(self.topics.cmd(self.device_id), 1)
         t.subscribe(self.topics.artifact_filter(self.device_id), 1)
+        if self.on_kex is not None:
+            t.subscribe(self.topics.kex(), 1)
         if not self.synchronous and self._worker is None:
             self._worker = threading.Thread(target=self._work, name="link-worker", daemon=True)
             self._worker.start()
@@ -186,6 +194,10 @@ class Link:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:
+            if topic == self.topics.kex():
+                if self.on_kex is not None and payload:
+                    self.on_kex(payload)
+                return
             parsed = self.topics.parse(topic)
             if parsed is None or parsed.device_id != self.device_id:
                 return

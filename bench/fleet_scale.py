@@ -12,17 +12,20 @@ Measured for N = 100, 300, 1000:
 * telemetry ingest: sketch reports merged per second by the drift engine,
 * server CPU seconds and peak RSS,
 * the cost of trust: every deploy command is signed (server) and verified (device), every
-  device message (births, statuses) is signed by its device's own key and verified by the
-  server. The per-operation times are measured in the server process right after the
-  rollout, on that rollout's real command and status payloads, multiplied by the number of
-  commands and device messages the rollout exchanged, and reported as a share of the
-  rollout time (target ≤ 10 %). The per-operation times are CPU time of the measuring
-  thread (``time.thread_time``), so a loaded machine does not inflate them; the sum covers
-  both sides (devices sign and verify in parallel in a real fleet), so it overstates the
-  wall-clock share. The server's own part is printed next to it.
+  device birth is signed by its device's own Ed25519 key and every status carries an
+  HMAC-SHA256 with the key the device agreed with the fleet (protocol.device_mac; Ed25519
+  before the fleet's key announcement arrives), verified by the server. The per-operation
+  times are measured in the server process right after the rollout, on that rollout's
+  real command and status payloads, multiplied by the number of commands and device
+  messages (births, statuses; the MAC'd ones counted by the server) the rollout exchanged,
+  and reported as a share of the rollout time (target ≤ 10 %). The per-operation times
+  are CPU time of the measuring thread (``time.thread_time``), so a loaded machine does
+  not inflate them; the sum covers both sides (devices sign and verify in parallel in a
+  real fleet), so it overstates the wall-clock share. The server's own part is printed next to it.
 
-Each simulated device has its own Ed25519 key and enrols by proving the bench's enrolment
-token (its hash is in the server's config), as a real agent with ``[enrol] token_file`` does.
+Each simulated device has its own Ed25519 and X25519 keys and enrols by proving the bench's
+enrolment token (its hash is in the server's config), as a real agent with
+``[enrol] token_file`` does; it MACs its statuses once the fleet's signed key arrives.
 
 Anchors in the same run: the time for the same devices to merely *answer* one round of
 commands (a broadcast ping → status), i.e. the broker + client floor, so the rollout
@@ -53,11 +56,22 @@ TRUST_TARGET = 0.10
 ENROL_TOKEN = "efe_bench-enrolment-token"
 
 
-def _trust_costs(svc: Any, rid: str, births: int, statuses: int) -> dict[str, Any]:
-    """Per-operation sign/verify times on this rollout's payloads, times their counts."""
+def _trust_costs(svc: Any, rid: str, births: int, statuses: int, macs: int) -> dict[str, Any]:
+    """Per-operation sign/verify times on this rollout's payloads, times their counts.
+
+    Births are Ed25519-signed; the ``macs`` statuses that came with the per-device MAC
+    (protocol.device_mac) are costed as a MAC and its check with the server's cached key,
+    the other statuses as Ed25519.
+    """
     from fleet_server.delivery import command_id, deploy_command
     from protocol import KeyPair, TrustStore
-    from protocol.device_auth import open_envelope, sign_payload, verify_envelope
+    from protocol.device_auth import (
+        mac_payload,
+        open_envelope,
+        sign_payload,
+        verify_envelope,
+        verify_mac,
+    )
     from protocol.messages import CommandStatus, command_signing_bytes, sign_command
     from protocol.topics import Topics
 
@@ -96,17 +110,35 @@ def _trust_costs(svc: Any, rid: str, births: int, statuses: int) -> dict[str, An
         assert env is not None and verify_envelope(env, topic, device_key.public)
 
     msg_verify = timed(check)
-    messages = births + statuses
-    total = commands * (cmd_sign + cmd_verify) + messages * (msg_sign + msg_verify)
-    server = commands * cmd_sign + messages * msg_verify  # the part the server itself pays
+    mac_k = bytes(range(32))  # the server computes K once per device and caches it
+    maced = mac_payload(status, topic, mac_k, "0" * 16, 1, 7)
+    mac_sign = timed(lambda: mac_payload(status, topic, mac_k, "0" * 16, 1, 7))
+
+    def check_mac() -> None:
+        env = open_envelope(maced)
+        assert env is not None and verify_mac(env, topic, mac_k)
+
+    mac_verify = timed(check_mac)
+    macs = min(macs, statuses)
+    signed_msgs = births + statuses - macs
+    total = (
+        commands * (cmd_sign + cmd_verify)
+        + signed_msgs * (msg_sign + msg_verify)
+        + macs * (mac_sign + mac_verify)
+    )
+    # the part the server itself pays
+    server = commands * cmd_sign + signed_msgs * msg_verify + macs * mac_verify
     return {
         "server_s": server,
         "commands": commands,
-        "device_messages": messages,
+        "device_messages": births + statuses,
+        "mac_messages": macs,
         "command_sign_us": cmd_sign * 1e6,
         "command_verify_us": cmd_verify * 1e6,
         "message_sign_us": msg_sign * 1e6,
         "message_verify_us": msg_verify * 1e6,
+        "mac_sign_us": mac_sign * 1e6,
+        "mac_verify_us": mac_verify * 1e6,
         "total_s": total,
     }
 
@@ -167,6 +199,7 @@ def _server(
     )["rollout_id"]
     c0, peak = cpu(), rss()
     births = svc.bridge.stats()["accepted"].get("state", 0) if svc.bridge else 0
+    macs0 = svc.devices.verified["mac"]
     statuses0 = svc.bridge.stats()["accepted"].get("status", 0) if svc.bridge else 0
     t0 = time.monotonic()
     svc.start_rollout(rid)
@@ -185,7 +218,8 @@ def _server(
     seconds = time.monotonic() - t0
     cpu_s, peak = cpu() - c0, max(peak, rss())
     statuses = (svc.bridge.stats()["accepted"].get("status", 0) if svc.bridge else 0) - statuses0
-    trust = _trust_costs(svc, rid, births, statuses)
+    macs = svc.devices.verified["mac"] - macs0  # the statuses that came with a MAC
+    trust = _trust_costs(svc, rid, births, statuses, macs)
     trust["share_of_rollout"] = trust["total_s"] / seconds
     trust["server_share_of_rollout"] = trust["server_s"] / seconds
     conn.send(
@@ -237,6 +271,8 @@ class SimClient:
     """One MQTT connection carrying many simulated devices."""
 
     def __init__(self, url: str, name: str, device_ids: list[str], trust: Any) -> None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
         from protocol import KeyPair
         from protocol.device_auth import DeviceSigner
         from protocol.topics import Topics
@@ -245,8 +281,10 @@ class SimClient:
         self.t = PahoTransport(url, name, clean_session=True)
         self.topics = Topics(PREFIX)
         self.ids = device_ids
-        # every simulated device has its own key and signs what it publishes
+        # every simulated device has its own key and signs what it publishes; like the
+        # agent it MACs non-state messages once the fleet's signed X25519 key arrives
         self.signers = {d: DeviceSigner(d, KeyPair.generate(), boot=1) for d in device_ids}
+        self.kex = {d: X25519PrivateKey.generate() for d in device_ids}
         self.trust = trust
         self.chunks: dict[str, dict[int, bytes]] = {}
         self.pending: dict[str, Any] = {}
@@ -260,13 +298,28 @@ class SimClient:
         for d in self.ids:
             self.t.subscribe(self.topics.cmd(d), 1)
             self.t.subscribe(self.topics.artifact_filter(d), 1)
+        self.t.subscribe(self.topics.kex(), 1)
         self.t.connect()
+
+    def on_kex(self, payload: bytes) -> None:
+        """The fleet's announcement, verified with the command trust store, as the agent does."""
+        from protocol.device_mac import kex_id, mac_key, open_announcement, raw_public
+
+        got = open_announcement(payload, self.trust, datetime.now(timezone.utc))
+        if isinstance(got, str):
+            return
+        peer = got[1]
+        for d in self.ids:
+            own = raw_public(self.kex[d].public_key())
+            k = mac_key(self.kex[d], peer, d, own, raw_public(peer))
+            self.signers[d].use_mac(k, kex_id(peer))
 
     def publish(self, device_id: str, topic: str, payload: bytes, **kw: Any) -> None:
         self.t.publish(topic, self.signers[device_id].sign(topic, payload, **kw), qos=1)
 
     def birth(self) -> None:
         from protocol.device_auth import enrol_proof, token_hash
+        from protocol.device_mac import x25519_b64
         from protocol.messages import DeviceState, ModelRef
 
         old = ModelRef(name="bench", version="1.0.0", release=1)
@@ -280,6 +333,7 @@ class SimClient:
                 agent_version="sim",
                 public_key=s.public_key_b64(),
                 enrol_proof=enrol_proof(token_hash(ENROL_TOKEN), d, s.key_id),
+                x25519_key=x25519_b64(self.kex[d].public_key()),
             )
             topic = self.topics.state(d)
             self.t.publish(topic, s.sign(topic, msg.to_json(), seq=1), qos=1, retain=True)
@@ -302,6 +356,10 @@ class SimClient:
     def handle(self, topic: str, payload: bytes) -> None:
         from protocol.messages import ArtifactChunk, Command, decode, verify_command
 
+        if topic == self.topics.kex():
+            if payload:
+                self.on_kex(payload)
+            return
         p = self.topics.parse(topic)
         if p is None:
             return
@@ -549,8 +607,10 @@ def main(quick: bool = False) -> dict[str, Any]:
         print(
             f"  trust, {r['n']} devices: {tr['commands']} commands × "
             f"({tr['command_sign_us']:.0f} µs sign + {tr['command_verify_us']:.0f} µs verify) + "
-            f"{tr['device_messages']} device messages × ({tr['message_sign_us']:.0f} µs sign + "
-            f"{tr['message_verify_us']:.0f} µs verify) = {tr['total_s'] * 1000:.0f} ms, "
+            f"{tr['device_messages'] - tr['mac_messages']} Ed25519-signed device messages × "
+            f"({tr['message_sign_us']:.0f} µs sign + {tr['message_verify_us']:.0f} µs verify) + "
+            f"{tr['mac_messages']} MAC'd device messages × ({tr['mac_sign_us']:.1f} µs MAC + "
+            f"{tr['mac_verify_us']:.1f} µs check) = {tr['total_s'] * 1000:.0f} ms, "
             f"{tr['share_of_rollout']:.2%} of the {r['rollout']['seconds']:.2f} s rollout "
             f"(target ≤ {TRUST_TARGET:.0%}); the server's own part (signing commands, "
             f"verifying messages) {tr['server_s'] * 1000:.0f} ms = "

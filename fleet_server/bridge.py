@@ -147,6 +147,8 @@ class Bridge:
             if why is not None:
                 self._drop(why, topic)
                 return
+        elif self.trust is not None and isinstance(msg, DeviceState):
+            self.trust.note_state(msg)  # signed by the pinned key: its X25519 key counts
         if self.trust is not None and isinstance(msg, (MetricsReport, SketchReport)):
             why = self.trust.check_telemetry(msg)
             if why is not None:

@@ -15,6 +15,11 @@ Rules (checked by :class:`~.bridge.Bridge` in this order, each refusal a counted
    token proof approves the device at once; otherwise it is ``pending`` until an
    operator approves it (:meth:`DeviceTrust.approve`). Any other message of an unknown or
    pending device is dropped (``unknown_device`` / ``pending``).
+   A non-state message may instead carry the MAC scheme (:mod:`protocol.device_mac`):
+   accepted only when this server holds the fleet X25519 key and the device's X25519 key
+   came in a state its pinned Ed25519 key signed (``mac_no_key``), the MAC names this
+   fleet's key (``mac_wrong_fleet_key``) and verifies (``bad_mac``); a state or will must
+   be Ed25519-signed (``mac_on_state``). The agreed key is computed once per device key.
 4. Telemetry: a device reports on at most ``max_models`` model versions per day and
    ``max_windows`` sketch hours per hour, never older than ``max_window_age_s`` or from
    the future (``model_limit`` / ``window_limit`` / ``stale_window``).
@@ -32,18 +37,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol.device_auth import (
+    MAC,
     SignedEnvelope,
     check_enrol_proof,
     public_key_from_b64,
     verify_envelope,
+    verify_mac,
 )
+from protocol.device_mac import kex_id, mac_key, raw_public, x25519_from_b64
 from protocol.messages import DeviceState, MetricsReport, SketchReport
 from protocol.signing import key_id
 
@@ -117,6 +127,10 @@ class Identity:
     approved_by: str = ""
     state_boot: int = -1
     state_seq: int = -1
+    # the X25519 key of the newest state the pinned key signed, and the MAC key agreed
+    # with it (memory only: the retained birth brings it back after a restart)
+    x25519: str | None = None
+    mac_key: bytes | None = None
 
     def row(self) -> dict[str, Any]:
         return {
@@ -161,6 +175,10 @@ class DeviceTrust:
         self._usage: dict[str, _Usage] = {}
         self._pending_state: dict[str, DeviceState] = {}
         self._enrol = TokenBucket(cfg.enrol_per_minute / 60.0, cfg.enrol_burst, clock())
+        self._kex: X25519PrivateKey | None = None
+        self.verified: Counter[str] = Counter()  # messages whose signature or MAC held, by scheme
+        self._kex_id = ""
+        self._kex_pub = b""
         for row in repo.list_identities():
             public = public_key_from_b64(row["public_key"])
             if public is None:
@@ -195,15 +213,58 @@ class DeviceTrust:
             key=lambda r: r["device_id"],
         )
 
+    # -- MAC keys ----------------------------------------------------------------------------
+    def set_kex(self, private: X25519PrivateKey) -> None:
+        """The fleet's X25519 key (derived from the command key): MAC messages verify now."""
+        with self._lock:
+            self._kex = private
+            self._kex_pub = raw_public(private.public_key())
+            self._kex_id = kex_id(private.public_key())
+            for ident in self._ids.values():
+                ident.mac_key = None
+
+    def note_state(self, msg: DeviceState) -> None:
+        """Record the X25519 key of a state the pinned key signed (after :meth:`verify`)."""
+        if not msg.x25519_key or x25519_from_b64(msg.x25519_key) is None:
+            return
+        with self._lock:
+            ident = self._ids.get(msg.device_id)
+            if ident is not None and ident.x25519 != msg.x25519_key:
+                ident.x25519, ident.mac_key = msg.x25519_key, None
+
+    def _check_mac(self, ident: Identity, kind: str, topic: str, env: SignedEnvelope) -> str | None:
+        if kind == "state":
+            return "mac_on_state"  # births and wills carry the keys: Ed25519 only
+        key = ident.mac_key
+        if key is None:
+            with self._lock:
+                peer = x25519_from_b64(ident.x25519) if ident.x25519 else None
+                if self._kex is None or peer is None:
+                    return "mac_no_key"
+                if env.key_id != self._kex_id:
+                    return "mac_wrong_fleet_key"
+                key = mac_key(self._kex, peer, ident.device_id, raw_public(peer), self._kex_pub)
+                ident.mac_key = key  # once per device key, not per message
+        elif env.key_id != self._kex_id:
+            return "mac_wrong_fleet_key"
+        if not verify_mac(env, topic, key):
+            return "bad_mac"
+        return None
+
     # -- messages of approved devices ------------------------------------------------------
     def verify(self, ident: Identity, kind: str, topic: str, env: SignedEnvelope) -> str | None:
         """Signature, rate and freshness of an approved device's message; a reason or None."""
-        if env.key_id != ident.key_id:
+        if env.scheme == MAC:
+            why = self._check_mac(ident, kind, topic, env)
+            if why is not None:
+                return why
+        elif env.key_id != ident.key_id:
             return "key_mismatch"
-        if not verify_envelope(env, topic, ident.public):
+        elif not verify_envelope(env, topic, ident.public):
             return "bad_signature"
         now = self.clock()
         with self._lock:
+            self.verified[env.scheme] += 1
             use = self._use(ident.device_id, now)
             if not use.bucket.take(now):
                 return "rate_limited"
@@ -265,7 +326,7 @@ class DeviceTrust:
         if not msg.public_key:
             return "unknown_device"
         public = public_key_from_b64(msg.public_key)
-        if public is None or key_id(public) != env.key_id:
+        if env.scheme == MAC or public is None or key_id(public) != env.key_id:
             return "bad_signature"
         if not verify_envelope(env, topic, public):
             return "bad_signature"
@@ -306,6 +367,7 @@ class DeviceTrust:
                 approved_by="enrolment token" if tokened else "",
                 state_boot=env.boot,
                 state_seq=env.seq,
+                x25519=msg.x25519_key if x25519_from_b64(msg.x25519_key or "") else None,
             )
             self._ids[msg.device_id] = ident
             if not tokened:

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from protocol.bundle import read_bundle, verify_bundle
+from protocol.device_mac import announce, fleet_kex_key
 from protocol.errors import BundleError, EdgefleetError, ProtocolError
 from protocol.messages import Alert, CommandStatus, DeviceState, MetricsReport, SketchReport
 from protocol.signing import KeyPair, TrustStore, read_private_key, read_public_key
@@ -140,6 +141,8 @@ class FleetService:
             else None
         )
         self.devices = DeviceTrust(self.repo, config.devices, clock)
+        if self.key is not None:  # devices agree per-device MAC keys with this fleet key
+            self.devices.set_kex(fleet_kex_key(self.key))
         self.bridge = (
             Bridge(
                 transport,
@@ -269,6 +272,21 @@ class FleetService:
 
     def _on_connection(self, up: bool) -> None:
         self._event("broker", "connected to the broker" if up else "lost the broker connection")
+        if up:
+            self.announce_kex()
+
+    def announce_kex(self) -> None:
+        """Publish the fleet's X25519 key, signed by the command key, retained (at every
+        connect: start and reconnects). Never waits for the broker (network thread)."""
+        if self.key is None or self.transport is None:
+            return
+        from datetime import datetime, timezone
+
+        msg = announce(self.key, datetime.fromtimestamp(self.clock(), timezone.utc))
+        try:
+            self.transport.publish(self.topics.kex(), msg.to_json(), qos=1, retain=True)
+        except Exception as exc:  # devices keep signing with Ed25519 meanwhile
+            log.warning("could not announce the fleet key: %s", exc)
 
     def _run(self) -> None:
         interval = self.config.rollout.tick_s

@@ -42,12 +42,17 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .device_mac import mac
 from .signing import KeyPair, key_id
 from .transport import Delivery, Handler, Transport, Will
 
 DOMAIN = b"edgefleet-device-msg/1"
 SIG_MEMBER = b',"dsig":"'
 _TRAILER_RE = re.compile(rb"^(\d{1,12})\.(\d{1,15})\.([0-9a-f]{16})\.([A-Za-z0-9+/]{86}==)$")
+# the MAC scheme (protocol.device_mac): "m.<boot>.<seq>.<fleet kex id>.<base64 HMAC-SHA256>"
+_MAC_TRAILER_RE = re.compile(rb"^m\.(\d{1,12})\.(\d{1,15})\.([0-9a-f]{16})\.([A-Za-z0-9+/]{43}=)$")
+ED25519 = "ed25519"
+MAC = "mac"
 MAX_TRAILER = 160
 
 
@@ -58,8 +63,9 @@ class SignedEnvelope:
     body: bytes
     boot: int
     seq: int
-    key_id: str
+    key_id: str  # Ed25519: the device key's id; MAC: the fleet kex key's id
     signature: bytes
+    scheme: str = ED25519  # or MAC
 
 
 def _signing_input(topic: str, boot: int, seq: int, body: bytes) -> bytes:
@@ -90,7 +96,11 @@ def open_envelope(payload: bytes) -> SignedEnvelope | None:
     if start < 0:
         return None
     trailer = payload[start + len(SIG_MEMBER) - 1 : -2]
+    scheme = ED25519
     m = _TRAILER_RE.match(trailer)
+    if m is None:
+        m = _MAC_TRAILER_RE.match(trailer)
+        scheme = MAC
     if m is None:
         return None
     body = payload[:start]
@@ -102,15 +112,39 @@ def open_envelope(payload: bytes) -> SignedEnvelope | None:
         seq=int(m.group(2)),
         key_id=m.group(3).decode(),
         signature=base64.b64decode(m.group(4)),
+        scheme=scheme,
     )
 
 
 def verify_envelope(env: SignedEnvelope, topic: str, public: Ed25519PublicKey) -> bool:
+    if env.scheme != ED25519:
+        return False
     try:
         public.verify(env.signature, _signing_input(topic, env.boot, env.seq, env.body))
     except InvalidSignature:
         return False
     return True
+
+
+def mac_payload(
+    payload: bytes, topic: str, key: bytes, fleet_kex_id: str, boot: int, seq: int
+) -> bytes:
+    """Append an ``m.`` ``dsig`` member (HMAC-SHA256 with the device's agreed key ``key``)."""
+    body = payload.rstrip()
+    if not body.endswith(b"}"):
+        raise ValueError("only JSON objects can be signed")
+    body = body[:-1]
+    tag = mac(key, _signing_input(topic, boot, seq, body))
+    sep = SIG_MEMBER if not body.rstrip().endswith(b"{") else SIG_MEMBER[1:]
+    trailer = f"m.{boot}.{seq}.{fleet_kex_id}.".encode() + base64.b64encode(tag)
+    return body + sep + trailer + b'"}'
+
+
+def verify_mac(env: SignedEnvelope, topic: str, key: bytes) -> bool:
+    if env.scheme != MAC:
+        return False
+    expected = mac(key, _signing_input(topic, env.boot, env.seq, env.body))
+    return hmac.compare_digest(expected, env.signature)
 
 
 def public_key_b64(public: Ed25519PublicKey) -> str:
@@ -160,6 +194,12 @@ class DeviceSigner:
         self.boot = boot
         self._seq = 0
         self._lock = threading.Lock()
+        # (agreed MAC key, fleet kex id) once a verified fleet announcement arrived
+        self.mac: tuple[bytes, str] | None = None
+
+    def use_mac(self, key: bytes, fleet_kex_id: str) -> None:
+        """MAC non-state messages from now on (:mod:`protocol.device_mac`)."""
+        self.mac = (key, fleet_kex_id)
 
     @property
     def key_id(self) -> str:
@@ -174,6 +214,11 @@ class DeviceSigner:
             return self._seq
 
     def sign(self, topic: str, payload: bytes, seq: int | None = None) -> bytes:
+        """Ed25519 for states (an explicit ``seq``: they carry the keys), else the MAC once
+        a fleet key was agreed."""
+        agreed = self.mac
+        if seq is None and agreed is not None and not topic.endswith("/state"):
+            return mac_payload(payload, topic, agreed[0], agreed[1], self.boot, self.next_seq())
         return sign_payload(
             payload, topic, self.key, self.boot, self.next_seq() if seq is None else seq
         )

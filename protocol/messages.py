@@ -92,6 +92,9 @@ class DeviceState(Message):
     # this device's messages, and the HMAC proof of an enrolment token (birth only).
     public_key: str | None = Field(default=None, max_length=64)
     enrol_proof: str | None = Field(default=None, max_length=64)
+    # the device's X25519 public key, base64 (protocol.device_mac): its MAC key is agreed
+    # with it; trusted only in a state signed by the pinned Ed25519 key
+    x25519_key: str | None = Field(default=None, max_length=44)
     # the release channel the agent follows ("stable" or "MODEL/stable"); optional
     channel: str | None = Field(default=None, max_length=160)
 

@@ -7,6 +7,7 @@
 {p}/devices/{id}/telemetry/metrics          device → server (MetricsReport)
 {p}/devices/{id}/telemetry/sketch           device → server (SketchReport)
 {p}/alerts                                  server → anyone (Alert)
+{p}/fleet/kex                               retained fleet X25519 key (KexAnnouncement)
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class Topics:
 
     def alerts(self) -> str:
         return f"{self.prefix}/alerts"
+
+    def kex(self) -> str:
+        """The fleet's X25519 key, signed by its command key (protocol.device_mac)."""
+        return f"{self.prefix}/fleet/kex"
 
     # Server-side subscription filters.
     def all_states(self) -> str:

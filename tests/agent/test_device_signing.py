@@ -60,3 +60,26 @@ def test_births_and_wills_are_signed_in_order_across_reconnects(tmp_path: Path) 
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
     assert any(t == T.status(DEV) for t, _ in seen)
     outbox.close()
+
+
+def test_the_device_agrees_a_mac_key_only_with_a_command_signed_fleet_key(tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from protocol import KeyPair, TrustStore
+    from protocol.device_mac import announce
+
+    ident = DeviceIdentity(DEV, tmp_path)
+    assert (tmp_path / "device_kex.key").stat().st_mode & 0o777 == 0o600
+    again = DeviceIdentity(DEV, tmp_path)
+    assert again.x25519_b64() == ident.x25519_b64()  # static: the server caches its K
+    command = KeyPair.generate()
+    trust = TrustStore.from_keys([command.public], role="command")
+    now = datetime.now(timezone.utc)
+    forged = announce(KeyPair.generate(), now).to_json()  # a broker client's own key
+    assert ident.accept_kex(forged, trust, now) == "key_unknown"
+    assert ident.signer.mac is None
+    assert open_envelope(ident.signer.sign(T.status(DEV), b'{"a":1}')).scheme == "ed25519"  # type: ignore[union-attr]
+    assert ident.accept_kex(announce(command, now).to_json(), trust, now) is None
+    assert open_envelope(ident.signer.sign(T.status(DEV), b'{"a":1}')).scheme == "mac"  # type: ignore[union-attr]
+    old = announce(command, now - timedelta(days=1)).to_json()
+    assert ident.accept_kex(old, trust, now) == "stale"

@@ -78,9 +78,7 @@ def world(broker_url: str, tmp_path: Path, signing_key: KeyPair) -> Iterator[Wor
     prefix = "hb" + secrets.token_hex(4)
     topics = Topics(prefix)
     keys = write_public_keys(tmp_path / "keys", signing_key)
-    service = make_fleet(
-        tmp_path, broker_url, signing_key=signing_key, trusted=keys, topic_prefix=prefix
-    )
+    service = make_fleet(tmp_path, broker_url, bundle_keys=keys, topic_prefix=prefix)
     trust = TrustStore.from_keys([signing_key.public])
     devices: list[SimDevice] = []
     attacker = PahoTransport(broker_url, f"{prefix}-attacker", clean_session=True)

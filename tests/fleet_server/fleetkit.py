@@ -14,16 +14,19 @@ import base64
 import hashlib
 import threading
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fleet_server.config import FleetConfig
 from fleet_server.delivery import reassemble
 from protocol import KeyPair, TrustStore
 from protocol.bundle import read_bundle, verify_bundle
 from protocol.device_auth import DeviceSigner, SigningTransport, enrol_proof, token_hash
+from protocol.device_mac import kex_id, mac_key, open_announcement, raw_public, x25519_b64
 from protocol.errors import EdgefleetError
 from protocol.messages import (
     ArtifactChunk,
@@ -171,6 +174,7 @@ class SimDevice:
         self.signer = DeviceSigner(device_id, self.key, boot=1)
         own = f"{prefix}/devices/{device_id}/"
         self.t = SigningTransport(transport, self.signer, lambda t: t.startswith(own))
+        self.kex = X25519PrivateKey.generate()  # MAC key agreement, as the agent does
         self.proof = None
         if enrol_token:
             self.proof = enrol_proof(token_hash(enrol_token), device_id, self.key.key_id)
@@ -213,6 +217,7 @@ class SimDevice:
         self.t.subscribe(self.topics.cmd(self.device_id))
         self.t.subscribe(self.topics.artifact_filter(self.device_id))
         self.t.connect()
+        self.t.subscribe(self.topics.kex())  # after connect: the memory broker's retained
         self.birth()
         return self
 
@@ -227,6 +232,7 @@ class SimDevice:
             agent_version="sim",
             public_key=self.signer.public_key_b64(),
             enrol_proof=self.proof,
+            x25519_key=x25519_b64(self.kex.public_key()),
             channel=self.channel,
         )
         self._births += 1
@@ -251,7 +257,21 @@ class SimDevice:
         self.statuses.append(msg)
         self.t.publish(self.topics.status(self.device_id), msg.to_json(), qos=1)
 
+    def on_kex(self, payload: bytes) -> None:
+        """The fleet's signed X25519 key: MAC statuses from now on (like the agent)."""
+        got = open_announcement(payload, self.command_trust, datetime.now(timezone.utc))
+        if isinstance(got, str):
+            return
+        own = raw_public(self.kex.public_key())
+        peer = got[1]
+        k = mac_key(self.kex, peer, self.device_id, own, raw_public(peer))
+        self.signer.use_mac(k, kex_id(peer))
+
     def handle(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.kex():
+            if payload:
+                self.on_kex(payload)
+            return
         parsed = self.topics.parse(topic)
         if parsed is None:
             return

@@ -211,7 +211,7 @@ def test_agent_run_stops_gracefully_on_sigterm_delivering_the_open_window(
 def test_agent_refuses_to_start_on_a_busy_api_port_with_a_readable_error(tmp_path, signing_key):
     import socket
 
-    from agent.errors import ConfigError
+    from protocol.errors import AddressInUse
     from protocol.transport import MemoryBroker
 
     busy = socket.socket()
@@ -220,7 +220,7 @@ def test_agent_refuses_to_start_on_a_busy_api_port_with_a_readable_error(tmp_pat
     cfg = agent_config(tmp_path, "mqtt://unused:1", signing_key, "dev-busy")
     cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"port": busy.getsockname()[1]})})
     try:
-        with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1"):
+        with pytest.raises(AddressInUse, match=r"127\.0\.0\.1:\d+ is in use"):
             Agent(cfg, transport=MemoryBroker().client("dev-busy")).start()
     finally:
         busy.close()

@@ -366,12 +366,17 @@ def test_serve_prints_one_start_line_naming_the_dashboard(tmp_path: Path) -> Non
     proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
+        before = []  # this config names no command key: the server says so first
         line = proc.stderr.readline()
+        while line and not line.startswith("fleet server on"):
+            before.append(line)
+            line = proc.stderr.readline()
     finally:
         proc.terminate()
         proc.wait(20)
     assert line.startswith(f"fleet server on http://127.0.0.1:{port}")
     assert f"dashboard http://127.0.0.1:{port}/ui/" in line
+    assert all("signing.command_key is not set" in b for b in before), before
 
 
 def _listening(port: int) -> object:

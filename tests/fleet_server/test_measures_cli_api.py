@@ -21,6 +21,7 @@ from tests.fleet_server.fleetkit import SyncASGITransport
 from tests.fleet_server.test_api import Fleet
 from tests.support.bundles import make_bundle
 from tests.support.cli import run_cli
+from tests.support.keys import COMMAND_KEY
 
 REF = ModelRef(name="iris", version="1.0.0", release=1)
 
@@ -87,10 +88,11 @@ def test_field_benchmark_sends_signed_commands_to_a_sample_running_the_bundle(
     assert r.status_code == 202, r.text
     picked = r.json()["devices"]
     assert len(picked) == 2 and set(picked) <= {"pi-0", "pi-1", "pi-2"}
-    trust = TrustStore.from_keys([signing_key.public])
+    trust = TrustStore.from_keys([COMMAND_KEY.public])  # the fleet's command key signs it
     for dev in picked:
         (cmd,) = [c for c in fleet.devices[dev].commands if c.kind == "benchmark"]
         assert verify_command(cmd, trust) and cmd.benchmark is not None and cmd.benchmark.runs == 50
+        assert cmd.issued_at is not None and cmd.expires_at is not None  # fresh for the device
     assert not [c for c in fleet.devices["pi-3"].commands if c.kind == "benchmark"]
 
 

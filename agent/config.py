@@ -155,7 +155,7 @@ class FaultsConfig(_Section):
 class EnrolConfig(_Section):
     """How this device becomes known to the fleet server (docs/security.md)."""
 
-    # A file holding an enrolment token (`edgefleet fleet devices token` prints one). With
+    # A file holding an enrolment token (`edgefleet fleet devices enrol-token` prints one). With
     # it the device is approved at once; without it an operator approves it by id.
     token_file: Path | None = None
 

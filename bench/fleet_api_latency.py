@@ -22,9 +22,10 @@ server's own cost), in interleaved rounds whose samples are pooled, never picked
 Both floors are uvicorn processes of this script (``--serve``), started in the same run.
 No target is set for the fleet API; the ratios are printed.
 
-With per-device message signing and enrolment (devices pending until approved), births
-from unknown devices may no longer be listed; the script then counts the devices the
-overview reports and says so.
+Each simulated device signs its birth with a key of its own and proves the enrolment
+token whose hash the script puts in ``fleet.toml`` (``[devices] enrol_token_hashes``), as
+an agent with ``[enrol] token_file`` does; unsigned births would stay pending. If fewer
+devices are listed than were published, the script says so.
 
     python -m bench.fleet_api_latency [--quick]
 """
@@ -72,8 +73,11 @@ def _serve(kind: str, port: int, workdir: Path) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def _register(broker_port: int, n: int) -> None:
-    """Publish ``n`` retained birth messages, one per device, as the devices would."""
+def _register(broker_port: int, n: int, token: str) -> None:
+    """Publish ``n`` retained birth messages, one per device, as the devices would: each
+    signed by the device's own key and proving the enrolment ``token``."""
+    from protocol import KeyPair
+    from protocol.device_auth import enrol_proof, public_key_b64, sign_payload, token_hash
     from protocol.messages import DeviceState, ModelRef
     from protocol.topics import Topics
     from protocol.transport_paho import PahoTransport
@@ -86,6 +90,7 @@ def _register(broker_port: int, n: int) -> None:
         pending = []
         for i in range(n):
             d = f"bench-{i:05d}"
+            key = KeyPair.generate()
             birth = DeviceState(
                 device_id=d,
                 online=True,
@@ -93,17 +98,25 @@ def _register(broker_port: int, n: int) -> None:
                 model=model,
                 agent_version="bench",
                 tags=[f"line-{i % 10}"],
+                public_key=public_key_b64(key.public),
+                enrol_proof=enrol_proof(token_hash(token), d, key.key_id),
             )
-            pending.append(t.publish(topics.state(d), birth.to_json(), qos=1, retain=True))
+            topic = topics.state(d)
+            payload = sign_payload(birth.to_json(), topic, key, boot=1, seq=1)
+            pending.append(t.publish(topic, payload, qos=1, retain=True))
         for p in pending:
             p.wait(30)
     finally:
         t.close()
 
 
+ENROL_TOKEN = "efe_bench-fleet-api-latency"
+
+
 def main(quick: bool = False) -> dict[str, Any]:
     import httpx
 
+    from protocol.device_auth import token_hash
     from tests.support.brokers import free_port
     from tests.support.shipped import edgefleet, init_config
 
@@ -120,6 +133,7 @@ def main(quick: bool = False) -> dict[str, Any]:
                 "data_dir": "fleet-data",
                 "broker.url": f"mqtt://127.0.0.1:{broker_port}",
                 "api.port": api_port,
+                "devices.enrol_token_hashes": [token_hash(ENROL_TOKEN)],
             },
         )
         token = edgefleet(
@@ -137,7 +151,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         servers = [fleet]
         try:
             t0 = time.perf_counter()
-            _register(broker_port, DEVICES)
+            _register(broker_port, DEVICES, ENROL_TOKEN)
             base = fleet.url
             deadline = time.monotonic() + 120
             listed = 0

@@ -114,7 +114,7 @@ class RegistrySection(_Section):
 class DevicesSection(_Section):
     """Device identity and the per-device caps of the MQTT bridge (docs/security.md)."""
 
-    # sha256 hex of enrolment tokens (`edgefleet fleet devices token`); a device that proves
+    # sha256 hex of enrolment tokens (`edgefleet fleet devices enrol-token`); a device that proves
     # one is approved at once, any other new device waits for an operator.
     enrol_token_hashes: list[str] = Field(default_factory=list)
     max_pending: int = Field(default=256, ge=0)  # unapproved devices kept for an operator
@@ -259,7 +259,7 @@ chunk_bytes = 65536
 
 [devices]
 # New devices are pending until `edgefleet fleet devices approve ID`, unless they prove an
-# enrolment token whose sha256 is listed here (`edgefleet fleet devices token` makes one).
+# enrolment token whose sha256 is listed here (`edgefleet fleet devices enrol-token`).
 enrol_token_hashes = []
 max_pending = 256               # unapproved devices remembered for an operator
 enrol_per_minute = 600.0        # new device identities accepted per minute …

@@ -774,22 +774,14 @@ class FleetService:
 
     # dashboard helpers ----------------------------------------------------------------
     def overview(self) -> dict[str, Any]:
-        """Devices by profile, version and online state; active rollouts; recent alerts."""
-        devices = self.repo.list_devices()
-        by: dict[str, dict[str, int]] = {"profile": {}, "version": {}, "online": {}}
-        for d in devices:
-            ver = f"{d.get('model') or '-'} {d.get('version') or ''}".strip()
-            for key, val in (
-                ("profile", d["profile"] or "?"),
-                ("version", ver),
-                ("online", "online" if d["online"] else "offline"),
-            ):
-                by[key][val] = by[key].get(val, 0) + 1
+        """Devices by profile, version and online state (one GROUP BY in the registry, not a
+        device listing); active rollouts; recent alerts."""
+        counts = self.repo.device_counts()
         active = [r for r in self.list_rollouts() if r["state"] in ("created", "running", "paused")]
         alerts = [e for e in self.events(limit=200) if e["kind"] == "alert"][:20]
         return {
-            "devices": len(devices),
-            "by": by,
+            "devices": counts["devices"],
+            "by": counts["by"],
             "active_rollouts": active,
             "alerts": alerts,
             "bridge": self.bridge.stats() if self.bridge else {},

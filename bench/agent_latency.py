@@ -8,7 +8,10 @@ install`` verifies and installs the bundle, and ``edgefleet agent run`` serves i
 own process, with the prediction log and feature sketching on (the defaults) and connected
 to an MQTT broker (amqtt in a child process).
 
-In the same run, each as its own uvicorn process on 127.0.0.1:
+In the same run, each as its own uvicorn process on 127.0.0.1 (this script builds these two
+servers itself because they are the comparison, not the product: no edgefleet command
+serves a hello-world endpoint or the tutorial service; the agent itself is only ever the
+shipped ``edgefleet agent run``):
 
 * the **floor**: a hello-world FastAPI endpoint that returns a constant (``POST
   /predict``; access log off, so the floor is as low as it gets);

@@ -19,7 +19,9 @@ server's own cost), in interleaved rounds whose samples are pooled, never picked
   answered, as a constant, so the ratio to it is the server's work, not the bytes on
   the wire.
 
-Both floors are uvicorn processes of this script (``--serve``), started in the same run.
+Both floors are uvicorn processes of this script (``--serve``), started in the same run:
+the script builds them itself because they are the baselines, not the product (no edgefleet
+command serves a constant); the fleet API is only ever the shipped ``edgefleet fleet serve``.
 No target is set for the fleet API; the ratios are printed.
 
 Each simulated device signs its birth with a key of its own and proves the enrolment

@@ -20,7 +20,8 @@ from protocol.transport import TransportError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    # bind-only probes: never connected or accepted on, but made like every TCP socket of ours
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -33,7 +34,8 @@ def ensure_port_free(host: str, port: int, what: str, hint: str) -> None:
     """
     if port == 0:
         return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))

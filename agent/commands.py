@@ -50,6 +50,7 @@ from protocol.messages import (
     verify_command,
 )
 from protocol.signing import TrustStore
+from protocol.states import COMMAND_FINAL
 
 from .download import Download, DownloadError, Downloads, fetch_http
 from .errors import SlotError
@@ -70,7 +71,7 @@ from .update import (
 log = logging.getLogger(__name__)
 
 MAX_MISSING = 2000  # indices per status message (keeps it far under MAX_MESSAGE_BYTES)
-TERMINAL = frozenset({"installed", "rejected", "failed", "rolled_back", "done", "timed_out"})
+TERMINAL = COMMAND_FINAL
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,6 @@ from urllib.parse import urlsplit
 
 from protocol.errors import ProtocolError, ReasonCode, SignatureError
 from protocol.messages import (
-    COMMAND_KINDS,
     MAX_BUNDLE_BYTES,
     ArtifactChunk,
     Command,
@@ -71,9 +70,10 @@ from protocol.messages import (
     verify_command,
 )
 from protocol.signing import TrustStore
+from protocol.states import COMMAND_FINAL, COMMAND_KINDS
 
 MAX_TRACKED = 1024  # command states kept in memory (the ledger keeps every admitted id)
-TERMINAL = frozenset({"installed", "rejected", "failed", "rolled_back", "done", "timed_out"})
+TERMINAL = COMMAND_FINAL
 TRANSITIONS: dict[str, frozenset[str]] = {
     "new": frozenset({"accepted", "rejected"}),
     "accepted": frozenset(

@@ -75,10 +75,10 @@ def _trust_costs(svc: Any, rid: str, births: int, statuses: int, macs: int) -> d
     from protocol.messages import CommandStatus, command_signing_bytes, sign_command
     from protocol.topics import Topics
 
-    r = svc._rollouts[rid]
+    r = svc.rollouts.live[rid]
     commands = sum(d.attempts for d in r.devices.values())
     dev = next(iter(r.devices))
-    bundle, data = svc._loaded_bundle(r.spec.bundle_sha256)
+    bundle, data = svc.registry.loaded_bundle(r.spec.bundle_sha256)
     cid = command_id(rid, dev, "deploy", 1)
     cmd = deploy_command(
         bundle, data, device_id=dev, rollout_id=rid, cid=cid, chunk_size=65536, key=None
@@ -180,7 +180,7 @@ def _server(
         return float(proc.memory_info().rss / 2**20)
 
     t0, c0 = time.monotonic(), cpu()
-    while len(svc._online()) < n:
+    while len(svc.registry.online()) < n:
         time.sleep(0.01)
     conn.send(
         ("registered", {"seconds": time.monotonic() - t0, "cpu_s": cpu() - c0, "rss_mb": rss()})
@@ -205,7 +205,7 @@ def _server(
     svc.start_rollout(rid)
     stage_done: list[float] = []
     while True:
-        r = svc._rollouts[rid]
+        r = svc.rollouts.live[rid]
         done = [s for s in r.stages if s.state == "passed"]
         while len(stage_done) < len(done):
             stage_done.append(time.monotonic() - t0)

@@ -10,18 +10,20 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from protocol.states import DEVICE_FAILED, DEVICE_UNSETTLED, ROLLOUT_ACTIVE
+
 from . import channels as rules
 from .channels import DeviceView, Target
 from .errors import FleetError
-from .rollout_engine import FAILED, Rollout
+from .rollout_engine import Rollout
 
 if TYPE_CHECKING:
     from .channel_service import ChannelService
 
 log = logging.getLogger(__name__)
 
-_ACTIVE = ("created", "running", "paused")
-_IN_FLIGHT = frozenset({"queued", "downloading", "verifying"})
+_ACTIVE = ROLLOUT_ACTIVE
+_IN_FLIGHT = DEVICE_UNSETTLED
 
 
 class ChannelDelivery:
@@ -49,7 +51,7 @@ class ChannelDelivery:
                         self._tick_channel(model, channel, row, following)
                     except FleetError as exc:  # one channel's problem stops no other
                         log.warning("channel %s/%s: %s", model, channel, exc)
-                        self.svc._event("channel", f"{model}/{channel}: {exc}")
+                        self.svc.audit_log.event("channel", f"{model}/{channel}: {exc}")
         self.svc.flush()
 
     def _tick_channel(
@@ -71,7 +73,7 @@ class ChannelDelivery:
         for h in mine:
             info = self.ch._info(h["rollout_id"])
             if h["action"] == "deliver" and info is not None and rules.rollout_stalled(*info.rule):
-                self.svc._audit(
+                self.svc.audit_log.audit(
                     "channels",
                     "channel.stalled",
                     target_name,
@@ -81,7 +83,9 @@ class ChannelDelivery:
                 self.svc.abort_rollout(info.rid, actor="channels")
         infos = [i for i in (self.ch._info(h["rollout_id"]) for h in mine) if i is not None]
         moving = next((i.rid for i in infos if rules.rollout_moving(*i.rule)), "")
-        failed_before = {d for i in infos if i.sha == cur for d, _, st in i.devices if st in FAILED}
+        failed_before = {
+            d for i in infos if i.sha == cur for d, _, st in i.devices if st in DEVICE_FAILED
+        }
         busy = self._busy_devices()
         views = [
             device_view(d, busy, failed_before)
@@ -97,11 +101,11 @@ class ChannelDelivery:
                 cur, channel, plan.send, self.ch._policy(row, channel).to_dict(), "channels"
             )
         except FleetError as exc:
-            self.svc._event("channel", f"{model}/{channel}: catch-up not started: {exc}")
+            self.svc.audit_log.event("channel", f"{model}/{channel}: catch-up not started: {exc}")
             return
         why = "; ".join(f"{d}: {plan.reasons[d]}" for d in plan.send)
         self.ch._history(model, channel, cur, "deliver", "channels", why, rid)
-        self.svc._audit(
+        self.svc.audit_log.audit(
             "channels",
             "channel.deliver",
             target_name,
@@ -112,8 +116,8 @@ class ChannelDelivery:
     def _busy_devices(self) -> set[str]:
         """Devices a live rollout may still send a deploy to."""
         out: set[str] = set()
-        with self.svc._lock:
-            for r in self.svc._rollouts.values():
+        with self.svc.rollouts.lock:
+            for r in self.svc.rollouts.live.values():
                 if r.state in _ACTIVE:
                     out |= set(r.devices)
                 elif r.state == "succeeded":  # late devices still get its deploy
@@ -141,7 +145,7 @@ class ChannelDelivery:
         )
         why = f"promotion rollout {info.rid} ended {info.state}"
         self.ch._history(model, channel, prev or "", "revert", "channels", why, None)
-        self.svc._audit("channels", "channel.revert", f"channel:{model}/{channel}", why)
+        self.svc.audit_log.audit("channels", "channel.revert", f"channel:{model}/{channel}", why)
         return True
 
 

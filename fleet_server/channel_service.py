@@ -20,6 +20,8 @@ import secrets
 import threading
 from typing import TYPE_CHECKING, Any
 
+from protocol.states import ROLLOUT_TICKED
+
 from . import channels as rules
 from .channel_delivery import ChannelDelivery, RolloutView, device_view
 from .channels import ChannelPolicy, PromotionFacts, Target
@@ -152,7 +154,7 @@ class ChannelService:
 
     def lineage(self, ref: str) -> dict[str, Any]:
         """Every channel a bundle was in, when, and why; and whether it is archived."""
-        b = self.svc._find_bundle(ref)
+        b = self.svc.registry.find_bundle(ref)
         rows = self.repo.channel_history(sha256=b["sha256"], limit=500)
         archived = self.repo.archived_bundles().get(b["sha256"])
         return {
@@ -185,7 +187,7 @@ class ChannelService:
                 "updated_at": self.svc.clock(),
             }
         )
-        self.svc._audit(
+        self.svc.audit_log.audit(
             actor,
             "channel.define",
             f"channel:{model}/{channel}",
@@ -205,14 +207,14 @@ class ChannelService:
         self.repo.set_device_channel(
             device_id, assigned=channel or None, updated_at=self.svc.clock()
         )
-        self.svc._audit(
+        self.svc.audit_log.audit(
             actor,
             "device.channel",
             f"device:{device_id}",
             f"channel set to {channel}" if channel else "channel assignment cleared",
         )
         self.svc.flush()
-        self.svc._wake.set()
+        self.svc.rollouts.wake.set()
         return {
             "device_id": device_id,
             "assigned": channel or None,
@@ -228,7 +230,9 @@ class ChannelService:
             return
         self._reported[device_id] = reported
         self.repo.set_device_channel(device_id, reported=reported, updated_at=self.svc.clock())
-        self.svc._event("channel", f"{device_id} follows channel {reported}", device_id=device_id)
+        self.svc.audit_log.event(
+            "channel", f"{device_id} follows channel {reported}", device_id=device_id
+        )
 
     # promotion ------------------------------------------------------------------------------
     def _facts(
@@ -285,7 +289,7 @@ class ChannelService:
     def preview(self, ref: str, channel: str, force: bool = False) -> dict[str, Any]:
         """What a promotion would do: the policy, every condition, the devices it reaches."""
         rules.check_name(channel)
-        b = self.svc._find_bundle(ref)
+        b = self.svc.registry.find_bundle(ref)
         rows = self._rows()
         policy, facts = self._facts(b, channel, rows)
         conditions = rules.check_promotion(policy, facts, self.svc.clock(), force=force)
@@ -316,7 +320,7 @@ class ChannelService:
         target = f"channel:{b['name']}/{channel}"
         bad = [c for c in plan["conditions"] if not c["ok"]]
         if bad:
-            self.svc._audit(
+            self.svc.audit_log.audit(
                 actor,
                 "channel.promote_refused",
                 target,
@@ -345,7 +349,7 @@ class ChannelService:
         why = f"{b['name']} {b['version']} promoted to {channel}" + (
             f": {reason}" if reason else ""
         )
-        self.svc._audit(
+        self.svc.audit_log.audit(
             actor,
             "channel.promote",
             target,
@@ -355,7 +359,7 @@ class ChannelService:
         if force and any(
             c["name"] == "not_archived" and "force" in c["detail"] for c in plan["conditions"]
         ):
-            self.svc._audit(
+            self.svc.audit_log.audit(
                 actor,
                 "channel.force",
                 target,
@@ -419,7 +423,7 @@ class ChannelService:
             if h["sha256"] != cur or h["action"] not in ("promote", "deliver"):
                 continue
             info = self._info(h.get("rollout_id"))
-            if info is not None and info.state in ("running", "paused", "halted", "succeeded"):
+            if info is not None and info.state in ROLLOUT_TICKED | {"halted"}:
                 self.svc.rollback_rollout(h["rollout_id"], actor=actor)
                 rolled.append(h["rollout_id"])
         self.repo.save_channel(
@@ -432,7 +436,7 @@ class ChannelService:
         )
         self._history(model, channel, prev, "demote", actor, reason, None)
         cur_b, prev_b = self._bundle(cur) or {}, self._bundle(prev) or {}
-        self.svc._audit(
+        self.svc.audit_log.audit(
             actor,
             "channel.demote",
             f"channel:{model}/{channel}",
@@ -445,9 +449,9 @@ class ChannelService:
 
     def archive(self, ref: str, *, actor: str = "api", reason: str = "") -> dict[str, Any]:
         """Archive a bundle: it cannot be promoted again without force."""
-        b = self.svc._find_bundle(ref)
+        b = self.svc.registry.find_bundle(ref)
         self.repo.archive_bundle(b["sha256"], self.svc.clock(), actor, reason)
-        self.svc._audit(
+        self.svc.audit_log.audit(
             actor,
             "bundle.archive",
             f"bundle:{b['sha256']}",
@@ -489,8 +493,8 @@ class ChannelService:
         """A rollout's state without the audit trail: from the engine's memory when live."""
         if not rid:
             return None
-        with self.svc._lock:
-            r = self.svc._rollouts.get(rid)
+        with self.svc.rollouts.lock:
+            r = self.svc.rollouts.live.get(rid)
             if r is not None:
                 return RolloutView.of(r)
         row = self.repo.get_rollout(rid)

@@ -54,6 +54,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from protocol.states import DEVICE_UNSETTLED, ROLLOUT_ACTIVE, ROLLOUT_MOVING, STAGE_STARTED
+
 from .errors import InvalidInput
 from .rollout_engine import RolloutSpec
 
@@ -394,18 +396,17 @@ def device_status(dev: DeviceView, target: Target | None) -> str:
 def rollout_moving(state: str, stages: Sequence[str], devices: Iterable[tuple[int, str]]) -> bool:
     """Whether a channel rollout still holds back the next batch (rule 5). ``stages``: the
     stage states in order; ``devices``: (stage index, device state) pairs."""
-    if state not in ("created", "running", "paused"):
+    if state not in ROLLOUT_ACTIVE:
         return False
     if state == "created":
         return True
-    started = {i for i, s in enumerate(stages) if s in ("running", "passed")}
-    unsettled = {"queued", "downloading", "verifying"}
-    return any(i in started and st in unsettled for i, st in devices)
+    started = {i for i, s in enumerate(stages) if s in STAGE_STARTED}
+    return any(i in started and st in DEVICE_UNSETTLED for i, st in devices)
 
 
 def rollout_stalled(state: str, stages: Sequence[str], devices: Iterable[tuple[int, str]]) -> bool:
     """Running or paused, yet nothing of it can move any more (rule 5)."""
-    return state in ("running", "paused") and not rollout_moving(state, stages, devices)
+    return state in ROLLOUT_MOVING and not rollout_moving(state, stages, devices)
 
 
 def plan_catch_up(target: Target, devices: Iterable[DeviceView], channel_busy: str) -> CatchUp:

@@ -16,6 +16,8 @@ from typing import Any
 
 import typer
 
+from protocol.states import DEVICE_FAILED
+
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True)
 fleet_app = typer.Typer(
     rich_markup_mode=None,
@@ -464,7 +466,7 @@ def _wait(
             desc = f"{status['state']}" + (
                 f", stage {stage}/{len(status['stages'])}" if stage else ""
             )
-            failed = sum(counts.get(k, 0) for k in ("failed", "rejected", "timed_out"))
+            failed = sum(counts.get(k, 0) for k in DEVICE_FAILED)
             bar.update(
                 task, completed=counts.get("installed", 0), description=f"{desc} · {failed} failed"
             )

@@ -94,7 +94,10 @@ class Measures:
         self._last_flush = 0.0
         self.hook: Callable[[dict[str, Any]], Any] | None = None
         if self.health_config.hook:
-            self.hook = service._drift_hook()
+            from .hooks import make_hook
+
+            hooks = service.config.hooks
+            self.hook = make_hook(hooks.drift_webhook, hooks.drift_command)
         exporter = getattr(service, "exporter", None)
         if exporter is not None and hasattr(exporter, "alerts_source"):
             exporter.alerts_source = self.firing
@@ -138,7 +141,7 @@ class Measures:
             result = result["benchmark"]
             parsed = parse_command_id(msg.command_id)
             if parsed is not None and parsed[1] == msg.device_id and parsed[2] == "deploy":
-                r = self.service._rollouts.get(parsed[0])
+                r = self.service.rollouts.live.get(parsed[0])
                 sha = r.spec.bundle_sha256 if r is not None else None
         if sha is None:
             return
@@ -224,7 +227,7 @@ class Measures:
     def _deliver(self, t: Transition) -> None:
         alert = Alert(kind="health", message=t.message, details=t.to_dict())
         device = t.subject if t.scope == "device" else None
-        self.service._event(
+        self.service.audit_log.event(
             "alert", t.message, device_id=device, alert_kind="health", details=t.to_dict()
         )
         transport = self.service.transport
@@ -369,7 +372,7 @@ class Measures:
         """Send a signed ``benchmark`` command to up to ``sample`` online devices running
         the bundle and matching ``selector`` (chosen by hash order: a re-run picks the same)."""
         svc = self.service
-        bundle = svc._find_bundle(bundle_ref)
+        bundle = svc.registry.find_bundle(bundle_ref)
         sel = Selector.parse(selector)
         if not 1 <= sample <= MAX_BENCH_DEVICES:
             raise InvalidInput(f"sample must be 1..{MAX_BENCH_DEVICES}", field="sample")
@@ -406,7 +409,7 @@ class Measures:
             self.bench_store.issue(cmd.command_id, dev, bundle["sha256"], svc.clock())
             svc.sender.command(cmd)
             commands.append(cmd.command_id)
-        svc._audit(
+        svc.audit_log.audit(
             "api",
             "bench.start",
             f"bundle:{bundle['sha256']}",

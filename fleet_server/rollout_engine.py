@@ -61,20 +61,25 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from protocol.states import (
+    DEVICE_FAILED,
+    DEVICE_IN_PROGRESS,
+    DEVICE_TERMINAL,
+    ROLLOUT_ACTIVE,
+    ROLLOUT_MOVING,
+    ROLLOUT_TICKED,
+    RolloutState,
+    StageState,
+)
+
 from .errors import Conflict, InvalidInput
 
-RolloutState = Literal[
-    "created", "running", "paused", "succeeded", "halted", "aborted", "rolled_back"
-]
-StageState = Literal["pending", "running", "passed", "failed"]
-
-TERMINAL_ROLLOUT = frozenset({"succeeded", "halted", "aborted", "rolled_back"})
 # The rollout states each operator action applies in (the dashboard shows only these).
 ACTION_STATES: dict[str, frozenset[str]] = {
     "pause": frozenset({"running"}),
     "resume": frozenset({"paused"}),
-    "abort": frozenset({"created", "running", "paused"}),
-    "rollback": frozenset({"running", "paused", "halted", "succeeded"}),
+    "abort": ROLLOUT_ACTIVE,
+    "rollback": ROLLOUT_TICKED | {"halted"},
 }
 
 
@@ -83,9 +88,6 @@ def allowed_actions(state: str) -> list[str]:
     return [a for a, states in ACTION_STATES.items() if state in states]
 
 
-IN_PROGRESS = frozenset({"downloading", "verifying"})
-FAILED = frozenset({"failed", "rejected", "timed_out"})
-DEVICE_TERMINAL = frozenset({"installed", "rolled_back"}) | FAILED
 # CommandStatus states a device may report for a deploy, mapped onto our device states.
 _REPORTED = {
     "accepted": "downloading",
@@ -401,7 +403,7 @@ class Rollout:
             return []
         if dev.sent_at is None or (dev.state in DEVICE_TERMINAL and dev.state != "timed_out"):
             return []  # a stale or duplicate report; terminal states stick
-        if dev.state == "timed_out" and new in IN_PROGRESS:
+        if dev.state == "timed_out" and new in DEVICE_IN_PROGRESS:
             return []
         if new == dev.state or new == "rolled_back":
             return []
@@ -426,7 +428,7 @@ class Rollout:
         """Time out stuck devices, apply gates, send pending deploys to online devices."""
         out: list[Decision] = []
         online_set = set(online)
-        if self.state in ("running", "paused"):
+        if self.state in ROLLOUT_MOVING:
             out += self._timeouts(now)
         if self.state == "running":
             out += self._gates(now, telemetry)
@@ -538,7 +540,7 @@ class Rollout:
         return out
 
     def _maybe_retry(self, dev: DeviceProgress, now: float) -> list[Decision]:
-        if dev.attempts <= self.spec.max_retries and self.state in ("running", "paused"):
+        if dev.attempts <= self.spec.max_retries and self.state in ROLLOUT_MOVING:
             why = f"retry {dev.attempts} of {self.spec.max_retries} after {dev.state}"
             dev.sent_at = None
             return [self._set_device(dev, "queued", why, now, detail=dev.reason)]
@@ -547,7 +549,7 @@ class Rollout:
     def _timeouts(self, now: float) -> list[Decision]:
         out = []
         for dev in self.devices.values():
-            stuck = dev.sent_at is not None and dev.state in ("queued", *IN_PROGRESS)
+            stuck = dev.sent_at is not None and dev.state in ("queued", *DEVICE_IN_PROGRESS)
             if stuck and now - (dev.sent_at or 0.0) >= self.spec.device_timeout_s:
                 out.append(
                     self._set_device(
@@ -566,7 +568,7 @@ class Rollout:
         return [d for d in self.devices.values() if d.stage in started]
 
     def _final_failure(self, d: DeviceProgress) -> bool:
-        return d.state in FAILED
+        return d.state in DEVICE_FAILED
 
     def _halt(self, reason: str, now: float) -> list[Decision]:
         out = [Decision("gate", reason, state="halt"), self._set_state("halted", reason, now)]

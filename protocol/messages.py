@@ -23,7 +23,7 @@ import base64
 import hashlib
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -31,6 +31,7 @@ from .errors import ProtocolError
 from .manifest import canonical_json
 from .signing import KeyPair, Signature, TrustStore
 from .sketches import SketchSet
+from .states import CommandKind, CommandStatusState
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 64 * 1024
@@ -42,18 +43,6 @@ MAX_URL_CHARS = 2048
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
-
-DeviceStateName = Literal[
-    "queued",
-    "downloading",
-    "verifying",
-    "installed",
-    "failed",
-    "rejected",
-    "timed_out",
-    "rolled_back",
-]
-CommandStatusState = Union[DeviceStateName, Literal["accepted", "progress", "done"]]
 
 
 def utcnow() -> datetime:
@@ -169,10 +158,6 @@ class BenchmarkPayload(BaseModel):
     model_config = ConfigDict(extra="ignore")
     runs: int = Field(default=200, ge=10, le=100_000)
     bundle_sha256: Sha256 | None = None  # None: the active model
-
-
-CommandKind = Literal["deploy", "rollback", "benchmark", "config", "shadow_stop"]
-COMMAND_KINDS: tuple[str, ...] = ("deploy", "rollback", "benchmark", "config", "shadow_stop")
 
 
 class Command(Message):

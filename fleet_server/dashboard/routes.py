@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
 
+from protocol.states import DEVICE_FAILED
+
 from ..auth import allows
 from ..errors import Conflict, FleetError, InvalidInput
 from . import charts
@@ -51,7 +53,7 @@ ACTIONS = {
     ),
 }
 TERMINAL = {"succeeded", "aborted", "rolled_back", "halted"}
-FAILED_STATES = {"failed", "rejected", "timed_out"}
+FAILED_STATES = DEVICE_FAILED
 
 
 def _ts(value: Any) -> str:

@@ -107,7 +107,7 @@ def test_a_failing_handler_is_counted_not_raised(
     def boom(msg: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(svc, "on_state", boom)
+    monkeypatch.setattr(svc.ingest, "on_state", boom)  # the bridge's sink
     svc.bridge.handle("edgefleet/devices/d1/state", D1.birth())  # type: ignore[union-attr]
     assert svc.bridge.stats()["dropped"] == {"handler_error": 1}  # type: ignore[union-attr]
 

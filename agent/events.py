@@ -14,16 +14,6 @@ import numpy as np
 from protocol.feeds import Prediction
 from protocol.messages import ModelRef
 
-INSTALL_STATES = (
-    "queued",
-    "downloading",
-    "verifying",
-    "installed",
-    "failed",
-    "rejected",
-    "rolled_back",
-)
-
 
 class PredictionEvent(NamedTuple):
     """One answered (or failed) predict call.
@@ -51,7 +41,7 @@ class PredictionObserver(Protocol):
 
 @dataclass(frozen=True)
 class InstallEvent:
-    """One step of an install, rollback or refusal (``state`` is one of INSTALL_STATES)."""
+    """One step of an install, rollback or refusal (``state``: protocol.states.DeviceStateName)."""
 
     state: str
     reason: str | None

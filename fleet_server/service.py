@@ -915,11 +915,15 @@ class FleetService:
             self.exporter.count_dropped("resend_budget")
             return
         _, data = self._loaded_bundle(r.spec.bundle_sha256)
-        n = self.sender.chunks(device_id, data, wanted)
+        n = self.sender.republish(data, wanted, self.clock(), r.spec.bundle_sha256)
         self._resent[key] = self._resent.get(key, 0) + n
-        self._event(
-            "delivery", f"resent {n} missing chunks", rollout_id=r.rollout_id, device_id=device_id
-        )
+        if n:  # 0: others asked for them within the interval (delivery.Sender.republish)
+            self._event(
+                "delivery",
+                f"re-published {n} missing chunks",
+                rollout_id=r.rollout_id,
+                device_id=device_id,
+            )
 
     # device identities ----------------------------------------------------------------
     def list_enrolments(self, status: str | None = None) -> list[dict[str, Any]]:
@@ -993,6 +997,11 @@ class FleetService:
                 if decisions:
                     self._apply(r, decisions, "engine")
                     self._dirty.add(rid)
+            if self.sender is not None:  # retained chunks only while a live rollout needs them
+                live = ("created", "running", "paused")
+                self.sender.sweep(
+                    {r.spec.bundle_sha256 for r in self._rollouts.values() if r.state in live}, now
+                )
         self.flush()
         self.channels.tick()
         drift_due = self.drift is not None and now - self._last_drift >= self.drift_every_s
@@ -1089,9 +1098,9 @@ class FleetService:
             now=_dt(self.clock()),
             ttl_s=self.config.signing.command_ttl_s,
         )
+        if http_url is None or mode == "both":  # once per artifact, retained (delivery.Sender)
+            self.sender.artifact(data, self.clock(), r.spec.bundle_sha256)
         self.sender.command(cmd)
-        if http_url is None or mode == "both":
-            self.sender.chunks(d.device_id, data)
 
     def _running_model(self, device_id: str) -> dict[str, Any]:
         """The model a device reported last ({} when none): a rollback's target."""

@@ -131,7 +131,7 @@ class FleetService:
         self.repo: Repository = repo if repo is not None else open_repository(config)
         self.clock = clock
         self.topics = Topics(config.broker.topic_prefix)
-        self.artifacts = ArtifactStore(config.artifacts_dir)
+        self.artifacts = ArtifactStore(config.artifacts_dir, self.repo)  # shared on PostgreSQL
         self.trust = self._trust_store()
         self.key = self._signing_key()
         self.transport = transport

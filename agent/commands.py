@@ -113,6 +113,9 @@ class CommandProcessor:
         self.predictor = predictor
         self.report = report
         self.send_now = send_now  # best-effort, unstored publishing (set by the link)
+        # (sha256, True) subscribes to an artifact's shared chunk topic, (sha256, False)
+        # leaves it (set by the link; None: chunks arrive on the device's own topic only)
+        self.follow: Callable[[str, bool], None] | None = None
         self.on_model_change = on_model_change
         self.benchmark = benchmark
         self.apply_config = apply_config
@@ -280,11 +283,27 @@ class CommandProcessor:
             cmd, http=d.http, complete=d.complete, progress=d.progress
         ):
             job = self._carry_out(action) or job
+        if not d.http and not d.complete:
+            self._follow(d.sha256, True)  # after the report: retained chunks may arrive at once
         return job
 
-    def on_chunk(self, sha256: str, payload: bytes) -> Job | None:
+    def _follow(self, sha256: str, on: bool) -> None:
+        if self.follow is None:
+            return
         try:
-            done = self.downloads.on_chunk(sha256, payload)
+            self.follow(sha256, on)
+        except Exception as exc:  # a chunk topic never fails a command: stalls ask again
+            log.warning("artifact %s: %s its chunk topic failed: %s", sha256[:12], on, exc)
+
+    def _finish(self, d: Download) -> None:
+        self.downloads.finish(d)
+        self._follow(d.sha256, False)
+
+    def on_chunk(self, sha256: str, payload: bytes, index: int | None = None) -> Job | None:
+        """A chunk from the broker (``index`` from a shared chunk topic, to skip a chunk
+        already stored without decoding it)."""
+        try:
+            done = self.downloads.on_chunk(sha256, payload, index)
         except OSError as exc:
             d = self.downloads.active.get(sha256)
             if d is not None:
@@ -294,7 +313,7 @@ class CommandProcessor:
                     reason=_os_reason(exc),
                     detail=f"cannot store chunk: {exc.strerror}",
                 )
-                self.downloads.finish(d)
+                self._finish(d)
             return None
         d = done or self.downloads.active.get(sha256)
         if d is None:
@@ -309,6 +328,7 @@ class CommandProcessor:
         """Ask again for the chunks of downloads that stalled for ``stall_seconds``."""
         for d in self.downloads.stalled(now, self.stall_seconds):
             d.last_activity = now
+            self._follow(d.sha256, True)  # subscribing again brings the retained chunks again
             self._ask_missing(d)
 
     def resume(self) -> list[Job]:
@@ -325,7 +345,7 @@ class CommandProcessor:
                     raise SignatureError(ReasonCode.NOT_ADDRESSED, "another device's download")
             except (BundleError, ValueError) as exc:
                 log.warning("download %s: saved session refused (%s), discarded", d.sha256, exc)
-                self.downloads.finish(d)
+                self._finish(d)
                 continue
             self.update.resumed(d.command)
             if d.http:
@@ -333,6 +353,7 @@ class CommandProcessor:
             elif d.complete:
                 jobs.append(Job("install", d.command, d))
             else:
+                self._follow(d.sha256, True)
                 self._ask_missing(d)
         return jobs
 
@@ -400,7 +421,7 @@ class CommandProcessor:
         except DownloadError as exc:
             self._refuse(cmd, exc)
             if exc.reason == ReasonCode.HASH_MISMATCH:
-                self.downloads.finish(d)
+                self._finish(d)
             return
         self._install(cmd, d)
 
@@ -431,9 +452,9 @@ class CommandProcessor:
                 )
         except BundleError as exc:
             self._refuse(cmd, exc)
-            self.downloads.finish(d)
+            self._finish(d)
             return
-        self.downloads.finish(d)
+        self._finish(d)
         result: dict[str, Any] | None = {"shadow": True} if p.shadow else None
         if not p.shadow:
             result = self._bench_installed()

@@ -3,16 +3,20 @@
 Only commands :mod:`agent.update` admitted (signed, addressed, fresh, new, within caps)
 get here, and ``<sha256>`` is a validated 64-hex wire value, never anything else.
 
-MQTT: the server publishes :class:`protocol.messages.ArtifactChunk` messages on
-``{p}/devices/{id}/artifact/{sha256}/{index}`` (QoS 1). Each chunk is checked by
+MQTT: the server publishes :class:`protocol.messages.ArtifactChunk` messages once per
+artifact, retained, on ``{p}/artifacts/{sha256}/{index}`` (QoS 1); the link subscribes to
+``{p}/artifacts/{sha256}/+`` while the download runs (older servers' per-device topic
+``{p}/devices/{id}/artifact/{sha256}/{index}`` is still read). Anyone who may publish on
+the shared topic can put a chunk there, so each chunk is checked by
 :func:`agent.update.check_chunk` against the signed deploy (artifact sha, count, index <
-n_chunks, the exact size of that index, its own ``chunk_sha256``) before it is decoded
-or buffered, and written to ``data_dir/downloads/<sha256>/<index>.chunk`` (temp file,
-fsync, rename), so a chunk on disk is a verified chunk. ``session.json`` next to them keeps
-the deploy command: after a restart the download resumes, and :meth:`Download.missing`
-says which indices to ask for again (``CommandStatus(state="downloading",
-result={"missing": [...]})``). When every chunk is there, :meth:`Download.assemble` joins
-them and checks the whole artifact's size and sha256 against the payload.
+n_chunks, the exact size of that index, its own ``chunk_sha256`` and the sha256 the signed
+deploy lists for that index) before it is decoded or buffered, and written to
+``data_dir/downloads/<sha256>/<index>.chunk`` (temp file, fsync, rename), so a chunk on
+disk is a verified chunk. ``session.json`` next to them keeps the deploy command: after a
+restart the download resumes, and :meth:`Download.missing` says which indices to ask for
+again (``CommandStatus(state="downloading", result={"missing": [...]})``). When every
+chunk is there, :meth:`Download.assemble` joins them and checks the whole artifact's size
+and sha256 against the payload.
 
 HTTP(S) (``DeployPayload.http_url``, only on an origin the device trusts; redirects are
 not followed): :func:`fetch_http` streams into
@@ -201,13 +205,16 @@ class Downloads:
             out.append(d)
         return out
 
-    def on_chunk(self, sha256: str, payload: bytes) -> Download | None:
+    def on_chunk(self, sha256: str, payload: bytes, index: int | None = None) -> Download | None:
         """Check a chunk against its signed deploy, then store it; return its download
-        when this chunk completed it. Nothing is decoded for an unknown artifact."""
+        when this chunk completed it. Nothing is decoded for an unknown artifact, nor for
+        an ``index`` (named by a shared chunk topic) already stored."""
         d = self.active.get(sha256)
         if d is None or d.http:
             self.unknown_chunks += 1
             return None
+        if index is not None and index in d._have:
+            return None  # a retained chunk delivered again (a re-subscribe, a reconnect)
         chunk, data, _why = check_chunk(d.payload, sha256, payload)
         if chunk is None:
             d.rejected_chunks += 1

@@ -2,11 +2,18 @@
 
     transport (paho or memory) ──(topic, payload)──▶ Link._on_message   [network thread]
         cmd topic       → CommandProcessor.receive  ─┐
-        artifact/sha/i  → CommandProcessor.on_chunk ─┴─▶ job queue ─▶ worker thread
+        artifacts/sha/i → CommandProcessor.on_chunk ─┴─▶ job queue ─▶ worker thread
                                                                        (install, rollback,
                                                                         benchmark, config)
     outbox (SQLite) ◀── statuses, sketches, metrics
         └── Link.flush() publishes at QoS 1 and deletes on ack          [daemon's pump thread]
+
+Artifact chunks come on the artifact's shared topic, ``{p}/artifacts/{sha256}/+``, which
+the link subscribes to while that download runs (:meth:`Link.follow`, called by the
+processor) and leaves when it ends; the server publishes them there once, retained, for
+every device. (Chunks on the device's own ``artifact/#`` topic, as older servers sent
+them, are read too.) Empty payloads on the shared topic are the server clearing its
+retained chunks and are skipped.
 
 On every (re)connect the link publishes the retained birth :class:`DeviceState`
 (``online=true``, model, runtimes, profile, agent version, tags, API URL) and wakes the
@@ -128,6 +135,8 @@ class Link:
         self._worker: threading.Thread | None = None
         self._flush_lock = threading.Lock()
         processor.send_now = self.send_now
+        processor.follow = self.follow
+        self.following: set[str] = set()  # artifacts whose chunk topic is subscribed
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, connect_timeout: float = 0.0) -> Link:
@@ -198,6 +207,13 @@ class Link:
                 if self.on_kex is not None and payload:
                     self.on_kex(payload)
                 return
+            shared = self.topics.parse_artifact_chunk(topic)
+            if shared is not None:
+                if payload and shared[0] in self.following:
+                    job = self.processor.on_chunk(shared[0], payload, shared[1])
+                    if job is not None:
+                        self._submit(job)
+                return
             parsed = self.topics.parse(topic)
             if parsed is None or parsed.device_id != self.device_id:
                 return
@@ -211,6 +227,17 @@ class Link:
             self.wake.set()
         except Exception:  # never let a message kill the network thread
             log.exception("handling %s failed", topic)
+
+    def follow(self, sha256: str, on: bool) -> None:
+        """Subscribe to (``on``) or leave an artifact's shared chunk topic. Subscribing again
+        makes the broker send its retained chunks again (a stalled download uses that)."""
+        topic = self.topics.artifact_chunks(sha256)
+        if on:
+            self.following.add(sha256)
+            self.transport.subscribe(topic, 1)
+        elif sha256 in self.following:
+            self.following.discard(sha256)
+            self.transport.unsubscribe(topic)
 
     # -- jobs ------------------------------------------------------------------------------
     def _submit(self, job: Job) -> None:

@@ -11,6 +11,10 @@ Measured for N = 100, 300, 1000:
 * rollout time: start of a 4-stage rollout (5/25/50/100 %, zero soak) to 100 % installed,
 * telemetry ingest: sketch reports merged per second by the drift engine,
 * server CPU seconds and peak RSS,
+* artifact publishes: the chunk messages the server's transport published during the
+  rollout, per artifact (chunks go once, retained, on ``{p}/artifacts/{sha256}/{i}``; each
+  simulated connection subscribes there while its devices download), against the
+  bundle's chunk count (one copy),
 * the cost of trust: every deploy command is signed (server) and verified (device), every
   device birth is signed by its device's own Ed25519 key and every status carries an
   HMAC-SHA256 with the key the device agreed with the fleet (protocol.device_mac; Ed25519
@@ -168,7 +172,20 @@ def _server(
         }
     )
     proc = psutil.Process()
-    svc = FleetService(cfg, transport=PahoTransport(url, "bench-server", clean_session=True))
+    transport = PahoTransport(url, "bench-server", clean_session=True)
+    published: dict[str, int] = {}  # what the server's transport published, by topic head
+    inner_publish = transport.publish
+
+    def counting_publish(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
+        parts = topic.split("/")
+        if payload and len(parts) == 4 and parts[1] == "artifacts":  # {p}/artifacts/{sha}/{i}
+            published[parts[2]] = published.get(parts[2], 0) + 1
+        elif payload and "/artifact/" in topic:  # per-device chunks (older servers)
+            published["per-device"] = published.get("per-device", 0) + 1
+        return inner_publish(topic, payload, qos, retain)
+
+    transport.publish = counting_publish  # type: ignore[method-assign]
+    svc = FleetService(cfg, transport=transport)
     svc.start()
     conn.send(("ready", None))
 
@@ -233,6 +250,8 @@ def _server(
                 "cpu_s": cpu_s,
                 "rss_mb": peak,
                 "trust": trust,
+                "artifact_publishes": dict(published),
+                "bundle_chunks": _chunks_of(bundle, cfg),
             },
         )
     )
@@ -266,6 +285,12 @@ def _server(
     svc.repo.close()
 
 
+def _chunks_of(bundle: bytes, cfg: Any) -> int:
+    from fleet_server.delivery import chunk_size_for, n_chunks
+
+    return n_chunks(len(bundle), chunk_size_for(len(bundle), cfg.rollout.chunk_bytes))
+
+
 # --- the simulated devices ---------------------------------------------------------------
 class SimClient:
     """One MQTT connection carrying many simulated devices."""
@@ -286,7 +311,7 @@ class SimClient:
         self.signers = {d: DeviceSigner(d, KeyPair.generate(), boot=1) for d in device_ids}
         self.kex = {d: X25519PrivateKey.generate() for d in device_ids}
         self.trust = trust
-        self.chunks: dict[str, dict[int, bytes]] = {}
+        self.chunks: dict[str, dict[int, bytes]] = {}  # artifact sha256 → index → bytes
         self.pending: dict[str, Any] = {}
         self.installed: set[str] = set()
         self.pings = 0
@@ -297,7 +322,6 @@ class SimClient:
         self.t.set_handler(self.handle)
         for d in self.ids:
             self.t.subscribe(self.topics.cmd(d), 1)
-            self.t.subscribe(self.topics.artifact_filter(d), 1)
         self.t.subscribe(self.topics.kex(), 1)
         self.t.connect()
 
@@ -360,6 +384,18 @@ class SimClient:
             if payload:
                 self.on_kex(payload)
             return
+        shared = self.topics.parse_artifact_chunk(topic)
+        if shared is not None:  # the artifact's chunk topic, shared by every device
+            if not payload:
+                return
+            c = decode(ArtifactChunk, payload)
+            piece = c.payload()
+            with self._lock:
+                if hashlib.sha256(piece).hexdigest() == c.chunk_sha256:
+                    self.chunks.setdefault(shared[0], {})[c.index] = piece
+                for d in [d for d, cmd in self.pending.items() if cmd.deploy]:
+                    self._try(d)
+            return
         p = self.topics.parse(topic)
         if p is None:
             return
@@ -373,22 +409,19 @@ class SimClient:
                 verify_command(cmd, self.trust)
                 self.pending[p.device_id] = cmd
                 self.status(p.device_id, cmd.command_id, "downloading")
-                self._try(p.device_id)
-            elif p.kind == "artifact":
-                c = decode(ArtifactChunk, payload)
-                piece = c.payload()
-                if hashlib.sha256(piece).hexdigest() == c.chunk_sha256:
-                    self.chunks.setdefault(p.device_id, {})[c.index] = piece
+                if cmd.deploy is not None:  # once per connection, as long as it downloads
+                    self.t.subscribe(self.topics.artifact_chunks(cmd.deploy.bundle_sha256), 1)
                 self._try(p.device_id)
 
     def _try(self, device_id: str) -> None:
         cmd = self.pending.get(device_id)
-        got = self.chunks.get(device_id, {})
-        if cmd is None or cmd.deploy is None or len(got) < cmd.deploy.n_chunks:
+        if cmd is None or cmd.deploy is None:
+            return
+        got = self.chunks.get(cmd.deploy.bundle_sha256, {})
+        if len(got) < cmd.deploy.n_chunks:
             return
         data = b"".join(got[i] for i in range(cmd.deploy.n_chunks))
         del self.pending[device_id]
-        self.chunks.pop(device_id, None)
         self.status(device_id, cmd.command_id, "verifying")
         if hashlib.sha256(data).hexdigest() != cmd.deploy.bundle_sha256:
             self.status(device_id, cmd.command_id, "failed", reason="hash_mismatch")
@@ -616,6 +649,15 @@ def main(quick: bool = False) -> dict[str, Any]:
             f"verifying messages) {tr['server_s'] * 1000:.0f} ms = "
             f"{tr['server_share_of_rollout']:.2%}"
         )
+    for r in runs:
+        pubs, count = r["rollout"]["artifact_publishes"], r["rollout"]["bundle_chunks"]
+        per = max(pubs.values(), default=0)
+        r["rollout"]["publishes_per_artifact"] = per
+        print(
+            f"  artifact, {r['n']} devices: the server published {per} chunk messages per "
+            f"artifact for a {count}-chunk bundle ({per / max(count, 1):.2f} copies; sent per "
+            f"device it would be {r['n'] * count}), per artifact: {pubs}"
+        )
     small = runs[0]
     headline = [
         {
@@ -641,6 +683,13 @@ def main(quick: bool = False) -> dict[str, Any]:
             "value": f"{big['rollout']['seconds']:.2f} s",
             "anchor": f"{small['rollout']['seconds']:.2f} s at {small['n']} devices",
             "ratio": big["rollout"]["seconds"] / max(small["rollout"]["seconds"], 1e-9),
+        },
+        {
+            "metric": f"server publishes per artifact, {big['n']} devices",
+            "value": f"{big['rollout']['publishes_per_artifact']} chunk messages",
+            "anchor": f"{big['rollout']['bundle_chunks']} chunks (one copy of the bundle)",
+            "ratio": big["rollout"]["publishes_per_artifact"]
+            / max(big["rollout"]["bundle_chunks"], 1),
         },
         {
             "metric": f"sketch reports merged per second, {big['n']} devices",

@@ -3,9 +3,14 @@
 The deploy command carries the bundle's signed manifest (canonical bytes, base64, plus the
 bundle's signature) and how to fetch the bundle: its sha256, size and chunking, and the
 HTTP URL when the server offers the download. The bytes travel as :class:`ArtifactChunk`
-messages (QoS 1) on ``{p}/devices/{id}/artifact/{sha256}/{index}``, each with its own
-sha256. Transfers resume: a device reports ``downloading`` with ``result.missing`` and
-only those chunks are sent again.
+messages (QoS 1, retained) on ``{p}/artifacts/{sha256}/{index}``, published once per
+artifact however many devices receive it (:class:`Sender`); each device subscribes to
+``{p}/artifacts/{sha256}/+`` while it downloads, so a device that comes late gets the
+retained chunks from the broker. Transfers resume: a device reports ``downloading`` with
+``result.missing`` and those chunks are published again on the artifact's topic, at most
+once per interval per chunk whoever asks. Every chunk is checked by the device against the
+sha256 the signed deploy lists for its index (``DeployPayload.chunk_hashes``), so a chunk
+forged onto the shared topic is dropped, not stored.
 
 Every command, of every kind, is signed with the fleet's *command* key (never a bundle key)
 and stamped with ``issued_at``/``expires_at`` (``signing.command_ttl_s``, rollbacks
@@ -18,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -138,29 +144,108 @@ def rollback_command(
 
 
 class Sender:
-    """Publishes commands and chunks through the transport seam."""
+    """Publishes commands and artifact chunks through the transport seam.
 
-    def __init__(self, transport: Transport, topics: Topics, chunk_size: int) -> None:
+    An artifact's chunks go out once, retained, on ``{p}/artifacts/{sha256}/{index}``
+    (:meth:`artifact`), however many devices the rollout addresses; a device subscribes
+    there while it downloads. Chunks devices report missing are published again
+    (:meth:`republish`) at most once per ``republish_interval_s`` per (artifact, index),
+    whichever and however many devices ask. :meth:`sweep` clears the retained chunks of
+    artifacts no live rollout needs (empty retained payloads) once they have been idle for
+    ``linger_s``. :attr:`publishes` counts chunk publishes per artifact (clears apart).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        topics: Topics,
+        chunk_size: int,
+        *,
+        republish_interval_s: float = 2.0,
+        linger_s: float = 300.0,
+    ) -> None:
         self.transport = transport
         self.topics = topics
         self.chunk_size = chunk_size
+        self.republish_interval_s = republish_interval_s
+        self.linger_s = linger_s
         self.chunks_sent = 0
+        self.chunks_coalesced = 0  # asked for again within the interval: not re-published
+        self.publishes: Counter[str] = Counter()  # artifact sha256 → chunk publishes
+        self.cleared: Counter[str] = Counter()  # artifact sha256 → retained chunks cleared
+        self._counts: dict[str, int] = {}  # published (retained) artifacts → chunk count
+        self._used: dict[str, float] = {}  # published artifacts → last time a device needed it
+        self._sent_at: dict[str, dict[int, float]] = {}  # artifact → index → last publish
 
     def command(self, cmd: Command) -> None:
         self.transport.publish(self.topics.cmd(cmd.device_id), cmd.to_json(), qos=1)
 
-    def chunks(self, device_id: str, data: bytes, indices: Iterable[int] | None = None) -> int:
-        sha = hashlib.sha256(data).hexdigest()
+    def _publish(self, data: bytes, sha: str, indices: Iterable[int], now: float) -> int:
         size = chunk_size_for(len(data), self.chunk_size)
         count = n_chunks(len(data), size)
-        wanted = range(count) if indices is None else sorted({i for i in indices if 0 <= i < count})
+        sent_at = self._sent_at.setdefault(sha, {})
         sent = 0
-        for i in wanted:
+        for i in indices:
             msg = chunk(data, i, size, sha)
-            self.transport.publish(self.topics.artifact(device_id, sha, i), msg.to_json(), qos=1)
+            self.transport.publish(
+                self.topics.artifact_chunk(sha, i), msg.to_json(), qos=1, retain=True
+            )
+            sent_at[i] = now
             sent += 1
+        self._counts[sha] = count
+        self._used[sha] = now
         self.chunks_sent += sent
+        self.publishes[sha] += sent
         return sent
+
+    def artifact(self, data: bytes, now: float, sha256: str | None = None) -> int:
+        """Make the artifact's chunks available on its topic: published (retained) the first
+        time, nothing while they still are. Returns the chunks published."""
+        sha = sha256 or hashlib.sha256(data).hexdigest()
+        if sha in self._counts:
+            self._used[sha] = now
+            return 0
+        count = n_chunks(len(data), chunk_size_for(len(data), self.chunk_size))
+        return self._publish(data, sha, range(count), now)
+
+    def republish(
+        self, data: bytes, indices: Iterable[int], now: float, sha256: str | None = None
+    ) -> int:
+        """Publish again the chunks devices miss, each at most once per interval."""
+        sha = sha256 or hashlib.sha256(data).hexdigest()
+        count = n_chunks(len(data), chunk_size_for(len(data), self.chunk_size))
+        sent_at = self._sent_at.get(sha, {})
+        wanted = []
+        for i in sorted({i for i in indices if 0 <= i < count}):
+            if now - sent_at.get(i, float("-inf")) < self.republish_interval_s:
+                self.chunks_coalesced += 1
+            else:
+                wanted.append(i)
+        return self._publish(data, sha, wanted, now) if wanted else 0
+
+    def sweep(self, needed: Iterable[str], now: float) -> list[str]:
+        """Clear the retained chunks of every published artifact not in ``needed`` and
+        idle for ``linger_s``; returns the artifacts cleared."""
+        keep = set(needed)
+        gone = [
+            sha
+            for sha in self._counts
+            if sha not in keep and now - self._used.get(sha, now) >= self.linger_s
+        ]
+        for sha in gone:
+            for i in range(self._counts[sha]):
+                self.transport.publish(self.topics.artifact_chunk(sha, i), b"", qos=1, retain=True)
+            self.cleared[sha] += self._counts.pop(sha)
+            self._used.pop(sha, None)
+            self._sent_at.pop(sha, None)
+        for sha in keep & self._counts.keys():
+            self._used[sha] = now
+        return gone
+
+    @property
+    def retained(self) -> dict[str, int]:
+        """Artifacts whose chunks are retained on the broker now → their chunk count."""
+        return dict(self._counts)
 
 
 def reassemble(chunks: Iterable[ArtifactChunk], sha256: str) -> tuple[bytes | None, list[int]]:

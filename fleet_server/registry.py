@@ -53,7 +53,7 @@ class Registry:
         self.trust = trust
         self.identities = identities
         self.drift = drift
-        self.artifacts = ArtifactStore(config.artifacts_dir)
+        self.artifacts = ArtifactStore(config.artifacts_dir, repo)  # shared on PostgreSQL
         self._bundle_cache: dict[str, tuple[Any, bytes]] = {}
         self._lock = threading.Lock()  # the device rows in memory (a leaf lock)
         self._rows: dict[str, dict[str, Any]] = {d["device_id"]: d for d in repo.list_devices()}

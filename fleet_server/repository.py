@@ -125,6 +125,14 @@ class Repository(Protocol):
     def device_channels(self) -> dict[str, dict[str, Any]]: ...
     def archive_bundle(self, sha256: str, ts: float, actor: str, reason: str) -> None: ...
     def archived_bundles(self) -> dict[str, dict[str, Any]]: ...
+
+    # artifact bytes (fleet_server/artifacts.py): True where every server process on this
+    # registry can read them (PostgreSQL); on SQLite the files in data_dir stay the store
+    shares_artifacts: bool
+
+    def put_artifact(self, sha256: str, size: int, parts: Iterable[bytes]) -> bool: ...
+    def artifact_info(self, sha256: str) -> dict[str, Any] | None: ...
+    def artifact_part(self, sha256: str, part: int) -> bytes | None: ...
     def schema_version(self) -> int: ...
     def close(self) -> None: ...
 
@@ -679,6 +687,42 @@ class SQLiteRepository:
     def archived_bundles(self) -> dict[str, dict[str, Any]]:
         rows = self._read(lambda db: list(db["archived_bundles"].rows_where()))
         return {r["sha256"]: r for r in rows}
+
+    # artifacts ------------------------------------------------------------------------
+    shares_artifacts = False  # one machine: the artifact files in data_dir are the store
+
+    def put_artifact(self, sha256: str, size: int, parts: Iterable[bytes]) -> bool:
+        """Store an artifact's bytes as numbered parts; False when it was there already.
+        Its ``artifacts`` row is written last, in the same transaction."""
+        if self.artifact_info(sha256) is not None:
+            return False
+        with self._tx() as db:
+            n = 0
+            for n, data in enumerate(parts, 1):
+                db.execute(
+                    'insert or replace into "artifact_parts" ("sha256", "part", "data") '
+                    "values (?, ?, ?)",
+                    [sha256, n - 1, bytes(data)],
+                )
+            db.execute(
+                'insert or ignore into "artifacts" ("sha256", "size", "parts", "stored_at") '
+                "values (?, ?, ?, ?)",
+                [sha256, size, n, time.time()],
+            )
+        return True
+
+    def artifact_info(self, sha256: str) -> dict[str, Any] | None:
+        rows = self._read(lambda db: list(db["artifacts"].rows_where("sha256 = ?", [sha256])))
+        return rows[0] if rows else None
+
+    def artifact_part(self, sha256: str, part: int) -> bytes | None:
+        row = self._read(
+            lambda db: db.execute(
+                'select "data" from "artifact_parts" where "sha256" = ? and "part" = ?',
+                [sha256, part],
+            ).fetchone()
+        )
+        return bytes(row[0]) if row else None
 
     def close(self) -> None:
         with self._lock:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -618,6 +618,40 @@ class PostgresRepository:
 
     def archived_bundles(self) -> dict[str, dict[str, Any]]:
         return {r["sha256"]: r for r in self._all("select * from archived_bundles")}
+
+    # artifacts ------------------------------------------------------------------------
+    shares_artifacts = True  # every server process on this database reads them
+
+    def put_artifact(self, sha256: str, size: int, parts: Iterable[bytes]) -> bool:
+        """Store an artifact's bytes as numbered parts; False when it was there already.
+        Its ``artifacts`` row is written last, in the same transaction, so another process
+        sees the whole artifact or none of it."""
+        if self.artifact_info(sha256) is not None:
+            return False
+        with self._conn() as conn:
+            n = 0
+            for n, data in enumerate(parts, 1):
+                conn.execute(
+                    'insert into "artifact_parts" ("sha256", "part", "data") values (%s, %s, %s) '
+                    'on conflict ("sha256", "part") do update set "data" = excluded."data"',
+                    [sha256, n - 1, bytes(data)],
+                )
+            cur = conn.execute(
+                'insert into "artifacts" ("sha256", "size", "parts", "stored_at") '
+                "values (%s, %s, %s, %s) on conflict do nothing",
+                [sha256, size, n, time.time()],
+            )
+            return bool(cur.rowcount)
+
+    def artifact_info(self, sha256: str) -> dict[str, Any] | None:
+        return self._one("select * from artifacts where sha256 = %s", [sha256])
+
+    def artifact_part(self, sha256: str, part: int) -> bytes | None:
+        row = self._one(
+            'select "data" from "artifact_parts" where "sha256" = %s and "part" = %s',
+            [sha256, part],
+        )
+        return bytes(row["data"]) if row else None
 
     def close(self) -> None:
         self.pool.close()

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from protocol.errors import ProtocolError
 from protocol.messages import Alert, CommandStatus
 from protocol.signing import KeyPair
-from protocol.states import ROLLOUT_LOADED, ROLLOUT_MOVING, ROLLOUT_TICKED
+from protocol.states import ROLLOUT_ACTIVE, ROLLOUT_LOADED, ROLLOUT_MOVING, ROLLOUT_TICKED
 
 from . import views
 from .audit_log import AuditLog
@@ -309,11 +309,15 @@ class RolloutDriver:
             self.exporter.count_dropped("resend_budget")
             return
         _, data = self.registry.loaded_bundle(r.spec.bundle_sha256)
-        n = self.sender.chunks(device_id, data, wanted)
+        n = self.sender.republish(data, wanted, self.clock(), r.spec.bundle_sha256)
         self._resent[key] = self._resent.get(key, 0) + n
-        self.audit_log.event(
-            "delivery", f"resent {n} missing chunks", rollout_id=r.rollout_id, device_id=device_id
-        )
+        if n:  # 0: others asked for them within the interval (delivery.Sender.republish)
+            self.audit_log.event(
+                "delivery",
+                f"re-published {n} missing chunks",
+                rollout_id=r.rollout_id,
+                device_id=device_id,
+            )
 
     # the clock ----------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -327,6 +331,11 @@ class RolloutDriver:
                 if decisions:
                     self.apply(r, decisions, "engine")
                     self._dirty.add(rid)
+            if self.sender is not None:  # retained chunks only while a live rollout needs them
+                self.sender.sweep(
+                    {r.spec.bundle_sha256 for r in self.live.values() if r.state in ROLLOUT_ACTIVE},
+                    now,
+                )
         self.flush()
 
     def flush(self) -> None:
@@ -422,9 +431,9 @@ class RolloutDriver:
             now=_dt(self.clock()),
             ttl_s=self.config.signing.command_ttl_s,
         )
+        if http_url is None or mode == "both":  # once per artifact, retained (delivery.Sender)
+            self.sender.artifact(data, self.clock(), r.spec.bundle_sha256)
         self.sender.command(cmd)
-        if http_url is None or mode == "both":
-            self.sender.chunks(d.device_id, data)
 
     def _send_rollback(self, r: Rollout, d: Decision) -> None:
         if self.sender is None or d.device_id is None:

@@ -3,7 +3,9 @@
 {p}/devices/{id}/state                      retained birth / last will (DeviceState)
 {p}/devices/{id}/cmd                        server → device commands (Command)
 {p}/devices/{id}/status                     device → server command progress (CommandStatus)
-{p}/devices/{id}/artifact/{sha256}/{chunk}  server → device model bytes (ArtifactChunk), QoS 1
+{p}/artifacts/{sha256}/{chunk}              server → devices: an artifact's chunks (ArtifactChunk),
+                                            QoS 1, retained, published once for every device
+{p}/devices/{id}/artifact/{sha256}/{chunk}  older servers' per-device chunks (still accepted)
 {p}/devices/{id}/telemetry/metrics          device → server (MetricsReport)
 {p}/devices/{id}/telemetry/sketch           device → server (SketchReport)
 {p}/alerts                                  server → anyone (Alert)
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "edgefleet"
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def valid_device_id(device_id: str) -> bool:
@@ -53,6 +56,28 @@ class Topics:
 
     def artifact_filter(self, device_id: str) -> str:
         return f"{self._dev(device_id)}/artifact/#"
+
+    def artifact_chunk(self, sha256: str, chunk: int) -> str:
+        """Chunk ``chunk`` of artifact ``sha256``: one topic whoever receives it."""
+        if not _SHA256_RE.match(sha256):
+            raise ValueError(f"invalid artifact sha256 {sha256[:80]!r}")
+        return f"{self.prefix}/artifacts/{sha256}/{chunk}"
+
+    def artifact_chunks(self, sha256: str) -> str:
+        """A device subscribes to this while it downloads ``sha256``."""
+        if not _SHA256_RE.match(sha256):
+            raise ValueError(f"invalid artifact sha256 {sha256[:80]!r}")
+        return f"{self.prefix}/artifacts/{sha256}/+"
+
+    def parse_artifact_chunk(self, topic: str) -> tuple[str, int] | None:
+        """``(sha256, index)`` of a shared chunk topic; None for any other topic."""
+        head = f"{self.prefix}/artifacts/"
+        if not topic.startswith(head):
+            return None
+        sha, _, index = topic[len(head) :].partition("/")
+        if not _SHA256_RE.match(sha) or not re.fullmatch(r"[0-9]{1,6}", index):
+            return None
+        return sha, int(index)
 
     def metrics(self, device_id: str) -> str:
         return f"{self._dev(device_id)}/telemetry/metrics"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,3 +398,60 @@ def test_a_deploy_of_another_model_name_needs_the_signed_replace_model(world, si
     deliver(node)
     assert sim.last("swap-2").state == "installed"
     assert node.device.predictor.model.name == "wine"
+
+
+def _shared(sim: FleetSim, bundle: bytes, cmd, *, retain: bool = True, indices=None) -> None:
+    """Chunks as the fleet server publishes them: once, on the artifact's shared topic."""
+    for ch in chunks(bundle, cmd, indices):
+        sim.t.publish(TOPICS.artifact_chunk(ch.sha256, ch.index), ch.to_json(), retain=retain)
+
+
+def test_a_late_device_installs_from_the_retained_chunks_on_the_shared_topic(
+    world, signing_key, v2
+):
+    _broker, sim, node = world
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key, chunk_size=2048)
+    sha = cmd.deploy.bundle_sha256
+    _shared(sim, bundle, cmd)  # published before this device got its command
+    sim.send(cmd)
+    deliver(node)
+    assert sim.states_of(cmd.command_id)[-1] == "installed"
+    assert node.device.predictor.predict([IRIS_ROW]).model.version == "2.0.0"
+    assert node.link.following == set()  # it left the artifact's topic
+    assert TOPICS.artifact_chunks(sha) not in node.link.transport._subs
+    before = node.processor.downloads.unknown_chunks
+    _shared(sim, bundle, cmd, retain=False)  # later chunks of it reach it no more
+    assert node.processor.downloads.unknown_chunks == before
+
+
+def test_a_forged_chunk_on_the_shared_topic_is_dropped_and_the_re_published_one_completes(
+    world, signing_key, v2
+):
+    broker, sim, node = world
+    bundle, manifest = v2
+    cmd = deploy_command(DEV, bundle, manifest, signing_key, chunk_size=2048)
+    sha, last = cmd.deploy.bundle_sha256, cmd.deploy.n_chunks - 1
+    _shared(sim, bundle, cmd, indices=range(last))
+    piece = b"\0" * cmd.deploy.chunk_bytes(last)  # right size, its own hash holds
+    forged = chunks(bundle, cmd, [last])[0].model_copy(
+        update={
+            "data": base64.b64encode(piece).decode(),
+            "chunk_sha256": hashlib.sha256(piece).hexdigest(),
+        }
+    )
+    broker.route(TOPICS.artifact_chunk(sha, last), forged.to_json(), True)  # retained forgery
+    broker.route(TOPICS.artifact_chunk(sha, 0), b"", False)  # a clear: skipped, not counted
+    sim.send(cmd)
+    deliver(node)
+    d = node.downloads.active[sha]
+    assert d.rejected_chunks == 1 and d.missing() == [last]
+    assert not (d.dir / f"{last:06d}.chunk").exists()
+    node.processor.tick(now=10**10)  # a stall: subscribe again (the forgery again) and ask
+    deliver(node)
+    assert d.rejected_chunks == 2
+    assert sim.last(cmd.command_id).result["missing"] == [last]
+    _shared(sim, bundle, cmd, indices=[last])  # the server re-publishes it on the topic
+    deliver(node)
+    assert sim.states_of(cmd.command_id)[-1] == "installed"
+    assert node.device.predictor.predict([IRIS_ROW]).model.version == "2.0.0"

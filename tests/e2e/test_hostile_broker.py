@@ -17,6 +17,9 @@ For every attack the test asserts:
   test checks what matters instead: the command ledger holds no new command id, and every
   status the attacker's commands got was sent best-effort (``admitted: false``), never stored;
 * ``/v1/predict`` answers with the model that was serving;
+* chunks forged onto the shared artifact topic (``{p}/artifacts/{sha256}/{i}``, retained
+  so the broker keeps handing them out) are dropped like those on the device's own topic:
+  each is checked against the sha256 the signed deploy lists for its index;
 * the reason is recorded: the agent's in-memory counter by reason (``GET /v1/status`` →
   ``commands.refused``) grew by the expected code, and any status the broker carried for
   the attack's command id says ``rejected`` with that code;
@@ -149,6 +152,8 @@ def victim(
     recorder = BrokerRecorder(url, f"{TOPICS.prefix}/devices/{device}/#").start()
     fleet = PahoTransport(url, f"fleet-{uuid.uuid4().hex[:6]}", clean_session=True)
     attacker = PahoTransport(url, f"attacker-{uuid.uuid4().hex[:6]}", clean_session=True)
+    captured_chunks: list[tuple[str, bytes]] = []
+    pending_sha: str | None = None
     try:
         agent.wait_api(ready=True)
         fleet.connect(timeout=10)
@@ -166,19 +171,23 @@ def victim(
         # captures the command and its chunks from the broker.
         v2, m2 = make_bundle(signing_key, version=SERVING, release=2)
         cmd = legit_deploy(device, v2, m2, signing_key, chunk_size=4096, command_id="legit-2")
+        # Like the fleet server: the chunks once, retained, on the artifact's shared topic.
+        captured_chunks += [
+            (TOPICS.artifact_chunk(ch.sha256, ch.index), ch.to_json())
+            for ch in make_chunks(v2, cmd)
+        ]
+        for topic, payload in captured_chunks:
+            assert fleet.publish(topic, payload, qos=1, retain=True).wait(10)
         assert fleet.publish(TOPICS.cmd(device), cmd.to_json(), qos=1).wait(10)
-        for ch in make_chunks(v2, cmd):
-            topic = TOPICS.artifact(device, ch.sha256, ch.index)
-            assert fleet.publish(topic, ch.to_json(), qos=1).wait(10)
         st = wait_until(lambda: final("legit-2"), 60, "the legitimate deploy to finish")
         assert st.state == "installed", st
         wait_until(lambda: (agent.model() or {}).get("version") == SERVING, 30, "2.0.0 serving")
         captured = next(m.payload for _, m in recorder.by_kind("cmd"))
-        captured_chunks = [(m.topic, m.payload) for _, m in recorder.by_kind("artifact")]
         # A second legitimate deploy (3.0.0) whose chunks never come: a download in progress.
         v3, m3 = make_bundle(signing_key, version="3.0.0", release=3)
         pending = legit_deploy(device, v3, m3, signing_key, chunk_size=4096, command_id="legit-3")
         assert fleet.publish(TOPICS.cmd(device), pending.to_json(), qos=1).wait(10)
+        pending_sha = pending.deploy.bundle_sha256 if pending.deploy is not None else None
 
         def downloading() -> bool:
             return any(
@@ -203,6 +212,11 @@ def victim(
             signing_key,
         )
     finally:
+        for topic, _ in captured_chunks:
+            fleet.publish(topic, b"", qos=1, retain=True)  # the shared broker forgets them
+        for i in range(3):  # and the forged retained chunks of the shared-topic attack
+            if pending_sha is not None:
+                fleet.publish(TOPICS.artifact_chunk(pending_sha, i), b"", qos=1, retain=True)
         attacker.close()
         fleet.close()
         agent.close()
@@ -330,12 +344,31 @@ def _bogus_chunks(v: Victim) -> Publish:
     ]
 
 
+def _forged_shared_chunks(v: Victim) -> Publish:
+    """The same forgeries on the pending artifact's shared topic, which the device follows
+    while it downloads and where anyone allowed to publish can put a (retained) chunk."""
+    p = v.pending.deploy
+    assert p is not None
+    sha = p.bundle_sha256
+    out: Publish = []
+    for topic, payload in _bogus_chunks(v):
+        *_, target, index = topic.split("/")
+        try:
+            out.append((TOPICS.artifact_chunk(target, int(index)), payload))
+        except ValueError:  # the path-traversal one: published as it is
+            out.append((f"{TOPICS.prefix}/artifacts/{target}/{index}", payload))
+    # a genuine chunk of another artifact (the captured 2.0.0), put under the pending sha
+    out.append((TOPICS.artifact_chunk(sha, 0), v.captured_chunks[0][1]))
+    return out
+
+
 @dataclass(frozen=True)
 class Attack:
     name: str
     build: Callable[[Victim, str], Publish]
     reasons: dict[str, int]  # expected counter growth by reason code
     chunks_only: bool = False
+    retain: bool = False  # published retained, so the broker keeps handing it out
 
 
 def _captured_kind(
@@ -467,6 +500,13 @@ ATTACKS: list[Attack] = [
     ),
     Attack("bogus-artifact-chunks", lambda v, cid: _bogus_chunks(v), {}, chunks_only=True),
     Attack(
+        "forged-chunks-on-the-shared-artifact-topic",
+        lambda v, cid: _forged_shared_chunks(v),
+        {},
+        chunks_only=True,
+        retain=True,
+    ),
+    Attack(
         "garbage-commands",
         lambda v, cid: _on_cmd(v, b"\xff" * 1000, b"[]", b'{"command_id": 5}', b"{" * 100_000),
         {"command_invalid": 4},
@@ -497,7 +537,7 @@ def test_attack_changes_nothing_and_is_recorded(victim: Victim, attack: Attack) 
 
     pubs = attack.build(v, cid)
     for topic, payload in pubs:
-        assert v.attacker.publish(topic, payload, qos=1).wait(10)
+        assert v.attacker.publish(topic, payload, qos=1, retain=attack.retain).wait(10)
 
     def recorded() -> bool:
         now = refused(v)

@@ -115,6 +115,34 @@ def test_device_cannot_read_another_devices_commands(broker):
         server.close()
 
 
+def test_devices_read_the_shared_artifact_topic_that_only_the_server_writes(broker):
+    b, pki = broker
+    sha = "ab" * 32
+    received: list[tuple[str, bytes]] = []
+    d2 = client(b, pki, "d2")
+    d2.set_handler(lambda t, p: received.append((t, p)))
+    d2.subscribe(T.artifact_chunks(sha))
+    d2.connect()
+    d1 = client(b, pki, "d1")
+    d1.connect()
+    server = client(b, pki, SERVER_USER)
+    server.connect()
+    try:
+        # a device's forgery first, then the server's chunk: one client's order is kept
+        d1.publish(T.artifact_chunk(sha, 0), b"forged by d1", retain=True).wait(5)
+        assert server.publish(T.artifact_chunk(sha, 0), b"the server's chunk", retain=True).wait(5)
+        for _ in range(200):
+            if received:
+                break
+            threading.Event().wait(0.05)
+        assert received == [(T.artifact_chunk(sha, 0), b"the server's chunk")]
+    finally:
+        server.publish(T.artifact_chunk(sha, 0), b"", retain=True).wait(5)
+        d1.close()
+        d2.close()
+        server.close()
+
+
 @pytest.mark.parametrize("user,password", [("d1", "wrong-password"), ("nobody", "x"), ("", "")])
 def test_broker_refuses_wrong_or_missing_credentials(broker, user, password):
     b, pki = broker

@@ -272,6 +272,11 @@ class SimDevice:
             if payload:
                 self.on_kex(payload)
             return
+        if self.topics.parse_artifact_chunk(topic) is not None:
+            if payload:  # empty: the server cleared its retained chunk
+                with self._lock:
+                    self.on_chunk(decode(ArtifactChunk, payload))
+            return
         parsed = self.topics.parse(topic)
         if parsed is None:
             return
@@ -302,7 +307,8 @@ class SimDevice:
         self.status(cmd, "accepted")
         if cmd.deploy.http_url and self.http is not None:
             self.download_http(cmd)
-        else:
+        else:  # like the agent: the artifact's shared chunk topic while downloading
+            self.t.subscribe(self.topics.artifact_chunks(cmd.deploy.bundle_sha256))
             self.try_finish()
 
     def on_chunk(self, c: ArtifactChunk) -> None:

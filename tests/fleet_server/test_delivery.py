@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,18 +29,35 @@ def bundle(signing_key: KeyPair) -> bytes:
     return make_bundle(signing_key)[0]
 
 
-def _fleet(tmp: Path, key: KeyPair, **rollout: object) -> tuple[FleetService, MemoryBroker]:
+class Clock:
+    """A hand-moved clock: the per-chunk re-publish interval is counted on it."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fleet(
+    tmp: Path, key: KeyPair, clock: Clock | None = None, **rollout: object
+) -> tuple[FleetService, MemoryBroker]:
     broker = MemoryBroker()
     cfg = make_config(tmp, key, chunk_bytes=CHUNK, **rollout)
     if rollout.get("delivery") in ("http", "both"):
         cfg = cfg.model_copy(
             update={"api": cfg.api.model_copy(update={"public_url": "http://fleet"})}
         )
-    svc = FleetService(cfg, transport=broker.client("server"))
+    svc = FleetService(cfg, transport=broker.client("server"), clock=clock or Clock())
     assert svc.bridge is not None
     svc.bridge.start()
     broker.clients[0].connect()
     return svc, broker
+
+
+def _chunk_topics(broker: MemoryBroker) -> list[str]:
+    """Every artifact chunk the broker carried (shared or per-device), clears apart."""
+    return [t for t, p in broker.log if ("/artifacts/" in t or "/artifact/" in t) and p]
 
 
 def _device(broker: MemoryBroker, key: KeyPair, name: str = "d1", **kw: object) -> SimDevice:
@@ -149,19 +167,113 @@ def test_mqtt_transfer_installs_the_bundle(
 def test_interrupted_mqtt_transfer_resends_only_the_missing_chunks(
     tmp_path: Path, signing_key: KeyPair, bundle: bytes
 ) -> None:
-    svc, broker = _fleet(tmp_path, signing_key)
+    clock = Clock()
+    svc, broker = _fleet(tmp_path, signing_key, clock)
     dev = _device(broker, signing_key, drop_chunks=frozenset({1, 3}))
     rid = _rollout(svc, bundle)
     count = n_chunks(len(bundle), CHUNK)
     assert dev.model is None
     assert svc.rollout_status(rid)["devices"][0]["state"] == "downloading"
     sent_before = svc.sender.chunks_sent  # type: ignore[union-attr]
+    clock.now += 10  # past the re-publish interval of the first send
     assert dev.report_missing() == [1, 3]
     assert svc.sender.chunks_sent - sent_before == 2  # type: ignore[union-attr]
     assert dev.chunk_count == count + 2
     assert dev.model is not None and dev.model.version == "1.0.0"
     svc.tick()
     assert svc.rollout_status(rid)["state"] == "succeeded"
+
+
+def test_one_publish_set_serves_every_device_of_the_rollout(
+    tmp_path: Path, signing_key: KeyPair, bundle: bytes
+) -> None:
+    svc, broker = _fleet(tmp_path, signing_key)
+    devs = [_device(broker, signing_key, f"d{i}") for i in range(6)]
+    rid = _rollout(svc, bundle)
+    count = n_chunks(len(bundle), CHUNK)
+    assert all(d.model is not None and d.model.version == "1.0.0" for d in devs)
+    assert all(d.chunk_count == count for d in devs)
+    topics = _chunk_topics(broker)
+    sha = svc.list_bundles()[0]["sha256"]
+    assert sorted(topics) == sorted(f"edgefleet/artifacts/{sha}/{i}" for i in range(count))
+    assert svc.sender.publishes == {sha: count}  # type: ignore[union-attr]
+    assert svc.rollout_status(rid)["counts"] == {"installed": 6}
+
+
+def test_a_device_that_comes_late_gets_the_retained_chunks_without_a_new_publish(
+    tmp_path: Path, signing_key: KeyPair, bundle: bytes
+) -> None:
+    svc, broker = _fleet(tmp_path, signing_key)
+    first = _device(broker, signing_key, "d1")
+    late = _device(broker, signing_key, "d2")
+    late.publish(late.topics.state("d2"), late.will().payload)  # known to the fleet,
+    late.t.inner._drop()  # offline when the rollout starts  # type: ignore[attr-defined]
+    rid = _rollout(svc, bundle)
+    assert first.model is not None and late.model is None
+    published = len(_chunk_topics(broker))
+    late.t.connect()  # back online: its birth (of a newer connection than the will's),
+    late._births = 1 << 20  # then the tick sends its deploy
+    late.birth()
+    svc.tick()
+    assert late.model is not None and late.model.version == "1.0.0"
+    assert len(_chunk_topics(broker)) == published  # the broker's retained copies served it
+    svc.tick()
+    assert svc.rollout_status(rid)["counts"] == {"installed": 2}
+
+
+def test_many_devices_missing_the_same_chunks_cause_one_re_publish(
+    tmp_path: Path, signing_key: KeyPair, bundle: bytes
+) -> None:
+    clock = Clock()
+    svc, broker = _fleet(tmp_path, signing_key, clock)
+    devs = [_device(broker, signing_key, f"d{i}", silent=True) for i in range(5)]
+    _rollout(svc, bundle)
+    sha = svc.list_bundles()[0]["sha256"]
+    first = svc.sender.publishes[sha]  # type: ignore[union-attr]
+    sender = svc.sender
+    assert sender is not None
+    clock.now += 10
+    for d in devs:  # each (silent) device asks for chunks 0 and 2
+        from protocol.messages import CommandStatus
+
+        st = CommandStatus(
+            device_id=d.device_id,
+            command_id=d.commands[0].command_id,
+            state="downloading",
+            result={"missing": [0, 2]},
+        )
+        d.publish(d.topics.status(d.device_id), st.to_json())
+    assert sender.publishes[sha] == first + 2
+    assert sender.chunks_coalesced == 8
+    clock.now += 10  # a later request is served again
+    devs[0].publish(
+        devs[0].topics.status("d0"),
+        CommandStatus(
+            device_id="d0",
+            command_id=devs[0].commands[0].command_id,
+            state="downloading",
+            result={"missing": [2]},
+        ).to_json(),
+    )
+    assert sender.publishes[sha] == first + 3
+
+
+def test_retained_chunks_are_cleared_once_no_live_rollout_needs_them(
+    tmp_path: Path, signing_key: KeyPair, bundle: bytes
+) -> None:
+    clock = Clock()
+    svc, broker = _fleet(tmp_path, signing_key, clock)
+    _device(broker, signing_key)
+    rid = _rollout(svc, bundle)
+    sha = svc.list_bundles()[0]["sha256"]
+    assert any(t.startswith(f"edgefleet/artifacts/{sha}/") for t in broker.retained)
+    svc.tick()
+    assert svc.rollout_status(rid)["state"] == "succeeded"
+    assert any(t.startswith(f"edgefleet/artifacts/{sha}/") for t in broker.retained)
+    clock.now += 301  # linger_s after its last use
+    svc.tick()
+    assert not [t for t in broker.retained if "/artifacts/" in t]
+    assert svc.sender.retained == {}  # type: ignore[union-attr]
 
 
 def test_http_download_resumes_with_a_range_request(

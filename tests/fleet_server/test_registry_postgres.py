@@ -16,6 +16,7 @@ import pytest
 from fleet_server import migrations
 from fleet_server.app import create_app
 from fleet_server.config import FleetConfig, RegistrySection, example_config, parse_config
+from fleet_server.delivery import chunk_size_for, n_chunks
 from fleet_server.errors import ConfigError, StorageError
 from fleet_server.repository import SQLiteRepository, open_repository
 from fleet_server.repository_pg import PostgresRepository, redact
@@ -235,3 +236,57 @@ def test_the_drift_engine_merges_evaluates_and_alerts_from_postgresql(postgres_u
         assert len(alerts) == 1  # the window was already alerted, in the database
     finally:
         repo.close()
+
+
+def test_a_bundle_uploaded_to_one_server_is_published_and_served_by_another(
+    pg_fleet: PgFleet, signing_key: KeyPair, tmp_path: Path, postgres_url: str
+) -> None:
+    """Two server processes on one PostgreSQL, each with its own data_dir: the second has
+    never seen the bundle's file, fetches it from the registry, publishes its chunks once
+    and serves HTTP range requests for it."""
+    import hashlib
+
+    data, _ = make_bundle(signing_key, version="3.0.0", release=3, profiles=("host",))
+    sha = hashlib.sha256(data).hexdigest()
+    assert pg_fleet.admin.post("/v1/bundles", content=data).status_code in (200, 201)
+    (tmp_path / "b").mkdir()
+    other = FleetService(
+        pg_config(tmp_path / "b", signing_key, postgres_url),
+        transport=pg_fleet.broker.client("server-b"),
+    )
+    try:
+        assert not other.artifacts.path(sha).exists()  # its own data_dir
+        assert other.bridge is not None
+        other.bridge.start()
+        other.transport.connect()  # type: ignore[union-attr]
+        devs = [pg_fleet.device(f"b-{i}") for i in range(3)]
+        api = Api(create_app(other)).as_(other.create_token("admin", name="b-admin"))
+        r = api.post(
+            "/v1/rollouts", json={"bundle": "iris@3.0.0", "stages": [100]}, params={"start": "true"}
+        )
+        assert r.status_code == 201, r.text
+        assert other.artifacts.fetched == 1 and other.artifacts.path(sha).read_bytes() == data
+        assert all(d.model is not None and d.model.version == "3.0.0" for d in devs)
+        assert other.sender is not None and other.sender.publishes[sha] == n_chunks(
+            len(data), chunk_size_for(len(data), other.config.rollout.chunk_bytes)
+        )
+        got = api.get(f"/v1/artifacts/{sha}", headers={"Range": "bytes=100-"})
+        assert got.status_code == 206 and got.content == data[100:]
+        assert hashlib.sha256(api.get(f"/v1/artifacts/{sha}").content).hexdigest() == sha
+    finally:
+        other.repo.close()
+
+
+def test_artifact_bytes_that_do_not_match_their_sha256_are_not_cached(
+    pg_fleet: PgFleet, signing_key: KeyPair, tmp_path: Path, postgres_url: str
+) -> None:
+    from fleet_server.artifacts import ArtifactStore
+
+    repo = pg_fleet.service.repo
+    sha = "ab" * 32
+    assert repo.put_artifact(sha, 5, iter([b"wrong"]))
+    store = ArtifactStore(tmp_path / "c", repo)
+    with pytest.raises(StorageError, match="does not match"):
+        store.get(sha)
+    assert not store.path(sha).exists()
+    assert [p.name for p in store.root.iterdir()] == []  # no temp file left behind

@@ -118,6 +118,23 @@ def test_bundles_round_trip_and_list_newest_first(repo: Repository) -> None:
 
 
 # devices -----------------------------------------------------------------------------------
+def test_artifact_bytes_round_trip_in_parts_and_are_stored_once(repo: Repository) -> None:
+    import hashlib
+
+    data = bytes(range(256)) * 40 + b"tail"
+    sha = hashlib.sha256(data).hexdigest()
+    assert repo.artifact_info(sha) is None and repo.artifact_part(sha, 0) is None
+    parts = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    assert repo.put_artifact(sha, len(data), iter(parts)) is True
+    info = repo.artifact_info(sha)
+    assert info is not None and (info["size"], info["parts"]) == (len(data), 3)
+    assert b"".join(repo.artifact_part(sha, i) or b"" for i in range(3)) == data
+    assert repo.artifact_part(sha, 3) is None
+    assert repo.put_artifact(sha, len(data), iter([b"other bytes"])) is False  # kept as is
+    assert repo.artifact_part(sha, 0) == parts[0]
+    assert repo.shares_artifacts is (type(repo).__name__ == "PostgresRepository")
+
+
 def test_device_upsert_keeps_fields_it_does_not_name(repo: Repository) -> None:
     repo.upsert_device("d1", profile="host", tags=["lab"], online=True, last_seen=1.5)
     repo.upsert_device("d1", model="iris", version="1.0.0", release=1, online=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,13 +24,15 @@ def bundle(signing_key: KeyPair) -> bytes:
     return make_bundle(signing_key)[0]
 
 
-def fleet(tmp: Path, key: KeyPair, budget: int = 4096) -> tuple[FleetService, MemoryBroker]:
+def fleet(
+    tmp: Path, key: KeyPair, budget: int = 4096, clock: Callable[[], float] = time.time
+) -> tuple[FleetService, MemoryBroker]:
     broker = MemoryBroker()
     cfg = make_config(tmp, key, chunk_bytes=CHUNK)
     cfg = cfg.model_copy(
         update={"devices": cfg.devices.model_copy(update={"resend_budget": budget})}
     )
-    svc = FleetService(cfg, transport=broker.client("server"))
+    svc = FleetService(cfg, transport=broker.client("server"), clock=clock)
     assert svc.bridge is not None
     svc.bridge.start()
     broker.clients[0].connect()
@@ -61,7 +65,8 @@ def test_no_resend_for_a_finished_rollout(
 def test_resends_stop_at_the_per_device_budget(
     tmp_path: Path, signing_key: KeyPair, bundle: bytes
 ) -> None:
-    svc, broker = fleet(tmp_path, signing_key, budget=3)
+    now = [time.time()]
+    svc, broker = fleet(tmp_path, signing_key, budget=3, clock=lambda: now[0])
     trust = TrustStore.from_keys([signing_key.public])
     dev = SimDevice("d1", broker.client("d1"), trust, silent=True).start()
     svc.upload_bundle(bundle)
@@ -71,6 +76,7 @@ def test_resends_stop_at_the_per_device_budget(
     assert count > 3
     sent = svc.sender.chunks_sent  # type: ignore[union-attr]
     for _ in range(20):
+        now[0] += 10  # past the per-chunk re-publish interval every time
         missing(dev, dev.commands[0].command_id, list(range(count)))
     assert svc.sender.chunks_sent - sent == 3  # type: ignore[union-attr]
     body, _ = svc.exporter.render()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from fleet_server.delivery import n_chunks
 from fleet_server.rollout_engine import RolloutSpec, assign_stages
 from fleet_server.service import FleetService, RolloutRequest
 from protocol import KeyPair
@@ -216,6 +217,11 @@ def test_a_late_agent_gets_its_pending_command_when_it_comes_online(fleet: RealF
     wait_for(lambda: version(again) == "2.0.0", what="late agent installs")
     wait_for(lambda: status(fleet.service, rid)["counts"] == {"installed": 6}, what="6 installed")
     assert status(fleet.service, rid)["state"] == "succeeded"
+    # the late agent got the broker's retained chunks: the server published them once
+    sender = fleet.service.sender
+    assert sender is not None and list(sender.publishes.values()) == [
+        n_chunks(len(fleet.bundles["2.0.0"]), fleet.cfg.rollout.chunk_bytes)
+    ]
 
 
 def test_serve_runs_api_bridge_and_embedded_broker_in_one_process(

@@ -5,13 +5,16 @@
 
 - :class:`~.cohort_drift.CohortDrift` — drift per device, per profile and per tag;
 - :class:`~.field_accuracy.FieldAccuracy` — labelled feedback per version and device;
-- :class:`~.calibration.BenchStore` — field benchmark samples, measured speed factors and
-  latency outliers, and :meth:`Measures.bench`, which sends signed ``benchmark`` commands;
+- :mod:`.calibration` — field benchmark samples, measured speed factors and latency
+  outliers, and :meth:`Measures.bench`, which sends signed ``benchmark`` commands;
 - :class:`~.health_rules.HealthRules` — standing alerts, carried out here: the alert topic
   (``Alert(kind="health")``, also an ``alert`` event for the dashboard), the ``[hooks]``
   webhook/command and a Prometheus gauge;
 - :meth:`Measures.rollout_inputs` — the hold-gate inputs of a rollout (rule 7 of
   :mod:`.rollout_engine`), measured on that rollout's installed devices.
+
+What they keep lives in the registry (:mod:`.measure_store`: the SQLite file, or the
+PostgreSQL that ``[registry] url`` names, where every server process sees all of it).
 
 Every method catches nothing it cannot name: storage errors reach the caller, and the
 service's tick logs them.
@@ -38,12 +41,12 @@ from protocol.messages import (
 )
 
 from . import calibration
-from .calibration import BenchStore
 from .cohort_drift import CohortDrift, describe
 from .delivery import parse_command_id, signed
 from .errors import InvalidInput, NotFound
 from .field_accuracy import FieldAccuracy
 from .health_rules import DeviceSample, HealthConfig, HealthRules, Transition
+from .measure_store import open_measure_stores
 from .rollout_engine import Rollout, Selector, Telemetry, stage_order
 
 log = logging.getLogger(__name__)
@@ -72,18 +75,18 @@ class _Window:
 
 class Measures:
     def __init__(self, service: Any) -> None:
-        from .repository import connect
-
         self.service = service
-        self.db = connect(service.config.db_path)
+        self.stores = open_measure_stores(service.config, service.repo)
         self.health_config = HealthConfig.from_dict(dict(service.config.health))
         self.rules = HealthRules(self.health_config)
-        self.accuracy = FieldAccuracy(self.db)
-        self.bench_store = BenchStore(self.db)
+        self.accuracy = FieldAccuracy(self.stores.feedback)
+        self.bench_store = self.stores.bench
         drift = service.drift
         self.cohorts: CohortDrift | None = None
         if drift is not None:
-            self.cohorts = CohortDrift(self.db, drift.config, drift.reference, self._device_info)
+            self.cohorts = CohortDrift(
+                self.stores.cohorts, drift.config, drift.reference, self._device_info
+            )
             drift.describe_scope = self._describe_scope
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = {}

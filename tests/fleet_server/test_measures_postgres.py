@@ -78,14 +78,14 @@ def sketch(device: str, seq: int, n: int) -> SketchReport:
 
 
 def test_the_measures_live_in_postgresql_not_in_each_data_dir(
-    two_servers: tuple[FleetService, FleetService], tmp_path: Path, signing_key: KeyPair
+    two_servers: tuple[FleetService, FleetService], tmp_path: Path
 ) -> None:
-    a, b = two_servers
-    assert isinstance(a.measures.bench_store, PgBenchStore)
-    assert isinstance(a.measures.stores.feedback, PgFeedbackStore)
-    assert isinstance(a.measures.stores.cohorts, PgCohortStore)
-    assert a.measures.stores.cohorts.pool is a.repo.pool  # type: ignore[attr-defined]
-    assert not (tmp_path / "a" / "fleet.db").exists() and not (tmp_path / "b" / "fleet.db").exists()
+    for s, name in zip(two_servers, ("a", "b"), strict=True):
+        assert isinstance(s.measures.bench_store, PgBenchStore)
+        assert isinstance(s.measures.stores.feedback, PgFeedbackStore)
+        assert isinstance(s.measures.stores.cohorts, PgCohortStore)
+        assert s.measures.stores.cohorts.pool is s.repo.pool  # type: ignore[attr-defined]
+        assert not (tmp_path / name / "fleet.db").exists()
 
 
 def test_two_servers_on_one_postgresql_share_every_measure(
@@ -126,6 +126,27 @@ def test_two_servers_on_one_postgresql_share_every_measure(
         assert rows == {"d1": 800, "d2": 200}
     tags = b.measures.drift_by("tag", "iris", "1.0.0", evaluate=False)
     assert [(t["subject"], t["rows"]) for t in tags] == [("lab", 1000)]
+
+
+def test_a_process_that_does_not_tick_still_writes_its_device_windows(
+    two_servers: tuple[FleetService, FleetService],
+    signing_key: KeyPair,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the process holding the rollout tick runs the measures' tick; another one writes
+    what it merged from the ingest path once it has waited INGEST_FLUSH_AFTER_S."""
+    import fleet_server.measures
+
+    a, b = two_servers
+    a.upload_bundle(make_bundle(signing_key, version="1.0.0")[0])
+    a.repo.upsert_device("d1", profile="host", tags=[], online=True, **_runs())
+    monkeypatch.setattr(fleet_server.measures, "INGEST_FLUSH_AFTER_S", 1e9)
+    b.on_sketch(sketch("d1", 20, 400))
+    assert a.measures.drift_by("device", "iris", "1.0.0") == []  # held in b's memory
+    monkeypatch.setattr(fleet_server.measures, "INGEST_FLUSH_AFTER_S", 0.0)
+    b.on_sketch(sketch("d1", 21, 100))
+    rows = {r["subject"]: r["rows"] for r in a.measures.drift_by("device", "iris", "1.0.0")}
+    assert rows == {"d1": 500}
 
 
 def _runs() -> dict[str, str]:

@@ -14,7 +14,7 @@ A scope is tested only with at least ``min_rows`` rows; fewer are reported as
 ``evaluated: false``. :meth:`CohortDrift.scope_summary` says which devices and cohorts
 drifted and which did not; the fleet-wide drift alert leads with it, and when the fleet-wide
 merge does not drift but some scope does, :meth:`CohortDrift.evaluate` returns that local
-drift so the caller can alert on it (once per window).
+drift so the caller can alert on it (once per window, whichever process evaluates it).
 
 The windows and results live in the registry (:class:`~.measure_store.CohortStore`:
 the SQLite file, or PostgreSQL shared by several server processes).
@@ -398,16 +398,23 @@ class CohortDrift:
         results = self.evaluate(model, version, now=now)
         if not results or not any(r.dataset_drift for r in results):
             return None
-        key = (model, version, results[0].window_start)
-        with self._lock:
-            if key in self._alerted:
-                return None
-            self._alerted.add(key)
+        if not self._claim(model, version, results[0].window_start):
+            return None
         return summarize(results)
 
     def mark_alerted(self, model: str, version: str, window: float) -> None:
+        """The fleet-wide alert of this window named the scopes: no local alert follows."""
+        self._claim(model, version, window)
+
+    def _claim(self, model: str, version: str, window: float) -> bool:
+        """True for the first alert of a window in the whole registry (any process)."""
+        key = (model, version, window)
         with self._lock:
-            self._alerted.add((model, version, window))
+            if key in self._alerted:
+                return False
+            first = self.store.claim_alert(model, version, window)
+            self._alerted.add(key)
+            return first
 
 
 def summarize(results: list[ScopeResult]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ unset), so several ``fleet serve`` processes on one PostgreSQL see every measure
                    feedback (:mod:`.field_accuracy`)
     CohortStore    device_drift_windows (device, model, version, window) → merged sketches;
                    drift_scope_results (model, version, scope, subject) → the newest test of
-                   a device, cohort or group (:mod:`.cohort_drift`)
+                   a device, cohort or group; drift_scope_alerts (model, version, window)
+                   → an alert named the drifted scopes of that window (:mod:`.cohort_drift`)
 
 The tables are registry migration 9 (:mod:`.migrations`). Writes that may arrive twice (a
 report delivered to two processes, a QoS 1 duplicate) are idempotent on the natural key:
@@ -42,6 +43,7 @@ BENCH_COMMANDS = "field_bench_commands"
 FEEDBACK = "field_feedback"
 DEVICE_WINDOWS = "device_drift_windows"
 SCOPE_RESULTS = "drift_scope_results"
+SCOPE_ALERTS = "drift_scope_alerts"
 
 BENCH_COLS = (
     "command_id",
@@ -89,6 +91,7 @@ class CohortStore(Protocol):
     def prune_windows(self, model: str, version: str, before: float) -> None: ...
     def save_results(self, rows: list[dict[str, Any]]) -> None: ...
     def results(self, filters: dict[str, str | None]) -> list[dict[str, Any]]: ...
+    def claim_alert(self, model: str, version: str, window: float) -> bool: ...
 
 
 @dataclass
@@ -283,10 +286,21 @@ class SQLiteCohortStore(_SQLite):
 
     def prune_windows(self, model: str, version: str, before: float) -> None:
         with self._tx() as conn:
-            conn.execute(
-                f'delete from {DEVICE_WINDOWS} where model = ? and version = ? and "window" < ?',
-                [model, version, before],
+            for table in (DEVICE_WINDOWS, SCOPE_ALERTS):
+                conn.execute(
+                    f'delete from {table} where model = ? and version = ? and "window" < ?',
+                    [model, version, before],
+                )
+
+    def claim_alert(self, model: str, version: str, window: float) -> bool:
+        """True for the first claim of a window's alert; False when one was claimed before."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                f'insert into {SCOPE_ALERTS} (model, version, "window") values (?, ?, ?) '
+                "on conflict do nothing",
+                [model, version, window],
             )
+            return cur.rowcount > 0
 
     def save_results(self, rows: list[dict[str, Any]]) -> None:
         """Replace each scope's stored result (the newest evaluation wins)."""

@@ -26,6 +26,7 @@ from .measure_store import (
     FEEDBACK,
     FEEDBACK_COLS,
     RESULT_COLS,
+    SCOPE_ALERTS,
     SCOPE_RESULTS,
     WINDOW_COLS,
     Merge,
@@ -159,10 +160,20 @@ class PgCohortStore(_Pg):
 
     def prune_windows(self, model: str, version: str, before: float) -> None:
         with self._conn() as conn:
-            conn.execute(
-                f'delete from {DEVICE_WINDOWS} where model = %s and version = %s and "window" < %s',
-                [model, version, before],
+            for table in (DEVICE_WINDOWS, SCOPE_ALERTS):
+                conn.execute(
+                    f'delete from {table} where model = %s and version = %s and "window" < %s',
+                    [model, version, before],
+                )
+
+    def claim_alert(self, model: str, version: str, window: float) -> bool:
+        with self._conn() as conn:
+            cur = conn.execute(
+                f'insert into {SCOPE_ALERTS} (model, version, "window") values (%s, %s, %s) '
+                "on conflict do nothing",
+                [model, version, window],
             )
+            return bool(cur.rowcount)
 
     def save_results(self, rows: list[dict[str, Any]]) -> None:
         if not rows:

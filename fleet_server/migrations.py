@@ -227,7 +227,8 @@ POSTGRES: tuple[Migration, ...] = (
 
 # The fleet's own measures (fleet_server/measure_store.py), in the registry so every server
 # process on one registry sees all of them: field benchmark samples and the benchmark
-# commands issued, per-device drift windows and per-scope drift results, labelled feedback.
+# commands issued, per-device drift windows and per-scope drift results (and the windows a
+# drift alert named its scopes for, so one goes out per window), labelled feedback.
 # On SQLite the layout is the one sqlite-utils gave these tables when the stores created
 # them in the same file (IF NOT EXISTS: such a file upgrades in place).
 def measure_tables(real: str, integer: str) -> tuple[str, ...]:
@@ -254,6 +255,8 @@ def measure_tables(real: str, integer: str) -> tuple[str, ...]:
         f"""CREATE TABLE IF NOT EXISTS "drift_scope_results" (
    "model" TEXT, "version" TEXT, "scope" TEXT, "subject" TEXT, "window" {real},
    "evaluated_at" {real}, "result" TEXT, PRIMARY KEY ("model", "version", "scope", "subject"))""",
+        f"""CREATE TABLE IF NOT EXISTS "drift_scope_alerts" (
+   "model" TEXT, "version" TEXT, "window" {real}, PRIMARY KEY ("model", "version", "window"))""",
     )
 
 

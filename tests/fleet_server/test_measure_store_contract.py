@@ -215,6 +215,15 @@ def test_latest_window_and_pruning(open_stores: Opener) -> None:
     assert s.windows("m", "1.0", 0.0) == [] and len(s.windows("m", "1.0", 3600.0)) == 1
 
 
+def test_a_windows_alert_is_claimed_once_by_any_process(open_stores: Opener) -> None:
+    one, two = open_stores().cohorts, open_stores().cohorts
+    assert one.claim_alert("m", "1.0", 0.0)
+    assert not two.claim_alert("m", "1.0", 0.0) and not one.claim_alert("m", "1.0", 0.0)
+    assert two.claim_alert("m", "1.0", 3600.0) and two.claim_alert("m", "2.0", 0.0)
+    one.prune_windows("m", "1.0", 3600.0)  # forgotten with the windows it was about
+    assert two.claim_alert("m", "1.0", 0.0)
+
+
 def test_scope_results_keep_the_newest_per_scope_and_filter(open_stores: Opener) -> None:
     s = open_stores().cohorts
 
@@ -284,6 +293,9 @@ def test_cohort_drift_sees_a_device_whose_reports_went_to_two_processes(
         assert by[("tag", "lab")].rows == 1900
     stored = b.stored("m", "1.0", scope="device")
     assert [r["subject"] for r in stored] == ["d1", "d2"] and stored[0]["dataset_drift"]
+    alerts = [c.local_alert("m", "1.0", now=T0 + 100) for c in (a, b, process())]
+    assert [x is not None for x in alerts] == [True, False, False]  # one alert per window
+    assert alerts[0] is not None and list(alerts[0]["drifted_devices"]) == ["d1"]
 
 
 # the schema --------------------------------------------------------------------------------
@@ -344,6 +356,7 @@ def test_a_fleet_db_with_the_measures_tables_upgrades_to_migration_9_in_place(
     assert repo.schema_version() == len(migrations.SQLITE)
     applied = [r["version"] for r in repo.db.query("select version from schema_version")]
     assert applied == [m.version for m in migrations.SQLITE]
+    assert "drift_scope_alerts" in repo.db.table_names()  # the table the old layout lacked
     repo.close()
     db = connect(path)
     bench, feedback, cohorts = SQLiteBenchStore(db), SQLiteFeedbackStore(db), SQLiteCohortStore(db)
@@ -352,6 +365,7 @@ def test_a_fleet_db_with_the_measures_tables_upgrades_to_migration_9_in_place(
     assert [r["n"] for r in feedback.rows("iris", "1.0.0", None)] == [30]
     assert [r["rows"] for r in cohorts.windows("iris", "1.0.0", 0.0)] == [10]
     assert [r["subject"] for r in cohorts.results({"scope": "device"})] == ["d1"]
+    assert cohorts.claim_alert("iris", "1.0.0", 0.0)
     assert not feedback.add(
         {"device_id": "d1", "model": "iris", "version": "1.0.0", "ts": 7.0, "seq": 1}
     )  # the old primary key still holds

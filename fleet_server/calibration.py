@@ -18,7 +18,9 @@ Outliers: a device whose ratio (or, from live telemetry, whose p95 for the same 
 version) is more than ``OUTLIER_FACTOR`` × its profile's median away, either way, with at
 least ``MIN_COHORT`` devices in the profile — thermal throttling, or a wrong profile.
 
-Everything here but :class:`BenchStore` is pure.
+Everything here is pure; the samples and the benchmark commands sent live in the registry
+(:class:`~.measure_store.BenchStore`: the SQLite file, or PostgreSQL shared by several
+server processes), one sample per command and device (a repeated answer changes nothing).
 """
 
 from __future__ import annotations
@@ -27,12 +29,9 @@ import json
 import math
 import re
 import statistics
-import threading
 import time
 from typing import Any
 
-TABLE = "field_benchmarks"
-COMMANDS = "field_bench_commands"
 MAX_MS = 3_600_000.0
 OUTLIER_FACTOR = 2.0
 MIN_COHORT = 3
@@ -226,70 +225,3 @@ def bench_sample(
         "runs": runs if isinstance(runs := result.get("runs"), int) and 0 < runs <= 10**6 else 0,
         "ts": ts,
     }
-
-
-class BenchStore:
-    """Field benchmark samples in SQLite (one row per device, bundle and command)."""
-
-    def __init__(self, db: Any) -> None:
-        self.db = db
-        self._lock = threading.Lock()
-        if TABLE not in db.table_names():
-            db[TABLE].create(
-                {
-                    "command_id": str,
-                    "device_id": str,
-                    "profile": str,
-                    "model": str,
-                    "version": str,
-                    "bundle_sha256": str,
-                    "variant": str,
-                    "p50_ms": float,
-                    "p95_ms": float,
-                    "host_p50_ms": float,
-                    "host_basis": str,
-                    "ratio": float,
-                    "runs": int,
-                    "ts": float,
-                },
-                pk=("command_id", "device_id"),
-            )
-        if COMMANDS not in db.table_names():
-            db[COMMANDS].create(
-                {"command_id": str, "device_id": str, "bundle_sha256": str, "issued_at": float},
-                pk="command_id",
-            )
-
-    def issue(self, command_id: str, device_id: str, bundle_sha256: str, ts: float) -> None:
-        """Remember a benchmark command we sent: only its answer is taken as a sample."""
-        with self._lock:
-            self.db[COMMANDS].upsert(
-                {
-                    "command_id": command_id,
-                    "device_id": device_id,
-                    "bundle_sha256": bundle_sha256,
-                    "issued_at": ts,
-                },
-                pk="command_id",
-            )
-
-    def issued(self, command_id: str, device_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            rows = list(
-                self.db[COMMANDS].rows_where(
-                    "command_id = ? and device_id = ?", [command_id, device_id]
-                )
-            )
-        return rows[0] if rows else None
-
-    def add(self, command_id: str, sample: dict[str, Any]) -> None:
-        with self._lock:
-            self.db[TABLE].upsert(
-                {"command_id": command_id, **sample}, pk=("command_id", "device_id")
-            )
-
-    def samples(self, profile: str | None = None) -> list[dict[str, Any]]:
-        with self._lock:
-            if profile:
-                return list(self.db[TABLE].rows_where("profile = ?", [profile], order_by="ts"))
-            return list(self.db[TABLE].rows_where(order_by="ts"))

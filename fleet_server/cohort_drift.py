@@ -14,7 +14,10 @@ A scope is tested only with at least ``min_rows`` rows; fewer are reported as
 ``evaluated: false``. :meth:`CohortDrift.scope_summary` says which devices and cohorts
 drifted and which did not; the fleet-wide drift alert leads with it, and when the fleet-wide
 merge does not drift but some scope does, :meth:`CohortDrift.evaluate` returns that local
-drift so the caller can alert on it (once per window).
+drift so the caller can alert on it (once per window, whichever process evaluates it).
+
+The windows and results live in the registry (:class:`~.measure_store.CohortStore`:
+the SQLite file, or PostgreSQL shared by several server processes).
 """
 
 from __future__ import annotations
@@ -34,11 +37,10 @@ from protocol.sketches import SketchSet
 
 from .drift import DriftConfig, FeatureDrift, compare
 from .drift_window import OpenWindow, decode_set
+from .measure_store import CohortStore, WindowKey
 
 log = logging.getLogger(__name__)
 
-DEVICE_WINDOWS = "device_drift_windows"
-SCOPE_RESULTS = "drift_scope_results"
 MAX_QUEUED = 20_000  # reports waiting for the tick to merge them
 KEEP_WINDOWS = 48  # per-device windows kept behind the newest (for restarts and history)
 
@@ -110,61 +112,75 @@ def merge_windows(windows: Iterable[OpenWindow]) -> SketchSet:
     return acc.sketch_set() if acc is not None else SketchSet()
 
 
+@dataclass(frozen=True)
+class _Delta:
+    """Reports of one device window merged here since the last flush (encoded)."""
+
+    rows: int
+    reports: int
+    sketches: SketchSet
+
+
+def _merge_delta(
+    key: WindowKey, row: dict[str, Any] | None, delta: _Delta
+) -> dict[str, Any] | None:
+    """The stored window ``row`` (None: none yet) with ``delta`` merged in; None to keep
+    the row as it is (a feature whose kind differs from the stored one's)."""
+    device, model, version, window = key
+    w = _window_of_row(row) if row is not None else OpenWindow(model, version, window)
+    revision = w.revision
+    incoming = decode_set(delta.sketches)
+    try:
+        w.check(incoming)
+    except ProtocolError as exc:  # the fleet engine checked it; belt and braces
+        log.warning("per-device sketches of %s dropped: %s", device, exc)
+        return None
+    w.add(device, delta.rows, incoming, {})
+    return {
+        "device": device,
+        "model": model,
+        "version": version,
+        "window": window,
+        "rows": w.rows,
+        "revision": revision + delta.reports,
+        "sketch": w.sketch_set().model_dump_json(),
+    }
+
+
+def _window_of_row(row: dict[str, Any]) -> OpenWindow:
+    w = OpenWindow(row["model"], row["version"], float(row["window"]))
+    w.features = decode_set(SketchSet.model_validate_json(row["sketch"]))
+    w.rows, w.revision = int(row["rows"]), int(row["revision"])
+    w.devices = {row["device"]}
+    return w
+
+
 class CohortDrift:
-    """Per-device windows and the per-device / per-cohort tests. Thread-safe."""
+    """Per-device windows and the per-device / per-cohort tests. Thread-safe.
+
+    Reports are merged in memory into a delta per device window; :meth:`flush` merges the
+    deltas into the stored windows (:meth:`~.measure_store.CohortStore.merge_windows`), so
+    several server processes that each got part of a device's reports add up, and every
+    read starts from what all of them stored.
+    """
 
     def __init__(
         self,
-        db: Any,
+        store: CohortStore,
         config: DriftConfig,
         reference: Callable[[str, str], SketchSet | None],
         devices: DeviceInfo,
     ) -> None:
-        self.db = db
+        self.store = store
         self.config = config
         self.reference = reference
         self.devices = devices
         self._lock = threading.RLock()
         self._open: dict[tuple[str, str, str, float], OpenWindow] = {}
-        self._dirty: set[tuple[str, str, str, float]] = set()
         self._cache: dict[tuple[str, str, float], tuple[int, list[ScopeResult]]] = {}
         self._alerted: set[tuple[str, str, float]] = set()
         self._queue: deque[SketchReport] = deque(maxlen=MAX_QUEUED)
         self.dropped = 0
-        self._ensure()
-        self._stored: set[tuple[str, str, str, float]] = {
-            (r["device"], r["model"], r["version"], r["window"])
-            for r in self.db.query(f"select device, model, version, window from {DEVICE_WINDOWS}")
-        }
-
-    def _ensure(self) -> None:
-        names = self.db.table_names()
-        if DEVICE_WINDOWS not in names:
-            self.db[DEVICE_WINDOWS].create(
-                {
-                    "device": str,
-                    "model": str,
-                    "version": str,
-                    "window": float,
-                    "rows": int,
-                    "revision": int,
-                    "sketch": str,
-                },
-                pk=("device", "model", "version", "window"),
-            )
-        if SCOPE_RESULTS not in names:
-            self.db[SCOPE_RESULTS].create(
-                {
-                    "model": str,
-                    "version": str,
-                    "scope": str,
-                    "subject": str,
-                    "window": float,
-                    "evaluated_at": float,
-                    "result": str,
-                },
-                pk=("model", "version", "scope", "subject"),
-            )
 
     def window_of(self, model: str, ts: float) -> float:
         w = self.config.for_model(model).window_seconds
@@ -183,7 +199,7 @@ class CohortDrift:
         self._queue.append(report)
 
     def drain(self) -> int:
-        """Merge the queued reports into their device windows (in memory)."""
+        """Merge the queued reports into their device windows' deltas (in memory)."""
         n = 0
         with self._lock:
             while self._queue:
@@ -200,84 +216,34 @@ class CohortDrift:
         model, version = report.model.name, report.model.version
         window = self.window_of(model, report.window_start.timestamp())
         key = (report.device_id, model, version, window)
-        w = self._open.get(key) or self._load(key)
+        w = self._open.get(key) or OpenWindow(model, version, window)
         w.check(incoming)
         w.add(report.device_id, report.sketches.rows, incoming, {})
         self._open[key] = w
-        self._dirty.add(key)
-        for k in [k for k in self._open if k[:3] == key[:3] and k[3] < window]:
-            self._open.pop(k)  # one window per device and version in memory
-            self._dirty.discard(k)
-
-    def _load(self, key: tuple[str, str, str, float]) -> OpenWindow:
-        device, model, version, window = key
-        if key not in self._stored:
-            return OpenWindow(model, version, window)
-        try:
-            row = self.db[DEVICE_WINDOWS].get(key)
-        except Exception:  # sqlite_utils NotFoundError: pruned meanwhile
-            return OpenWindow(model, version, window)
-        w = OpenWindow(model, version, window)
-        w.features = decode_set(SketchSet.model_validate_json(row["sketch"]))
-        w.rows, w.revision = row["rows"], row["revision"]
-        w.devices = {device}
-        return w
 
     def flush(self) -> None:
-        """Drain the queue and write the changed device windows."""
+        """Drain the queue and merge the deltas into the stored device windows."""
         self.drain()
         with self._lock:
-            rows: list[dict[str, Any]] = []
-            keys = []
-            for key in sorted(self._dirty):
-                w = self._open.get(key)
-                if w is None:
-                    continue
-                keys.append(key)
-                rows.append(
-                    {
-                        "device": key[0],
-                        "model": key[1],
-                        "version": key[2],
-                        "window": key[3],
-                        "rows": w.rows,
-                        "revision": w.revision,
-                        "sketch": w.sketch_set().model_dump_json(),
-                    }
-                )
-            self._dirty.clear()
-            if rows:
-                self.db[DEVICE_WINDOWS].upsert_all(
-                    rows, pk=("device", "model", "version", "window")
-                )
-                self._stored.update(keys)
+            if not self._open:
+                return
+            deltas = {
+                key: _Delta(w.rows, w.revision, w.sketch_set()) for key, w in self._open.items()
+            }
+            self.store.merge_windows(deltas, _merge_delta)
+            self._open.clear()
 
     # windows ----------------------------------------------------------------------------
     def _windows(self, model: str, version: str, window: float) -> dict[str, OpenWindow]:
         """Every device's window of (model, version) that starts at ``window``."""
         self.flush()
-        out: dict[str, OpenWindow] = {}
-        for row in self.db[DEVICE_WINDOWS].rows_where(
-            "model = ? and version = ? and window = ?", [model, version, window]
-        ):
-            w = OpenWindow(model, version, window)
-            w.features = decode_set(SketchSet.model_validate_json(row["sketch"]))
-            w.rows, w.revision = row["rows"], row["revision"]
-            w.devices = {row["device"]}
-            out[row["device"]] = w
-        return out
+        return {
+            row["device"]: _window_of_row(row) for row in self.store.windows(model, version, window)
+        }
 
     def latest_window(self, model: str, version: str, now: float) -> float | None:
         self.flush()
-        rows = list(
-            self.db.query(
-                f"select max(window) as w from {DEVICE_WINDOWS} "
-                "where model = ? and version = ? and window <= ?",
-                [model, version, now],
-            )
-        )
-        w = rows[0]["w"] if rows else None
-        return float(w) if w is not None else None
+        return self.store.latest_window(model, version, now)
 
     # evaluation -------------------------------------------------------------------------
     def evaluate(
@@ -342,11 +308,7 @@ class CohortDrift:
             self._cache[(model, version, window)] = (revision, out)
             self._store(out, now)
             oldest = window - KEEP_WINDOWS * cfg.window_seconds
-            self.db.execute(
-                f"delete from {DEVICE_WINDOWS} where model = ? and version = ? and window < ?",
-                [model, version, oldest],
-            )
-            self._stored = {k for k in self._stored if k[1:3] != (model, version) or k[3] >= oldest}
+            self.store.prune_windows(model, version, oldest)
             return out
 
     def _store(self, results: list[ScopeResult], now: float) -> None:
@@ -363,7 +325,7 @@ class CohortDrift:
             for r in results
         ]
         if rows:
-            self.db[SCOPE_RESULTS].upsert_all(rows, pk=("model", "version", "scope", "subject"))
+            self.store.save_results(rows)
 
     def group(
         self, model: str, version: str, devices: Iterable[str], *, now: float, name: str = "group"
@@ -402,18 +364,9 @@ class CohortDrift:
         features: bool = False,
     ) -> list[dict[str, Any]]:
         """The latest stored result of every scope; drifted first, then by scope and name."""
-        where, args = [], []
-        for col, val in (("model", model), ("version", version), ("scope", scope)):
-            if val is not None:
-                where.append(f"{col} = ?")
-                args.append(val)
-        if subject is not None:
-            where.append("subject = ?")
-            args.append(subject)
-        with self._lock:
-            rows = list(
-                self.db[SCOPE_RESULTS].rows_where(" and ".join(where) or None, args or None)
-            )
+        rows = self.store.results(
+            {"model": model, "version": version, "scope": scope, "subject": subject}
+        )
         out = []
         for row in rows:
             r = json.loads(row["result"])
@@ -445,16 +398,23 @@ class CohortDrift:
         results = self.evaluate(model, version, now=now)
         if not results or not any(r.dataset_drift for r in results):
             return None
-        key = (model, version, results[0].window_start)
-        with self._lock:
-            if key in self._alerted:
-                return None
-            self._alerted.add(key)
+        if not self._claim(model, version, results[0].window_start):
+            return None
         return summarize(results)
 
     def mark_alerted(self, model: str, version: str, window: float) -> None:
+        """The fleet-wide alert of this window named the scopes: no local alert follows."""
+        self._claim(model, version, window)
+
+    def _claim(self, model: str, version: str, window: float) -> bool:
+        """True for the first alert of a window in the whole registry (any process)."""
+        key = (model, version, window)
         with self._lock:
-            self._alerted.add((model, version, window))
+            if key in self._alerted:
+                return False
+            first = self.store.claim_alert(model, version, window)
+            self._alerted.add(key)
+            return first
 
 
 def summarize(results: list[ScopeResult]) -> dict[str, Any]:

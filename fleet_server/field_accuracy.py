@@ -13,17 +13,20 @@ Windows are stored once each (``device, model, version, window_end, seq``) and s
 
 :func:`compare_versions` is what a rollout gate asks: is the new version's accuracy below the
 old one's by more than a margin, with at least ``min_labels`` labels on each side?
+
+The windows live in the registry (:class:`~.measure_store.FeedbackStore`: the SQLite file,
+or PostgreSQL shared by several server processes); a window kept once is never summed twice.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any
 
 from protocol.messages import MetricsReport
 
-TABLE = "field_feedback"
+from .measure_store import FeedbackStore
+
 MAX_LABELS_PER_WINDOW = 10_000_000  # a window claiming more is refused, not summed
 Z95 = 1.959963984540054
 
@@ -113,26 +116,10 @@ def compare_versions(
 
 
 class FieldAccuracy:
-    """Stores labelled windows; answers per version and per device. Thread-safe."""
+    """Stores labelled windows; answers per version and per device. Thread-safe (the store is)."""
 
-    def __init__(self, db: Any) -> None:
-        self.db = db
-        self._lock = threading.Lock()
-        if TABLE not in db.table_names():
-            db[TABLE].create(
-                {
-                    "device_id": str,
-                    "model": str,
-                    "version": str,
-                    "ts": float,
-                    "seq": int,
-                    "n": int,
-                    "kind": str,
-                    "value": float,
-                },
-                pk=("device_id", "model", "version", "ts", "seq"),
-            )
-            db[TABLE].create_index(["model", "version"])
+    def __init__(self, store: FeedbackStore) -> None:
+        self.store = store
 
     def ingest(self, msg: MetricsReport) -> bool:
         """Keep a window that carries labelled feedback; False when there is none."""
@@ -154,18 +141,11 @@ class FieldAccuracy:
             "kind": kind,
             "value": value,
         }
-        with self._lock:
-            self.db[TABLE].insert(row, ignore=True)
+        self.store.add(row)
         return True
 
     def _rows(self, model: str | None, version: str | None, device: str | None) -> list[Any]:
-        where, args = [], []
-        for col, val in (("model", model), ("version", version), ("device_id", device)):
-            if val is not None:
-                where.append(f"{col} = ?")
-                args.append(val)
-        with self._lock:
-            return list(self.db[TABLE].rows_where(" and ".join(where) or None, args or None))
+        return self.store.rows(model, version, device)
 
     def report(
         self,

@@ -5,13 +5,16 @@
 
 - :class:`~.cohort_drift.CohortDrift` — drift per device, per profile and per tag;
 - :class:`~.field_accuracy.FieldAccuracy` — labelled feedback per version and device;
-- :class:`~.calibration.BenchStore` — field benchmark samples, measured speed factors and
-  latency outliers, and :meth:`Measures.bench`, which sends signed ``benchmark`` commands;
+- :mod:`.calibration` — field benchmark samples, measured speed factors and latency
+  outliers, and :meth:`Measures.bench`, which sends signed ``benchmark`` commands;
 - :class:`~.health_rules.HealthRules` — standing alerts, carried out here: the alert topic
   (``Alert(kind="health")``, also an ``alert`` event for the dashboard), the ``[hooks]``
   webhook/command and a Prometheus gauge;
 - :meth:`Measures.rollout_inputs` — the hold-gate inputs of a rollout (rule 7 of
   :mod:`.rollout_engine`), measured on that rollout's installed devices.
+
+What they keep lives in the registry (:mod:`.measure_store`: the SQLite file, or the
+PostgreSQL that ``[registry] url`` names, where every server process sees all of it).
 
 Every method catches nothing it cannot name: storage errors reach the caller, and the
 service's tick logs them.
@@ -23,6 +26,7 @@ import logging
 import math
 import statistics
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -38,12 +42,12 @@ from protocol.messages import (
 )
 
 from . import calibration
-from .calibration import BenchStore
 from .cohort_drift import CohortDrift, describe
 from .delivery import parse_command_id, signed
-from .errors import InvalidInput, NotFound
+from .errors import InvalidInput, NotFound, StorageError
 from .field_accuracy import FieldAccuracy
 from .health_rules import DeviceSample, HealthConfig, HealthRules, Transition
+from .measure_store import open_measure_stores
 from .rollout_engine import Rollout, Selector, Telemetry, stage_order
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,9 @@ log = logging.getLogger(__name__)
 MAX_BENCH_DEVICES = 1000
 ROLLOUT_INPUTS_EVERY_S = 2.0
 FLUSH_EVERY_S = 5.0  # per-device windows are written at most this often (and on every read)
+# a process whose tick does not flush them (one that does not hold the rollout tick) writes
+# them from the ingest path once they have waited this long
+INGEST_FLUSH_AFTER_S = 2 * FLUSH_EVERY_S
 HEALTH_EVERY_S = 1.0  # the time-based offline rule; new metrics are evaluated on the next tick
 MAX_PROFILES = 1000  # distinct profile names whose budget is cached
 
@@ -72,18 +79,18 @@ class _Window:
 
 class Measures:
     def __init__(self, service: Any) -> None:
-        from .repository import connect
-
         self.service = service
-        self.db = connect(service.config.db_path)
+        self.stores = open_measure_stores(service.config, service.repo)
         self.health_config = HealthConfig.from_dict(dict(service.config.health))
         self.rules = HealthRules(self.health_config)
-        self.accuracy = FieldAccuracy(self.db)
-        self.bench_store = BenchStore(self.db)
+        self.accuracy = FieldAccuracy(self.stores.feedback)
+        self.bench_store = self.stores.bench
         drift = service.drift
         self.cohorts: CohortDrift | None = None
         if drift is not None:
-            self.cohorts = CohortDrift(self.db, drift.config, drift.reference, self._device_info)
+            self.cohorts = CohortDrift(
+                self.stores.cohorts, drift.config, drift.reference, self._device_info
+            )
             drift.describe_scope = self._describe_scope
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = {}
@@ -92,6 +99,7 @@ class Measures:
         self._new_metrics = False
         self._last_health = 0.0
         self._last_flush = 0.0
+        self._flushed_at = time.monotonic()
         self.hook: Callable[[dict[str, Any]], Any] | None = None
         if self.health_config.hook:
             from .hooks import make_hook
@@ -127,6 +135,16 @@ class Measures:
         """A report the fleet-wide drift engine accepted (duplicates already dropped)."""
         if self.cohorts is not None:
             self.cohorts.ingest(msg)
+            if time.monotonic() - self._flushed_at >= INGEST_FLUSH_AFTER_S:
+                try:
+                    self._flush_cohorts()
+                except StorageError as exc:  # the windows stay in memory for the next flush
+                    log.warning("writing per-device drift windows failed: %s", exc)
+
+    def _flush_cohorts(self) -> None:
+        assert self.cohorts is not None
+        self._flushed_at = time.monotonic()
+        self.cohorts.flush()
 
     def on_status(self, msg: CommandStatus) -> None:
         """Keep the numbers of a field benchmark we asked for: the answer to a ``benchmark``
@@ -170,7 +188,7 @@ class Measures:
             self.cohorts.drain()
             if now - self._last_flush >= FLUSH_EVERY_S:
                 self._last_flush = now
-                self.cohorts.flush()
+                self._flush_cohorts()
             if drift_due:
                 self._local_drift(now)
 

@@ -246,6 +246,57 @@ POSTGRES: tuple[Migration, ...] = (
 )
 
 
+# The fleet's own measures (fleet_server/measure_store.py), in the registry so every server
+# process on one registry sees all of them: field benchmark samples and the benchmark
+# commands issued, per-device drift windows and per-scope drift results (and the windows a
+# drift alert named its scopes for, so one goes out per window), labelled feedback.
+# On SQLite the layout is the one sqlite-utils gave these tables when the stores created
+# them in the same file (IF NOT EXISTS: such a file upgrades in place).
+def measure_tables(real: str, integer: str) -> tuple[str, ...]:
+    return (
+        f"""CREATE TABLE IF NOT EXISTS "field_benchmarks" (
+   "command_id" TEXT, "device_id" TEXT, "profile" TEXT, "model" TEXT, "version" TEXT,
+   "bundle_sha256" TEXT, "variant" TEXT, "p50_ms" {real}, "p95_ms" {real},
+   "host_p50_ms" {real}, "host_basis" TEXT, "ratio" {real}, "runs" {integer}, "ts" {real},
+   PRIMARY KEY ("command_id", "device_id"))""",
+        f"""CREATE TABLE IF NOT EXISTS "field_bench_commands" (
+   "command_id" TEXT PRIMARY KEY, "device_id" TEXT, "bundle_sha256" TEXT,
+   "issued_at" {real})""",
+        f"""CREATE TABLE IF NOT EXISTS "field_feedback" (
+   "device_id" TEXT, "model" TEXT, "version" TEXT, "ts" {real}, "seq" {integer},
+   "n" {integer}, "kind" TEXT, "value" {real},
+   PRIMARY KEY ("device_id", "model", "version", "ts", "seq"))""",
+        'CREATE INDEX IF NOT EXISTS "idx_field_feedback_model_version" '
+        'ON "field_feedback" ("model", "version")',
+        f"""CREATE TABLE IF NOT EXISTS "device_drift_windows" (
+   "device" TEXT, "model" TEXT, "version" TEXT, "window" {real}, "rows" {integer},
+   "revision" {integer}, "sketch" TEXT, PRIMARY KEY ("device", "model", "version", "window"))""",
+        'CREATE INDEX IF NOT EXISTS "idx_device_drift_windows_model_version_window" '
+        'ON "device_drift_windows" ("model", "version", "window")',
+        f"""CREATE TABLE IF NOT EXISTS "drift_scope_results" (
+   "model" TEXT, "version" TEXT, "scope" TEXT, "subject" TEXT, "window" {real},
+   "evaluated_at" {real}, "result" TEXT, PRIMARY KEY ("model", "version", "scope", "subject"))""",
+        f"""CREATE TABLE IF NOT EXISTS "drift_scope_alerts" (
+   "model" TEXT, "version" TEXT, "window" {real}, PRIMARY KEY ("model", "version", "window"))""",
+    )
+
+
+# Numbers 5-8 belong to changes made alongside this one; they are no-ops here so the lists
+# stay gapless until those migrations take their places.
+_RESERVED_FOR_MEASURES = tuple(Migration(n, "reserved", ()) for n in (5, 6, 7, 8))
+_MEASURES = "fleet measures (benchmarks, feedback, per-device drift)"
+SQLITE = (
+    *SQLITE,
+    *_RESERVED_FOR_MEASURES,
+    Migration(9, _MEASURES, measure_tables("REAL", "INTEGER")),
+)
+POSTGRES = (
+    *POSTGRES,
+    *_RESERVED_FOR_MEASURES,
+    Migration(9, _MEASURES, measure_tables("DOUBLE PRECISION", "BIGINT")),
+)
+
+
 def pending(migrations: tuple[Migration, ...], current: int) -> list[Migration]:
     """The migrations above ``current``, in order; refuses a list with gaps or repeats."""
     numbers = [m.version for m in migrations]

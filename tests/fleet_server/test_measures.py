@@ -14,6 +14,7 @@ from fleet_server.calibration import bench_sample, derive, host_p50, latency_out
 from fleet_server.cohort_drift import CohortDrift, describe, summarize
 from fleet_server.drift import DriftConfig
 from fleet_server.field_accuracy import FieldAccuracy, compare_versions, wilson
+from fleet_server.measure_store import SQLiteCohortStore, SQLiteFeedbackStore
 from protocol.messages import LatencySummary, MetricsReport, ModelRef, SketchReport
 from protocol.sketches import SketchBuilder, SketchSet
 
@@ -51,7 +52,7 @@ def cohorts(tmp_path: Any) -> CohortDrift:
         "b2": ("jetson-orin-nano", ["site-b"]),
     }
     db = sqlite_utils.Database(tmp_path / "fleet.db")
-    return CohortDrift(db, DriftConfig(), lambda m, v: ref, lambda: info)
+    return CohortDrift(SQLiteCohortStore(db), DriftConfig(), lambda m, v: ref, lambda: info)
 
 
 def test_a_shift_on_one_device_names_that_device_and_not_the_others(cohorts: CohortDrift) -> None:
@@ -90,10 +91,10 @@ def test_two_cohorts_with_different_shifts_drift_separately(cohorts: CohortDrift
 def test_per_device_windows_survive_a_restart(tmp_path: Any) -> None:
     ref = rows(np.random.default_rng(5), 5000)
     db = sqlite_utils.Database(tmp_path / "f.db")
-    c = CohortDrift(db, DriftConfig(), lambda m, v: ref, lambda: {})
+    c = CohortDrift(SQLiteCohortStore(db), DriftConfig(), lambda m, v: ref, lambda: {})
     c.ingest(sketch_report("d", rows(np.random.default_rng(6), 1000)))
     c.flush()
-    again = CohortDrift(db, DriftConfig(), lambda m, v: ref, lambda: {})
+    again = CohortDrift(SQLiteCohortStore(db), DriftConfig(), lambda m, v: ref, lambda: {})
     again.ingest(sketch_report("d", rows(np.random.default_rng(7), 1000), seq=1))
     res = again.evaluate("m", "1.0", now=T0 + 60)
     assert [r.rows for r in res if r.scope == "device"] == [2000]
@@ -125,7 +126,7 @@ def test_wilson_interval_matches_the_textbook_value() -> None:
 
 
 def test_field_accuracy_per_version_and_device_with_interval(tmp_path: Any) -> None:
-    fa = FieldAccuracy(sqlite_utils.Database(tmp_path / "f.db"))
+    fa = FieldAccuracy(SQLiteFeedbackStore(sqlite_utils.Database(tmp_path / "f.db")))
     assert fa.ingest(metrics("d1", "1.0", 50, 0.96, 1))
     assert fa.ingest(metrics("d2", "1.0", 50, 0.94, 2))
     assert fa.ingest(metrics("d1", "2.0", 40, 0.70, 3))
@@ -148,7 +149,7 @@ def test_field_accuracy_per_version_and_device_with_interval(tmp_path: Any) -> N
 
 
 def test_regressor_feedback_reports_mae_with_an_interval(tmp_path: Any) -> None:
-    fa = FieldAccuracy(sqlite_utils.Database(tmp_path / "f.db"))
+    fa = FieldAccuracy(SQLiteFeedbackStore(sqlite_utils.Database(tmp_path / "f.db")))
     fa.ingest(metrics("d1", "1.0", 20, None, 1, mae=2.0))
     fa.ingest(metrics("d1", "1.0", 20, None, 2, mae=4.0))
     (r,) = fa.report("m")

@@ -337,6 +337,9 @@ class DriftEngine:
         }
         ident = tuple(key.values())
         window = self.window_of(model, window_start)
+        if isinstance(self._store, PgDriftStore):  # shared by processes: merged at once
+            rows = report.sketches.rows
+            return self._store.merge_report({**key, "window": window, "rows": rows}, incoming)
         with self._lock:
             if ident in self._pending_keys or self._store.seen(key):
                 return False

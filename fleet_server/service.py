@@ -36,6 +36,7 @@ from protocol.transport import Transport
 from . import auth
 from .artifacts import ArtifactStore
 from .bridge import Bridge
+from .cluster import Cluster
 from .config import FleetConfig
 from .delivery import Sender, command_id, deploy_command, parse_command_id, rollback_command
 from .device_trust import DeviceTrust
@@ -182,6 +183,7 @@ class FleetService:
         from .channel_service import ChannelService
 
         self.channels = ChannelService(self)  # release channels: promotion, late joiners
+        self.cluster = Cluster(self, clock)  # several processes: tick lease, takeover, actions
 
     # construction helpers -------------------------------------------------------------
     def _trust_store(self) -> TrustStore:
@@ -253,6 +255,7 @@ class FleetService:
             self.transport.on_connection_change(self._on_connection)
             self.bridge.start()
             self.transport.connect()
+        self.cluster.start()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="fleet-tick", daemon=True)
         self._thread.start()
@@ -263,6 +266,7 @@ class FleetService:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+        self.cluster.stop()
         self.flush()
         if self.transport is not None:
             self.transport.close()
@@ -294,7 +298,7 @@ class FleetService:
             self._wake.wait(interval)
             self._wake.clear()
             try:
-                self.tick()
+                self.cluster.step()  # the tick where this process holds the tick lease
             except Exception:
                 log.exception("fleet tick failed")
             if not self._stop.is_set():
@@ -575,6 +579,9 @@ class FleetService:
         action: str,
         fn: Callable[[Rollout, float], list[Decision]],
     ) -> dict[str, Any]:
+        if not self.cluster.leads:  # another process runs the tick: it carries the action out
+            self.cluster.forward(rollout_id, action, actor)
+            return self.rollout_status(rollout_id)
         with self._lock:
             r = self._rollout(rollout_id)
             now = self.clock()
@@ -726,14 +733,23 @@ class FleetService:
                 audits, self._audit_buf = self._audit_buf, []
                 events, self._event_buf = self._event_buf, []
             dirty, self._dirty = self._dirty, set()
-            for rid in dirty:
-                r = self._rollouts.get(rid)
-                if r is not None:
-                    self.repo.save_rollout(r.to_dict(), r.spec.bundle_sha256)
-            if audits:
-                self.repo.add_audits(audits)
-            if events:
-                self.repo.add_events(events)
+            try:
+                for rid in sorted(dirty):
+                    r = self._rollouts.get(rid)
+                    if r is not None:
+                        self.repo.save_rollout(r.to_dict(), r.spec.bundle_sha256)
+                    dirty.discard(rid)
+                if audits:
+                    self.repo.add_audits(audits)
+                    audits = []
+                if events:
+                    self.repo.add_events(events)
+            except EdgefleetError:  # the registry is away: keep it all for the next flush
+                self._dirty |= dirty
+                with self._buf_lock:
+                    self._audit_buf[:0] = audits
+                    self._event_buf[:0] = events
+                raise
 
     # auth -----------------------------------------------------------------------------
     def authenticate_token(self, token: str) -> str | None:
@@ -785,6 +801,7 @@ class FleetService:
             "active_rollouts": active,
             "alerts": alerts,
             "bridge": self.bridge.stats() if self.bridge else {},
+            "cluster": self.cluster.status(),
         }
 
     def drift_results(
@@ -839,15 +856,19 @@ class FleetService:
         with self._lock:
             before = self._devices.get(msg.device_id)
             self.repo.upsert_device(msg.device_id, **fields)
-            if msg.model is not None and (
-                before is None
-                or before.get("version") != msg.model.version
-                or before.get("model") != msg.model.name
+            if (
+                self.cluster.leads
+                and msg.model is not None
+                and (
+                    before is None
+                    or before.get("version") != msg.model.version
+                    or before.get("model") != msg.model.name
+                )
             ):
                 self.repo.add_device_history(
                     msg.device_id, now, msg.model.name, msg.model.version, msg.model.release
                 )
-            if before is None or bool(before.get("online")) != msg.online:
+            if self.cluster.leads and (before is None or bool(before.get("online")) != msg.online):
                 self._event(
                     "device",
                     f"{msg.device_id} {'online' if msg.online else 'offline'}",
@@ -863,6 +884,8 @@ class FleetService:
     def on_status(self, msg: CommandStatus) -> None:
         self.exporter.observe_status(msg)
         self.measures.on_status(msg)
+        if not self.cluster.leads:
+            return  # the tick holder (which gets every status too) records and decides
         parsed = parse_command_id(msg.command_id)
         if msg.state in _FINAL_STATUS:  # every verdict is kept, also for commands we did not send
             why = f" ({msg.reason})" if msg.reason else ""

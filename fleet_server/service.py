@@ -339,7 +339,12 @@ class FleetService:
                     f"(sha256 {other['sha256'][:12]}…); give the new build a new version",
                     field="bundle",
                 )
-            return _bundle_info(other)  # the same bytes again: nothing to do
+            if not self.artifacts.has(sha):  # registered by another process: keep the bytes here
+                if isinstance(data, bytes):
+                    self.artifacts.put(data)
+                else:
+                    self.artifacts.adopt(Path(data), sha)
+            return _bundle_info(other)  # the same bytes again: nothing else to do
         if isinstance(data, bytes):
             sha = self.artifacts.put(data)
         else:

@@ -266,8 +266,8 @@ class FleetService:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
-        self.cluster.stop()
         self.flush()
+        self.cluster.stop()  # after the flush: a process taking the tick reads it all
         if self.transport is not None:
             self.transport.close()
         if self.drift is not None:

@@ -72,7 +72,12 @@ class TickLease:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
-        self._close()  # ends the session: the lock is free for another process at once
+        if self._held and self._conn is not None:
+            try:  # free it now (closing the session frees it too, a moment later)
+                self._conn.execute("select pg_advisory_unlock(%s)", [self.key])
+            except Exception:
+                pass
+        self._close()
         if self.url is not None:
             self._set(False)
 
@@ -108,7 +113,7 @@ class TickLease:
         if held == self._held:
             return
         self._held = held
-        log.warning("rollout tick lease %s", "taken" if held else "lost")
+        log.info("rollout tick lease %s", "taken" if held else "lost")
         if self._on_change is not None:
             try:
                 self._on_change(held)

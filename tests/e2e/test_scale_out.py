@@ -374,6 +374,12 @@ def merged_reports(db_url: str) -> tuple[dict[tuple[Any, ...], tuple[int, float]
     return keys, windows
 
 
+def took_sketches(server: FleetProcess) -> int:
+    """Sketch reports this process's bridge accepted (its share of the subscription)."""
+    stats = server.get("/v1/health")["bridge"]
+    return int(stats["accepted"].get("sketch", 0))
+
+
 @pytest.mark.parametrize("fleet", [3], indirect=True)
 def test_killing_an_ingest_process_while_devices_upload_sketches_merges_every_report_once(
     fleet: Fleet, postgres_url: str
@@ -383,6 +389,11 @@ def test_killing_an_ingest_process_while_devices_upload_sketches_merges_every_re
         wait_until(lambda: len(sent_reports(fleet)) >= 6, 120, "devices to upload sketches")
         victim = fleet.servers[1]
         survivor = fleet.servers[0]
+        wait_until(
+            lambda: all(took_sketches(s) > 0 for s in fleet.servers),
+            60,
+            "both processes to take a share of the sketches",
+        )
         victim.kill()
         killed_at = time.time()
         wait_until(

@@ -25,6 +25,8 @@ session key live in the registry) and takes device messages. What each one does 
   (device, seq), and a sketch report is merged in one transaction that first inserts its
   (device, model, version, window, seq) key and does nothing when the key exists
   (:meth:`.drift_store_pg.PgDriftStore.merge_report`).
+* **Device identities** (approvals, revocations) made through one process reach the others
+  within ``cluster.heartbeat_s``: each re-reads them from the registry with its heartbeat.
 * **A dead process's share.** Every process writes a heartbeat row (``fleet_processes``)
   every ``cluster.heartbeat_s``. Its MQTT session is persistent (3.1.1 clean session off;
   MQTT 5 with a session expiry), so what the broker had queued or in flight for it when it
@@ -257,6 +259,7 @@ class Cluster:
         while not self._stop.wait(self.cfg.heartbeat_s):
             try:
                 self._beat()
+                self.service.devices.refresh()  # approvals and revocations made elsewhere
                 if self.cfg.adopt_sessions and self.transport_factory is not None:
                     self._adopt_dead()
             except FleetError as exc:

@@ -207,3 +207,13 @@ def test_sketch_reports_taken_by_two_processes_are_merged_once_each(postgres_url
     finally:
         for r in repos:
             r.close()
+
+
+def test_a_device_approved_or_revoked_through_one_process_is_so_on_the_other(pair: Pair) -> None:
+    pair.device("pi-new", profile="host", enrol_token=None)  # waits for an operator
+    _wait(lambda: pair.b.devices.known("pi-new") and pair.a.devices.known("pi-new"), "enrolment")
+    assert pair.b.devices.approved("pi-new") is None
+    pair.a.approve_device("pi-new", actor="cli")
+    _wait(lambda: pair.b.devices.approved("pi-new") is not None, "the approval at fleet-b")
+    pair.a.revoke_device("pi-new", actor="cli")
+    _wait(lambda: not pair.b.devices.known("pi-new"), "the revocation at fleet-b")

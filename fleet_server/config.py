@@ -296,15 +296,15 @@ resend_budget = 4096            # artifact chunks resent to one device per rollo
 # p95_ms = 25
 
 [cluster]                       # several fleet serve processes on one PostgreSQL registry
-# Give each process its own broker.client_id and api.port/host. One of them (whichever holds
-# a PostgreSQL advisory lock) runs the rollout tick; the others take over within
-# lease_retry_s + a few seconds when it dies. Telemetry: with broker.mqtt5 and
-# broker.shared_group the broker splits it (MQTT 5 shared subscription); without, every
-# process takes every report and the registry merges each (device, window, seq) once.
+# Give each process its own broker.client_id and api port (or host). The one holding a
+# PostgreSQL advisory lock runs the rollout tick; another takes it when that one dies.
+# Telemetry: with broker.mqtt5 and broker.shared_group the broker splits it; without,
+# every process takes every report and the registry merges each (device, window, seq)
+# once. With SQLite there is one process. (deploy/README.md, "Growing past one machine")
 heartbeat_s = 2.0               # each process writes a heartbeat this often
-dead_after_s = 10.0             # a process silent this long is dead: its MQTT session is
-adopt_sessions = true           # … drained by a survivor (nothing queued for it is lost)
-lease_retry_s = 1.0             # how often a process that does not run the tick tries to
+dead_after_s = 10.0             # silent this long: dead; a survivor drains its MQTT session
+adopt_sessions = true           # … (false: what the broker queued for it waits for it)
+lease_retry_s = 1.0             # how often a process without the rollout tick tries to take it
 
 [hooks]                         # called with drift alerts and (health.hook) health alerts
 # drift_webhook = "https://ci.example/retrain"

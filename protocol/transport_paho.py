@@ -185,17 +185,17 @@ class PahoTransport:
         so a caller may ignore the error and rely on ``on_connection_change``.
         """
         if not self._started:
-            if self.mqtt5:
+            if self.mqtt5 and not self._clean:  # MQTT 5 keeps a session only with an expiry
                 from paho.mqtt.packettypes import PacketTypes
                 from paho.mqtt.properties import Properties
 
                 props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = 0 if self._clean else self._session_expiry_s
+                props.SessionExpiryInterval = self._session_expiry_s
                 self._client.connect_async(
                     self.url.host,
                     self.url.port,
                     keepalive=self._keepalive,
-                    clean_start=self._clean,
+                    clean_start=False,
                     properties=props,
                 )
             else:

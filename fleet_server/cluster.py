@@ -121,6 +121,11 @@ class Cluster:
         if held and self.multi:
             self._takeover.set()
         self.service._wake.set()
+        if self.multi and self._started:
+            try:
+                self._beat()  # tell the other processes at once who runs the tick
+            except FleetError:
+                pass
 
     # the tick thread ----------------------------------------------------------------------
     def step(self) -> None:

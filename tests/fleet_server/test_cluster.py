@@ -145,7 +145,7 @@ def test_a_follower_hands_rollout_actions_to_the_tick_holder_and_shows_its_resul
     assert getattr(err.value, "status_code", None) == 409
     actions = [a["action"] for a in pair.a.audit(target=f"rollout:{rid}")]
     assert "rollout.start" in actions
-    status = pair.b.cluster.status()
+    status = _wait(lambda: (s := pair.b.cluster.status())["leader"] and s, "the holder's beat")
     assert status["leader"] == "fleet-a" and {p["process_id"] for p in status["processes"]} == {
         "fleet-a",
         "fleet-b",

@@ -164,12 +164,31 @@ class Cluster:
                     elif dev.rollback_sent and dev.state == "installed":
                         svc._send_rollback(r, _resend("send_rollback", dev.device_id, 1))
                         resent += 1
+        added = self._fill_history()
         self.takeovers += 1
         svc._event(
             "cluster",
-            f"{self.process_id} runs the rollout tick now; {resent} unanswered commands resent",
+            f"{self.process_id} runs the rollout tick now; {resent} unanswered commands "
+            f"resent, {added} version changes seen meanwhile recorded",
         )
         log.info("took over the rollout tick (%d commands resent)", resent)
+
+    def _fill_history(self) -> int:
+        """Version changes devices reported while no process held the tick (only the holder
+        writes device history): one row for each device whose newest row is not its model."""
+        svc = self.service
+        last = svc.repo.latest_history()
+        now, added = self.clock(), 0
+        with svc._lock:
+            devices = [dict(d, device_id=i) for i, d in svc._devices.items()]
+        for d in devices:
+            model = (d.get("model"), d.get("version"))
+            if all(model) and last.get(d["device_id"]) != model:
+                svc.repo.add_device_history(
+                    d["device_id"], now, d["model"], d["version"], int(d.get("release") or 0)
+                )
+                added += 1
+        return added
 
     def _load_live(self) -> dict[str, Rollout]:
         repo = self.service.repo

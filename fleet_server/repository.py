@@ -50,6 +50,7 @@ class Repository(Protocol):
         self, device_id: str, ts: float, model: str, version: str, release: int
     ) -> None: ...
     def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]: ...
+    def latest_history(self) -> dict[str, tuple[str, str]]: ...
     # rollouts
     def save_rollout(self, doc: dict[str, Any], bundle_sha256: str) -> None: ...
     def get_rollout(self, rollout_id: str) -> dict[str, Any] | None: ...
@@ -139,6 +140,14 @@ class Repository(Protocol):
     def archived_bundles(self) -> dict[str, dict[str, Any]]: ...
     def schema_version(self) -> int: ...
     def close(self) -> None: ...
+
+
+# The newest history row of every device, (model, version) by device id (both backends).
+_LATEST_HISTORY_SQL = (
+    'select h."device_id", h."model", h."version" from "device_history" h join '
+    '(select "device_id", max("id") as "id" from "device_history" group by "device_id") last '
+    'on h."id" = last."id"'
+)
 
 
 def open_repository(config: Any) -> Repository:
@@ -308,6 +317,10 @@ class SQLiteRepository:
                     "release": release,
                 }
             )
+
+    def latest_history(self) -> dict[str, tuple[str, str]]:
+        rows = self._read(lambda db: list(db.query(_LATEST_HISTORY_SQL)))
+        return {r["device_id"]: (r["model"], r["version"]) for r in rows}
 
     def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
         return self._read(

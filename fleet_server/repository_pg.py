@@ -36,7 +36,7 @@ from typing import Any
 from . import migrations, pagination
 from .errors import StorageError
 from .pagination import Page
-from .repository import _device, _j, _with_data, fold_device_metrics
+from .repository import _LATEST_HISTORY_SQL, _device, _j, _with_data, fold_device_metrics
 
 # pg_advisory_xact_lock key taken while migrating ("edgefleet-migrate"); other users of
 # advisory locks on the same database must pick different keys.
@@ -247,6 +247,10 @@ class PostgresRepository:
                 "values (%s, %s, %s, %s, %s)",
                 [device_id, ts, model, version, release],
             )
+
+    def latest_history(self) -> dict[str, tuple[str, str]]:
+        rows = self._all(_LATEST_HISTORY_SQL)
+        return {r["device_id"]: (r["model"], r["version"]) for r in rows}
 
     def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
         return self._all(

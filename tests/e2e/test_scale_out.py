@@ -276,6 +276,10 @@ def assert_installed_once(fleet: Fleet, rid: str, version: str) -> None:
         # a replayed command is answered with the recorded status (same seq); a second
         # install would have reported with a new one
         assert installed.get(device) and len(installed[device]) == 1, (device, installed)
+        # the registry's version history has it, whichever process was holding the tick
+        live = next(s for s in fleet.servers if s.proc and s.proc.proc.poll() is None)
+        history = live.get(f"/v1/devices/{device}")["history"]
+        assert history[0]["version"] == version, (device, history)
 
 
 # (a) ------------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ def test_device_history_is_newest_first_and_limited(repo: Repository) -> None:
     hist = repo.device_history("d1", limit=3)
     assert [h["version"] for h in hist] == ["4.0.0", "3.0.0", "2.0.0"]
     assert hist[0]["release"] == 4 and hist[0]["device_id"] == "d1"
+    assert repo.latest_history() == {"d1": ("iris", "4.0.0"), "d2": ("iris", "9.0.0")}
 
 
 # rollouts ----------------------------------------------------------------------------------

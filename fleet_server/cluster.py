@@ -17,7 +17,9 @@ session key live in the registry) and takes device messages. What each one does 
   the id in its ledger and answers with the status it recorded (installed, failed…), and
   never installs twice; one that never got it (the old holder died between deciding and
   publishing) installs it now. A replayed command the device refuses unadmitted decides
-  nothing (``CommandStatus.admitted``), so a refusal is never read as a failure.
+  nothing (``CommandStatus.admitted``), so a refusal is never read as a failure. Device
+  version history is written by the holder only; a new holder adds a row for each device
+  whose newest history row is not the model it reports (changes seen while nobody held it).
 * **Telemetry ingest.** With ``broker.mqtt5`` and ``broker.shared_group`` the broker splits
   telemetry over the processes (``$share/<group>/…``, MQTT 5 shared subscriptions:
   Mosquitto, EMQX, HiveMQ). Without (amqtt, NATS: MQTT 3.1.1) every process takes every

@@ -22,9 +22,8 @@ from tests.fleet_server.fleetkit import SimDevice, make_config
 from tests.support.bundles import make_bundle
 from tests.support.postgres import PostgresServer
 
-pytestmark = pytest.mark.postgres
 
-
+@pytest.mark.postgres
 def test_one_lease_holds_the_tick_and_another_takes_it_once_the_holder_is_gone(
     postgres_url: str,
 ) -> None:
@@ -44,6 +43,7 @@ def test_one_lease_holds_the_tick_and_another_takes_it_once_the_holder_is_gone(
         b.stop()
 
 
+@pytest.mark.postgres
 def test_a_holder_whose_database_restarts_loses_the_lease_and_a_process_takes_it_again(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:
@@ -125,6 +125,7 @@ def pair(tmp_path: Path, signing_key: KeyPair, postgres_url: str) -> Iterator[Pa
     p.close()
 
 
+@pytest.mark.postgres
 def test_a_follower_hands_rollout_actions_to_the_tick_holder_and_shows_its_result(
     pair: Pair, signing_key: KeyPair
 ) -> None:
@@ -152,6 +153,7 @@ def test_a_follower_hands_rollout_actions_to_the_tick_holder_and_shows_its_resul
     }
 
 
+@pytest.mark.postgres
 def test_a_takeover_resends_an_unanswered_deploy_under_the_same_command_id(
     pair: Pair, signing_key: KeyPair
 ) -> None:
@@ -170,6 +172,7 @@ def test_a_takeover_resends_an_unanswered_deploy_under_the_same_command_id(
     assert ids == {f"{rid}:pi-mute:deploy:1"}  # one command, sent twice: installed at most once
 
 
+@pytest.mark.postgres
 def test_sketch_reports_taken_by_two_processes_are_merged_once_each(postgres_url: str) -> None:
     """Every report reaches both processes (as without shared subscriptions) and they merge
     concurrently: each (device, window, seq) counts once and the window holds their sum."""
@@ -209,6 +212,7 @@ def test_sketch_reports_taken_by_two_processes_are_merged_once_each(postgres_url
             r.close()
 
 
+@pytest.mark.postgres
 def test_a_device_approved_or_revoked_through_one_process_is_so_on_the_other(pair: Pair) -> None:
     pair.device("pi-new", profile="host", enrol_token=None)  # waits for an operator
     _wait(lambda: pair.b.devices.known("pi-new") and pair.a.devices.known("pi-new"), "enrolment")

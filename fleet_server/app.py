@@ -82,7 +82,16 @@ def create_app(service: FleetService) -> "FastAPI":
 
     @app.get("/v1/health", tags=["service"])
     def health() -> dict[str, Any]:
-        return {"ok": True, "bridge": service.bridge.stats() if service.bridge else None}
+        return {
+            "ok": True,
+            "bridge": service.bridge.stats() if service.bridge else None,
+            "tick": service.cluster.leads,  # this process runs the rollout tick
+        }
+
+    @app.get("/v1/cluster", tags=["service"])
+    def cluster(role: str = Depends(viewer)) -> dict[str, Any]:
+        """The fleet serve processes on this registry and which one runs the rollout tick."""
+        return service.cluster.status()
 
     @app.get("/v1/broker", tags=["service"])
     def broker(role: str = Depends(viewer)) -> dict[str, Any]:
@@ -304,6 +313,11 @@ def create_app(service: FleetService) -> "FastAPI":
     @app.get("/metrics", tags=["service"], include_in_schema=False)
     def metrics() -> Response:
         body, ctype = service.exporter.render()
+        lead = int(service.cluster.leads)
+        body += (
+            "# HELP edgefleet_rollout_tick_leader 1 in the process that runs the rollout tick\n"
+            f"# TYPE edgefleet_rollout_tick_leader gauge\nedgefleet_rollout_tick_leader {lead}\n"
+        ).encode()
         return Response(body, media_type=ctype)
 
     from . import measures_api

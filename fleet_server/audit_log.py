@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from protocol.errors import EdgefleetError
+
 from .repository import Repository
 
 
@@ -55,10 +57,17 @@ class AuditLog:
         with self._lock:
             audits, self._audits = self._audits, []
             events, self._events = self._events, []
-        if audits:
-            self.repo.add_audits(audits)
-        if events:
-            self.repo.add_events(events)
+        try:
+            if audits:
+                self.repo.add_audits(audits)
+                audits = []
+            if events:
+                self.repo.add_events(events)
+        except EdgefleetError:  # the registry is away: keep it all for the next flush
+            with self._lock:
+                self._audits[:0] = audits
+                self._events[:0] = events
+            raise
 
     def events(
         self, limit: int = 100, rollout_id: str | None = None, device_id: str | None = None

@@ -128,6 +128,18 @@ class DevicesSection(_Section):
     resend_budget: int = Field(default=4096, ge=0)  # chunks resent per device per rollout
 
 
+class ClusterSection(_Section):
+    """Several ``fleet serve`` processes on one PostgreSQL registry (:mod:`.cluster`).
+
+    Each process needs its own ``broker.client_id`` (it names the process). With SQLite
+    there is one process, always the one running the rollout tick."""
+
+    heartbeat_s: float = Field(default=2.0, gt=0, le=60)  # each process's registry heartbeat
+    dead_after_s: float = Field(default=10.0, gt=0, le=3600)  # no heartbeat this long: dead
+    lease_retry_s: float = Field(default=1.0, gt=0, le=10)  # a follower tries the tick lock
+    adopt_sessions: bool = True  # a survivor drains a dead process's MQTT session
+
+
 class HooksSection(_Section):
     drift_webhook: str | None = None
     drift_command: str | None = None
@@ -143,6 +155,7 @@ class FleetConfig(_Section):
     rollout: RolloutDefaults = RolloutDefaults()
     drift: dict[str, Any] = Field(default_factory=dict)  # fields of fleet_server.drift.DriftConfig
     hooks: HooksSection = HooksSection()
+    cluster: ClusterSection = ClusterSection()
     devices: DevicesSection = DevicesSection()
     health: dict[str, Any] = Field(default_factory=dict)  # fleet_server.health_rules.HealthConfig
 
@@ -281,6 +294,17 @@ resend_budget = 4096            # artifact chunks resent to one device per rollo
 # resolve_after = 2             # windows in a row under resolve_ratio × the line to resolve
 # [health.profiles.raspberry-pi-4]
 # p95_ms = 25
+
+[cluster]                       # several fleet serve processes on one PostgreSQL registry
+# Give each process its own broker.client_id and api port (or host). The one holding a
+# PostgreSQL advisory lock runs the rollout tick; another takes it when that one dies.
+# Telemetry: with broker.mqtt5 and broker.shared_group the broker splits it; without,
+# every process takes every report and the registry merges each (device, window, seq)
+# once. With SQLite there is one process. (deploy/README.md, "Growing past one machine")
+heartbeat_s = 2.0               # each process writes a heartbeat this often
+dead_after_s = 10.0             # silent this long: dead; a survivor drains its MQTT session
+adopt_sessions = true           # … (false: what the broker queued for it waits for it)
+lease_retry_s = 1.0             # how often a process without the rollout tick tries to take it
 
 [hooks]                         # called with drift alerts and (health.hook) health alerts
 # drift_webhook = "https://ci.example/retrain"

@@ -72,6 +72,25 @@ def _int(value: Any) -> int:
     return -1 if value is None else int(value)
 
 
+def _identity(row: dict[str, Any]) -> Identity | None:
+    public = public_key_from_b64(row["public_key"])
+    if public is None:
+        return None
+    return Identity(
+        device_id=row["device_id"],
+        public=public,
+        public_b64=row["public_key"],
+        key_id=row["key_id"],
+        status=row["status"],
+        method=row.get("method") or "",
+        created_at=row.get("created_at") or 0.0,
+        approved_at=row.get("approved_at"),
+        approved_by=row.get("approved_by") or "",
+        state_boot=_int(row.get("state_boot")),
+        state_seq=_int(row.get("state_seq")),
+    )
+
+
 class TokenBucket:
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self.rate, self.burst = rate, float(burst)
@@ -180,22 +199,38 @@ class DeviceTrust:
         self._kex_id = ""
         self._kex_pub = b""
         for row in repo.list_identities():
-            public = public_key_from_b64(row["public_key"])
-            if public is None:
-                continue
-            self._ids[row["device_id"]] = Identity(
-                device_id=row["device_id"],
-                public=public,
-                public_b64=row["public_key"],
-                key_id=row["key_id"],
-                status=row["status"],
-                method=row.get("method") or "",
-                created_at=row.get("created_at") or 0.0,
-                approved_at=row.get("approved_at"),
-                approved_by=row.get("approved_by") or "",
-                state_boot=_int(row.get("state_boot")),
-                state_seq=_int(row.get("state_seq")),
-            )
+            ident = _identity(row)
+            if ident is not None:
+                self._ids[row["device_id"]] = ident
+
+    def refresh(self) -> int:
+        """Take the identity changes other server processes sharing the registry made
+        (an approval, a revocation, a new key); returns how many changed here."""
+        rows = {r["device_id"]: r for r in self.repo.list_identities()}
+        changed = 0
+        with self._lock:
+            for device_id in list(self._ids):
+                if device_id not in rows and self._ids[device_id].status == "approved":
+                    del self._ids[device_id]  # revoked elsewhere
+                    self._usage.pop(device_id, None)
+                    changed += 1
+            for device_id, row in rows.items():
+                cur = self._ids.get(device_id)
+                if cur is not None and (cur.key_id, cur.status) == (row["key_id"], row["status"]):
+                    continue
+                ident = _identity(row)
+                if ident is None:
+                    continue
+                if cur is not None and cur.key_id == ident.key_id:
+                    ident.x25519 = cur.x25519
+                    ident.state_boot, ident.state_seq = max(
+                        (cur.state_boot, cur.state_seq), (ident.state_boot, ident.state_seq)
+                    )
+                if ident.status == "approved":
+                    self._pending_state.pop(device_id, None)
+                self._ids[device_id] = ident
+                changed += 1
+        return changed
 
     # -- queries ---------------------------------------------------------------------------
     def approved(self, device_id: str) -> Identity | None:

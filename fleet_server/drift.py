@@ -4,7 +4,11 @@ Devices send a :class:`~protocol.messages.SketchReport` per telemetry window. Th
 
 1. **ingests** it idempotently on ``(device, model, version, window_start, seq)`` (a QoS 1
    duplicate counts once) and merges its sketches into the server window
-   ``floor(window_start / window_seconds)`` of that ``(model, version)``;
+   ``floor(window_start / window_seconds)`` of that ``(model, version)``. On SQLite the
+   open window is held in memory and written every ``flush_interval_s`` with the keys it
+   absorbed; on PostgreSQL (several server processes) each report is merged at once in
+   one transaction that inserts its key first (:meth:`.drift_store_pg.PgDriftStore.merge_report`),
+   so a report any process took counts once;
 2. **evaluates** the latest window against the bundle's reference sketch:
 
    - numeric features: the KS statistic ``D`` from the two KLL CDFs
@@ -337,6 +341,9 @@ class DriftEngine:
         }
         ident = tuple(key.values())
         window = self.window_of(model, window_start)
+        if isinstance(self._store, PgDriftStore):  # shared by processes: merged at once
+            rows = report.sketches.rows
+            return self._store.merge_report({**key, "window": window, "rows": rows}, incoming)
         with self._lock:
             if ident in self._pending_keys or self._store.seen(key):
                 return False

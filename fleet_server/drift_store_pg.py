@@ -3,7 +3,8 @@
 
 The tables (``drift_references``, ``drift_reports``, ``drift_windows``, ``drift_results``)
 are part of PostgreSQL migration 1 (:mod:`.migrations`); the store shares the registry's
-connection pool. Every method is one transaction; errors become
+connection pool. Every method is one transaction; :meth:`PgDriftStore.merge_report` merges
+a report at once, so several server processes can share the windows. Errors become
 :class:`~.errors.StorageError` through the registry's one translation point.
 
 ``"window"`` is a reserved word in PostgreSQL, so every identifier here is quoted.
@@ -130,6 +131,52 @@ class PgDriftStore:
                     f"do update set {updates}",
                     [[_value(w.get(c)) for c in win_cols] for w in windows],
                 )
+
+    def merge_report(self, key: dict[str, Any], incoming: dict[str, Any]) -> bool:
+        """Merge one report into its window now, in one transaction; False when its key
+        (device, model, version, window_start, seq) was merged before, by any process.
+
+        The key is inserted first (``on conflict do nothing``): a second delivery of the
+        report, to this process or another, finds it and changes nothing. The window row is
+        created empty if missing and then locked (``for update``), so processes merging
+        into the same window take turns and none overwrites another's merge. A sketch
+        whose kind differs from the window's raises :class:`ProtocolError` and rolls the
+        whole transaction back (the key too). ``key`` also carries ``window`` and ``rows``.
+        """
+        from .drift_window import OpenWindow
+
+        model, version, window = key["model"], key["version"], key["window"]
+        empty = OpenWindow(model, version, window).to_row()
+        with self._conn() as conn, conn.transaction():
+            cur = conn.execute(
+                f"insert into drift_reports ({_cols(_REPORT_COLS)}) "
+                f"values ({_marks(len(_REPORT_COLS))}) on conflict do nothing",
+                [_value(key.get(c)) for c in _REPORT_COLS],
+            )
+            if cur.rowcount == 0:
+                return False
+            conn.execute(
+                f"insert into drift_windows ({_cols(_WINDOW_COLS)}) "
+                f"values ({_marks(len(_WINDOW_COLS))}) on conflict do nothing",
+                [_value(empty[c]) for c in _WINDOW_COLS],
+            )
+            row = conn.execute(
+                'select * from drift_windows where model = %s and version = %s and "window" = %s '
+                "for update",
+                [model, version, window],
+            ).fetchone()
+            w = OpenWindow.from_row(row)
+            w.check(incoming)
+            w.add(key["device"], int(key["rows"]), incoming, key)
+            new = w.to_row()
+            changed = ("sketch", "rows", "devices", "revision")
+            sets = ", ".join(f'"{c}" = %s' for c in changed)
+            conn.execute(
+                f"update drift_windows set {sets} "
+                'where model = %s and version = %s and "window" = %s',
+                [*(new[c] for c in changed), model, version, window],
+            )
+        return True
 
     def mark_window(self, model: str, version: str, window: float, **fields: Any) -> None:
         unknown = set(fields) - set(_WINDOW_COLS)

@@ -13,6 +13,7 @@
         ├── AuthError                missing or invalid credentials (HTTP 401)
         │   └── Forbidden            role too low (HTTP 403)
         ├── StorageError             SQLite or the artifact store failed (HTTP 500)
+        ├── Unavailable              no process runs the rollout tick to act (HTTP 503)
         └── ClientError              the CLI's HTTP client got an error answer or no answer
 
 Third-party errors (sqlite3, httpx, paho) are translated where they are caught: the
@@ -102,6 +103,12 @@ class Forbidden(AuthError):
 
 class StorageError(FleetError):
     status_code = 500
+
+
+class Unavailable(FleetError):
+    """No fleet server process runs the rollout tick to carry an action out (503)."""
+
+    status_code = 503
 
 
 class ClientError(FleetError):

@@ -24,6 +24,7 @@ from .telemetry.prometheus import FleetExporter
 
 if TYPE_CHECKING:
     from .channel_service import ChannelService
+    from .cluster import Cluster
     from .measures import Measures
 
 
@@ -38,6 +39,7 @@ class Ingest:
         drift: DriftEngine,
         measures: Measures,
         channels: ChannelService,
+        cluster: Cluster,
     ) -> None:
         self.repo = repo
         self.registry = registry
@@ -47,12 +49,13 @@ class Ingest:
         self.drift = drift
         self.measures = measures
         self.channels = channels
+        self.cluster = cluster
         self._count_lock = threading.Lock()
         self.sketches_merged = 0
 
     def on_state(self, msg: DeviceState) -> None:
         self.exporter.observe_state(msg)
-        self.registry.observe_state(msg)
+        self.registry.observe_state(msg, record=self.cluster.leads)
         if msg.online:
             self.channels.observe(msg.device_id, msg.channel)
             self.rollouts.wake.set()  # a late device gets its pending command on the next tick
@@ -60,6 +63,8 @@ class Ingest:
     def on_status(self, msg: CommandStatus) -> None:
         self.exporter.observe_status(msg)
         self.measures.on_status(msg)
+        if not self.cluster.leads:
+            return  # the tick holder (which gets every status too) records and decides
         if msg.state in COMMAND_FINAL:  # every verdict is kept, also for commands we did not send
             parsed = parse_command_id(msg.command_id)
             why = f" ({msg.reason})" if msg.reason else ""

@@ -95,7 +95,12 @@ class Registry:
                     f"(sha256 {other['sha256'][:12]}…); give the new build a new version",
                     field="bundle",
                 )
-            return bundle_info(other)  # the same bytes again: nothing to do
+            if not self.artifacts.has(sha):  # registered by another process: keep the bytes here
+                if isinstance(data, bytes):
+                    self.artifacts.put(data)
+                else:
+                    self.artifacts.adopt(Path(data), sha)
+            return bundle_info(other)  # the same bytes again: nothing else to do
         if isinstance(data, bytes):
             sha = self.artifacts.put(data)
         else:
@@ -209,9 +214,10 @@ class Registry:
         )
         self.audit_log.flush()
 
-    def observe_state(self, msg: DeviceState) -> None:
-        """Record a device's retained state (birth, will, model change): its registry row,
-        a history line when its model changed, an event when it came or went."""
+    def observe_state(self, msg: DeviceState, *, record: bool = True) -> None:
+        """Record a device's retained state (birth, will, model change): its registry row
+        and, with ``record`` (the process holding the rollout tick), a history line when its
+        model changed and an event when it came or went."""
         now = self.clock()
         fields: dict[str, Any] = {
             "online": int(msg.online),
@@ -235,15 +241,19 @@ class Registry:
         with self._lock:
             before = self._rows.get(msg.device_id)
             self.repo.upsert_device(msg.device_id, **fields)
-            if msg.model is not None and (
-                before is None
-                or before.get("version") != msg.model.version
-                or before.get("model") != msg.model.name
+            if (
+                record
+                and msg.model is not None
+                and (
+                    before is None
+                    or before.get("version") != msg.model.version
+                    or before.get("model") != msg.model.name
+                )
             ):
                 self.repo.add_device_history(
                     msg.device_id, now, msg.model.name, msg.model.version, msg.model.release
                 )
-            if before is None or bool(before.get("online")) != msg.online:
+            if record and (before is None or bool(before.get("online")) != msg.online):
                 self.audit_log.event(
                     "device",
                     f"{msg.device_id} {'online' if msg.online else 'offline'}",
@@ -252,6 +262,11 @@ class Registry:
             cur = dict(before or {})
             cur.update(fields, online=msg.online)
             self._rows[msg.device_id] = cur
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """A copy of the newest row of every known device, by id."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._rows.items()}
 
     def online(self) -> set[str]:
         with self._lock:

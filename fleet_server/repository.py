@@ -50,6 +50,7 @@ class Repository(Protocol):
         self, device_id: str, ts: float, model: str, version: str, release: int
     ) -> None: ...
     def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]: ...
+    def latest_history(self) -> dict[str, tuple[str, str]]: ...
     # rollouts
     def save_rollout(self, doc: dict[str, Any], bundle_sha256: str) -> None: ...
     def get_rollout(self, rollout_id: str) -> dict[str, Any] | None: ...
@@ -93,6 +94,18 @@ class Repository(Protocol):
     # dashboard sessions revoked before they expire
     def revoke_session(self, sid: str, expires: float) -> None: ...
     def session_revoked(self, sid: str) -> bool: ...
+    # several fleet serve processes (fleet_server/cluster.py)
+    def shared_secret(self, name: str, value: str) -> str: ...
+    def heartbeat(self, row: dict[str, Any]) -> None: ...
+    def list_processes(self) -> list[dict[str, Any]]: ...
+    def claim_process(self, process_id: str, by: str) -> bool: ...
+    def delete_process(self, process_id: str) -> None: ...
+    def add_rollout_action(self, rollout_id: str, action: str, actor: str, ts: float) -> int: ...
+    def pending_rollout_actions(self) -> list[dict[str, Any]]: ...
+    def finish_rollout_action(
+        self, action_id: int, ts: float, error: str = "", status: int = 200
+    ) -> None: ...
+    def get_rollout_action(self, action_id: int) -> dict[str, Any] | None: ...
     # cursor pages and aggregate counts (lists that grow with the fleet)
     def devices_page(self, limit: int = 100, cursor: str | None = None) -> Page: ...
     def bundles_page(self, limit: int = 100, cursor: str | None = None) -> Page: ...
@@ -135,6 +148,14 @@ class Repository(Protocol):
     def artifact_part(self, sha256: str, part: int) -> bytes | None: ...
     def schema_version(self) -> int: ...
     def close(self) -> None: ...
+
+
+# The newest history row of every device, (model, version) by device id (both backends).
+_LATEST_HISTORY_SQL = (
+    'select h."device_id", h."model", h."version" from "device_history" h join '
+    '(select "device_id", max("id") as "id" from "device_history" group by "device_id") last '
+    'on h."id" = last."id"'
+)
 
 
 def open_repository(config: Any) -> Repository:
@@ -227,10 +248,10 @@ class SQLiteRepository:
                             "select coalesce(max(version), 0) from schema_version"
                         ).fetchone()[0]
                         todo = migrations.pending(migrations.SQLITE, current)
-                        if current > len(migrations.SQLITE):
+                        if current > migrations.latest(migrations.SQLITE):
                             raise StorageError(
                                 f"registry {self.path} has schema version {current}; this "
-                                f"edgefleet knows up to {len(migrations.SQLITE)}"
+                                f"edgefleet knows up to {migrations.latest(migrations.SQLITE)}"
                             )
                         if not todo:
                             conn.rollback()
@@ -304,6 +325,10 @@ class SQLiteRepository:
                     "release": release,
                 }
             )
+
+    def latest_history(self) -> dict[str, tuple[str, str]]:
+        rows = self._read(lambda db: list(db.query(_LATEST_HISTORY_SQL)))
+        return {r["device_id"]: (r["model"], r["version"]) for r in rows}
 
     def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
         return self._read(
@@ -640,6 +665,70 @@ class SQLiteRepository:
             lambda db: db.execute("select 1 from revoked_sessions where sid = ?", [sid]).fetchall()
         )
         return bool(rows)
+
+    # several processes ----------------------------------------------------------------
+    def shared_secret(self, name: str, value: str) -> str:
+        """The stored secret called ``name``; ``value`` is stored first when there is none."""
+        with self._tx() as db:
+            db.execute(
+                "insert into shared_secrets (name, value) values (?, ?) on conflict do nothing",
+                [name, value],
+            )
+            row = db.execute("select value from shared_secrets where name = ?", [name]).fetchone()
+        return str(row[0])
+
+    def heartbeat(self, row: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db["fleet_processes"].upsert(row, pk="process_id")
+
+    def list_processes(self) -> list[dict[str, Any]]:
+        return self._read(
+            lambda db: list(db.query("select * from fleet_processes order by process_id"))
+        )
+
+    def claim_process(self, process_id: str, by: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "update fleet_processes set adopted_by = ? "
+                "where process_id = ? and adopted_by is null",
+                [by, process_id],
+            )
+            return bool(cur.rowcount)
+
+    def delete_process(self, process_id: str) -> None:
+        with self._tx() as db:
+            db.execute("delete from fleet_processes where process_id = ?", [process_id])
+
+    def add_rollout_action(self, rollout_id: str, action: str, actor: str, ts: float) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "insert into rollout_actions (rollout_id, action, actor, requested_at) "
+                "values (?, ?, ?, ?)",
+                [rollout_id, action, actor, ts],
+            )
+            return int(cur.lastrowid or 0)
+
+    def pending_rollout_actions(self) -> list[dict[str, Any]]:
+        return self._read(
+            lambda db: list(
+                db.query("select * from rollout_actions where done_at is null order by id")
+            )
+        )
+
+    def finish_rollout_action(
+        self, action_id: int, ts: float, error: str = "", status: int = 200
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "update rollout_actions set done_at = ?, error = ?, status = ? where id = ?",
+                [ts, error, status, action_id],
+            )
+
+    def get_rollout_action(self, action_id: int) -> dict[str, Any] | None:
+        rows = self._read(
+            lambda db: list(db.query("select * from rollout_actions where id = ?", [action_id]))
+        )
+        return rows[0] if rows else None
 
     # release channels -----------------------------------------------------------------
     def save_channel(self, row: dict[str, Any]) -> None:

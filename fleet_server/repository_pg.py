@@ -36,7 +36,7 @@ from typing import Any
 from . import migrations, pagination
 from .errors import StorageError
 from .pagination import Page
-from .repository import _device, _j, _with_data, fold_device_metrics
+from .repository import _LATEST_HISTORY_SQL, _device, _j, _with_data, fold_device_metrics
 
 # pg_advisory_xact_lock key taken while migrating ("edgefleet-migrate"); other users of
 # advisory locks on the same database must pick different keys.
@@ -106,10 +106,10 @@ def migrate(pool: Any) -> int:
         conn.execute(migrations.SCHEMA_VERSION_DDL.format(real="DOUBLE PRECISION"))
         row = conn.execute("select coalesce(max(version), 0) as v from schema_version").fetchone()
         current = int(row["v"])
-        if current > len(migrations.POSTGRES):
+        if current > migrations.latest(migrations.POSTGRES):
             raise StorageError(
                 f"registry has schema version {current}; this edgefleet knows up to "
-                f"{len(migrations.POSTGRES)}"
+                f"{migrations.latest(migrations.POSTGRES)}"
             )
         for step in migrations.pending(migrations.POSTGRES, current):
             for statement in step.statements:
@@ -247,6 +247,10 @@ class PostgresRepository:
                 "values (%s, %s, %s, %s, %s)",
                 [device_id, ts, model, version, release],
             )
+
+    def latest_history(self) -> dict[str, tuple[str, str]]:
+        rows = self._all(_LATEST_HISTORY_SQL)
+        return {r["device_id"]: (r["model"], r["version"]) for r in rows}
 
     def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
         return self._all(
@@ -509,6 +513,66 @@ class PostgresRepository:
 
     def session_revoked(self, sid: str) -> bool:
         return self._one("select 1 as x from revoked_sessions where sid = %s", [sid]) is not None
+
+    # several processes ----------------------------------------------------------------
+    def shared_secret(self, name: str, value: str) -> str:
+        with self._conn() as conn:
+            conn.execute(
+                "insert into shared_secrets (name, value) values (%s, %s) on conflict do nothing",
+                [name, value],
+            )
+            row = conn.execute(
+                "select value from shared_secrets where name = %s", [name]
+            ).fetchone()
+        return str(row["value"])
+
+    def heartbeat(self, row: dict[str, Any]) -> None:
+        cols = list(row)
+        with self._conn() as conn:
+            conn.execute(
+                self._upsert_sql("fleet_processes", cols, ["process_id"]),
+                [_value(row[c]) for c in cols],
+            )
+
+    def list_processes(self) -> list[dict[str, Any]]:
+        return self._all("select * from fleet_processes order by process_id")
+
+    def claim_process(self, process_id: str, by: str) -> bool:
+        with self._conn() as conn:
+            cur = conn.execute(
+                "update fleet_processes set adopted_by = %s "
+                "where process_id = %s and adopted_by is null",
+                [by, process_id],
+            )
+            return bool(cur.rowcount)
+
+    def delete_process(self, process_id: str) -> None:
+        with self._conn() as conn:
+            conn.execute("delete from fleet_processes where process_id = %s", [process_id])
+
+    def add_rollout_action(self, rollout_id: str, action: str, actor: str, ts: float) -> int:
+        with self._conn() as conn:
+            row = conn.execute(
+                "insert into rollout_actions (rollout_id, action, actor, requested_at) "
+                "values (%s, %s, %s, %s) returning id",
+                [rollout_id, action, actor, ts],
+            ).fetchone()
+        return int(row["id"])
+
+    def pending_rollout_actions(self) -> list[dict[str, Any]]:
+        return self._all("select * from rollout_actions where done_at is null order by id")
+
+    def finish_rollout_action(
+        self, action_id: int, ts: float, error: str = "", status: int = 200
+    ) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "update rollout_actions set done_at = %s, error = %s, status = %s where id = %s",
+                [ts, error, status, action_id],
+            )
+
+    def get_rollout_action(self, action_id: int) -> dict[str, Any] | None:
+        return self._one("select * from rollout_actions where id = %s", [action_id])
 
     def _page(
         self,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from protocol.errors import ProtocolError
+from protocol.errors import EdgefleetError, ProtocolError
 from protocol.messages import Alert, CommandStatus
 from protocol.signing import KeyPair
 from protocol.states import ROLLOUT_ACTIVE, ROLLOUT_LOADED, ROLLOUT_MOVING, ROLLOUT_TICKED
@@ -342,10 +342,15 @@ class RolloutDriver:
         """Write the rollouts that changed, then the buffered audit entries and events."""
         with self.lock:
             dirty, self._dirty = self._dirty, set()
-            for rid in dirty:
-                r = self.live.get(rid)
-                if r is not None:
-                    self.repo.save_rollout(r.to_dict(), r.spec.bundle_sha256)
+            try:
+                for rid in sorted(dirty):
+                    r = self.live.get(rid)
+                    if r is not None:
+                        self.repo.save_rollout(r.to_dict(), r.spec.bundle_sha256)
+                    dirty.discard(rid)
+            except EdgefleetError:  # the registry is away: keep them for the next flush
+                self._dirty |= dirty
+                raise
             self.audit_log.flush()
 
     def _telemetry(self, r: Rollout) -> Telemetry | None:
@@ -377,9 +382,9 @@ class RolloutDriver:
         target = f"rollout:{r.rollout_id}"
         for d in decisions:
             if d.kind == "send_deploy":
-                self._send_deploy(r, d)
+                self.send_deploy(r, d)
             elif d.kind == "send_rollback":
-                self._send_rollback(r, d)
+                self.send_rollback(r, d)
             if d.kind in ("rollout", "stage", "gate"):
                 self.audit_log.audit(actor, f"{d.kind}.{d.state}", target, d.reason, d.to_dict())
                 self.audit_log.event(
@@ -404,7 +409,7 @@ class RolloutDriver:
                     )
                 )
 
-    def _send_deploy(self, r: Rollout, d: Decision) -> None:
+    def send_deploy(self, r: Rollout, d: Decision) -> None:
         if self.sender is None or d.device_id is None:
             return
         bundle, data = self.registry.loaded_bundle(r.spec.bundle_sha256)
@@ -435,7 +440,7 @@ class RolloutDriver:
             self.sender.artifact(data, self.clock(), r.spec.bundle_sha256)
         self.sender.command(cmd)
 
-    def _send_rollback(self, r: Rollout, d: Decision) -> None:
+    def send_rollback(self, r: Rollout, d: Decision) -> None:
         if self.sender is None or d.device_id is None:
             return
         dev = r.devices.get(d.device_id)

@@ -17,18 +17,26 @@ from .service import FleetService
 log = logging.getLogger(__name__)
 
 
-def make_transport(config: FleetConfig, *, embedded: bool = False) -> Any:
+def make_transport(
+    config: FleetConfig,
+    *,
+    embedded: bool = False,
+    client_id: str | None = None,
+    clean_session: bool = False,
+) -> Any:
+    """The server's broker connection (``client_id``: another process's, to adopt its
+    session, :mod:`.cluster`)."""
     from protocol.transport_paho import PahoTransport
 
     b = config.broker
     # amqtt (the embedded broker) speaks MQTT 3.1.1 only: no MQTT 5, no shared subscriptions.
     return PahoTransport(
         b.url,
-        b.client_id,
+        client_id or b.client_id,
         username=b.username,
         password=b.password,
         ca_file=str(b.ca_file) if b.ca_file else None,
-        clean_session=False,
+        clean_session=clean_session,
         mqtt5=b.mqtt5 and not embedded,
     )
 
@@ -72,6 +80,10 @@ class FleetServer:
             self.broker.start()
         self.service = FleetService(
             self.config, transport=make_transport(self.config, embedded=self.embedded)
+        )
+        config, embedded = self.config, self.embedded
+        self.service.cluster.transport_factory = lambda cid, clean: make_transport(
+            config, embedded=embedded, client_id=cid, clean_session=clean
         )
         self.service.start()
         return self.service, create_app(self.service)

@@ -44,6 +44,7 @@ from .artifacts import ArtifactStore
 from .audit_log import AuditLog
 from .bridge import Bridge
 from .channel_service import ChannelService
+from .cluster import Cluster
 from .config import FleetConfig
 from .delivery import Sender
 from .device_trust import DeviceTrust
@@ -118,6 +119,7 @@ class FleetService:
             self.publish_alert,
         )
         self.channels = ChannelService(self)  # release channels: promotion, late joiners
+        self.cluster = Cluster(self, now)  # several processes: tick lease, takeover, actions
         self.ingest = Ingest(
             self.repo,
             self.registry,
@@ -127,6 +129,7 @@ class FleetService:
             self.drift,
             self.measures,
             self.channels,
+            self.cluster,
         )
         self.bridge = (
             Bridge(
@@ -161,6 +164,7 @@ class FleetService:
             self.transport.on_connection_change(self._on_connection)
             self.bridge.start()
             self.transport.connect()
+        self.cluster.start()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="fleet-tick", daemon=True)
         self._thread.start()
@@ -172,6 +176,7 @@ class FleetService:
             self._thread.join(10)
             self._thread = None
         self.flush()
+        self.cluster.stop()  # after the flush: a process taking the tick reads it all
         if self.transport is not None:
             self.transport.close()
         self.drift.flush()  # the open window is merged in memory; keep it across restarts
@@ -202,7 +207,7 @@ class FleetService:
             wake.wait(interval)
             wake.clear()
             try:
-                self.tick()
+                self.cluster.step()  # the tick where this process holds the tick lease
             except Exception:
                 log.exception("fleet tick failed")
             if not self._stop.is_set():
@@ -284,19 +289,25 @@ class FleetService:
         return self.rollouts.create(req, actor=actor, dry_run=dry_run, force=force)
 
     def start_rollout(self, rollout_id: str, actor: str = "api") -> dict[str, Any]:
-        return self.rollouts.act(rollout_id, actor, "start")
+        return self._act(rollout_id, actor, "start")
 
     def pause_rollout(self, rollout_id: str, actor: str = "api") -> dict[str, Any]:
-        return self.rollouts.act(rollout_id, actor, "pause")
+        return self._act(rollout_id, actor, "pause")
 
     def resume_rollout(self, rollout_id: str, actor: str = "api") -> dict[str, Any]:
-        return self.rollouts.act(rollout_id, actor, "resume")
+        return self._act(rollout_id, actor, "resume")
 
     def abort_rollout(self, rollout_id: str, actor: str = "api") -> dict[str, Any]:
-        return self.rollouts.act(rollout_id, actor, "abort")
+        return self._act(rollout_id, actor, "abort")
 
     def rollback_rollout(self, rollout_id: str, actor: str = "api") -> dict[str, Any]:
-        return self.rollouts.act(rollout_id, actor, "rollback")
+        return self._act(rollout_id, actor, "rollback")
+
+    def _act(self, rollout_id: str, actor: str, action: str) -> dict[str, Any]:
+        if not self.cluster.leads:  # another process runs the tick: it carries the action out
+            self.cluster.forward(rollout_id, action, actor)
+            return self.rollout_status(rollout_id)
+        return self.rollouts.act(rollout_id, actor, action)
 
     def list_rollouts(self) -> list[dict[str, Any]]:
         return self.rollouts.rows()
@@ -333,6 +344,7 @@ class FleetService:
             self.list_rollouts(),
             self.events(limit=200),
             self.bridge.stats() if self.bridge else {},
+            self.cluster.status(),
         )
 
     # drift and alerts ---------------------------------------------------------------------

@@ -120,13 +120,15 @@ def overview(
     rollouts: Iterable[Mapping[str, Any]],
     events: Iterable[Mapping[str, Any]],
     bridge: Mapping[str, Any],
+    cluster: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Devices by profile, version and online state (from an aggregate query), the active
-    rollouts and the newest alerts."""
+    rollouts, the newest alerts, the MQTT bridge's counters and the server processes."""
     return {
         "devices": counts["devices"],
         "by": counts["by"],
         "active_rollouts": [r for r in rollouts if r["state"] in ROLLOUT_ACTIVE],
         "alerts": [e for e in events if e["kind"] == "alert"][:20],
         "bridge": dict(bridge),
+        "cluster": dict(cluster),
     }

@@ -2,9 +2,11 @@
 
 paho's network loop runs in its own thread. Subscriptions are remembered and renewed on
 every (re)connect; the client reconnects by itself with exponential backoff
-(1 s → ``max_backoff``). With ``clean_session=False`` (3.1.1) or a session expiry (5) the
-broker keeps QoS 1 messages for a known client id while it is offline, so a device that
-comes back receives its pending commands.
+(1 s → ``max_backoff``). With ``clean_session=False`` the broker keeps QoS 1 messages for a
+known client id while it is offline, so a device that comes back receives its pending
+commands: on 3.1.1 as a persistent session, on MQTT 5 as ``clean_start=False`` with a
+session expiry of ``session_expiry_s`` (MQTT 5's default, 0, would end the session at
+every disconnect).
 
 Each change of link state is one log record on this module's logger, carrying
 ``link`` (``connected``, ``lost`` or ``reconnecting``) and ``broker`` (the URL) as record
@@ -65,6 +67,7 @@ class PahoTransport:
         mqtt5: bool = False,
         keepalive: int = 30,
         max_backoff: float = 30.0,
+        session_expiry_s: int = 86_400,
     ) -> None:
         try:
             import paho.mqtt.client as mqtt
@@ -77,6 +80,8 @@ class PahoTransport:
         self.mqtt5 = mqtt5
         self._mqtt = mqtt
         self._keepalive = keepalive
+        self._clean = clean_session
+        self._session_expiry_s = session_expiry_s
         self._subs: dict[str, int] = {}
         self._handler: Handler | None = None
         self._conn_cbs: list[Callable[[bool], None]] = []
@@ -180,7 +185,21 @@ class PahoTransport:
         so a caller may ignore the error and rely on ``on_connection_change``.
         """
         if not self._started:
-            self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
+            if self.mqtt5 and not self._clean:  # MQTT 5 keeps a session only with an expiry
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = self._session_expiry_s
+                self._client.connect_async(
+                    self.url.host,
+                    self.url.port,
+                    keepalive=self._keepalive,
+                    clean_start=False,
+                    properties=props,
+                )
+            else:
+                self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
             self._client.loop_start()
             self._started = True
         if not timeout:

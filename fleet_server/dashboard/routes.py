@@ -33,7 +33,7 @@ from protocol.states import DEVICE_FAILED
 from ..auth import allows
 from ..errors import Conflict, FleetError, InvalidInput
 from . import charts
-from .session import COOKIE, LOGIN_COOKIE, Session, Sessions, csrf_ok, new_nonce, secret_from_env
+from .session import COOKIE, LOGIN_COOKIE, Session, Sessions, csrf_ok, new_nonce, session_secret
 from .throttle import LoginThrottle
 
 HERE = Path(__file__).parent
@@ -171,8 +171,11 @@ def build_router(service: Any) -> Any:
 
     router = APIRouter(include_in_schema=False)
     env = _environment()
+    shared = service.repo.shared_secret if service.cluster.multi else None
     sessions = Sessions(
-        secret_from_env(), revoked=service.repo.session_revoked, revoke=service.repo.revoke_session
+        session_secret(shared),
+        revoked=service.repo.session_revoked,
+        revoke=service.repo.revoke_session,
     )
     throttle = LoginThrottle()
 

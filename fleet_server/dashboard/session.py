@@ -8,8 +8,10 @@ served over HTTPS. Logging out records the session id as revoked (in the registr
 server process sharing it refuses the cookie from then on). The login form, posted before a
 session exists, uses a double-submit nonce (cookie == form field) instead.
 
-The secret comes from ``EDGEFLEET_DASHBOARD_SECRET`` (set it when several server
-processes share logins) or is generated per process, so a restart logs everyone out.
+The secret comes from ``EDGEFLEET_DASHBOARD_SECRET`` when it is set. Otherwise, on a
+PostgreSQL registry (several server processes), the first process generates one and keeps
+it in the registry (``shared_secrets``), so a login made on one process works on all of
+them; with SQLite (one process) it is generated per process, so a restart logs everyone out.
 """
 
 from __future__ import annotations
@@ -36,9 +38,15 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def secret_from_env() -> bytes:
+def session_secret(shared: Callable[[str, str], str] | None) -> bytes:
+    """The environment's secret, else the registry's shared one (``shared(name, value)``
+    stores ``value`` when none is stored and returns the stored one), else a new one."""
     env = os.environ.get("EDGEFLEET_DASHBOARD_SECRET")
-    return env.encode() if env else secrets.token_bytes(32)
+    if env:
+        return env.encode()
+    if shared is not None:
+        return bytes.fromhex(shared("dashboard_session", secrets.token_hex(32)))
+    return secrets.token_bytes(32)
 
 
 @dataclass(frozen=True)

@@ -392,3 +392,14 @@ def test_expired_bundle_cannot_be_rolled_out(tmp_path: Path, signing_key: KeyPai
     assert r.status_code == 422
     assert r.json()["field"] == "bundle" and "expired" in r.json()["detail"]
     f.service.repo.close()
+
+
+def test_one_process_on_sqlite_runs_the_rollout_tick_and_says_so(fleet: Fleet) -> None:
+    assert fleet.api.get("/v1/cluster").status_code == 401
+    c = fleet.as_("viewer").get("/v1/cluster")
+    assert c.status_code == 200, c.text
+    body = c.json()
+    assert body["tick"] is True and body["leader"] == body["process_id"]
+    assert body["processes"] == []  # heartbeats are for a shared (PostgreSQL) registry
+    assert fleet.api.get("/v1/health").json()["tick"] is True
+    assert "edgefleet_rollout_tick_leader 1\n" in fleet.api.get("/metrics").text

@@ -100,7 +100,7 @@ def test_both_backends_number_their_migrations_alike() -> None:
 
 
 def test_a_new_registry_is_at_the_newest_schema_version(repo: Repository) -> None:
-    assert repo.schema_version() == len(migrations.SQLITE)
+    assert repo.schema_version() == migrations.latest(migrations.SQLITE)
 
 
 # bundles -----------------------------------------------------------------------------------
@@ -167,6 +167,7 @@ def test_device_history_is_newest_first_and_limited(repo: Repository) -> None:
     hist = repo.device_history("d1", limit=3)
     assert [h["version"] for h in hist] == ["4.0.0", "3.0.0", "2.0.0"]
     assert hist[0]["release"] == 4 and hist[0]["device_id"] == "d1"
+    assert repo.latest_history() == {"d1": ("iris", "4.0.0"), "d2": ("iris", "9.0.0")}
 
 
 # rollouts ----------------------------------------------------------------------------------
@@ -295,6 +296,55 @@ def test_revoked_sessions_are_remembered_until_they_expire(repo: Repository) -> 
     repo.revoke_session("s-new", expires=time.time() + 3600)  # also sweeps expired ones
     assert repo.session_revoked("s-new")
     assert not repo.session_revoked("s-old") and not repo.session_revoked("s-other")
+
+
+# several server processes ---------------------------------------------------------------
+def test_the_first_shared_secret_stored_is_the_one_every_caller_gets(repo: Repository) -> None:
+    assert repo.shared_secret("dashboard_session", "aa") == "aa"
+    assert repo.shared_secret("dashboard_session", "bb") == "aa"  # a second process reads it
+    assert repo.shared_secret("other", "cc") == "cc"
+
+
+def test_process_heartbeats_are_kept_and_a_dead_one_is_claimed_once(repo: Repository) -> None:
+    row = {
+        "process_id": "p1",
+        "client_id": "p1",
+        "api_url": "http://127.0.0.1:1",
+        "started_at": 1.0,
+        "heartbeat_at": 2.0,
+        "leader": 1,
+        "adopted_by": None,
+    }
+    repo.heartbeat(row)
+    repo.heartbeat({**row, "process_id": "p2", "client_id": "p2", "leader": 0})
+    repo.heartbeat({**row, "heartbeat_at": 5.0})  # the same process again: one row
+    rows = repo.list_processes()
+    assert [(r["process_id"], r["heartbeat_at"], r["leader"]) for r in rows] == [
+        ("p1", 5.0, 1),
+        ("p2", 2.0, 0),
+    ]
+    assert repo.claim_process("p2", "p1") is True
+    assert repo.claim_process("p2", "p3") is False  # one survivor adopts a dead process
+    assert repo.list_processes()[1]["adopted_by"] == "p1"
+    repo.delete_process("p2")
+    assert [r["process_id"] for r in repo.list_processes()] == ["p1"]
+
+
+def test_rollout_actions_queue_until_finished_with_their_answer(repo: Repository) -> None:
+    a = repo.add_rollout_action("r1", "pause", "api:operator", 1.0)
+    b = repo.add_rollout_action("r1", "resume", "api:operator", 2.0)
+    assert a != b
+    assert [(r["id"], r["action"]) for r in repo.pending_rollout_actions()] == [
+        (a, "pause"),
+        (b, "resume"),
+    ]
+    repo.finish_rollout_action(a, 3.0)
+    repo.finish_rollout_action(b, 4.0, "rollout r1 is not paused", 409)
+    assert repo.pending_rollout_actions() == []
+    done = repo.get_rollout_action(b)
+    assert done is not None and done["done_at"] == 4.0 and done["status"] == 409
+    assert done["error"] == "rollout r1 is not paused"
+    assert repo.get_rollout_action(999) is None
 
 
 # history -----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from protocol.sketches import SketchSet
 from protocol.topics import Topics
 from protocol.transport import Transport
 
-from . import auth
+from . import auth, lists
 from .artifacts import ArtifactStore
 from .bridge import Bridge
 from .config import FleetConfig
@@ -41,6 +41,7 @@ from .delivery import Sender, command_id, deploy_command, parse_command_id, roll
 from .device_trust import DeviceTrust
 from .errors import BundleRejected, ConfigError, Conflict, InvalidInput, NotFound
 from .measures import Measures
+from .pagination import DEFAULT_LIMIT, Page
 from .repository import Repository, open_repository
 from .rollout_engine import Decision, Rollout, RolloutSpec, Selector, Telemetry
 
@@ -690,6 +691,31 @@ class FleetService:
     def audit(self, limit: int = 100, target: str | None = None) -> list[dict[str, Any]]:
         self.flush()
         return self.repo.audit(limit=limit, target=target)
+
+    # cursor pages of every growing list (fleet_server/lists.py) ----------------------------
+    def devices_page(
+        self, limit: int = DEFAULT_LIMIT, cursor: str | None = None, **filters: Any
+    ) -> Page:
+        return lists.devices(self.repo, limit, cursor, **filters)
+
+    def bundles_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
+        return lists.bundles(self.repo, _bundle_info, limit, cursor)
+
+    def rollouts_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
+        with self._lock:
+            live = {rid: r.counts() for rid, r in self._rollouts.items()}
+        return lists.rollouts(self.repo, live, limit, cursor)
+
+    def events_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None, **f: Any) -> Page:
+        self.flush()
+        return lists.events(self.repo, limit, cursor, **f)
+
+    def audit_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None, **f: Any) -> Page:
+        self.flush()
+        return lists.audit(self.repo, limit, cursor, **f)
+
+    def drift_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None, **f: Any) -> Page:
+        return lists.drift(self.drift, limit, cursor, **f)
 
     def _audit(
         self, actor: str, action: str, target: str, reason: str, data: dict[str, Any] | None = None

@@ -666,3 +666,82 @@ def test_drift_store_keeps_references_windows_reports_and_results(drift_store: A
     assert s.results("other", None, 5) == []
     s.put_reference("digits", "2", "{}", 1)
     assert s.model_versions() == [("digits", "2"), ("iris", "1.0.0")]
+
+
+def test_drift_results_page_newest_first_to_the_end(drift_store: Any) -> None:
+    for i, t in enumerate((1.0, 2.0, 2.0, 3.0, 5.0)):  # two results share evaluated_at
+        drift_store.add_result(
+            {
+                "model": "iris" if i != 3 else "other",
+                "version": "1.0.0",
+                "window": 0.0,
+                "evaluated_at": t,
+                "rows": i,
+                "drifted_share": 0.0,
+                "dataset_drift": 0,
+                "features": "[]",
+            }
+        )
+    full = drift_store.results("iris", None, 100)
+    paged = all_pages(lambda c: drift_store.results_page("iris", None, 1, c))
+    assert paged == full and [r["rows"] for r in paged] == [4, 2, 1, 0]
+    with pytest.raises(InvalidInput):
+        drift_store.results_page(None, None, 2, "WyJldmVudHMiLFsxXV0")
+
+
+# filtered and backward device pages (the API's filters, the dashboard's previous link) -------
+def _fleet_of(repo: Repository, n: int) -> list[str]:
+    ids = [f"d{i:03d}" for i in range(n)]
+    for i, d in enumerate(ids):
+        repo.upsert_device(
+            d,
+            profile="pi" if i % 3 == 0 else "host",
+            online=i % 2,
+            version="2" if i % 4 == 0 else "1",
+            tags=["lab"] if i % 2 == 0 else ["lab-2", 'q"uote'],
+            manual_tags=["canary"] if i % 5 == 0 else [],
+        )
+    return ids
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"profile": "pi"},
+        {"online": True},
+        {"online": False, "version": "2"},
+        {"tag": "lab"},
+        {"tag": "canary"},
+        {"tag": 'q"uote'},
+        {"tag": "la"},
+        {"tag": "lab", "profile": "host"},
+    ],
+)
+def test_device_pages_filter_like_the_listing(repo: Repository, filters: dict[str, Any]) -> None:
+    _fleet_of(repo, 30)
+
+    def keep(d: dict[str, Any]) -> bool:
+        return (
+            ("profile" not in filters or d["profile"] == filters["profile"])
+            and ("version" not in filters or d["version"] == filters["version"])
+            and ("online" not in filters or d["online"] == filters["online"])
+            and ("tag" not in filters or filters["tag"] in d["tags"])
+        )
+
+    expected = [d for d in repo.list_devices() if keep(d)]
+    assert all_pages(lambda c: repo.devices_page(4, c, **filters)) == expected
+
+
+def test_device_pages_walk_back_with_before(repo: Repository) -> None:
+    ids = _fleet_of(repo, 11)
+    forward = [repo.devices_page(4)]
+    while forward[-1].next_cursor:
+        forward.append(repo.devices_page(4, forward[-1].next_cursor))
+    assert [len(p.items) for p in forward] == [4, 4, 3]
+    assert forward[0].prev_cursor is None and all(p.prev_cursor for p in forward[1:])
+    back = repo.devices_page(4, before=forward[2].prev_cursor)
+    assert back.items == forward[1].items and back.next_cursor == forward[1].next_cursor
+    first = repo.devices_page(4, before=back.prev_cursor)
+    assert [d["device_id"] for d in first.items] == ids[:4] and first.prev_cursor is None
+    online = repo.devices_page(2, before=forward[2].prev_cursor, online=True)
+    assert [d["device_id"] for d in online.items] == ["d005", "d007"]

@@ -1011,10 +1011,12 @@ class FleetService:
         """Timeouts, gates and pending sends for every live rollout; periodic drift checks."""
         now = self.clock()
         with self._lock:
-            online = self._online()
-            for rid, r in list(self._rollouts.items()):
-                if r.state not in ("running", "paused", "succeeded"):
-                    continue
+            live = [
+                r for r in self._rollouts.values() if r.state in ("running", "paused", "succeeded")
+            ]
+            online = self._online() if live else set()  # a set of every device: only when needed
+            for r in live:
+                rid = r.rollout_id
                 decisions = r.tick(now, online, self.measures.extend(r, self._telemetry(r), now))
                 if decisions:
                     self._apply(r, decisions, "engine")

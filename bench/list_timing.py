@@ -21,10 +21,10 @@ server's first passes over every device after it starts (health rules, local dri
 waited out before timing; how long they took is printed.
 
 Timed with httpx, sequential requests on one keep-alive connection: the first page, a page
-from the middle of the list by cursor, and the overview (its device counts are one
-GROUP BY over a covering index, not a device listing). Anchor: the same call at 1,000
-devices in the same run; the growth to 100,000 is printed as a ratio. Target: < 50 ms
-p50 at 100,000 on both backends.
+from the middle of the list by cursor, and the overview (its device counts are the few
+rows of a count table that registry triggers keep, not a device listing). Anchor: the
+same call at 1,000 devices in the same run; the growth to 100,000 is printed as a ratio.
+Target: < 50 ms p50 at 100,000 on both backends.
 
     python -m bench.list_timing [--quick]      (also: python -m bench.fleet_scale --lists)
 """

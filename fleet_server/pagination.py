@@ -13,9 +13,10 @@ it (the same order, read backwards and turned round), and :attr:`Page.prev_curso
 position for the page in hand. The API offers ``cursor`` only.
 
 A cursor is client input: :meth:`Keyset.decode` checks its size before decoding, then its
-shape, list kind, arity and every value's type against the column's, and answers
-:class:`~.errors.InvalidInput` naming ``cursor``. It is a position, not a credential: a
-forged one only moves where a listing the caller may already read starts.
+shape, list kind, arity and every value's type (and range: finite, within 64 bits) against
+the column's, and answers :class:`~.errors.InvalidInput` naming ``cursor``. It is a
+position, not a credential: a forged one only moves where a listing the caller may already
+read starts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ from .errors import InvalidInput
 MAX_LIMIT = 1000
 MAX_CURSOR_CHARS = 512
 _MAX_TEXT = 256
+_MIN_INT, _MAX_INT = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class Keyset:
                 if typ is str
                 else isinstance(value, (int, float) if typ is float else int)
                 and not isinstance(value, bool)
+                and math.isfinite(value)
+                and _MIN_INT <= value <= _MAX_INT  # what a 64-bit column can be compared with
             )
             if not ok:
                 raise bad(f"bad value for {name}")
@@ -153,7 +158,7 @@ def device_filters(
 
 
 def counts_from_groups(groups: list[tuple[Any, Any, Any, Any, int]]) -> dict[str, Any]:
-    """The overview's device counts from one GROUP BY (profile, model, version, online),
+    """The overview's device counts from the per-group rows (profile, model, version, online),
     in the shape the overview uses: ``{"devices": n, "by": {"profile": …, "version": …,
     "online": …}}``. A key appears only when its count is above zero; a device without a
     profile counts as "?", one without a model as "-"."""

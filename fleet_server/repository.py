@@ -16,7 +16,7 @@ same file through its own connection.)
 
 Lists that grow with the fleet also come as cursor pages (``*_page(limit, cursor)``, see
 :mod:`.pagination`), and the overview's device counts come from :meth:`device_counts`
-(GROUP BY queries, not a device listing).
+(the few rows of a per-group count table that triggers keep, not a device listing).
 """
 
 from __future__ import annotations

@@ -800,7 +800,7 @@ class FleetService:
 
     # dashboard helpers ----------------------------------------------------------------
     def overview(self) -> dict[str, Any]:
-        """Devices by profile, version and online state (one GROUP BY in the registry, not a
+        """Devices by profile, version and online state (kept counts in the registry, not a
         device listing); active rollouts; recent alerts."""
         counts = self.repo.device_counts()
         active = [r for r in self.list_rollouts() if r["state"] in ("created", "running", "paused")]

@@ -69,10 +69,14 @@ def _seed(config: Path, n: int) -> None:
                 marks = ", ".join("?" * len(cols.split(",")))
                 repo.db.conn.executemany(f"insert into devices ({cols}) values ({marks})", _rows(n))
         else:
+            # one transaction per 2,000 rows: the count triggers update a few counter rows,
+            # and one transaction's chain of versions of a row grows with every update
             copy_sql = f"copy devices ({cols}) from stdin"
-            with repo.pool.connection() as conn, conn.cursor() as cur, cur.copy(copy_sql) as copy:
-                for row in _rows(n):
-                    copy.write_row(row)
+            rows = _rows(n)
+            for at in range(0, n, 2_000):
+                with repo.pool.connection() as conn, conn.cursor() as c, c.copy(copy_sql) as copy:
+                    for row in rows[at : at + 2_000]:
+                        copy.write_row(row)
             registry_lists._vacuum_pg(repo)  # as autovacuum soon would: index-only counts
     finally:
         repo.close()

@@ -5,7 +5,8 @@
     /ui/devices, /ui/devices/{id}  device list, 100 a page (next/previous links carry a
                                    cursor); version history, latency, last seen, failures
     /ui/devices/{id}/approve       POST: pin a pending device's key (operator, CSRF)
-    /ui/rollouts                   list + new rollout (upload or pick a bundle → plan → confirm)
+    /ui/rollouts                   50 a page (older: a cursor link) + new rollout (upload or
+                                   pick a bundle → plan → confirm)
     /ui/rollouts/{id}              stages, devices, gate decisions, action buttons
     /ui/rollouts/{id}/live.json    the live part of that page (polled by static/dashboard.js)
     /ui/rollouts/{id}/confirm/{a}  the confirmation step; POST /ui/rollouts/{id}/{a} acts
@@ -54,6 +55,7 @@ ACTIONS = {
 TERMINAL = {"succeeded", "aborted", "rolled_back", "halted"}
 FAILED_STATES = {"failed", "rejected", "timed_out"}
 DEVICES_PER_PAGE = 100
+ROLLOUTS_PER_PAGE = 50
 
 
 def _ts(value: Any) -> str:
@@ -418,13 +420,23 @@ def build_router(service: Any) -> Any:
 
     # rollouts --------------------------------------------------------------------------
     @router.get("/ui/rollouts")
-    def rollouts(request: Request, bundle: str = "") -> Response:
+    def rollouts(request: Request, bundle: str = "", cursor: str = "") -> Response:
+        """The new-rollout form and one page of rollouts, newest first (older: a cursor)."""
         if session_of(request) is None:
             return to_login(request)
+        try:
+            page = service.rollouts_page(ROLLOUTS_PER_PAGE, cursor or None)
+        except FleetError as exc:
+            return error(request, exc)
+        links = {
+            "older": page.next_cursor and "?" + urlencode({"cursor": page.next_cursor}),
+            "newest": "/ui/rollouts" if cursor else None,
+        }
         return render(
             request,
             "rollouts.html",
-            rollouts=service.list_rollouts(),
+            rollouts=page.items,
+            links=links,
             bundles=service.list_bundles(),
             chosen=bundle,
         )

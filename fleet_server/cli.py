@@ -750,7 +750,9 @@ for _name in ("pause", "resume", "abort", "rollback"):
 def drift_report(
     model: str | None = typer.Option(None, "--model", help="Only this model (bundle name)."),
     version: str | None = typer.Option(None, "--version", help="Only this model version."),
-    limit: int = typer.Option(20, "--limit", min=1, help="How many results, newest first."),
+    limit: int = typer.Option(
+        20, "--limit", min=1, max=1000, help="How many results, newest first (one page)."
+    ),
     by: str | None = typer.Option(
         None, "--by", help="device, tag or profile: one row per device or cohort, drifted first."
     ),

@@ -35,7 +35,11 @@ Anchors in the same run: the time for the same devices to merely *answer* one ro
 commands (a broadcast ping → status), i.e. the broker + client floor, so the rollout
 time is reported as a multiple of four such rounds (one per stage).
 
-    python -m bench.fleet_scale [--quick]
+    python -m bench.fleet_scale [--quick] [--lists]
+
+``--lists`` runs only the list timing (``bench/list_timing.py``: ``GET /v1/devices?limit=100``
+and ``GET /v1/overview`` at 1,000 and 100,000 devices on SQLite and PostgreSQL), which the
+default run also does after the rollouts, its rows joining this script's headline.
 """
 
 from __future__ import annotations
@@ -705,9 +709,21 @@ def main(quick: bool = False) -> dict[str, Any]:
         "growth": growth,
         "headline": headline,
     }
+    from bench import list_timing  # lists at fleet size (its own module and result file)
+
+    result["lists"] = list_timing.main(quick)
+    headline += result["lists"]["headline"]
     write_result("fleet_scale", result)
     return result
 
 
 if __name__ == "__main__":
-    run_cli(main, __doc__)
+    import sys
+
+    if "--lists" in sys.argv[1:]:  # the list timing alone
+        sys.argv.remove("--lists")
+        from bench import list_timing
+
+        run_cli(list_timing.main, list_timing.__doc__)
+    else:
+        run_cli(main, __doc__)

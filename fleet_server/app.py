@@ -3,7 +3,9 @@
 Every route but ``/v1/health``, ``/v1/artifacts/{sha256}`` (content-addressed, fetched by
 devices that hold no API token; the bytes are a signed bundle) and ``/metrics`` needs a
 bearer token: viewers read, operators act, admins also manage tokens. Errors are JSON:
-``{"error": ..., "detail": ..., "field": ...}`` with a 4xx status. The dashboard router from
+``{"error": ..., "detail": ..., "field": ...}`` with a 4xx status. Lists (bundles, devices,
+rollouts, drift, events, audit) answer one page, ``{"items": [...], "next_cursor": ...}``
+(:mod:`fleet_server.lists`). The dashboard router from
 :mod:`fleet_server.dashboard` is mounted at ``/`` when that package is present.
 """
 
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .auth import require
 from .errors import FleetError, InvalidInput, TooLarge
 from .http_limits import MAX_UPLOAD_BYTES, BodyGuard, BodyTooLarge, too_large_detail
+from .pagination import DEFAULT_LIMIT, MAX_CURSOR_CHARS, MAX_LIMIT
 from .service import FleetService, RolloutRequest
 
 if TYPE_CHECKING:
@@ -147,9 +150,29 @@ def create_app(service: FleetService) -> "FastAPI":
         finally:
             tmp.unlink(missing_ok=True)
 
+    # Lists come in cursor pages: {"items": [...], "next_cursor": "..." | null}; pass the
+    # cursor back as ?cursor= for the next page (fleet_server/lists.py, docs/api.md).
+    def limit_q() -> Any:
+        return Query(
+            DEFAULT_LIMIT,
+            ge=1,
+            le=MAX_LIMIT,
+            description=f"Page size (default {DEFAULT_LIMIT}, at most {MAX_LIMIT}).",
+        )
+
+    def cursor_q() -> Any:
+        return Query(
+            None,
+            max_length=MAX_CURSOR_CHARS,
+            description="The previous page's next_cursor; absent for the first page.",
+        )
+
     @app.get("/v1/bundles", tags=["bundles"])
-    def list_bundles(role: str = Depends(viewer)) -> list[dict[str, Any]]:
-        return service.list_bundles()
+    def list_bundles(
+        limit: int = limit_q(), cursor: str | None = cursor_q(), role: str = Depends(viewer)
+    ) -> dict[str, Any]:
+        """Uploaded bundles, newest first, one page."""
+        return service.bundles_page(limit, cursor).to_dict()
 
     @app.get("/v1/bundles/{ref}", tags=["bundles"])
     def show_bundle(ref: str, role: str = Depends(viewer)) -> dict[str, Any]:
@@ -162,9 +185,13 @@ def create_app(service: FleetService) -> "FastAPI":
         tag: str | None = None,
         version: str | None = None,
         online: bool | None = None,
+        limit: int = limit_q(),
+        cursor: str | None = cursor_q(),
         role: str = Depends(viewer),
-    ) -> list[dict[str, Any]]:
-        return service.list_devices(profile=profile, tag=tag, version=version, online=online)
+    ) -> dict[str, Any]:
+        """Devices by id, one page, filtered by profile, tag, model version or online state."""
+        filters = {"profile": profile, "tag": tag, "version": version, "online": online}
+        return service.devices_page(limit, cursor, **filters).to_dict()
 
     @app.get("/v1/devices/{device_id}", tags=["devices"])
     def show_device(device_id: str, role: str = Depends(viewer)) -> dict[str, Any]:
@@ -224,8 +251,11 @@ def create_app(service: FleetService) -> "FastAPI":
         return service.create_rollout(body, actor=actor(role), dry_run=True, force=force)
 
     @app.get("/v1/rollouts", tags=["rollouts"])
-    def list_rollouts(role: str = Depends(viewer)) -> list[dict[str, Any]]:
-        return service.list_rollouts()
+    def list_rollouts(
+        limit: int = limit_q(), cursor: str | None = cursor_q(), role: str = Depends(viewer)
+    ) -> dict[str, Any]:
+        """Rollouts, newest first, one page."""
+        return service.rollouts_page(limit, cursor).to_dict()
 
     @app.get("/v1/rollouts/{rollout_id}", tags=["rollouts"])
     def rollout_status(rollout_id: str, role: str = Depends(viewer)) -> dict[str, Any]:
@@ -245,10 +275,12 @@ def create_app(service: FleetService) -> "FastAPI":
     def drift(
         model: str | None = None,
         version: str | None = None,
-        limit: int = Query(50, ge=1, le=1000),
+        limit: int = limit_q(),
+        cursor: str | None = cursor_q(),
         role: str = Depends(viewer),
-    ) -> list[dict[str, Any]]:
-        return service.drift_results(model=model, version=version, limit=limit)
+    ) -> dict[str, Any]:
+        """Stored drift evaluations (one per model version and window), newest first."""
+        return service.drift_page(limit, cursor, model=model, version=version).to_dict()
 
     @app.post("/v1/drift/evaluate", tags=["drift"])
     def drift_evaluate(
@@ -260,20 +292,25 @@ def create_app(service: FleetService) -> "FastAPI":
 
     @app.get("/v1/events", tags=["history"])
     def events(
-        limit: int = Query(100, ge=1, le=5000),
+        limit: int = limit_q(),
+        cursor: str | None = cursor_q(),
         rollout_id: str | None = None,
         device_id: str | None = None,
         role: str = Depends(viewer),
-    ) -> list[dict[str, Any]]:
-        return service.events(limit=limit, rollout_id=rollout_id, device_id=device_id)
+    ) -> dict[str, Any]:
+        """Events, newest first, optionally of one rollout or one device."""
+        ids = {"rollout_id": rollout_id, "device_id": device_id}
+        return service.events_page(limit, cursor, **ids).to_dict()
 
     @app.get("/v1/audit", tags=["history"])
     def audit(
-        limit: int = Query(100, ge=1, le=5000),
+        limit: int = limit_q(),
+        cursor: str | None = cursor_q(),
         target: str | None = None,
         role: str = Depends(operator),
-    ) -> list[dict[str, Any]]:
-        return service.audit(limit=limit, target=target)
+    ) -> dict[str, Any]:
+        """Audit records (who did what, and why), newest first, optionally of one target."""
+        return service.audit_page(limit, cursor, target=target).to_dict()
 
     class TokenRequest(BaseModel):
         role: str

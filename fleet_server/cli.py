@@ -273,18 +273,33 @@ def devices_list(
     online: bool | None = typer.Option(
         None, "--online/--offline", help="Only online (or offline) devices."
     ),
+    limit: int | None = typer.Option(
+        None,
+        "--limit",
+        min=1,
+        max=1000,
+        help="Show one page of at most this many devices (default: every page).",
+    ),
+    cursor: str | None = typer.Option(
+        None, "--cursor", help="Start after this position (a 'next page' cursor printed before)."
+    ),
     url: str | None = UrlOpt,
     token: str | None = TokenOpt,
 ) -> None:
     """List devices, filtered by profile, tag, version or online state.
 
+    The server answers in pages; without --limit every page is read (progress shows on a
+    terminal), with --limit one page and the command for the next one.
+
     \b
     Example:
       edgefleet fleet devices list --profile raspberry-pi-4 --online
+      edgefleet fleet devices list --limit 100
     """
-    rows = client(url, token).devices(profile=profile, tag=tag, version=version, online=online)
+    filters = {"profile": profile, "tag": tag, "version": version, "online": online}
+    rows, more = _read_pages(client(url, token), "/v1/devices", limit, cursor, filters)
     _table(
-        f"{len(rows)} devices",
+        f"{len(rows)} devices" + (" (one page)" if limit else ""),
         ["device", "profile", "model", "version", "online", "last seen", "tags"],
         [
             [
@@ -299,6 +314,32 @@ def devices_list(
             for d in rows
         ],
     )
+    if more:
+        print(f"next page: edgefleet fleet devices list --limit {limit} --cursor {more}")
+
+
+def _read_pages(
+    c: Any, path: str, limit: int | None, cursor: str | None, params: dict[str, Any]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page (``limit`` set) and its next cursor, or every page from ``cursor`` on,
+    counting them on a terminal as they arrive."""
+    if limit is not None:
+        page = c.page(path, limit, cursor, **params)
+        return page["items"], page["next_cursor"]
+    con = _console()
+    rows: list[dict[str, Any]] = []
+    with con.status("reading…") if con.is_terminal else _nothing() as status:
+        for page in c.pages(path, cursor=cursor, **params):
+            rows += page["items"]
+            if status is not None:
+                status.update(f"read {len(rows):,} so far…")
+    return rows, None
+
+
+def _nothing() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()
 
 
 @devices_app.command("tag")
@@ -711,7 +752,9 @@ for _name in ("pause", "resume", "abort", "rollback"):
 def drift_report(
     model: str | None = typer.Option(None, "--model", help="Only this model (bundle name)."),
     version: str | None = typer.Option(None, "--version", help="Only this model version."),
-    limit: int = typer.Option(20, "--limit", min=1, help="How many results, newest first."),
+    limit: int = typer.Option(
+        20, "--limit", min=1, max=1000, help="How many results, newest first (one page)."
+    ),
     by: str | None = typer.Option(
         None, "--by", help="device, tag or profile: one row per device or cohort, drifted first."
     ),

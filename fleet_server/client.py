@@ -1,12 +1,15 @@
 """A small HTTP client for the fleet REST API (what the CLI uses).
 
 httpx errors become :class:`ServerUnreachable` (exit code 5 in the CLI) and error answers
-:class:`ClientError` with the server's message and ``status``.
+:class:`ClientError` with the server's message and ``status``. Lists come from the server
+in cursor pages (``{"items": [...], "next_cursor": ...}``): :meth:`FleetClient.page` reads
+one, :meth:`FleetClient.pages` follows ``next_cursor`` to the end.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ class ServerUnreachable(ClientError, Unreachable):
 
 
 DEFAULT_URL = "http://127.0.0.1:8700"
+PAGE_SIZE = 1000  # the server's largest page: fewest round trips when reading a whole list
 
 
 class FleetClient:
@@ -62,6 +66,34 @@ class FleetClient:
             raise err
         return r.json() if r.content else None
 
+    # cursor pages
+    def page(
+        self, path: str, limit: int | None = None, cursor: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """One page of a list: ``{"items": [...], "next_cursor": "..." | None}``."""
+        query = {k: v for k, v in params.items() if v is not None}
+        if limit is not None:
+            query["limit"] = limit
+        if cursor is not None:
+            query["cursor"] = cursor
+        body = self._call("GET", path, params=query)
+        return {"items": list(body["items"]), "next_cursor": body.get("next_cursor")}
+
+    def pages(
+        self, path: str, limit: int | None = None, cursor: str | None = None, **params: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Every page (``limit`` items each, :data:`PAGE_SIZE` when None) from ``cursor``
+        (the start when None) to the last."""
+        while True:
+            page = self.page(path, limit or PAGE_SIZE, cursor, **params)
+            yield page
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def all_items(self, path: str, **params: Any) -> list[dict[str, Any]]:
+        return [item for page in self.pages(path, **params) for item in page["items"]]
+
     # bundles
     def push_bundle(self, path: Path) -> dict[str, Any]:
         try:
@@ -78,7 +110,7 @@ class FleetClient:
         )
 
     def bundles(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/v1/bundles"))
+        return self.all_items("/v1/bundles")
 
     def find_bundle(self, ref: str) -> dict[str, Any] | None:
         """The bundle for a sha256 (prefix) or name@version, or None when the server lacks it."""
@@ -95,8 +127,8 @@ class FleetClient:
 
     # devices
     def devices(self, **filters: Any) -> list[dict[str, Any]]:
-        params = {k: v for k, v in filters.items() if v is not None}
-        return list(self._call("GET", "/v1/devices", params=params))
+        """Every device that matches ``filters`` (profile, tag, version, online), all pages."""
+        return self.all_items("/v1/devices", **filters)
 
     def device(self, device_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/v1/devices/{device_id}"))
@@ -118,7 +150,7 @@ class FleetClient:
         return dict(self._call("POST", "/v1/rollouts", json=body, params=params))
 
     def rollouts(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/v1/rollouts"))
+        return self.all_items("/v1/rollouts")
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/v1/rollouts/{rollout_id}"))
@@ -130,18 +162,12 @@ class FleetClient:
     def drift(
         self, model: str | None = None, version: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
-        params = {
-            k: v
-            for k, v in {"model": model, "version": version, "limit": limit}.items()
-            if v is not None
-        }
-        return list(self._call("GET", "/v1/drift", params=params))
+        """The newest ``limit`` drift results (one page)."""
+        return self.page("/v1/drift", limit, model=model, version=version)["items"]
 
     def events(self, limit: int = 50, rollout_id: str | None = None) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"limit": limit}
-        if rollout_id:
-            params["rollout_id"] = rollout_id
-        return list(self._call("GET", "/v1/events", params=params))
+        """The newest ``limit`` events (one page)."""
+        return self.page("/v1/events", limit, rollout_id=rollout_id or None)["items"]
 
     # the fleet's own measurements (fleet_server.measures_api) ---------------------------------
     def drift_scopes(

@@ -487,6 +487,18 @@ class DriftEngine:
             self._flush_locked()
             return self._store.results(model, version, limit)
 
+    def results_page(
+        self,
+        model: str | None = None,
+        version: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Any:
+        """Stored evaluations newest first, one cursor page (a :class:`.pagination.Page`)."""
+        with self._lock:
+            self._flush_locked()
+            return self._store.results_page(model, version, limit, cursor)
+
     def is_drifting(self, model: str, version: str) -> bool:
         latest = self.results(model, version, limit=1)
         return bool(latest and latest[0]["dataset_drift"])

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .pagination import DRIFT, Page, check_limit
+
 REFERENCES = "drift_references"
 REPORTS = "drift_reports"
 WINDOWS = "drift_windows"
@@ -169,6 +171,31 @@ class DriftStore:
             row["dataset_drift"] = bool(row["dataset_drift"])
             out.append(row)
         return out
+
+    def results_page(
+        self, model: str | None, version: str | None, limit: int, cursor: str | None
+    ) -> Page:
+        """Stored evaluations newest first, one cursor page (:mod:`.pagination`)."""
+        check_limit(limit)
+        where, params = [], []
+        for col, value in (("model", model), ("version", version)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                params.append(value)
+        if cursor is not None:
+            where.append(DRIFT.after("?"))
+            params += DRIFT.decode(cursor)
+        sql = "select * from drift_results"
+        if where:
+            sql += " where " + " and ".join(where)
+        sql += f" order by {DRIFT.order_by()} limit ?"
+        rows = []
+        for row in self.db.query(sql, [*params, limit + 1]):
+            row = dict(row)
+            row["features"] = json.loads(row["features"])
+            row["dataset_drift"] = bool(row["dataset_drift"])
+            rows.append(row)
+        return DRIFT.page(rows, limit)
 
     def model_versions(self) -> list[tuple[str, str]]:
         rows = self.db.query(

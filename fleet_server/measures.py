@@ -59,6 +59,30 @@ FLUSH_EVERY_S = 5.0  # per-device windows are written at most this often (and on
 # them from the ingest path once they have waited this long
 INGEST_FLUSH_AFTER_S = 2 * FLUSH_EVERY_S
 HEALTH_EVERY_S = 1.0  # the time-based offline rule; new metrics are evaluated on the next tick
+# The health pass and the local-drift pass read every device. Once a pass costs more than
+# SLOW_PASS_S it runs at most PASS_DUTY of the time (100,000 devices: the health pass about
+# once a minute, against the offline rule's 600 s default), so the API and ingest keep the
+# server at any fleet size.
+SLOW_PASS_S = 0.02
+PASS_DUTY = 0.05
+
+
+class _Paced:
+    """Spaces out a pass over every device by what the last one cost (real time)."""
+
+    def __init__(self) -> None:
+        self.after = 0.0  # time.monotonic() before which the pass waits
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self.after
+
+    def run(self, fn: Callable[[], None]) -> None:
+        started = time.monotonic()
+        fn()
+        cost = time.monotonic() - started
+        self.after = started + cost / PASS_DUTY if cost > SLOW_PASS_S else 0.0
+
+
 MAX_PROFILES = 1000  # distinct profile names whose budget is cached
 
 
@@ -98,6 +122,7 @@ class Measures:
         self._rollout_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._new_metrics = False
         self._last_health = 0.0
+        self._health_pace, self._drift_pace = _Paced(), _Paced()
         self._last_flush = 0.0
         self._flushed_at = time.monotonic()
         self.hook: Callable[[dict[str, Any]], Any] | None = None
@@ -180,17 +205,18 @@ class Measures:
 
     # the tick -----------------------------------------------------------------------------
     def tick(self, now: float, drift_due: bool) -> None:
-        if self._new_metrics or now - self._last_health >= HEALTH_EVERY_S:
+        due = self._new_metrics or now - self._last_health >= HEALTH_EVERY_S
+        if due and self._health_pace.ready():
             self._new_metrics = False
             self._last_health = now
-            self._health(now)
+            self._health_pace.run(lambda: self._health(now))
         if self.cohorts is not None:
             self.cohorts.drain()
             if now - self._last_flush >= FLUSH_EVERY_S:
                 self._last_flush = now
                 self._flush_cohorts()
-            if drift_due:
-                self._local_drift(now)
+            if drift_due and self._drift_pace.ready():
+                self._drift_pace.run(lambda: self._local_drift(now))
 
     def _device_info(self) -> dict[str, tuple[str, list[str]]]:
         return {

@@ -158,11 +158,100 @@ _LIST_INDEXES = (
     'CREATE INDEX IF NOT EXISTS "idx_audit_target" ON "audit" ("target")',
 )
 
-# The overview's counts in one pass (both backends); :func:`.pagination.counts_from_groups`
-# folds the few groups into per-profile, per-version and online/offline counts.
+# The overview's counts (both backends): the few non-empty rows of "device_count_groups",
+# which triggers keep (migration 8), so the read costs the same at any fleet size;
+# :func:`.pagination.counts_from_groups` folds them into per-profile, per-version and
+# online/offline counts.
 DEVICE_COUNTS_SQL = (
-    'select "profile", "model", "version", "online", count(*) as "n" from "devices" '
-    'group by "profile", "model", "version", "online"'
+    'select "profile", "model", "version", "online", "n" from "device_count_groups" where "n" > 0'
+)
+
+# One row per (profile, model, version, online) group of devices with its count. A missing
+# profile, model or version is kept as '' and online as 0/1, so every group has one key
+# (NULL never equals NULL in a key); the overview shows '' as it showed NULL.
+_GROUP_KEY = (
+    "coalesce({r}.\"profile\", ''), coalesce({r}.\"model\", ''), "
+    "coalesce({r}.\"version\", ''), "
+    '(case when coalesce({r}."online", 0) <> 0 then 1 else 0 end)'
+)
+_GROUP_MATCH = (
+    '"profile" = coalesce({r}."profile", \'\') and "model" = coalesce({r}."model", \'\') '
+    'and "version" = coalesce({r}."version", \'\') '
+    'and "online" = (case when coalesce({r}."online", 0) <> 0 then 1 else 0 end)'
+)
+_COUNT_TABLE = (
+    'CREATE TABLE IF NOT EXISTS "device_count_groups" ('
+    '"profile" TEXT NOT NULL, "model" TEXT NOT NULL, "version" TEXT NOT NULL, '
+    '"online" {integer} NOT NULL, "n" {integer} NOT NULL, '
+    'PRIMARY KEY ("profile", "model", "version", "online"))'
+)
+_COUNT_FILL = (
+    'INSERT INTO "device_count_groups" SELECT {key}, count(*) FROM "devices" AS d '
+    "GROUP BY 1, 2, 3, 4"
+)
+_COUNT_ADD = (
+    'INSERT INTO "device_count_groups" VALUES ({key}, 1) '
+    'ON CONFLICT ("profile", "model", "version", "online") '
+    'DO UPDATE SET "n" = "device_count_groups"."n" + 1'
+)
+_COUNT_SUB = 'UPDATE "device_count_groups" SET "n" = "n" - 1 WHERE {match}'
+_WATCHED = 'UPDATE OF "profile", "model", "version", "online"'
+
+_SQLITE_COUNTS = (
+    _COUNT_TABLE.format(integer="INTEGER"),
+    _COUNT_FILL.format(key=_GROUP_KEY.format(r="d")),
+    'CREATE TRIGGER IF NOT EXISTS "devices_count_insert" AFTER INSERT ON "devices" BEGIN '
+    + _COUNT_ADD.format(key=_GROUP_KEY.format(r="NEW"))
+    + "; END",
+    'CREATE TRIGGER IF NOT EXISTS "devices_count_delete" AFTER DELETE ON "devices" BEGIN '
+    + _COUNT_SUB.format(match=_GROUP_MATCH.format(r="OLD"))
+    + "; END",
+    f'CREATE TRIGGER IF NOT EXISTS "devices_count_update" AFTER {_WATCHED} ON "devices" BEGIN '
+    + _COUNT_SUB.format(match=_GROUP_MATCH.format(r="OLD"))
+    + "; "
+    + _COUNT_ADD.format(key=_GROUP_KEY.format(r="NEW"))
+    + "; END",
+)
+
+# On PostgreSQL one row-level trigger function. A device that changes group takes its two
+# counter rows in key order, so two such updates running at once cannot deadlock.
+_PG_COUNTS = (
+    _COUNT_TABLE.format(integer="BIGINT"),
+    _COUNT_FILL.format(key=_GROUP_KEY.format(r="d")),
+    """CREATE FUNCTION "device_count_groups_apply"() RETURNS trigger AS $fn$
+DECLARE
+  old_key TEXT;
+  new_key TEXT;
+BEGIN
+  IF TG_OP = 'UPDATE' THEN
+    old_key := concat_ws(chr(31), coalesce(OLD."profile", ''), coalesce(OLD."model", ''),
+      coalesce(OLD."version", ''), (coalesce(OLD."online", 0) <> 0)::int);
+    new_key := concat_ws(chr(31), coalesce(NEW."profile", ''), coalesce(NEW."model", ''),
+      coalesce(NEW."version", ''), (coalesce(NEW."online", 0) <> 0)::int);
+    IF old_key = new_key THEN
+      RETURN NULL;
+    END IF;
+  END IF;
+  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND old_key < new_key) THEN
+    """
+    + _COUNT_SUB.format(match=_GROUP_MATCH.format(r="OLD"))
+    + """;
+  END IF;
+  IF TG_OP IN ('INSERT', 'UPDATE') THEN
+    """
+    + _COUNT_ADD.format(key=_GROUP_KEY.format(r="NEW"))
+    + """;
+  END IF;
+  IF TG_OP = 'UPDATE' AND old_key > new_key THEN
+    """
+    + _COUNT_SUB.format(match=_GROUP_MATCH.format(r="OLD"))
+    + """;
+  END IF;
+  RETURN NULL;
+END
+$fn$ LANGUAGE plpgsql""",
+    f'CREATE TRIGGER "devices_count" AFTER INSERT OR DELETE OR {_WATCHED} ON "devices" '
+    'FOR EACH ROW EXECUTE FUNCTION "device_count_groups_apply"()',
 )
 
 
@@ -248,10 +337,9 @@ def measure_tables(real: str, integer: str) -> tuple[str, ...]:
     )
 
 
-# Numbers 5 and 8 belong to changes made alongside these; no-ops here so the lists stay
+# Number 5 belongs to a change made alongside these; no-ops here so the lists stay
 # gapless until those migrations take their places.
 _RESERVED_5 = Migration(5, "reserved", ())
-_RESERVED_8 = Migration(8, "reserved", ())
 _MEASURES = "fleet measures (benchmarks, feedback, per-device drift)"
 
 
@@ -282,7 +370,7 @@ SQLITE: tuple[Migration, ...] = (
     _RESERVED_5,
     Migration(6, "artifact bytes", _artifact_tables("REAL", "INTEGER", "BLOB")),
     Migration(7, "several fleet serve processes", _cluster_tables("REAL", "INTEGER PRIMARY KEY")),
-    _RESERVED_8,
+    Migration(8, "device counts kept by triggers for the overview", _SQLITE_COUNTS),
     Migration(9, _MEASURES, measure_tables("REAL", "INTEGER")),
 )
 
@@ -306,7 +394,7 @@ POSTGRES: tuple[Migration, ...] = (
         "several fleet serve processes",
         _cluster_tables("DOUBLE PRECISION", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
     ),
-    _RESERVED_8,
+    Migration(8, "device counts kept by triggers for the overview", _PG_COUNTS),
     Migration(9, _MEASURES, measure_tables("DOUBLE PRECISION", "BIGINT")),
 )
 

@@ -8,10 +8,15 @@ row that existed before appear twice or go missing; a new row shows up on a late
 it sorts after the position, and not at all when it sorts before (newest-first lists start
 again from the top to see it).
 
+The dashboard also walks back: a ``before`` position reads the page that ends just before
+it (the same order, read backwards and turned round), and :attr:`Page.prev_cursor` is that
+position for the page in hand. The API offers ``cursor`` only.
+
 A cursor is client input: :meth:`Keyset.decode` checks its size before decoding, then its
-shape, list kind, arity and every value's type against the column's, and answers
-:class:`~.errors.InvalidInput` naming ``cursor``. It is a position, not a credential: a
-forged one only moves where a listing the caller may already read starts.
+shape, list kind, arity and every value's type (and range: finite, within 64 bits) against
+the column's, and answers :class:`~.errors.InvalidInput` naming ``cursor``. It is a
+position, not a credential: a forged one only moves where a listing the caller may already
+read starts.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,14 +33,17 @@ from .errors import InvalidInput
 MAX_LIMIT = 1000
 MAX_CURSOR_CHARS = 512
 _MAX_TEXT = 256
+_MIN_INT, _MAX_INT = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
 class Page:
-    """One page of a list; ``next_cursor`` is None on the last page."""
+    """One page of a list; ``next_cursor`` is None on the last page. ``prev_cursor``, when
+    set, is a ``before`` position that reads the page preceding this one."""
 
     items: list[dict[str, Any]]
     next_cursor: str | None
+    prev_cursor: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"items": self.items, "next_cursor": self.next_cursor}
@@ -50,13 +59,14 @@ class Keyset:
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.columns)
 
-    def order_by(self) -> str:
-        direction = " desc" if self.descending else ""
+    def order_by(self, backwards: bool = False) -> str:
+        direction = " desc" if self.descending != backwards else ""
         return ", ".join(f'"{n}"{direction}' for n in self.names)
 
-    def after(self, mark: str) -> str:
-        """The WHERE condition "sorts after the cursor", with ``mark`` as placeholder."""
-        op = "<" if self.descending else ">"
+    def after(self, mark: str, backwards: bool = False) -> str:
+        """The WHERE condition "sorts after the cursor" (``backwards``: before it), with
+        ``mark`` as placeholder."""
+        op = "<" if self.descending != backwards else ">"
         if len(self.columns) == 1:
             return f'"{self.names[0]}" {op} {mark}'
         cols = ", ".join(f'"{n}"' for n in self.names)
@@ -92,6 +102,8 @@ class Keyset:
                 if typ is str
                 else isinstance(value, (int, float) if typ is float else int)
                 and not isinstance(value, bool)
+                and math.isfinite(value)
+                and _MIN_INT <= value <= _MAX_INT  # what a 64-bit column can be compared with
             )
             if not ok:
                 raise bad(f"bad value for {name}")
@@ -103,6 +115,14 @@ class Keyset:
             rows = rows[:limit]
             return Page(rows, self.encode(rows[-1]))
         return Page(rows, None)
+
+    def page_before(self, rows: list[dict[str, Any]], limit: int) -> Page:
+        """``rows`` were read backwards from a ``before`` position with ``limit + 1``."""
+        more = len(rows) > limit
+        rows = list(reversed(rows[:limit]))
+        if not rows:
+            return Page([], None)
+        return Page(rows, self.encode(rows[-1]), self.encode(rows[0]) if more else None)
 
 
 def _no_constant(name: str) -> Any:
@@ -120,10 +140,25 @@ BUNDLES = Keyset("bundles", (("uploaded_at", float), ("sha256", str)), descendin
 ROLLOUTS = Keyset("rollouts", (("created_at", float), ("rollout_id", str)), descending=True)
 EVENTS = Keyset("events", (("id", int),), descending=True)
 AUDIT = Keyset("audit", (("id", int),), descending=True)
+DRIFT = Keyset("drift", (("evaluated_at", float), ("id", int)), descending=True)
+
+# The API's page sizes (``?limit=``): DEFAULT_LIMIT when absent, at most MAX_LIMIT.
+DEFAULT_LIMIT = 100
+
+
+def device_filters(
+    profile: str | None, version: str | None, online: bool | None
+) -> list[tuple[str, Any]]:
+    """Column filters of a device page (both backends); the tag filter is backend SQL."""
+    pairs: list[tuple[str, Any]] = [("profile", profile), ("version", version)]
+    out = [(col, value) for col, value in pairs if value]
+    if online is not None:
+        out.append(("online", int(online)))
+    return out
 
 
 def counts_from_groups(groups: list[tuple[Any, Any, Any, Any, int]]) -> dict[str, Any]:
-    """The overview's device counts from one GROUP BY (profile, model, version, online),
+    """The overview's device counts from the per-group rows (profile, model, version, online),
     in the shape the overview uses: ``{"devices": n, "by": {"profile": …, "version": …,
     "online": …}}``. A key appears only when its count is above zero; a device without a
     profile counts as "?", one without a model as "-"."""

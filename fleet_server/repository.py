@@ -16,7 +16,7 @@ same file through its own connection.)
 
 Lists that grow with the fleet also come as cursor pages (``*_page(limit, cursor)``, see
 :mod:`.pagination`), and the overview's device counts come from :meth:`device_counts`
-(GROUP BY queries, not a device listing).
+(the few rows of a per-group count table that triggers keep, not a device listing).
 """
 
 from __future__ import annotations
@@ -107,7 +107,17 @@ class Repository(Protocol):
     ) -> None: ...
     def get_rollout_action(self, action_id: int) -> dict[str, Any] | None: ...
     # cursor pages and aggregate counts (lists that grow with the fleet)
-    def devices_page(self, limit: int = 100, cursor: str | None = None) -> Page: ...
+    def devices_page(
+        self,
+        limit: int = 100,
+        cursor: str | None = None,
+        *,
+        profile: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+        tag: str | None = None,
+        before: str | None = None,
+    ) -> Page: ...
     def bundles_page(self, limit: int = 100, cursor: str | None = None) -> Page: ...
     def rollouts_page(
         self, limit: int = 100, cursor: str | None = None, states: list[str] | None = None
@@ -585,6 +595,8 @@ class SQLiteRepository:
         cursor: str | None,
         filters: list[tuple[str, Any]],
         select: str = "*",
+        before: str | None = None,
+        raw: list[tuple[str, list[Any]]] | None = None,
     ) -> Page:
         pagination.check_limit(limit)
         clauses: list[str] = []
@@ -596,17 +608,42 @@ class SQLiteRepository:
             else:
                 clauses.append(f'"{col}" = ?')
                 args.append(value)
-        if cursor is not None:
-            clauses.append(keyset.after("?"))
-            args += keyset.decode(cursor)
+        for clause, values in raw or []:
+            clauses.append(clause)
+            args += values
+        back = cursor is None and before is not None
+        if cursor is not None or before is not None:
+            clauses.append(keyset.after("?", backwards=back))
+            args += keyset.decode(cursor if cursor is not None else str(before))
         where = f" where {' and '.join(clauses)}" if clauses else ""
-        sql = f'select {select} from "{table}"{where} order by {keyset.order_by()} limit ?'
+        order = keyset.order_by(backwards=back)
+        sql = f'select {select} from "{table}"{where} order by {order} limit ?'
         rows = self._read(lambda db: [dict(r) for r in db.query(sql, [*args, limit + 1])])
-        return keyset.page(rows, limit)
+        if back:
+            return keyset.page_before(rows, limit)
+        page = keyset.page(rows, limit)
+        if cursor is not None and page.items:
+            return Page(page.items, page.next_cursor, keyset.encode(page.items[0]))
+        return page
 
-    def devices_page(self, limit: int = 100, cursor: str | None = None) -> Page:
-        page = self._page("devices", pagination.DEVICES, limit, cursor, [])
-        return Page([_device(r) for r in page.items], page.next_cursor)
+    def devices_page(
+        self,
+        limit: int = 100,
+        cursor: str | None = None,
+        *,
+        profile: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+        tag: str | None = None,
+        before: str | None = None,
+    ) -> Page:
+        filters = pagination.device_filters(profile, version, online)
+        # tags are JSON lists (reported, manual): a device has a tag when one of them holds
+        # the tag's JSON string (quotes included, so "lab" does not match "lab-2")
+        has_tag = '(instr("tags", ?) > 0 or instr("manual_tags", ?) > 0)'
+        raw = [(has_tag, [json.dumps(tag)] * 2)] if tag else []
+        page = self._page("devices", pagination.DEVICES, limit, cursor, filters, "*", before, raw)
+        return Page([_device(r) for r in page.items], page.next_cursor, page.prev_cursor)
 
     def bundles_page(self, limit: int = 100, cursor: str | None = None) -> Page:
         return self._page("bundles", pagination.BUNDLES, limit, cursor, [])

@@ -582,21 +582,48 @@ class PostgresRepository:
         cursor: str | None,
         filters: list[tuple[str, Any]],
         select: str = "*",
+        before: str | None = None,
+        raw: list[tuple[str, list[Any]]] | None = None,
     ) -> Page:
         pagination.check_limit(limit)
         clauses, args = _filters(filters)
-        if cursor is not None:
-            clauses += (" and " if clauses else " where ") + keyset.after("%s")
-            args += keyset.decode(cursor)
+        for clause, values in raw or []:
+            clauses += (" and " if clauses else " where ") + clause
+            args += values
+        back = cursor is None and before is not None
+        if cursor is not None or before is not None:
+            clauses += (" and " if clauses else " where ") + keyset.after("%s", backwards=back)
+            args += keyset.decode(cursor if cursor is not None else str(before))
+        order = keyset.order_by(backwards=back)
         rows = self._all(
-            f"select {select} from {_q(table)}{clauses} order by {keyset.order_by()} limit %s",
+            f"select {select} from {_q(table)}{clauses} order by {order} limit %s",
             [*args, limit + 1],
         )
-        return keyset.page(rows, limit)
+        if back:
+            return keyset.page_before(rows, limit)
+        page = keyset.page(rows, limit)
+        if cursor is not None and page.items:
+            return Page(page.items, page.next_cursor, keyset.encode(page.items[0]))
+        return page
 
-    def devices_page(self, limit: int = 100, cursor: str | None = None) -> Page:
-        page = self._page("devices", pagination.DEVICES, limit, cursor, [])
-        return Page([_device(r) for r in page.items], page.next_cursor)
+    def devices_page(
+        self,
+        limit: int = 100,
+        cursor: str | None = None,
+        *,
+        profile: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+        tag: str | None = None,
+        before: str | None = None,
+    ) -> Page:
+        filters = pagination.device_filters(profile, version, online)
+        # tags are JSON lists (reported, manual): a device has a tag when one of them holds
+        # the tag's JSON string (quotes included, so "lab" does not match "lab-2")
+        has_tag = '(strpos("tags", %s) > 0 or strpos("manual_tags", %s) > 0)'
+        raw = [(has_tag, [json.dumps(tag)] * 2)] if tag else []
+        page = self._page("devices", pagination.DEVICES, limit, cursor, filters, "*", before, raw)
+        return Page([_device(r) for r in page.items], page.next_cursor, page.prev_cursor)
 
     def bundles_page(self, limit: int = 100, cursor: str | None = None) -> Page:
         return self._page("bundles", pagination.BUNDLES, limit, cursor, [])

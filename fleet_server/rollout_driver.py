@@ -323,10 +323,10 @@ class RolloutDriver:
     def tick(self, now: float) -> None:
         """Timeouts, gates and pending sends for every live rollout."""
         with self.lock:
-            online = self.registry.online()
-            for rid, r in list(self.live.items()):
-                if r.state not in ROLLOUT_TICKED:
-                    continue
+            live = [r for r in self.live.values() if r.state in ROLLOUT_TICKED]
+            online = self.registry.online() if live else set()  # every device: only if needed
+            for r in live:
+                rid = r.rollout_id
                 decisions = r.tick(now, online, self.measures.extend(r, self._telemetry(r), now))
                 if decisions:
                     self.apply(r, decisions, "engine")

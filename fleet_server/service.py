@@ -38,7 +38,7 @@ from protocol.signing import KeyPair, TrustStore, read_private_key, read_public_
 from protocol.topics import Topics
 from protocol.transport import Transport
 
-from . import views
+from . import lists, views
 from .access import Access
 from .artifacts import ArtifactStore
 from .audit_log import AuditLog
@@ -53,6 +53,7 @@ from .errors import ConfigError
 from .hooks import make_hook
 from .ingest import Ingest
 from .measures import Measures
+from .pagination import DEFAULT_LIMIT, Page
 from .registry import Registry
 from .repository import Repository, drift_database, open_repository
 from .rollout_driver import RolloutDriver, RolloutRequest
@@ -324,6 +325,31 @@ class FleetService:
     def audit(self, limit: int = 100, target: str | None = None) -> list[dict[str, Any]]:
         return self.audit_log.entries(limit, target)
 
+    # cursor pages of every growing list (fleet_server/lists.py) ----------------------------
+    def devices_page(
+        self, limit: int = DEFAULT_LIMIT, cursor: str | None = None, **filters: Any
+    ) -> Page:
+        return lists.devices(self.repo, limit, cursor, **filters)
+
+    def bundles_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
+        return lists.bundles(self.repo, views.bundle_info, limit, cursor)
+
+    def rollouts_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
+        with self.rollouts.lock:
+            live = {rid: r.counts() for rid, r in self.rollouts.live.items()}
+        return lists.rollouts(self.repo, live, limit, cursor)
+
+    def events_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None, **f: Any) -> Page:
+        self.flush()
+        return lists.events(self.repo, limit, cursor, **f)
+
+    def audit_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None, **f: Any) -> Page:
+        self.flush()
+        return lists.audit(self.repo, limit, cursor, **f)
+
+    def drift_page(self, limit: int = DEFAULT_LIMIT, cursor: str | None = None, **f: Any) -> Page:
+        return lists.drift(self.drift, limit, cursor, **f)
+
     def authenticate_token(self, token: str) -> str | None:
         return self.access.authenticate_token(token)
 
@@ -337,7 +363,7 @@ class FleetService:
         self.access.add_user(username, password, role, actor)
 
     def overview(self) -> dict[str, Any]:
-        """Devices by profile, version and online state (one GROUP BY in the registry, not a
+        """Devices by profile, version and online state (kept counts in the registry, not a
         device listing); active rollouts; recent alerts."""
         return views.overview(
             self.repo.device_counts(),

@@ -2,9 +2,11 @@
 
     /ui/login                      GET form, POST credentials (double-submit nonce)
     /ui/                           overview: devices by profile/version/state, rollouts, alerts
-    /ui/devices, /ui/devices/{id}  device list; version history, latency, last seen, failures
+    /ui/devices, /ui/devices/{id}  device list, 100 a page (next/previous links carry a
+                                   cursor); version history, latency, last seen, failures
     /ui/devices/{id}/approve       POST: pin a pending device's key (operator, CSRF)
-    /ui/rollouts                   list + new rollout (upload or pick a bundle → plan → confirm)
+    /ui/rollouts                   50 a page (older: a cursor link) + new rollout (upload or
+                                   pick a bundle → plan → confirm)
     /ui/rollouts/{id}              stages, devices, gate decisions, action buttons
     /ui/rollouts/{id}/live.json    the live part of that page (polled by static/dashboard.js)
     /ui/rollouts/{id}/confirm/{a}  the confirmation step; POST /ui/rollouts/{id}/{a} acts
@@ -26,9 +28,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, urlencode, urlparse
 
-from protocol.states import DEVICE_FAILED
+from protocol.states import DEVICE_FAILED, ROLLOUT_TERMINAL
 
 from ..auth import allows
 from ..errors import Conflict, FleetError, InvalidInput
@@ -52,8 +54,10 @@ ACTIONS = {
         "version returns to its previous one.",
     ),
 }
-TERMINAL = {"succeeded", "aborted", "rolled_back", "halted"}
+TERMINAL = ROLLOUT_TERMINAL
 FAILED_STATES = DEVICE_FAILED
+DEVICES_PER_PAGE = 100
+ROLLOUTS_PER_PAGE = 50
 
 
 def _ts(value: Any) -> str:
@@ -331,7 +335,7 @@ def build_router(service: Any) -> Any:
             request,
             "overview.html",
             ov=ov,
-            rollouts=service.list_rollouts()[:10],
+            rollouts=service.rollouts_page(10).items,
             bundles=service.list_bundles(),
             events=service.events(limit=15),
             health=service.measures.firing(),
@@ -340,18 +344,44 @@ def build_router(service: Any) -> Any:
 
     @router.get("/ui/devices")
     def devices(
-        request: Request, profile: str = "", version: str = "", online: str = ""
+        request: Request,
+        profile: str = "",
+        version: str = "",
+        online: str = "",
+        tag: str = "",
+        cursor: str = "",
+        before: str = "",
     ) -> Response:
+        """One page of devices (by id) with next/previous links that carry a cursor."""
         if session_of(request) is None:
             return to_login(request)
         flag = {"online": True, "offline": False}.get(online)
-        rows = service.list_devices(profile=profile or None, version=version or None, online=flag)
+        filters = {"profile": profile, "version": version, "online": online, "tag": tag}
+        try:
+            page = service.devices_page(
+                DEVICES_PER_PAGE,
+                cursor or None,
+                profile=profile or None,
+                version=version or None,
+                online=flag,
+                tag=tag or None,
+                before=before or None,
+            )
+        except FleetError as exc:
+            return error(request, exc)
+        kept = {k: v for k, v in filters.items() if v}
+        links = {
+            "next": page.next_cursor and "?" + urlencode({**kept, "cursor": page.next_cursor}),
+            "prev": page.prev_cursor and "?" + urlencode({**kept, "before": page.prev_cursor}),
+            "first": "?" + urlencode(kept) if (cursor or before) else None,
+        }
         return render(
             request,
             "devices.html",
-            devices=rows,
+            devices=page.items,
+            links=links,
             pending=service.list_enrolments("pending"),
-            filters={"profile": profile, "version": version, "online": online},
+            filters=filters,
         )
 
     @router.post("/ui/devices/{device_id}/approve")
@@ -395,13 +425,23 @@ def build_router(service: Any) -> Any:
 
     # rollouts --------------------------------------------------------------------------
     @router.get("/ui/rollouts")
-    def rollouts(request: Request, bundle: str = "") -> Response:
+    def rollouts(request: Request, bundle: str = "", cursor: str = "") -> Response:
+        """The new-rollout form and one page of rollouts, newest first (older: a cursor)."""
         if session_of(request) is None:
             return to_login(request)
+        try:
+            page = service.rollouts_page(ROLLOUTS_PER_PAGE, cursor or None)
+        except FleetError as exc:
+            return error(request, exc)
+        links = {
+            "older": page.next_cursor and "?" + urlencode({"cursor": page.next_cursor}),
+            "newest": "/ui/rollouts" if cursor else None,
+        }
         return render(
             request,
             "rollouts.html",
-            rollouts=service.list_rollouts(),
+            rollouts=page.items,
+            links=links,
             bundles=service.list_bundles(),
             chosen=bundle,
         )

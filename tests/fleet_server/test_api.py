@@ -92,7 +92,7 @@ def test_signed_bundle_uploads_lists_and_shows(fleet: Fleet, bundle_v1: bytes) -
     assert r.status_code == 201, r.text
     info = r.json()
     assert (info["name"], info["version"], info["profiles"]) == ("iris", "1.0.0", ["host"])
-    assert [b["sha256"] for b in op.get("/v1/bundles").json()] == [info["sha256"]]
+    assert [b["sha256"] for b in op.get("/v1/bundles").json()["items"]] == [info["sha256"]]
     shown = op.get("/v1/bundles/iris@1.0.0").json()
     assert shown["manifest"]["release"] == 1
     assert op.get(f"/v1/bundles/{info['sha256'][:12]}").status_code == 200
@@ -141,14 +141,17 @@ def test_devices_register_from_their_birth_state_and_filter(fleet: Fleet) -> Non
     fleet.device("gw-1", profile="host")
     fleet.devices["gw-1"].stop()
     v = fleet.as_("viewer")
-    assert {d["device_id"] for d in v.get("/v1/devices").json()} == {"pi-1", "gw-1"}
+    assert {d["device_id"] for d in v.get("/v1/devices").json()["items"]} == {"pi-1", "gw-1"}
     assert [
-        d["device_id"] for d in v.get("/v1/devices", params={"profile": "raspberry-pi-4"}).json()
+        d["device_id"]
+        for d in v.get("/v1/devices", params={"profile": "raspberry-pi-4"}).json()["items"]
     ] == ["pi-1"]
-    assert [d["device_id"] for d in v.get("/v1/devices", params={"tag": "lab"}).json()] == ["pi-1"]
-    assert [d["device_id"] for d in v.get("/v1/devices", params={"online": "false"}).json()] == [
-        "gw-1"
-    ]
+    assert [
+        d["device_id"] for d in v.get("/v1/devices", params={"tag": "lab"}).json()["items"]
+    ] == ["pi-1"]
+    assert [
+        d["device_id"] for d in v.get("/v1/devices", params={"online": "false"}).json()["items"]
+    ] == ["gw-1"]
     detail = v.get("/v1/devices/pi-1").json()
     assert detail["online"] is True and detail["profile"] == "raspberry-pi-4"
 
@@ -169,7 +172,7 @@ def test_operator_tags_a_device_and_the_tag_selects_it(fleet: Fleet) -> None:
     assert "canary" in r.json()["tags"]
     assert [
         d["device_id"]
-        for d in fleet.as_("viewer").get("/v1/devices", params={"tag": "canary"}).json()
+        for d in fleet.as_("viewer").get("/v1/devices", params={"tag": "canary"}).json()["items"]
     ] == ["d1"]
     bad = fleet.as_("operator").put("/v1/devices/d1/tags", json={"tags": ["a,b"]})
     assert bad.status_code == 422 and bad.json()["field"] == "tags"
@@ -222,10 +225,12 @@ def test_rollout_to_a_profile_the_bundle_was_not_benchmarked_for_needs_force_and
     r = op.post("/v1/rollouts", json=body)
     assert r.status_code == 422
     assert "raspberry-pi-4" in r.json()["detail"] and r.json()["field"] == "selector"
-    assert op.get("/v1/rollouts").json() == []
+    assert op.get("/v1/rollouts").json()["items"] == []
     r = op.post("/v1/rollouts", json=body, params={"force": "true"})
     assert r.status_code == 201
-    audit = op.get("/v1/audit", params={"target": f"rollout:{r.json()['rollout_id']}"}).json()
+    audit = op.get("/v1/audit", params={"target": f"rollout:{r.json()['rollout_id']}"}).json()[
+        "items"
+    ]
     assert any(a["action"] == "rollout.force" and "raspberry-pi-4" in a["reason"] for a in audit)
 
 
@@ -240,7 +245,7 @@ def test_dry_run_plans_without_saving_or_sending(fleet: Fleet, bundle_v1: bytes)
     plan = r.json()
     assert plan["dry_run"] is True
     assert [s["devices"] for s in plan["stages"]] == [1, 4, 5]
-    assert fleet.as_("viewer").get("/v1/rollouts").json() == []
+    assert fleet.as_("viewer").get("/v1/rollouts").json()["items"] == []
     assert all(not d.commands for d in fleet.devices.values())
 
 
@@ -266,7 +271,7 @@ def test_staged_rollout_through_the_api_reaches_every_device(
     assert {d["state"] for d in status["devices"]} == {"installed"}
     assert any(x["action"] == "stage.passed" for x in status["decisions"])
     assert all(d.model is not None and d.model.version == "1.0.0" for d in fleet.devices.values())
-    versions = op.get("/v1/devices", params={"version": "1.0.0"}).json()
+    versions = op.get("/v1/devices", params={"version": "1.0.0"}).json()["items"]
     assert len(versions) == 8
 
 
@@ -305,7 +310,7 @@ def test_rollback_returns_devices_to_the_previous_version(
     assert r.json()["state"] == "rolled_back"
     assert {d.model.version for d in fleet.devices.values() if d.model} == {"1.0.0"}
     assert op.get(f"/v1/rollouts/{rid}").json()["counts"] == {"rolled_back": 4}
-    assert {d["version"] for d in op.get("/v1/devices").json()} == {"1.0.0"}
+    assert {d["version"] for d in op.get("/v1/devices").json()["items"]} == {"1.0.0"}
 
 
 def test_events_and_audit_record_decisions_with_reasons(fleet: Fleet, bundle_v1: bytes) -> None:
@@ -316,7 +321,7 @@ def test_events_and_audit_record_decisions_with_reasons(fleet: Fleet, bundle_v1:
         "/v1/rollouts", json={"bundle": "iris@1.0.0", "stages": [100]}, params={"start": "true"}
     )
     fleet.service.tick()
-    audit = op.get("/v1/audit").json()
+    audit = op.get("/v1/audit").json()["items"]
     actions = {a["action"] for a in audit}
     assert {
         "bundle.upload",

@@ -157,8 +157,10 @@ def test_the_api_serves_devices_bundles_and_a_rollout_from_postgresql(
         f.device(f"pi-{i}", profile="host", tags=("lab",) if i < 2 else ())
     devices = f.admin.get("/v1/devices")
     assert devices.status_code == 200, devices.text
-    assert [d["device_id"] for d in devices.json()] == ["pi-0", "pi-1", "pi-2", "pi-3"]
-    assert [d["device_id"] for d in f.admin.get("/v1/devices", params={"tag": "lab"}).json()] == [
+    assert [d["device_id"] for d in devices.json()["items"]] == ["pi-0", "pi-1", "pi-2", "pi-3"]
+    assert [
+        d["device_id"] for d in f.admin.get("/v1/devices", params={"tag": "lab"}).json()["items"]
+    ] == [
         "pi-0",
         "pi-1",
     ]
@@ -179,7 +181,7 @@ def test_the_api_serves_devices_bundles_and_a_rollout_from_postgresql(
     overview = f.admin.get("/v1/overview").json()
     assert overview["devices"] == 4 and overview["by"]["version"] == {"iris 1.0.0": 4}
     assert f.service.repo.device_counts()["by"] == overview["by"]
-    assert any(e["kind"] == "stage" for e in f.admin.get("/v1/events").json())
+    assert any(e["kind"] == "stage" for e in f.admin.get("/v1/events").json()["items"])
     f.service.flush()
 
     # a second server process on the same database sees everything the first recorded

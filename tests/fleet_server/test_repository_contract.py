@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from fleet_server import migrations
 from fleet_server.drift_store import DriftStore
 from fleet_server.errors import InvalidInput, StorageError
-from fleet_server.pagination import Page
+from fleet_server.pagination import DRIFT, Page
 from fleet_server.repository import Repository, SQLiteRepository
 from fleet_server.rollout_engine import Rollout, RolloutSpec
 
@@ -733,3 +733,168 @@ def test_drift_store_keeps_references_windows_reports_and_results(drift_store: A
     assert s.results("other", None, 5) == []
     s.put_reference("digits", "2", "{}", 1)
     assert s.model_versions() == [("digits", "2"), ("iris", "1.0.0")]
+
+
+def test_drift_results_page_newest_first_to_the_end(drift_store: Any) -> None:
+    for i, t in enumerate((1.0, 2.0, 2.0, 3.0, 5.0)):  # two results share evaluated_at
+        drift_store.add_result(
+            {
+                "model": "iris" if i != 3 else "other",
+                "version": "1.0.0",
+                "window": 0.0,
+                "evaluated_at": t,
+                "rows": i,
+                "drifted_share": 0.0,
+                "dataset_drift": 0,
+                "features": "[]",
+            }
+        )
+    full = drift_store.results("iris", None, 100)
+    paged = all_pages(lambda c: drift_store.results_page("iris", None, 1, c))
+    assert paged == full and [r["rows"] for r in paged] == [4, 2, 1, 0]
+    with pytest.raises(InvalidInput):
+        drift_store.results_page(None, None, 2, "WyJldmVudHMiLFsxXV0")
+
+
+# filtered and backward device pages (the API's filters, the dashboard's previous link) -------
+def _fleet_of(repo: Repository, n: int) -> list[str]:
+    ids = [f"d{i:03d}" for i in range(n)]
+    for i, d in enumerate(ids):
+        repo.upsert_device(
+            d,
+            profile="pi" if i % 3 == 0 else "host",
+            online=i % 2,
+            version="2" if i % 4 == 0 else "1",
+            tags=["lab"] if i % 2 == 0 else ["lab-2", 'q"uote'],
+            manual_tags=["canary"] if i % 5 == 0 else [],
+        )
+    return ids
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"profile": "pi"},
+        {"online": True},
+        {"online": False, "version": "2"},
+        {"tag": "lab"},
+        {"tag": "canary"},
+        {"tag": 'q"uote'},
+        {"tag": "la"},
+        {"tag": "lab", "profile": "host"},
+    ],
+)
+def test_device_pages_filter_like_the_listing(repo: Repository, filters: dict[str, Any]) -> None:
+    _fleet_of(repo, 30)
+
+    def keep(d: dict[str, Any]) -> bool:
+        return (
+            ("profile" not in filters or d["profile"] == filters["profile"])
+            and ("version" not in filters or d["version"] == filters["version"])
+            and ("online" not in filters or d["online"] == filters["online"])
+            and ("tag" not in filters or filters["tag"] in d["tags"])
+        )
+
+    expected = [d for d in repo.list_devices() if keep(d)]
+    assert all_pages(lambda c: repo.devices_page(4, c, **filters)) == expected
+
+
+def test_device_pages_walk_back_with_before(repo: Repository) -> None:
+    ids = _fleet_of(repo, 11)
+    forward = [repo.devices_page(4)]
+    while forward[-1].next_cursor:
+        forward.append(repo.devices_page(4, forward[-1].next_cursor))
+    assert [len(p.items) for p in forward] == [4, 4, 3]
+    assert forward[0].prev_cursor is None and all(p.prev_cursor for p in forward[1:])
+    back = repo.devices_page(4, before=forward[2].prev_cursor)
+    assert back.items == forward[1].items and back.next_cursor == forward[1].next_cursor
+    first = repo.devices_page(4, before=back.prev_cursor)
+    assert [d["device_id"] for d in first.items] == ids[:4] and first.prev_cursor is None
+    online = repo.devices_page(2, before=forward[2].prev_cursor, online=True)
+    assert [d["device_id"] for d in online.items] == ["d005", "d007"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "values"),
+    [("events", [2**63]), ("audit", [-(2**64)]), ("bundles", [1e400, "a"]), ("drift", [1, 2**70])],
+)
+def test_a_cursor_value_no_column_can_hold_is_refused(
+    repo: Repository, kind: str, values: list[Any]
+) -> None:
+    import base64
+
+    raw = json.dumps([kind, values]).replace("Infinity", "1e400")
+    forged = base64.urlsafe_b64encode(raw.encode()).decode()
+    read = {
+        "events": repo.events_page,
+        "audit": repo.audit_page,
+        "bundles": repo.bundles_page,
+        "drift": lambda limit, cursor: DRIFT.decode(cursor),
+    }[kind]
+    with pytest.raises(InvalidInput) as err:
+        read(5, forged)
+    assert err.value.field == "cursor"
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    changes=st.lists(
+        st.tuples(
+            st.integers(0, 5),  # which device
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "profile": st.sampled_from([None, "", "host", "pi"]),
+                    "model": st.sampled_from([None, "iris", "digits"]),
+                    "version": st.sampled_from([None, "1.0.0", "2.0.0"]),
+                    "online": st.sampled_from([None, 0, 1, True, False]),
+                    "last_seen": st.floats(0, 10),
+                },
+            ),
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_trigger_kept_counts_follow_every_device_change(
+    new_repo: Factory, changes: list[tuple[int, dict[str, Any]]]
+) -> None:
+    """The overview's counts are kept by triggers (migration 8) as devices register, move
+    between versions, go on and offline: after every write they equal a recount."""
+    repo = new_repo()
+    for i, fields in changes:
+        repo.upsert_device(f"d{i}", **fields)
+        assert repo.device_counts() == _counts_by_listing(repo.list_devices())
+
+
+def test_a_registry_from_before_the_count_table_counts_its_devices(tmp_path: Path) -> None:
+    """Migration 8 fills the count table from the devices already registered."""
+    path = tmp_path / "old.db"
+    repo = SQLiteRepository(path)
+    repo.close()
+    db = sqlite3.connect(path)
+    with db:
+        for t in ("devices_count_insert", "devices_count_delete", "devices_count_update"):
+            db.execute(f'drop trigger "{t}"')
+        db.execute('drop table "device_count_groups"')
+        db.execute("delete from schema_version where version > 4")
+        db.executemany(
+            "insert into devices (device_id, profile, model, version, online) values (?,?,?,?,?)",
+            [
+                ("a", "host", "iris", "1.0.0", 1),
+                ("b", None, None, None, None),
+                ("c", "host", "iris", "1.0.0", 0),
+            ],
+        )
+    db.close()
+    repo = SQLiteRepository(path)
+    try:
+        assert repo.schema_version() == len(migrations.SQLITE)
+        assert repo.device_counts() == _counts_by_listing(repo.list_devices())
+        assert repo.device_counts()["devices"] == 3
+    finally:
+        repo.close()

@@ -23,7 +23,7 @@ def make_transport(config: FleetConfig, *, embedded: bool = False) -> Any:
     b = config.broker
     # amqtt (the embedded broker) speaks MQTT 3.1.1 only: no MQTT 5, no shared subscriptions.
     return PahoTransport(
-        b.url,
+        b.all_urls(),
         b.client_id,
         username=b.username,
         password=b.password,

@@ -448,3 +448,19 @@ def test_a_stage_with_no_devices_shows_as_empty_not_passed(fleet: Fleet, bundle_
     out = run("rollout", "status", rid, token=op).stdout
     second = next(line for line in out.splitlines() if line.strip().startswith("│ 2 "))
     assert "empty (0 devices)" in second and "passed" not in second
+
+
+def test_broker_urls_name_a_cluster_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    from fleet_server.config import parse_config
+    from fleet_server.errors import ConfigError
+
+    cfg = parse_config('[broker]\nurls = ["mqtt://n1:1883", "mqtt://n2:1883"]\n')
+    assert cfg.broker.all_urls() == ["mqtt://n1:1883", "mqtt://n2:1883"]
+    assert parse_config("").broker.all_urls() == ["mqtt://127.0.0.1:1883"]
+    for text, message in [
+        ('[broker]\nurls = ["mqtt://n1", "mqtts://n2"]\n', "mix mqtt"),
+        ('[broker]\nurl = "ftp://x"\n', "scheme must be mqtt"),
+        ('[broker]\nurls = ["mqtt://n1"]\nembedded = true\n', "embedded broker is one node"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(text)

@@ -1,0 +1,244 @@
+"""A real 3-node NATS cluster with MQTT on JetStream, on loopback ephemeral ports.
+
+Each node is one ``nats-server`` process (Debian's 2.9.10 at ``/usr/sbin/nats-server``) with:
+
+- a ``server_name`` (JetStream in a cluster needs one per node),
+- JetStream with its own ``store_dir`` under the cluster's temp folder,
+- a ``cluster { name, listen, routes }`` block naming the other two nodes,
+- an ``mqtt { listen }`` block (MQTT 3.1.1 on JetStream; NATS has no MQTT 5).
+
+:meth:`NatsCluster.start` returns once every node accepts an MQTT connection (the MQTT
+listener answers CONNECT only after the JetStream meta leader is elected and the MQTT
+streams exist), so a test can connect anywhere at once. :meth:`NatsCluster.kill` is a
+``kill -9`` of one node (its sockets close at once, its devices see a lost link);
+:meth:`NatsCluster.restart` starts it again on the same ports and store.
+
+``why_unavailable()`` is the one reason to skip: ``nats-server`` is not installed (CI installs
+Debian's ``nats-server`` package).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet_server.embedded_broker import free_port
+
+NATS_SERVER = shutil.which("nats-server") or (
+    "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
+)
+
+__all__ = ["NATS_SERVER", "NatsCluster", "NatsNode", "nats_cluster", "why_unavailable"]
+
+
+def why_unavailable() -> str | None:
+    """None when a cluster can be started here, else the reason (for ``pytest.skip``)."""
+    if NATS_SERVER is None:
+        return "nats-server is not installed (CI installs Debian's nats-server)"
+    return None
+
+
+_CONF = """\
+server_name: {name}
+listen: 127.0.0.1:{client_port}
+http: 127.0.0.1:{monitor_port}
+jetstream {{
+  store_dir: "{store}"
+  max_memory_store: 64MB
+  max_file_store: 1GB
+}}
+cluster {{
+  name: edgefleet-test
+  listen: 127.0.0.1:{cluster_port}
+  routes: [
+{routes}
+  ]
+}}
+mqtt {{
+  listen: 127.0.0.1:{mqtt_port}
+  stream_replicas: 3
+}}
+"""
+
+
+class NatsNode:
+    def __init__(self, index: int, root: Path) -> None:
+        self.index = index
+        self.name = f"n{index}"
+        self.client_port = free_port()
+        self.cluster_port = free_port()
+        self.mqtt_port = free_port()
+        self.monitor_port = free_port()
+        self.dir = root / self.name
+        self.dir.mkdir(parents=True)
+        self.conf = self.dir / "nats.conf"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The MQTT URL of this node."""
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    def write_config(self, peers: list[NatsNode]) -> None:
+        routes = "\n".join(
+            f"    nats-route://127.0.0.1:{p.cluster_port}" for p in peers if p is not self
+        )
+        self.conf.write_text(
+            _CONF.format(
+                name=self.name,
+                client_port=self.client_port,
+                monitor_port=self.monitor_port,
+                cluster_port=self.cluster_port,
+                mqtt_port=self.mqtt_port,
+                store=self.dir / "jetstream",
+                routes=routes,
+            )
+        )
+
+    def start(self) -> None:
+        assert NATS_SERVER is not None
+        log = open(self.dir / "nats.log", "ab")  # noqa: SIM115 (closed in stop)
+        self._log = log
+        self.proc = subprocess.Popen(
+            [NATS_SERVER, "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """``kill -9``: no goodbye to clients or routes."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+            self._log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+            self._log.close()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = (self.dir / "nats.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def mqtt_ready(url: str, timeout: float = 2.0) -> bool:
+    """True when the node at ``url`` answers an MQTT 3.1.1 CONNECT with success."""
+    import paho.mqtt.client as mqtt
+
+    done: dict[str, bool] = {}
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"probe-{uuid.uuid4().hex[:8]}",
+        protocol=mqtt.MQTTv311,
+        clean_session=True,
+    )
+    c.on_connect = lambda cl, ud, fl, rc, pr=None: done.setdefault("ok", not rc.is_failure)
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    try:
+        c.connect(host, int(port), keepalive=10)
+    except OSError:
+        return False
+    c.loop_start()
+    deadline = time.monotonic() + timeout
+    while "ok" not in done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c.disconnect()
+    c.loop_stop()
+    return done.get("ok", False)
+
+
+class NatsCluster:
+    """Three ``nats-server`` nodes routed to each other; ``with NatsCluster() as c: c.urls``."""
+
+    def __init__(self, size: int = 3) -> None:
+        if NATS_SERVER is None:
+            raise RuntimeError("nats-server is not installed")
+        self.root = Path(tempfile.mkdtemp(prefix="edgefleet-nats-"))
+        self.nodes = [NatsNode(i + 1, self.root) for i in range(size)]
+        for node in self.nodes:
+            node.write_config(self.nodes)
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def node(self, number: int) -> NatsNode:
+        """Node ``number`` counted from 1, as the tests name them."""
+        return self.nodes[number - 1]
+
+    def start(self, timeout: float = 90.0) -> NatsCluster:
+        for node in self.nodes:
+            node.start()
+        try:
+            self.wait_ready(self.nodes, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, nodes: list[NatsNode], timeout: float = 90.0) -> None:
+        """Wait until every node in ``nodes`` accepts MQTT connections."""
+        deadline = time.monotonic() + timeout
+        pending = list(nodes)
+        while pending:
+            for node in list(pending):
+                if not node.alive():
+                    raise RuntimeError(f"nats node {node.name} exited:\n{node.log_tail()}")
+                if mqtt_ready(node.url):
+                    pending.remove(node)
+            if pending and time.monotonic() > deadline:
+                tails = "\n".join(f"--- {n.name}\n{n.log_tail()}" for n in pending)
+                raise TimeoutError(f"MQTT not ready on {[n.name for n in pending]}:\n{tails}")
+            if pending:
+                time.sleep(0.25)
+
+    def kill(self, number: int) -> None:
+        self.node(number).kill()
+
+    def restart(self, number: int, timeout: float = 90.0) -> None:
+        node = self.node(number)
+        node.stop()
+        node.start()
+        self.wait_ready([node], timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if not os.environ.get("EDGEFLEET_KEEP_NATS"):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def nats_cluster() -> Iterator[NatsCluster]:
+    """A fresh 3-node cluster per test module (skips only when nats-server is absent)."""
+    reason = why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with NatsCluster() as cluster:
+        yield cluster

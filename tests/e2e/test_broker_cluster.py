@@ -1,0 +1,443 @@
+"""A clustered broker, tested as one: a real 3-node NATS cluster (MQTT on JetStream).
+
+(i)   What the broker gives, checked with plain paho: a retained message published on node 1
+      reaches a wildcard subscriber on node 2; a persistent QoS 1 session that disconnects
+      from node 2 gets its queued message after reconnecting to node 3; MQTT 5 is refused
+      and ``$share/…`` filters deliver nothing (no shared subscriptions in NATS 2.9).
+(ii)  The shipped commands on it: ``edgefleet fleet init`` + ``fleet serve`` on node 3,
+      ``edgefleet agent init`` (with ``--broker`` repeated: a failover list) + ``agent run``
+      for three devices spread over nodes 1 and 2, and a staged rollout that completes.
+(iii) ``kill -9`` of node 1 mid-rollout: its devices move to another node of their lists,
+      keep serving, and the rollout completes with every device on the target version.
+
+Everything waits with generous deadlines; nothing asserts a duration.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from protocol import KeyPair
+from tests.e2e.conftest import Release
+from tests.e2e.support import (
+    ENROL_TOKEN,
+    IRIS_ROW,
+    AgentProcess,
+    install_offline,
+    wait_until,
+)
+from tests.support.keys import write_private, write_public
+from tests.support.nats_cluster import NatsCluster
+from tests.support.shipped import Process, edgefleet, set_keys
+
+pytestmark = [pytest.mark.slow, pytest.mark.nats]
+
+FINAL = {"succeeded", "halted", "aborted", "rolled_back"}
+
+
+# (i) what the broker gives ----------------------------------------------------------------
+def _paho(url: str, client_id: str, *, clean: bool = True, v5: bool = False) -> Any:
+    import paho.mqtt.client as mqtt
+
+    if v5:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    else:
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=clean,
+        )
+    c.got = []  # type: ignore[attr-defined]
+    c.connack = []  # type: ignore[attr-defined]
+    c.on_message = lambda cl, ud, m: cl.got.append((m.topic, bytes(m.payload), m.retain))
+    c.subacks = []  # type: ignore[attr-defined]
+    c.on_connect = lambda cl, ud, fl, rc, pr=None: cl.connack.append(rc)
+    c.on_subscribe = lambda cl, ud, mid, rcs, pr=None: cl.subacks.append(mid)
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    c.connect(host, int(port), keepalive=30)
+    c.loop_start()
+    wait_until(lambda: c.connack, 30, f"a CONNACK from {url}")
+    return c
+
+
+def _close(c: Any) -> None:
+    c.disconnect()
+    c.loop_stop()
+
+
+def test_retained_message_from_node_1_reaches_a_wildcard_subscriber_on_node_2(
+    nats_cluster: NatsCluster,
+) -> None:
+    topic = f"cluster-{uuid.uuid4().hex[:6]}/devices/d1/state"
+    pub = _paho(nats_cluster.node(1).url, f"pub-{uuid.uuid4().hex[:6]}")
+    try:
+        assert not pub.connack[0].is_failure
+        pub.publish(topic, b"retained-on-1", qos=1, retain=True).wait_for_publish(30)
+    finally:
+        _close(pub)
+    sub = _paho(nats_cluster.node(2).url, f"sub-{uuid.uuid4().hex[:6]}")
+    try:
+        sub.subscribe(topic.split("/")[0] + "/devices/+/state", 1)  # a wildcard filter
+        wait_until(lambda: sub.got, 30, "the retained message on node 2")
+        assert sub.got[0] == (topic, b"retained-on-1", True)
+    finally:
+        _close(sub)
+
+
+def test_persistent_qos1_session_resumes_on_another_node_with_its_queued_message(
+    nats_cluster: NatsCluster,
+) -> None:
+    client_id = f"sess-{uuid.uuid4().hex[:6]}"
+    topic = f"cluster-{uuid.uuid4().hex[:6]}/devices/d2/cmd"
+    first = _paho(nats_cluster.node(2).url, client_id, clean=False)
+    _, mid = first.subscribe(topic, 1)
+    wait_until(lambda: mid in first.subacks, 30, "the SUBACK on node 2")
+    _close(first)
+    pub = _paho(nats_cluster.node(1).url, f"pub-{uuid.uuid4().hex[:6]}")
+    try:
+        pub.publish(topic, b"queued-while-offline", qos=1).wait_for_publish(30)
+    finally:
+        _close(pub)
+    again = _paho(nats_cluster.node(3).url, client_id, clean=False)
+    try:
+        assert again.connack and not again.connack[0].is_failure
+        wait_until(lambda: again.got, 60, "the queued message on node 3")
+        assert again.got[0][:2] == (topic, b"queued-while-offline")
+    finally:
+        _close(again)
+
+
+def test_nats_refuses_mqtt5_and_never_delivers_to_a_share_filter(
+    nats_cluster: NatsCluster,
+) -> None:
+    """Why the fleet server falls back to 3.1.1 there, and why ingest cannot rely on
+    ``$share/…`` on NATS: the subscription is granted, and nothing ever arrives."""
+    v5 = _paho(nats_cluster.node(1).url, f"v5-{uuid.uuid4().hex[:6]}", v5=True)
+    try:
+        assert v5.connack[0].is_failure
+        assert "protocol version" in str(v5.connack[0]).lower()
+    finally:
+        v5.loop_stop()
+    base = f"cluster-{uuid.uuid4().hex[:6]}/x"
+    shared = _paho(nats_cluster.node(1).url, f"sh-{uuid.uuid4().hex[:6]}")
+    plain = _paho(nats_cluster.node(1).url, f"pl-{uuid.uuid4().hex[:6]}")
+    try:
+        _, mid_shared = shared.subscribe(f"$share/g/{base}", 1)
+        _, mid_plain = plain.subscribe(base, 1)
+        wait_until(lambda: mid_shared in shared.subacks, 30, "the $share SUBACK")
+        wait_until(lambda: mid_plain in plain.subacks, 30, "the plain SUBACK")
+        pub = _paho(nats_cluster.node(2).url, f"pub-{uuid.uuid4().hex[:6]}")
+        try:
+            pub.publish(base, b"to-everyone", qos=1).wait_for_publish(30)
+        finally:
+            _close(pub)
+        wait_until(lambda: plain.got, 30, "the plain subscriber's copy")
+        time.sleep(1.0)  # the shared subscriber had the same chance (not an assertion)
+        assert shared.got == []
+    finally:
+        _close(shared)
+        _close(plain)
+
+
+def test_transport_asked_for_mqtt5_falls_back_to_311_with_plain_filters_on_nats(
+    nats_cluster: NatsCluster,
+) -> None:
+    from protocol.transport_paho import PahoTransport
+
+    base = f"cluster-{uuid.uuid4().hex[:6]}/devices/+/telemetry/+"
+    got: list[str] = []
+    t = PahoTransport(
+        [nats_cluster.node(2).url, nats_cluster.node(3).url],
+        f"fleet-{uuid.uuid4().hex[:6]}",
+        mqtt5=True,
+        clean_session=False,
+    )
+    t.set_handler(lambda topic, payload: got.append(topic))
+    t.subscribe(f"$share/fleet/{base}", 1)  # what the bridge asks for with a shared_group
+    try:
+        t.connect(timeout=60)
+        assert t.mqtt5 is False and t.is_connected()
+        pub = _paho(nats_cluster.node(1).url, f"pub-{uuid.uuid4().hex[:6]}")
+        try:
+            topic = base.replace("+", "d9", 1).replace("+", "metrics")
+
+            def delivered() -> bool:  # until the new subscription is in place on the cluster
+                pub.publish(topic, b"{}", qos=1).wait_for_publish(30)
+                return bool(got)
+
+            wait_until(delivered, 60, "a telemetry message through the plain filter", 0.5)
+            assert got[0] == topic
+        finally:
+            _close(pub)
+    finally:
+        t.close()
+
+
+# (ii) + (iii) the shipped commands -----------------------------------------------------------
+@dataclass
+class Deployment:
+    root: Path
+    cluster: NatsCluster
+    api: str
+    token: str
+    fleet: Process
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+    brokers: dict[str, list[str]] = field(default_factory=dict)  # device → its URL list
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.api, headers={"authorization": f"Bearer {self.token}"}, timeout=30
+        )
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        with self.http() as c:
+            r = c.get(f"/v1/rollouts/{rollout_id}")
+            r.raise_for_status()
+            return dict(r.json())
+
+    def online(self) -> set[str]:
+        with self.http() as c:
+            r = c.get("/v1/devices")
+            r.raise_for_status()
+            body = r.json()
+        rows = body["items"] if isinstance(body, dict) else body
+        return {d["device_id"] for d in rows if d.get("online")}
+
+    def start_rollout(self, bundle: Path, *extra: str) -> str:
+        env = {"EDGEFLEET_URL": self.api, "EDGEFLEET_TOKEN": self.token}
+        out = _edgefleet_env(env, "rollout", "start", str(bundle), *extra)
+        m = re.search(r"rollout (r-[0-9a-zA-Z]+)", out)
+        assert m, out
+        return m.group(1)
+
+    def wait_final(self, rollout_id: str, timeout: float = 300) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            status = self.rollout(rollout_id)
+            return status if status["state"] in FINAL else None
+
+        status: dict[str, Any] = wait_until(final, timeout, f"rollout {rollout_id} to end", 0.5)
+        return status
+
+    def logs(self) -> str:
+        parts = [f"--- fleet\n{self.fleet.log()}"]
+        parts += [f"--- {d}\n{a.log()}" for d, a in self.agents.items()]
+        return "\n".join(parts)
+
+
+def _edgefleet_env(extra_env: dict[str, str], *args: str) -> str:
+    import subprocess
+    import sys
+
+    from tests.support.shipped import REPO, env
+
+    out = subprocess.run(
+        [sys.executable, "-m", "edgefleet", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**env(), **extra_env, "COLUMNS": "200"},
+        cwd=REPO,
+    )
+    assert out.returncode == 0, f"edgefleet {' '.join(args)}: {out.stderr}{out.stdout}"
+    return out.stdout + out.stderr
+
+
+# devices and their failover lists: two start on node 1, one on node 2
+LISTS = {"nats-a": (1, 2, 3), "nats-b": (1, 3, 2), "nats-c": (2, 1, 3)}
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    nats_cluster: NatsCluster,
+    tmp_path_factory: pytest.TempPathFactory,
+    signing_key: KeyPair,
+    iris_v1: Release,
+) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("cluster")
+    keys = root / "keys"
+    bundle_pub = keys / "release.pub"
+    keys.mkdir()
+    bundle_pub.write_bytes(signing_key.public_pem())
+    command_pub, command_pem = write_public(keys), write_private(keys)
+    from protocol.device_auth import token_hash
+    from tests.support.brokers import free_port
+
+    # the fleet server: `fleet init`, a user's edits, `fleet serve` on node 3 (then node 2)
+    fleet_toml = root / "fleet.toml"
+    edgefleet("fleet", "init", "--out", str(fleet_toml))
+    api_port = free_port()
+    one_broker = '\nurl = "mqtt://127.0.0.1:1883"'
+    assert one_broker in fleet_toml.read_text()
+    fleet_toml.write_text(
+        set_keys(
+            fleet_toml.read_text().replace(one_broker, "\n# (one broker: url; a cluster: urls)"),
+            {
+                "data_dir": root / "fleet",
+                "broker.urls": [nats_cluster.node(3).url, nats_cluster.node(2).url],
+                "broker.client_id": f"fleet-{uuid.uuid4().hex[:6]}",
+                "api.port": api_port,
+                "signing.command_key": command_pem,
+                "signing.bundle_keys": [str(bundle_pub)],
+                "rollout.tick_s": 0.2,
+                "devices.enrol_token_hashes": [token_hash(ENROL_TOKEN)],
+            },
+        )
+    )
+    token = edgefleet(
+        "fleet", "token", "create", "--role", "operator", "--config", str(fleet_toml)
+    ).stdout.strip()
+    fleet = Process(["fleet", "serve", "--config", str(fleet_toml)], root / "fleet.log")
+    api = f"http://127.0.0.1:{api_port}"
+    dep = Deployment(root, nats_cluster, api, token, fleet)
+    try:
+        fleet.wait_http(f"{api}/v1/health", timeout=120)
+        # the devices: `agent init --broker … --broker …`, v1 installed offline, `agent run`
+        configs = []
+        for device, order in LISTS.items():
+            folder = root / device
+            folder.mkdir()
+            urls = [nats_cluster.node(n).url for n in order]
+            dep.brokers[device] = urls
+            config = folder / "agent.toml"
+            args = ["agent", "init", "--out", str(config), "--device-id", device]
+            for u in urls:
+                args += ["--broker", u]
+            args += ["--bundle-key", str(bundle_pub), "--command-key", str(command_pub)]
+            args += ["--api-port", str(free_port())]
+            edgefleet(*args)
+            token_file = folder / "enrol-token"
+            token_file.write_text(ENROL_TOKEN + "\n")
+            token_file.chmod(0o600)
+            config.write_text(
+                set_keys(
+                    config.read_text(),
+                    {
+                        "data_dir": folder / "data",
+                        "enrol.token_file": token_file,
+                        "sketch.window_seconds": 2.0,
+                        "runtime.threads": 1,
+                        "runtime.bench_after_install": 5,
+                    },
+                )
+            )
+            configs.append(config)
+        install_offline(configs, iris_v1.write(root / "bundles"))
+        for device, config in zip(LISTS, configs, strict=True):
+            dep.agents[device] = AgentProcess(config).start()
+        for agent in dep.agents.values():
+            agent.wait_api(timeout=120, ready=True)
+        wait_until(
+            lambda: set(LISTS) <= dep.online(), 120, "every device online at the fleet server"
+        )
+        yield dep
+    except BaseException:
+        print(dep.logs())
+        raise
+    finally:
+        for agent in dep.agents.values():
+            agent.close()
+        fleet.stop()
+
+
+def _connected_to(agent: AgentProcess) -> str | None:
+    """The broker URL of the agent's last 'broker link connected' line (``agent run``)."""
+    found = re.findall(r"broker link connected: connected to (mqtt://\S+)", agent.log())
+    return found[-1] if found else None
+
+
+def _on_version(dep: Deployment, version: str) -> dict[str, str | None]:
+    out = {}
+    for device, agent in dep.agents.items():
+        model = agent.model()
+        out[device] = model.get("version") if model else None
+    return {d: v for d, v in out.items() if v != version}
+
+
+def test_shipped_fleet_and_agents_complete_a_staged_rollout_over_the_cluster(
+    deployment: Deployment, iris_v2: Release
+) -> None:
+    dep = deployment
+    for device in ("nats-a", "nats-b"):  # two devices on node 1, one on node 2
+        assert _connected_to(dep.agents[device]) == dep.cluster.node(1).url, dep.logs()
+    assert _connected_to(dep.agents["nats-c"]) == dep.cluster.node(2).url, dep.logs()
+
+    rollout = dep.start_rollout(iris_v2.write(dep.root / "bundles"), "--stages", "1,2,3", "--count")
+    status = dep.wait_final(rollout)
+    assert status["state"] == "succeeded", (status, dep.logs())
+    assert {d["state"] for d in status["devices"]} == {"installed"}
+    wait_until(lambda: not _on_version(dep, "2.0.0"), 60, "every device serving 2.0.0")
+
+
+def test_killing_node_1_mid_rollout_moves_its_devices_and_the_rollout_completes(
+    deployment: Deployment, iris_v3: Release
+) -> None:
+    dep = deployment
+    on_node_1 = [d for d, a in dep.agents.items() if _connected_to(a) == dep.cluster.node(1).url]
+    assert on_node_1, dep.logs()
+    served: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:  # the devices keep answering predictions throughout
+        clients = [httpx.Client(base_url=a.url, timeout=10) for a in dep.agents.values()]
+        try:
+            while not stop.is_set():
+                for c in clients:
+                    try:
+                        served.append(
+                            c.post("/v1/predict", json={"inputs": [IRIS_ROW]}).status_code
+                        )
+                    except httpx.HTTPError:
+                        served.append(0)
+                stop.wait(0.1)
+        finally:
+            for c in clients:
+                c.close()
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    try:
+        # each stage soaks, so the rollout is still running when the node dies
+        rollout = dep.start_rollout(
+            iris_v3.write(dep.root / "bundles"), "--stages", "1,2,3", "--count", "--soak", "8"
+        )
+        wait_until(
+            lambda: any(s["state"] != "pending" for s in dep.rollout(rollout)["stages"]),
+            120,
+            "the first stage to start",
+        )
+        before = dep.rollout(rollout)
+        assert before["state"] not in FINAL, before
+        dep.cluster.kill(1)
+
+        def moved() -> bool:
+            return all(
+                _connected_to(dep.agents[d]) not in (None, dep.cluster.node(1).url)
+                for d in on_node_1
+            )
+
+        wait_until(moved, 180, f"{on_node_1} to reconnect to another node", 0.5)
+        for d in on_node_1:
+            assert _connected_to(dep.agents[d]) in dep.brokers[d][1:]
+        status = dep.wait_final(rollout, timeout=400)
+        assert status["state"] == "succeeded", (status, dep.logs())
+        assert {d["state"] for d in status["devices"]} == {"installed"}, status["devices"]
+        wait_until(lambda: not _on_version(dep, "3.0.0"), 60, "every device serving 3.0.0")
+        wait_until(
+            lambda: set(LISTS) <= dep.online(), 120, "every device online again at the fleet"
+        )
+    finally:
+        stop.set()
+        worker.join(30)
+        dep.cluster.restart(1)  # leave the cluster whole for anything after this test
+    assert served and all(code == 200 for code in served), sorted(set(served))

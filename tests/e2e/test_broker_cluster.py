@@ -356,6 +356,19 @@ def _connected_to(agent: AgentProcess) -> str | None:
     return found[-1] if found else None
 
 
+def _queued_before(data_dir: Path, ts: float) -> int:
+    """Outbox entries (statuses, metrics, sketches) queued at or before ``ts``, not yet acked."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{data_dir / 'outbox.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return int(
+            con.execute("SELECT COUNT(*) FROM outbox WHERE created <= ?", (ts,)).fetchone()[0]
+        )
+    finally:
+        con.close()
+
+
 def _on_version(dep: Deployment, version: str) -> dict[str, str | None]:
     out = {}
     for device, agent in dep.agents.items():
@@ -427,8 +440,16 @@ def test_killing_node_1_mid_rollout_moves_its_devices_and_the_rollout_completes(
             )
 
         wait_until(moved, 180, f"{on_node_1} to reconnect to another node", 0.5)
+        moved_at = time.time()
         for d in on_node_1:
             assert _connected_to(dep.agents[d]) in dep.brokers[d][1:]
+        # what the moved devices queued while their node was gone leaves their outboxes
+        wait_until(
+            lambda: all(_queued_before(dep.root / d / "data", moved_at) == 0 for d in on_node_1),
+            120,
+            "the moved devices' outboxes to drain",
+            0.5,
+        )
         status = dep.wait_final(rollout, timeout=400)
         assert status["state"] == "succeeded", (status, dep.logs())
         assert {d["state"] for d in status["devices"]} == {"installed"}, status["devices"]

@@ -1,11 +1,13 @@
 """A real 3-node NATS cluster with MQTT on JetStream, on loopback ephemeral ports.
 
-Each node is one ``nats-server`` process (Debian's 2.9.10 at ``/usr/sbin/nats-server``) with:
+Each node is one ``nats-server`` process (Debian's 2.9.10 at ``/usr/sbin/nats-server``) run
+from the shipped ``deploy/nats/nats-N.conf`` + ``cluster.conf``, with hosts and ports moved
+to loopback ephemeral ports (:func:`loopback_config`):
 
 - a ``server_name`` (JetStream in a cluster needs one per node),
 - JetStream with its own ``store_dir`` under the cluster's temp folder,
-- a ``cluster { name, listen, routes }`` block naming the other two nodes,
-- an ``mqtt { listen }`` block (MQTT 3.1.1 on JetStream; NATS has no MQTT 5).
+- a ``cluster { name, listen, routes }`` block naming all three nodes,
+- an ``mqtt { listen, stream_replicas: 3 }`` block (MQTT 3.1.1 on JetStream; no MQTT 5).
 
 :meth:`NatsCluster.start` returns once every node accepts an MQTT connection (the MQTT
 listener answers CONNECT only after the JetStream meta leader is elected and the MQTT
@@ -46,27 +48,35 @@ def why_unavailable() -> str | None:
     return None
 
 
-_CONF = """\
-server_name: {name}
-listen: 127.0.0.1:{client_port}
-http: 127.0.0.1:{monitor_port}
-jetstream {{
-  store_dir: "{store}"
-  max_memory_store: 64MB
-  max_file_store: 1GB
-}}
-cluster {{
-  name: edgefleet-test
-  listen: 127.0.0.1:{cluster_port}
-  routes: [
-{routes}
-  ]
-}}
-mqtt {{
-  listen: 127.0.0.1:{mqtt_port}
-  stream_replicas: 3
-}}
-"""
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
+
+
+def loopback_config(node: int, ports: dict[str, int], routes: list[int], store: Path) -> str:
+    """``deploy/nats/cluster.conf`` with its hosts and ports moved to loopback: the tests run
+    the shipped cluster configuration, not a copy of it."""
+    text = (DEPLOY / "cluster.conf").read_text()
+    swaps = {
+        "listen: 0.0.0.0:4222": f"listen: 127.0.0.1:{ports['client']}",
+        "http: 127.0.0.1:8222": f"http: 127.0.0.1:{ports['monitor']}",
+        '"/var/lib/nats/jetstream"': f'"{store}"',
+        "listen: 0.0.0.0:6222": f"listen: 127.0.0.1:{ports['cluster']}",
+        "listen: 0.0.0.0:1883": f"listen: 127.0.0.1:{ports['mqtt']}",
+        "max_file_store: 8GB": "max_file_store: 1GB",
+    }
+    swaps.update(
+        {
+            f"nats-route://nats-{i}:6222": f"nats-route://127.0.0.1:{p}"
+            for i, p in enumerate(routes, 1)
+        }
+    )
+    for old, new in swaps.items():
+        if old not in text:
+            raise RuntimeError(f"deploy/nats/cluster.conf no longer has {old!r}; update {__name__}")
+        text = text.replace(old, new)
+    node_text = (DEPLOY / f"nats-{node}.conf").read_text()
+    if "include ./cluster.conf" not in node_text:
+        raise RuntimeError(f"deploy/nats/nats-{node}.conf no longer includes ./cluster.conf")
+    return node_text.replace("include ./cluster.conf", text)
 
 
 class NatsNode:
@@ -88,20 +98,14 @@ class NatsNode:
         return f"mqtt://127.0.0.1:{self.mqtt_port}"
 
     def write_config(self, peers: list[NatsNode]) -> None:
-        routes = "\n".join(
-            f"    nats-route://127.0.0.1:{p.cluster_port}" for p in peers if p is not self
-        )
-        self.conf.write_text(
-            _CONF.format(
-                name=self.name,
-                client_port=self.client_port,
-                monitor_port=self.monitor_port,
-                cluster_port=self.cluster_port,
-                mqtt_port=self.mqtt_port,
-                store=self.dir / "jetstream",
-                routes=routes,
-            )
-        )
+        ports = {
+            "client": self.client_port,
+            "monitor": self.monitor_port,
+            "cluster": self.cluster_port,
+            "mqtt": self.mqtt_port,
+        }
+        routes = [p.cluster_port for p in peers]
+        self.conf.write_text(loopback_config(self.index, ports, routes, self.dir / "jetstream"))
 
     def start(self) -> None:
         assert NATS_SERVER is not None

@@ -2,8 +2,10 @@
 
 (i)   What the broker gives, checked with plain paho: a retained message published on node 1
       reaches a wildcard subscriber on node 2; a persistent QoS 1 session that disconnects
-      from node 2 gets its queued message after reconnecting to node 3; MQTT 5 is refused
-      and ``$share/…`` filters deliver nothing (no shared subscriptions in NATS 2.9).
+      from node 2 gets its queued message after reconnecting to node 3; a last will fires
+      across nodes and stays retained; MQTT 5 is refused and ``$share/…`` filters deliver
+      nothing (no shared subscriptions in NATS 2.9); our transport, asked for MQTT 5,
+      falls back to 3.1.1 with plain filters.
 (ii)  The shipped commands on it: ``edgefleet fleet init`` + ``fleet serve`` on node 3,
       ``edgefleet agent init`` (with ``--broker`` repeated: a failover list) + ``agent run``
       for three devices spread over nodes 1 and 2, and a staged rollout that completes.
@@ -116,6 +118,44 @@ def test_persistent_qos1_session_resumes_on_another_node_with_its_queued_message
         assert again.got[0][:2] == (topic, b"queued-while-offline")
     finally:
         _close(again)
+
+
+def test_last_will_of_a_vanished_client_on_node_1_is_delivered_and_retained_cluster_wide(
+    nats_cluster: NatsCluster,
+) -> None:
+    import socket
+
+    import paho.mqtt.client as mqtt
+
+    base = f"cluster-{uuid.uuid4().hex[:6]}"
+    watcher = _paho(nats_cluster.node(2).url, f"w-{uuid.uuid4().hex[:6]}")
+    try:
+        _, mid = watcher.subscribe(f"{base}/devices/+/state", 1)
+        wait_until(lambda: mid in watcher.subacks, 30, "the watcher's SUBACK")
+        device = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"d-{uuid.uuid4().hex[:6]}",
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
+        device.will_set(f"{base}/devices/d3/state", b"offline", qos=1, retain=True)
+        host, port = nats_cluster.node(1).url.removeprefix("mqtt://").rsplit(":", 1)
+        device.connect(host, int(port), keepalive=30)
+        wait_until(lambda: device.loop(0.2) == 0 and device.is_connected(), 30, "CONNACK")
+        sock = device.socket()
+        sock.shutdown(socket.SHUT_RDWR)  # vanish without DISCONNECT: the will fires
+        sock.close()
+        wait_until(lambda: watcher.got, 60, "the last will on node 2")
+        assert watcher.got[0][:2] == (f"{base}/devices/d3/state", b"offline")
+    finally:
+        _close(watcher)
+    late = _paho(nats_cluster.node(3).url, f"l-{uuid.uuid4().hex[:6]}")
+    try:
+        late.subscribe(f"{base}/#", 1)
+        wait_until(lambda: late.got, 30, "the retained will on node 3")
+        assert late.got[0] == (f"{base}/devices/d3/state", b"offline", True)
+    finally:
+        _close(late)
 
 
 def test_nats_refuses_mqtt5_and_never_delivers_to_a_share_filter(
@@ -384,6 +424,11 @@ def test_shipped_fleet_and_agents_complete_a_staged_rollout_over_the_cluster(
     for device in ("nats-a", "nats-b"):  # two devices on node 1, one on node 2
         assert _connected_to(dep.agents[device]) == dep.cluster.node(1).url, dep.logs()
     assert _connected_to(dep.agents["nats-c"]) == dep.cluster.node(2).url, dep.logs()
+
+    with dep.http() as c:  # tools are told every node of the fleet's list
+        broker = c.get("/v1/broker").json()
+    assert broker["urls"] == [dep.cluster.node(3).url, dep.cluster.node(2).url]
+    assert broker["url"] == dep.cluster.node(3).url
 
     rollout = dep.start_rollout(iris_v2.write(dep.root / "bundles"), "--stages", "1,2,3", "--count")
     status = dep.wait_final(rollout)

@@ -51,12 +51,14 @@ def why_unavailable() -> str | None:
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
 
 
-def loopback_config(node: int, ports: dict[str, int], routes: list[int], store: Path) -> str:
+def loopback_config(
+    node: int, ports: dict[str, int], routes: list[int], store: Path, users: str | None = None
+) -> str:
     """``deploy/nats/cluster.conf`` with its hosts and ports moved to loopback: the tests run
     the shipped cluster configuration, not a copy of it."""
     text = (DEPLOY / "cluster.conf").read_text()
     swaps = {
-        "listen: 0.0.0.0:4222": f"listen: 127.0.0.1:{ports['client']}",
+        "listen: 127.0.0.1:4222": f"listen: 127.0.0.1:{ports['client']}",
         "http: 127.0.0.1:8222": f"http: 127.0.0.1:{ports['monitor']}",
         '"/var/lib/nats/jetstream"': f'"{store}"',
         "listen: 0.0.0.0:6222": f"listen: 127.0.0.1:{ports['cluster']}",
@@ -69,6 +71,8 @@ def loopback_config(node: int, ports: dict[str, int], routes: list[int], store: 
             for i, p in enumerate(routes, 1)
         }
     )
+    if users is not None:  # the authorization block (deploy/nats/users.conf), inlined
+        swaps["# include ./users.conf"] = users
     for old, new in swaps.items():
         if old not in text:
             raise RuntimeError(f"deploy/nats/cluster.conf no longer has {old!r}; update {__name__}")
@@ -97,7 +101,7 @@ class NatsNode:
         """The MQTT URL of this node."""
         return f"mqtt://127.0.0.1:{self.mqtt_port}"
 
-    def write_config(self, peers: list[NatsNode]) -> None:
+    def write_config(self, peers: list[NatsNode], users: str | None = None) -> None:
         ports = {
             "client": self.client_port,
             "monitor": self.monitor_port,
@@ -105,7 +109,9 @@ class NatsNode:
             "mqtt": self.mqtt_port,
         }
         routes = [p.cluster_port for p in peers]
-        self.conf.write_text(loopback_config(self.index, ports, routes, self.dir / "jetstream"))
+        self.conf.write_text(
+            loopback_config(self.index, ports, routes, self.dir / "jetstream", users)
+        )
 
     def start(self) -> None:
         assert NATS_SERVER is not None
@@ -145,7 +151,7 @@ class NatsNode:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def mqtt_ready(url: str, timeout: float = 2.0) -> bool:
+def mqtt_ready(url: str, timeout: float = 2.0, auth: tuple[str, str] | None = None) -> bool:
     """True when the node at ``url`` answers an MQTT 3.1.1 CONNECT with success."""
     import paho.mqtt.client as mqtt
 
@@ -157,6 +163,8 @@ def mqtt_ready(url: str, timeout: float = 2.0) -> bool:
         clean_session=True,
     )
     c.on_connect = lambda cl, ud, fl, rc, pr=None: done.setdefault("ok", not rc.is_failure)
+    if auth is not None:
+        c.username_pw_set(*auth)
     host, port = url.removeprefix("mqtt://").rsplit(":", 1)
     try:
         c.connect(host, int(port), keepalive=10)
@@ -174,13 +182,18 @@ def mqtt_ready(url: str, timeout: float = 2.0) -> bool:
 class NatsCluster:
     """Three ``nats-server`` nodes routed to each other; ``with NatsCluster() as c: c.urls``."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(
+        self, size: int = 3, users: str | None = None, probe: tuple[str, str] | None = None
+    ) -> None:
+        """``users``: an ``authorization`` block put where ``cluster.conf`` says
+        ``# include ./users.conf``; ``probe``: the (user, password) readiness checks use."""
         if NATS_SERVER is None:
             raise RuntimeError("nats-server is not installed")
         self.root = Path(tempfile.mkdtemp(prefix="edgefleet-nats-"))
         self.nodes = [NatsNode(i + 1, self.root) for i in range(size)]
+        self.probe = probe
         for node in self.nodes:
-            node.write_config(self.nodes)
+            node.write_config(self.nodes, users)
 
     @property
     def urls(self) -> list[str]:
@@ -208,7 +221,7 @@ class NatsCluster:
             for node in list(pending):
                 if not node.alive():
                     raise RuntimeError(f"nats node {node.name} exited:\n{node.log_tail()}")
-                if mqtt_ready(node.url):
+                if mqtt_ready(node.url, auth=self.probe):
                     pending.remove(node)
             if pending and time.monotonic() > deadline:
                 tails = "\n".join(f"--- {n.name}\n{n.log_tail()}" for n in pending)

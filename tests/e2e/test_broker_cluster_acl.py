@@ -1,0 +1,128 @@
+"""The shipped NATS permissions (``deploy/nats/users.conf``) on the 3-node cluster: a device
+reaches every topic the agent uses and no other device's; the fleet server reaches all.
+
+The file is used as a user would: its ``device-0001`` block copied for ``device-0002`` with
+the id changed, and the password placeholders filled in (plain text here; bcrypt hashes in
+production).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.support import wait_until
+from tests.support.nats_cluster import DEPLOY, NatsCluster, why_unavailable
+
+pytestmark = [pytest.mark.slow, pytest.mark.nats]
+
+PASSWORDS = {"edgefleet-server": "pw-server", "device-0001": "pw-1", "device-0002": "pw-2"}
+
+
+def _users_conf() -> str:
+    text = (DEPLOY / "users.conf").read_text()
+    block = re.search(r"\n    \{\n      user: \"device-0001\".*?\n    \}\n", text, re.S)
+    assert block, "deploy/nats/users.conf has no device-0001 block to copy"
+    second = block.group(0).replace("device-0001", "device-0002").replace("DEVICE-0001", "X")
+    text = text.replace(block.group(0), block.group(0) + second.lstrip("\n"))
+    text = text.replace("REPLACE-WITH-SERVER-PASSWORD-HASH", PASSWORDS["edgefleet-server"])
+    text = text.replace("REPLACE-WITH-DEVICE-0001-PASSWORD-HASH", PASSWORDS["device-0001"])
+    text = text.replace("REPLACE-WITH-X-PASSWORD-HASH", PASSWORDS["device-0002"])
+    assert '-HASH"' not in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[NatsCluster]:
+    reason = why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    probe = ("edgefleet-server", PASSWORDS["edgefleet-server"])
+    with NatsCluster(users=_users_conf(), probe=probe) as cluster:
+        yield cluster
+
+
+def _client(url: str, user: str | None, password: str | None, client_id: str) -> Any:
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv311,
+        clean_session=False,
+    )
+    if user is not None:
+        c.username_pw_set(user, password)
+    c.got = []  # type: ignore[attr-defined]
+    c.connack = []  # type: ignore[attr-defined]
+    c.subacks = {}  # type: ignore[attr-defined]
+    c.on_connect = lambda cl, ud, fl, rc, pr=None: cl.connack.append(rc)
+    c.on_message = lambda cl, ud, m: cl.got.append((m.topic, bytes(m.payload)))
+    c.on_subscribe = lambda cl, ud, mid, rcs, pr=None: cl.subacks.__setitem__(mid, rcs)
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    c.connect(host, int(port), keepalive=30)
+    c.loop_start()
+    wait_until(lambda: c.connack, 30, f"a CONNACK for {user}")
+    return c
+
+
+def _subscribe(c: Any, topic: str) -> bool:
+    """True when the broker granted the subscription."""
+    _, mid = c.subscribe(topic, 1)
+    wait_until(lambda: mid in c.subacks, 30, f"the SUBACK for {topic}")
+    return not c.subacks[mid][0].is_failure
+
+
+def _close(c: Any) -> None:
+    c.disconnect()
+    c.loop_stop()
+
+
+def test_credentials_are_required(secured: NatsCluster) -> None:
+    for user, password in [(None, None), ("device-0001", "wrong")]:
+        c = _client(secured.node(1).url, user, password, f"x-{uuid.uuid4().hex[:6]}")
+        try:
+            assert c.connack[0].is_failure, (user, c.connack)
+        finally:
+            _close(c)
+
+
+def test_a_device_reaches_its_own_topics_and_no_other_devices(secured: NatsCluster) -> None:
+    p = "edgefleet"
+    fleet = _client(
+        secured.node(3).url, "edgefleet-server", PASSWORDS["edgefleet-server"], "fleet-acl"
+    )
+    dev = _client(secured.node(1).url, "device-0001", PASSWORDS["device-0001"], "device-0001")
+    try:
+        for f in (f"{p}/devices/+/state", f"{p}/devices/+/status", f"{p}/devices/+/telemetry/+"):
+            assert _subscribe(fleet, f), f
+        for f in ("cmd", "artifact/#"):
+            assert _subscribe(dev, f"{p}/devices/device-0001/{f}"), f
+        assert _subscribe(dev, f"{p}/fleet/kex") and _subscribe(dev, f"{p}/alerts")
+        for f in (f"{p}/devices/device-0002/cmd", f"{p}/devices/+/cmd", f"{p}/#", "#"):
+            assert not _subscribe(dev, f), f"device-0001 may subscribe to {f}"
+
+        # the device's messages: its own reach the fleet, one forged for device-0002 does not
+        dev.publish(f"{p}/devices/device-0002/status", b"forged", qos=1)
+        own = ["state", "status", "telemetry/metrics", "telemetry/sketch"]
+        for kind in own:
+            retain = kind == "state"  # births are retained
+            dev.publish(f"{p}/devices/device-0001/{kind}", kind.encode(), qos=1, retain=retain)
+        wanted = {f"{p}/devices/device-0001/{k}" for k in own}
+        wait_until(lambda: wanted <= {t for t, _ in fleet.got}, 60, "the device's messages")
+        assert all("device-0002" not in t for t, _ in fleet.got), fleet.got
+
+        # the fleet's messages: the device gets its command, chunk and the fleet key only
+        fleet.publish(f"{p}/devices/device-0002/cmd", b"not-yours", qos=1)
+        fleet.publish(f"{p}/devices/device-0001/cmd", b"cmd", qos=1)
+        fleet.publish(f"{p}/devices/device-0001/artifact/{'a' * 64}/0", b"chunk", qos=1)
+        fleet.publish(f"{p}/fleet/kex", b"kex", qos=1, retain=True)
+        wait_until(lambda: len(dev.got) >= 3, 60, "the fleet's messages at the device")
+        assert sorted(payload for _, payload in dev.got) == [b"chunk", b"cmd", b"kex"]
+    finally:
+        _close(dev)
+        _close(fleet)

@@ -40,6 +40,11 @@ class FleetServer:
         self.config = config
         self.embedded = embedded_broker or config.broker.embedded
         self.broker: Any = None
+        if self.embedded and config.broker.urls:
+            raise ConfigError(
+                "broker.urls: the embedded broker is one node; set broker.url instead "
+                "(or drop --embedded-broker to use the cluster)"
+            )
         if self.embedded:
             port = urlparse(config.broker.url).port or 1883
             host = urlparse(config.broker.url).hostname or "127.0.0.1"

@@ -464,3 +464,14 @@ def test_broker_urls_name_a_cluster_and_bad_ones_are_refused(tmp_path: Path) -> 
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_config(text)
+
+
+def test_embedded_broker_flag_with_a_broker_list_is_one_readable_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_text(
+        f'data_dir = "{tmp_path / "fleet"}"\n[broker]\nurls = ["mqtt://n1:1883", "mqtt://n2:1883"]\n'
+    )
+    result = run_cli(["fleet", "serve", "--config", str(cfg), "--embedded-broker"])
+    assert result.exit_code != 0
+    assert "the embedded broker is one node" in result.output
+    assert "Traceback" not in result.output

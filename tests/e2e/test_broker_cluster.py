@@ -17,34 +17,29 @@ Everything waits with generous deadlines; nothing asserts a duration.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from protocol import KeyPair
-from tests.e2e.conftest import Release
-from tests.e2e.support import (
-    ENROL_TOKEN,
-    IRIS_ROW,
-    AgentProcess,
-    install_offline,
-    wait_until,
+from tests.e2e.cluster_deploy import (
+    FINAL,
+    Deployment,
+    connected_to,
+    deploy,
+    on_version,
+    queued_before,
 )
-from tests.support.keys import write_private, write_public
+from tests.e2e.conftest import Release
+from tests.e2e.support import IRIS_ROW, wait_until
 from tests.support.nats_cluster import NatsCluster
-from tests.support.shipped import Process, edgefleet, set_keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.nats]
-
-FINAL = {"succeeded", "halted", "aborted", "rolled_back"}
 
 
 # (i) what the broker gives ----------------------------------------------------------------
@@ -225,74 +220,6 @@ def test_transport_asked_for_mqtt5_falls_back_to_311_with_plain_filters_on_nats(
 
 
 # (ii) + (iii) the shipped commands -----------------------------------------------------------
-@dataclass
-class Deployment:
-    root: Path
-    cluster: NatsCluster
-    api: str
-    token: str
-    fleet: Process
-    agents: dict[str, AgentProcess] = field(default_factory=dict)
-    brokers: dict[str, list[str]] = field(default_factory=dict)  # device → its URL list
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.api, headers={"authorization": f"Bearer {self.token}"}, timeout=30
-        )
-
-    def rollout(self, rollout_id: str) -> dict[str, Any]:
-        with self.http() as c:
-            r = c.get(f"/v1/rollouts/{rollout_id}")
-            r.raise_for_status()
-            return dict(r.json())
-
-    def online(self) -> set[str]:
-        with self.http() as c:
-            r = c.get("/v1/devices")
-            r.raise_for_status()
-            body = r.json()
-        rows = body["items"] if isinstance(body, dict) else body
-        return {d["device_id"] for d in rows if d.get("online")}
-
-    def start_rollout(self, bundle: Path, *extra: str) -> str:
-        env = {"EDGEFLEET_URL": self.api, "EDGEFLEET_TOKEN": self.token}
-        out = _edgefleet_env(env, "rollout", "start", str(bundle), *extra)
-        m = re.search(r"rollout (r-[0-9a-zA-Z]+)", out)
-        assert m, out
-        return m.group(1)
-
-    def wait_final(self, rollout_id: str, timeout: float = 300) -> dict[str, Any]:
-        def final() -> dict[str, Any] | None:
-            status = self.rollout(rollout_id)
-            return status if status["state"] in FINAL else None
-
-        status: dict[str, Any] = wait_until(final, timeout, f"rollout {rollout_id} to end", 0.5)
-        return status
-
-    def logs(self) -> str:
-        parts = [f"--- fleet\n{self.fleet.log()}"]
-        parts += [f"--- {d}\n{a.log()}" for d, a in self.agents.items()]
-        return "\n".join(parts)
-
-
-def _edgefleet_env(extra_env: dict[str, str], *args: str) -> str:
-    import subprocess
-    import sys
-
-    from tests.support.shipped import REPO, env
-
-    out = subprocess.run(
-        [sys.executable, "-m", "edgefleet", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**env(), **extra_env, "COLUMNS": "200"},
-        cwd=REPO,
-    )
-    assert out.returncode == 0, f"edgefleet {' '.join(args)}: {out.stderr}{out.stdout}"
-    return out.stdout + out.stderr
-
-
 # devices and their failover lists: two start on node 1, one on node 2
 LISTS = {"nats-a": (1, 2, 3), "nats-b": (1, 3, 2), "nats-c": (2, 1, 3)}
 
@@ -305,116 +232,8 @@ def deployment(
     iris_v1: Release,
 ) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("cluster")
-    keys = root / "keys"
-    bundle_pub = keys / "release.pub"
-    keys.mkdir()
-    bundle_pub.write_bytes(signing_key.public_pem())
-    command_pub, command_pem = write_public(keys), write_private(keys)
-    from protocol.device_auth import token_hash
-    from tests.support.brokers import free_port
-
-    # the fleet server: `fleet init`, a user's edits, `fleet serve` on node 3 (then node 2)
-    fleet_toml = root / "fleet.toml"
-    edgefleet("fleet", "init", "--out", str(fleet_toml))
-    api_port = free_port()
-    one_broker = '\nurl = "mqtt://127.0.0.1:1883"'
-    assert one_broker in fleet_toml.read_text()
-    fleet_toml.write_text(
-        set_keys(
-            fleet_toml.read_text().replace(one_broker, "\n# (one broker: url; a cluster: urls)"),
-            {
-                "data_dir": root / "fleet",
-                "broker.urls": [nats_cluster.node(3).url, nats_cluster.node(2).url],
-                "broker.client_id": f"fleet-{uuid.uuid4().hex[:6]}",
-                "api.port": api_port,
-                "signing.command_key": command_pem,
-                "signing.bundle_keys": [str(bundle_pub)],
-                "rollout.tick_s": 0.2,
-                "devices.enrol_token_hashes": [token_hash(ENROL_TOKEN)],
-            },
-        )
-    )
-    token = edgefleet(
-        "fleet", "token", "create", "--role", "operator", "--config", str(fleet_toml)
-    ).stdout.strip()
-    fleet = Process(["fleet", "serve", "--config", str(fleet_toml)], root / "fleet.log")
-    api = f"http://127.0.0.1:{api_port}"
-    dep = Deployment(root, nats_cluster, api, token, fleet)
-    try:
-        fleet.wait_http(f"{api}/v1/health", timeout=120)
-        # the devices: `agent init --broker … --broker …`, v1 installed offline, `agent run`
-        configs = []
-        for device, order in LISTS.items():
-            folder = root / device
-            folder.mkdir()
-            urls = [nats_cluster.node(n).url for n in order]
-            dep.brokers[device] = urls
-            config = folder / "agent.toml"
-            args = ["agent", "init", "--out", str(config), "--device-id", device]
-            for u in urls:
-                args += ["--broker", u]
-            args += ["--bundle-key", str(bundle_pub), "--command-key", str(command_pub)]
-            args += ["--api-port", str(free_port())]
-            edgefleet(*args)
-            token_file = folder / "enrol-token"
-            token_file.write_text(ENROL_TOKEN + "\n")
-            token_file.chmod(0o600)
-            config.write_text(
-                set_keys(
-                    config.read_text(),
-                    {
-                        "data_dir": folder / "data",
-                        "enrol.token_file": token_file,
-                        "sketch.window_seconds": 2.0,
-                        "runtime.threads": 1,
-                        "runtime.bench_after_install": 5,
-                    },
-                )
-            )
-            configs.append(config)
-        install_offline(configs, iris_v1.write(root / "bundles"))
-        for device, config in zip(LISTS, configs, strict=True):
-            dep.agents[device] = AgentProcess(config).start()
-        for agent in dep.agents.values():
-            agent.wait_api(timeout=120, ready=True)
-        wait_until(
-            lambda: set(LISTS) <= dep.online(), 120, "every device online at the fleet server"
-        )
+    with deploy(root, nats_cluster, signing_key, iris_v1, LISTS, fleet_nodes=(3, 2)) as dep:
         yield dep
-    except BaseException:
-        print(dep.logs())
-        raise
-    finally:
-        for agent in dep.agents.values():
-            agent.close()
-        fleet.stop()
-
-
-def _connected_to(agent: AgentProcess) -> str | None:
-    """The broker URL of the agent's last 'broker link connected' line (``agent run``)."""
-    found = re.findall(r"broker link connected: connected to (mqtt://\S+)", agent.log())
-    return found[-1] if found else None
-
-
-def _queued_before(data_dir: Path, ts: float) -> int:
-    """Outbox entries (statuses, metrics, sketches) queued at or before ``ts``, not yet acked."""
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{data_dir / 'outbox.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return int(
-            con.execute("SELECT COUNT(*) FROM outbox WHERE created <= ?", (ts,)).fetchone()[0]
-        )
-    finally:
-        con.close()
-
-
-def _on_version(dep: Deployment, version: str) -> dict[str, str | None]:
-    out = {}
-    for device, agent in dep.agents.items():
-        model = agent.model()
-        out[device] = model.get("version") if model else None
-    return {d: v for d, v in out.items() if v != version}
 
 
 def test_shipped_fleet_and_agents_complete_a_staged_rollout_over_the_cluster(
@@ -422,8 +241,8 @@ def test_shipped_fleet_and_agents_complete_a_staged_rollout_over_the_cluster(
 ) -> None:
     dep = deployment
     for device in ("nats-a", "nats-b"):  # two devices on node 1, one on node 2
-        assert _connected_to(dep.agents[device]) == dep.cluster.node(1).url, dep.logs()
-    assert _connected_to(dep.agents["nats-c"]) == dep.cluster.node(2).url, dep.logs()
+        assert connected_to(dep.agents[device]) == dep.cluster.node(1).url, dep.logs()
+    assert connected_to(dep.agents["nats-c"]) == dep.cluster.node(2).url, dep.logs()
 
     with dep.http() as c:  # tools are told every node of the fleet's list
         broker = c.get("/v1/broker").json()
@@ -434,14 +253,14 @@ def test_shipped_fleet_and_agents_complete_a_staged_rollout_over_the_cluster(
     status = dep.wait_final(rollout)
     assert status["state"] == "succeeded", (status, dep.logs())
     assert {d["state"] for d in status["devices"]} == {"installed"}
-    wait_until(lambda: not _on_version(dep, "2.0.0"), 60, "every device serving 2.0.0")
+    wait_until(lambda: not on_version(dep, "2.0.0"), 60, "every device serving 2.0.0")
 
 
 def test_killing_node_1_mid_rollout_moves_its_devices_and_the_rollout_completes(
     deployment: Deployment, iris_v3: Release
 ) -> None:
     dep = deployment
-    on_node_1 = [d for d, a in dep.agents.items() if _connected_to(a) == dep.cluster.node(1).url]
+    on_node_1 = [d for d, a in dep.agents.items() if connected_to(a) == dep.cluster.node(1).url]
     assert on_node_1, dep.logs()
     served: list[int] = []
     stop = threading.Event()
@@ -480,17 +299,17 @@ def test_killing_node_1_mid_rollout_moves_its_devices_and_the_rollout_completes(
 
         def moved() -> bool:
             return all(
-                _connected_to(dep.agents[d]) not in (None, dep.cluster.node(1).url)
+                connected_to(dep.agents[d]) not in (None, dep.cluster.node(1).url)
                 for d in on_node_1
             )
 
         wait_until(moved, 180, f"{on_node_1} to reconnect to another node", 0.5)
         moved_at = time.time()
         for d in on_node_1:
-            assert _connected_to(dep.agents[d]) in dep.brokers[d][1:]
+            assert connected_to(dep.agents[d]) in dep.brokers[d][1:]
         # what the moved devices queued while their node was gone leaves their outboxes
         wait_until(
-            lambda: all(_queued_before(dep.root / d / "data", moved_at) == 0 for d in on_node_1),
+            lambda: all(queued_before(dep.root / d / "data", moved_at) == 0 for d in on_node_1),
             120,
             "the moved devices' outboxes to drain",
             0.5,
@@ -498,7 +317,7 @@ def test_killing_node_1_mid_rollout_moves_its_devices_and_the_rollout_completes(
         status = dep.wait_final(rollout, timeout=400)
         assert status["state"] == "succeeded", (status, dep.logs())
         assert {d["state"] for d in status["devices"]} == {"installed"}, status["devices"]
-        wait_until(lambda: not _on_version(dep, "3.0.0"), 60, "every device serving 3.0.0")
+        wait_until(lambda: not on_version(dep, "3.0.0"), 60, "every device serving 3.0.0")
         wait_until(
             lambda: set(LISTS) <= dep.online(), 120, "every device online again at the fleet"
         )

@@ -11,10 +11,14 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from protocol import KeyPair
+from tests.e2e.cluster_deploy import deploy, on_version
+from tests.e2e.conftest import Release
 from tests.e2e.support import wait_until
 from tests.support.nats_cluster import DEPLOY, NatsCluster, why_unavailable
 
@@ -126,3 +130,24 @@ def test_a_device_reaches_its_own_topics_and_no_other_devices(secured: NatsClust
     finally:
         _close(dev)
         _close(fleet)
+
+
+def test_shipped_fleet_and_agents_roll_out_under_the_shipped_permissions(
+    secured: NatsCluster,
+    tmp_path: Path,
+    signing_key: KeyPair,
+    iris_v1: Release,
+    iris_v2: Release,
+) -> None:
+    """``fleet serve`` and two ``agent run`` processes logged in as the users of
+    ``users.conf``: births, commands, artifact chunks, statuses and the fleet key all pass."""
+    lists = {"device-0001": (1, 2, 3), "device-0002": (2, 1, 3)}
+    with deploy(
+        tmp_path, secured, signing_key, iris_v1, lists, fleet_nodes=(3, 1), credentials=PASSWORDS
+    ) as dep:
+        rollout = dep.start_rollout(
+            iris_v2.write(tmp_path / "bundles"), "--stages", "1,2", "--count"
+        )
+        status = dep.wait_final(rollout)
+        assert status["state"] == "succeeded", (status, dep.logs())
+        wait_until(lambda: not on_version(dep, "2.0.0"), 60, "both devices serving 2.0.0")

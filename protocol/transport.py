@@ -54,6 +54,11 @@ class BrokerURL:
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise TransportError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
         tls = u.scheme in ("mqtts", "ssl")
+        if u.username is not None or u.password is not None:  # keep secrets out of logs
+            raise TransportError(
+                f"broker URL {u.scheme}://…@{u.hostname}: credentials do not belong in a URL "
+                "(set broker.username and broker.password_file)"
+            )
         if not u.hostname:
             raise TransportError(f"broker URL {url!r} has no host")
         try:

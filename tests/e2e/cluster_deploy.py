@@ -4,7 +4,8 @@
 ``broker.urls`` among them), ``edgefleet fleet token create``, ``edgefleet fleet serve``,
 and per device ``edgefleet agent init --broker URL --broker URL …`` (a failover list),
 ``edgefleet agent install`` of the first release, and ``edgefleet agent run``. With
-``credentials`` the fleet server and every device log in to the broker (``users.conf``).
+``credentials`` the fleet server and every device log in to the broker (``users.conf``);
+on a TLS cluster they trust its test CA (``broker.ca_file``).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def deploy(
             "broker.username": "edgefleet-server",
             "broker.password": credentials["edgefleet-server"],
         }
+    tls = {"broker.ca_file": cluster.ca_file} if cluster.ca_file else {}
     # the fleet server: `fleet init`, a user's edits, `fleet serve` on its list of nodes
     fleet_toml = root / "fleet.toml"
     edgefleet("fleet", "init", "--out", str(fleet_toml))
@@ -148,6 +150,7 @@ def deploy(
                 "rollout.tick_s": 0.2,
                 "devices.enrol_token_hashes": [token_hash(ENROL_TOKEN)],
                 **fleet_auth,
+                **tls,
             },
         )
     )
@@ -186,6 +189,7 @@ def deploy(
                         "runtime.threads": 1,
                         "runtime.bench_after_install": 5,
                         **_device_auth(folder, device, credentials),
+                        **tls,
                     },
                 )
             )

@@ -1,5 +1,6 @@
-"""The shipped NATS permissions (``deploy/nats/users.conf``) on the 3-node cluster: a device
-reaches every topic the agent uses and no other device's; the fleet server reaches all.
+"""The shipped NATS permissions (``deploy/nats/users.conf``) and MQTT TLS block on the 3-node
+cluster: a device reaches every topic the agent uses and no other device's; the fleet server
+reaches all; ``fleet serve`` and ``agent run`` complete a rollout over ``mqtts://``.
 
 The file is used as a user would: its ``device-0001`` block copied for ``device-0002`` with
 the id changed, and the password placeholders filled in (plain text here; bcrypt hashes in
@@ -21,6 +22,7 @@ from tests.e2e.cluster_deploy import deploy, on_version
 from tests.e2e.conftest import Release
 from tests.e2e.support import wait_until
 from tests.support.nats_cluster import DEPLOY, NatsCluster, why_unavailable
+from tests.support.pki import make_pki
 
 pytestmark = [pytest.mark.slow, pytest.mark.nats]
 
@@ -41,16 +43,20 @@ def _users_conf() -> str:
 
 
 @pytest.fixture(scope="module")
-def secured() -> Iterator[NatsCluster]:
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """The cluster as production runs it: ``users.conf`` and the MQTT ``tls`` block on."""
     reason = why_unavailable()
     if reason is not None:
         pytest.skip(reason)
     probe = ("edgefleet-server", PASSWORDS["edgefleet-server"])
-    with NatsCluster(users=_users_conf(), probe=probe) as cluster:
+    pki = make_pki(tmp_path_factory.mktemp("nats-pki"))
+    with NatsCluster(users=_users_conf(), probe=probe, tls=pki) as cluster:
         yield cluster
 
 
-def _client(url: str, user: str | None, password: str | None, client_id: str) -> Any:
+def _client(
+    cluster: NatsCluster, node: int, user: str | None, password: str | None, client_id: str
+) -> Any:
     import paho.mqtt.client as mqtt
 
     c = mqtt.Client(
@@ -61,13 +67,16 @@ def _client(url: str, user: str | None, password: str | None, client_id: str) ->
     )
     if user is not None:
         c.username_pw_set(user, password)
+    c.tls_set(ca_certs=str(cluster.ca_file))
+    url = cluster.node(node).url
+    assert url.startswith("mqtts://"), url
     c.got = []  # type: ignore[attr-defined]
     c.connack = []  # type: ignore[attr-defined]
     c.subacks = {}  # type: ignore[attr-defined]
     c.on_connect = lambda cl, ud, fl, rc, pr=None: cl.connack.append(rc)
     c.on_message = lambda cl, ud, m: cl.got.append((m.topic, bytes(m.payload)))
     c.on_subscribe = lambda cl, ud, mid, rcs, pr=None: cl.subacks.__setitem__(mid, rcs)
-    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    host, port = url.removeprefix("mqtts://").rsplit(":", 1)
     c.connect(host, int(port), keepalive=30)
     c.loop_start()
     wait_until(lambda: c.connack, 30, f"a CONNACK for {user}")
@@ -88,7 +97,7 @@ def _close(c: Any) -> None:
 
 def test_credentials_are_required(secured: NatsCluster) -> None:
     for user, password in [(None, None), ("device-0001", "wrong")]:
-        c = _client(secured.node(1).url, user, password, f"x-{uuid.uuid4().hex[:6]}")
+        c = _client(secured, 1, user, password, f"x-{uuid.uuid4().hex[:6]}")
         try:
             assert c.connack[0].is_failure, (user, c.connack)
         finally:
@@ -97,10 +106,8 @@ def test_credentials_are_required(secured: NatsCluster) -> None:
 
 def test_a_device_reaches_its_own_topics_and_no_other_devices(secured: NatsCluster) -> None:
     p = "edgefleet"
-    fleet = _client(
-        secured.node(3).url, "edgefleet-server", PASSWORDS["edgefleet-server"], "fleet-acl"
-    )
-    dev = _client(secured.node(1).url, "device-0001", PASSWORDS["device-0001"], "device-0001")
+    fleet = _client(secured, 3, "edgefleet-server", PASSWORDS["edgefleet-server"], "fleet-acl")
+    dev = _client(secured, 1, "device-0001", PASSWORDS["device-0001"], "device-0001")
     try:
         for f in (f"{p}/devices/+/state", f"{p}/devices/+/status", f"{p}/devices/+/telemetry/+"):
             assert _subscribe(fleet, f), f

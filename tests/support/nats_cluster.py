@@ -51,8 +51,21 @@ def why_unavailable() -> str | None:
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "nats"
 
 
+TLS_BLOCK = """\
+  # tls {
+  #   cert_file: "/etc/nats/certs/server.pem"
+  #   key_file: "/etc/nats/certs/server.key"
+  #   ca_file: "/etc/nats/certs/ca.pem"
+  # }"""
+
+
 def loopback_config(
-    node: int, ports: dict[str, int], routes: list[int], store: Path, users: str | None = None
+    node: int,
+    ports: dict[str, int],
+    routes: list[int],
+    store: Path,
+    users: str | None = None,
+    tls: dict[str, Path] | None = None,
 ) -> str:
     """``deploy/nats/cluster.conf`` with its hosts and ports moved to loopback: the tests run
     the shipped cluster configuration, not a copy of it."""
@@ -73,6 +86,13 @@ def loopback_config(
     )
     if users is not None:  # the authorization block (deploy/nats/users.conf), inlined
         swaps["# include ./users.conf"] = users
+    if tls is not None:  # the commented MQTT TLS block, turned on with a test CA's files
+        swaps[TLS_BLOCK] = (
+            TLS_BLOCK.replace("  # ", "  ")
+            .replace("/etc/nats/certs/server.pem", str(tls["cert"]))
+            .replace("/etc/nats/certs/server.key", str(tls["key"]))
+            .replace("/etc/nats/certs/ca.pem", str(tls["ca"]))
+        )
     for old, new in swaps.items():
         if old not in text:
             raise RuntimeError(f"deploy/nats/cluster.conf no longer has {old!r}; update {__name__}")
@@ -95,13 +115,20 @@ class NatsNode:
         self.dir.mkdir(parents=True)
         self.conf = self.dir / "nats.conf"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls: dict[str, Path] | None = None
 
     @property
     def url(self) -> str:
-        """The MQTT URL of this node."""
-        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+        """The MQTT URL of this node (``mqtts://`` when the cluster runs TLS)."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.mqtt_port}"
 
-    def write_config(self, peers: list[NatsNode], users: str | None = None) -> None:
+    def write_config(
+        self,
+        peers: list[NatsNode],
+        users: str | None = None,
+        tls: dict[str, Path] | None = None,
+    ) -> None:
+        self.tls = tls
         ports = {
             "client": self.client_port,
             "monitor": self.monitor_port,
@@ -110,7 +137,7 @@ class NatsNode:
         }
         routes = [p.cluster_port for p in peers]
         self.conf.write_text(
-            loopback_config(self.index, ports, routes, self.dir / "jetstream", users)
+            loopback_config(self.index, ports, routes, self.dir / "jetstream", users, tls)
         )
 
     def start(self) -> None:
@@ -151,7 +178,12 @@ class NatsNode:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def mqtt_ready(url: str, timeout: float = 2.0, auth: tuple[str, str] | None = None) -> bool:
+def mqtt_ready(
+    url: str,
+    timeout: float = 2.0,
+    auth: tuple[str, str] | None = None,
+    ca_file: Path | None = None,
+) -> bool:
     """True when the node at ``url`` answers an MQTT 3.1.1 CONNECT with success."""
     import paho.mqtt.client as mqtt
 
@@ -165,7 +197,9 @@ def mqtt_ready(url: str, timeout: float = 2.0, auth: tuple[str, str] | None = No
     c.on_connect = lambda cl, ud, fl, rc, pr=None: done.setdefault("ok", not rc.is_failure)
     if auth is not None:
         c.username_pw_set(*auth)
-    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    if ca_file is not None:
+        c.tls_set(ca_certs=str(ca_file))
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
     try:
         c.connect(host, int(port), keepalive=10)
     except OSError:
@@ -183,17 +217,24 @@ class NatsCluster:
     """Three ``nats-server`` nodes routed to each other; ``with NatsCluster() as c: c.urls``."""
 
     def __init__(
-        self, size: int = 3, users: str | None = None, probe: tuple[str, str] | None = None
+        self,
+        size: int = 3,
+        users: str | None = None,
+        probe: tuple[str, str] | None = None,
+        tls: dict[str, Path] | None = None,
     ) -> None:
         """``users``: an ``authorization`` block put where ``cluster.conf`` says
-        ``# include ./users.conf``; ``probe``: the (user, password) readiness checks use."""
+        ``# include ./users.conf``; ``probe``: the (user, password) readiness checks use;
+        ``tls``: ``{"ca", "cert", "key"}`` files (tests/support/pki.py) for the commented
+        MQTT ``tls`` block, turned on (the nodes then speak ``mqtts://``)."""
         if NATS_SERVER is None:
             raise RuntimeError("nats-server is not installed")
         self.root = Path(tempfile.mkdtemp(prefix="edgefleet-nats-"))
         self.nodes = [NatsNode(i + 1, self.root) for i in range(size)]
         self.probe = probe
+        self.ca_file = tls["ca"] if tls else None
         for node in self.nodes:
-            node.write_config(self.nodes, users)
+            node.write_config(self.nodes, users, tls)
 
     @property
     def urls(self) -> list[str]:
@@ -221,7 +262,7 @@ class NatsCluster:
             for node in list(pending):
                 if not node.alive():
                     raise RuntimeError(f"nats node {node.name} exited:\n{node.log_tail()}")
-                if mqtt_ready(node.url, auth=self.probe):
+                if mqtt_ready(node.url, auth=self.probe, ca_file=self.ca_file):
                     pending.remove(node)
             if pending and time.monotonic() > deadline:
                 tails = "\n".join(f"--- {n.name}\n{n.log_tail()}" for n in pending)

@@ -10,20 +10,19 @@
       ``edgefleet agent init`` (with ``--broker`` repeated: a failover list) + ``agent run``
       for three devices spread over nodes 1 and 2, and a staged rollout that completes.
 (iii) ``kill -9`` of node 1 mid-rollout: its devices move to another node of their lists,
-      keep serving, and the rollout completes with every device on the target version.
+      keep serving, drain their outboxes, and the rollout completes with every device on
+      the target version; then the same with the fleet server's own node (node 3).
 
 Everything waits with generous deadlines; nothing asserts a duration.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from protocol import KeyPair
@@ -36,7 +35,8 @@ from tests.e2e.cluster_deploy import (
     queued_before,
 )
 from tests.e2e.conftest import Release
-from tests.e2e.support import IRIS_ROW, wait_until
+from tests.e2e.support import Traffic, wait_until
+from tests.support.bundles import make_bundle
 from tests.support.nats_cluster import NatsCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.nats]
@@ -262,27 +262,7 @@ def test_killing_node_1_mid_rollout_moves_its_devices_and_the_rollout_completes(
     dep = deployment
     on_node_1 = [d for d, a in dep.agents.items() if connected_to(a) == dep.cluster.node(1).url]
     assert on_node_1, dep.logs()
-    served: list[int] = []
-    stop = threading.Event()
-
-    def traffic() -> None:  # the devices keep answering predictions throughout
-        clients = [httpx.Client(base_url=a.url, timeout=10) for a in dep.agents.values()]
-        try:
-            while not stop.is_set():
-                for c in clients:
-                    try:
-                        served.append(
-                            c.post("/v1/predict", json={"inputs": [IRIS_ROW]}).status_code
-                        )
-                    except httpx.HTTPError:
-                        served.append(0)
-                stop.wait(0.1)
-        finally:
-            for c in clients:
-                c.close()
-
-    worker = threading.Thread(target=traffic, daemon=True)
-    worker.start()
+    traffic = Traffic(list(dep.agents.values()), threads=2, pause_s=0.1).start()
     try:
         # each stage soaks, so the rollout is still running when the node dies
         rollout = dep.start_rollout(
@@ -322,7 +302,40 @@ def test_killing_node_1_mid_rollout_moves_its_devices_and_the_rollout_completes(
             lambda: set(LISTS) <= dep.online(), 120, "every device online again at the fleet"
         )
     finally:
-        stop.set()
-        worker.join(30)
-        dep.cluster.restart(1)  # leave the cluster whole for anything after this test
-    assert served and all(code == 200 for code in served), sorted(set(served))
+        traffic.stop()
+        dep.cluster.restart(1)  # leave the cluster whole for the next test
+    assert traffic.count() > 0 and not traffic.failures(), traffic.failures()[:5]
+
+
+@pytest.fixture(scope="module")
+def iris_v4(signing_key: KeyPair) -> Release:
+    return Release(*make_bundle(signing_key, version="4.0.0", release=4))
+
+
+def test_killing_the_fleet_servers_node_mid_rollout_moves_it_and_the_rollout_completes(
+    deployment: Deployment, iris_v4: Release
+) -> None:
+    """The fleet server's own URL list: its node dies, it resumes its persistent session
+    on the next node (the statuses sent meanwhile wait there) and finishes the rollout."""
+    dep = deployment
+    fleet_node = dep.cluster.node(3)
+    assert f"broker {fleet_node.url}," in dep.fleet.log()  # the first URL of its list
+    rollout = dep.start_rollout(
+        iris_v4.write(dep.root / "bundles"), "--stages", "1,2,3", "--count", "--soak", "8"
+    )
+    try:
+        wait_until(
+            lambda: any(s["state"] != "pending" for s in dep.rollout(rollout)["stages"]),
+            120,
+            "the first stage to start",
+        )
+        assert dep.rollout(rollout)["state"] not in FINAL
+        dep.cluster.kill(3)
+        status = dep.wait_final(rollout, timeout=400)
+        assert status["state"] == "succeeded", (status, dep.logs())
+        assert {d["state"] for d in status["devices"]} == {"installed"}, status["devices"]
+        wait_until(lambda: not on_version(dep, "4.0.0"), 60, "every device serving 4.0.0")
+        for device, agent in dep.agents.items():
+            assert connected_to(agent) != fleet_node.url, (device, agent.log())
+    finally:
+        dep.cluster.restart(3)

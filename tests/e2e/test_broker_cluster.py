@@ -315,8 +315,8 @@ def iris_v4(signing_key: KeyPair) -> Release:
 def test_killing_the_fleet_servers_node_mid_rollout_moves_it_and_the_rollout_completes(
     deployment: Deployment, iris_v4: Release
 ) -> None:
-    """The fleet server's own URL list: its node dies, it resumes its persistent session
-    on the next node (the statuses sent meanwhile wait there) and finishes the rollout."""
+    """The fleet server's own URL list: its node dies, it reconnects to the next node of its
+    list with its persistent session and finishes the rollout."""
     dep = deployment
     fleet_node = dep.cluster.node(3)
     assert f"broker {fleet_node.url}," in dep.fleet.log()  # the first URL of its list

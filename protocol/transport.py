@@ -51,14 +51,14 @@ class BrokerURL:
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
         u = urlparse(url if "://" in url else f"mqtt://{url}")
-        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise TransportError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
-        tls = u.scheme in ("mqtts", "ssl")
-        if u.username is not None or u.password is not None:  # keep secrets out of logs
+        if "@" in u.netloc:  # user:password@host: refused, and never repeated in a message
             raise TransportError(
                 f"broker URL {u.scheme}://…@{u.hostname}: credentials do not belong in a URL "
                 "(set broker.username and broker.password_file)"
             )
+        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise TransportError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        tls = u.scheme in ("mqtts", "ssl")
         if not u.hostname:
             raise TransportError(f"broker URL {url!r} has no host")
         try:

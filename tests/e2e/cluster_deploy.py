@@ -113,9 +113,11 @@ def deploy(
     lists: dict[str, tuple[int, ...]],
     fleet_nodes: tuple[int, ...] = (3, 2),
     credentials: dict[str, str] | None = None,
+    fleet_keys: dict[str, Any] | None = None,
 ) -> Iterator[Deployment]:
     """Fleet server on ``fleet_nodes``, one agent per ``lists`` entry (device → node order),
-    every device serving ``first`` and online at the fleet server."""
+    every device serving ``first`` and online at the fleet server. ``fleet_keys`` are more
+    ``fleet.toml`` keys (e.g. ``{"registry.url": "postgresql://…"}``)."""
     keys = root / "keys"
     bundle_pub = keys / "release.pub"
     keys.mkdir()
@@ -151,6 +153,7 @@ def deploy(
                 "devices.enrol_token_hashes": [token_hash(ENROL_TOKEN)],
                 **fleet_auth,
                 **tls,
+                **(fleet_keys or {}),
             },
         )
     )

@@ -31,6 +31,7 @@ def test_broker_urls_parses_a_failover_list_in_order() -> None:
         (["mqtt://a"] * (MAX_BROKER_URLS + 1), f"at most {MAX_BROKER_URLS}"),
         (["mqtt://" + "a" * 2100], "at most 2048 characters"),
         (["mqtt://dev:s3cret@a:1883"], "credentials do not belong in a URL"),
+        (["http://dev:s3cret@a"], "credentials do not belong in a URL"),
     ],
 )
 def test_broker_urls_refuses_bad_lists_with_one_line(urls: list[str], message: str) -> None:

@@ -147,11 +147,31 @@ def test_shipped_fleet_and_agents_roll_out_under_the_shipped_permissions(
     iris_v2: Release,
 ) -> None:
     """``fleet serve`` and two ``agent run`` processes logged in as the users of
-    ``users.conf``: births, commands, artifact chunks, statuses and the fleet key all pass."""
+    ``users.conf``: births, commands, artifact chunks, statuses and the fleet key all pass.
+
+    The fleet server is configured for MQTT 5 shared-subscription ingest, as on Mosquitto;
+    NATS refuses MQTT 5, so it falls back to 3.1.1 with a plain telemetry filter, and the
+    devices' telemetry still arrives."""
     lists = {"device-0001": (1, 2, 3), "device-0002": (2, 1, 3)}
+    shared = {"broker.mqtt5": True, "broker.shared_group": "ingest"}
     with deploy(
-        tmp_path, secured, signing_key, iris_v1, lists, fleet_nodes=(3, 1), credentials=PASSWORDS
+        tmp_path,
+        secured,
+        signing_key,
+        iris_v1,
+        lists,
+        fleet_nodes=(3, 1),
+        credentials=PASSWORDS,
+        fleet_keys=shared,
     ) as dep:
+        assert "falling back to MQTT 3.1.1" in dep.fleet.log()
+
+        def telemetry() -> bool:
+            with dep.http() as c:
+                accepted = c.get("/v1/health").json()["bridge"]["accepted"]
+            return accepted.get("metrics", 0) > 0
+
+        wait_until(telemetry, 60, "device telemetry through the plain filter")
         rollout = dep.start_rollout(
             iris_v2.write(tmp_path / "bundles"), "--stages", "1,2", "--count"
         )

@@ -52,8 +52,11 @@ def init(
     profile: str = typer.Option(
         "host", "--profile", help="Device profile name (edgefleet profiles list) or a .toml path."
     ),
-    broker: str = typer.Option(
-        "mqtt://127.0.0.1:1883", "--broker", help="MQTT broker URL (mqtts:// for TLS)."
+    broker: list[str] = typer.Option(
+        [],
+        "--broker",
+        help="MQTT broker URL (mqtts:// for TLS; default mqtt://127.0.0.1:1883). Repeat it "
+        "for a clustered broker's nodes: the agent fails over to the next in this order.",
     ),
     api_port: int = typer.Option(
         DEFAULT_API_PORT, "--api-port", min=0, max=65535, help="Local inference API port."
@@ -75,6 +78,8 @@ def init(
       edgefleet agent init --device-id pi-0001 --profile raspberry-pi-4 \\
         --broker mqtt://fleet.local:1883 --bundle-key release.pub \\
         --command-key fleet-command.pub --out /etc/edgefleet/agent.toml
+      edgefleet agent init --device-id pi-0002 --broker mqtt://nats-1:1883 \\
+        --broker mqtt://nats-2:1883 --broker mqtt://nats-3:1883 --out agent.toml
     """
     from .config import example_config, parse_config
     from .errors import ConfigError
@@ -84,7 +89,7 @@ def init(
     text = example_config(
         device_id=device_id,
         profile=profile,
-        broker_url=broker,
+        broker_url=broker or "mqtt://127.0.0.1:1883",
         api_port=api_port,
         bundle_keys=[str(p.resolve()) for p in bundle_key],
         command_keys=[str(p.resolve()) for p in command_key],
@@ -92,7 +97,8 @@ def init(
     )
     parse_config(text, str(out), base=out.resolve().parent).trust_stores()  # refuse bad keys
     out.write_text(text, encoding="utf-8")
-    print(f"wrote {out} (device {device_id}, profile {profile}, broker {broker})")
+    brokers = ", ".join(broker or ["mqtt://127.0.0.1:1883"])
+    print(f"wrote {out} (device {device_id}, profile {profile}, broker {brokers})")
 
 
 @agent_app.command("install")
@@ -204,7 +210,7 @@ def run(config: Path = ConfigOpt) -> None:
         model = f"{m.name} {m.version} (release {m.release})" if m else "no model installed yet"
         print(
             f"agent {cfg.device_id} ({cfg.profile}) serving {model}; "
-            f"API {agent.api_url}/v1/predict; broker {cfg.broker.url}",
+            f"API {agent.api_url}/v1/predict; broker {', '.join(cfg.broker.all_urls())}",
             file=sys.stderr,
             flush=True,
         )

@@ -39,8 +39,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def check_broker_urls(urls: list[str]) -> list[str]:
+    """Every URL parses (scheme, host, port), all agree on TLS, at most 16 of them."""
+    from protocol.transport import TransportError, broker_urls
+
+    try:
+        broker_urls(urls)
+    except TransportError as exc:
+        raise ValueError(str(exc)) from None
+    return urls
+
+
 class BrokerConfig(_Section):
-    url: str = "mqtt://127.0.0.1:1883"
+    url: str = Field(default="mqtt://127.0.0.1:1883", max_length=2048)
+    # a clustered broker: the nodes in failover order (replaces url); on losing its node the
+    # agent reconnects to the next one with backoff
+    urls: list[str] = Field(default_factory=list)
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
     password_file: Path | None = None
@@ -48,6 +62,27 @@ class BrokerConfig(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     topic_prefix: str = "edgefleet"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        check_broker_urls([v])
+        return v
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        return check_broker_urls(v) if v else v
+
+    @model_validator(mode="after")
+    def _url_or_urls(self) -> BrokerConfig:
+        if self.urls and "url" in self.model_fields_set:
+            raise ValueError("set url (one broker) or urls (a cluster's nodes), not both")
+        return self
+
+    def all_urls(self) -> list[str]:
+        """The brokers to connect to, in failover order."""
+        return list(self.urls) or [self.url]
 
     def resolved_password(self) -> str | None:
         """The password, read from ``password_file`` when that is set."""
@@ -296,7 +331,7 @@ def example_config(
     *,
     device_id: str = "device-0001",
     profile: str = "host",
-    broker_url: str = "mqtt://127.0.0.1:1883",
+    broker_url: str | list[str] = "mqtt://127.0.0.1:1883",
     api_port: int = DEFAULT_API_PORT,
     bundle_keys: list[str] | None = None,
     command_keys: list[str] | None = None,
@@ -308,10 +343,22 @@ def example_config(
     the trust flags) are checked by loading the text back with :func:`parse_config` before
     anyone writes it.
     """
+    urls = [broker_url] if isinstance(broker_url, str) else list(broker_url)
+    if len(urls) > 1:
+        broker_lines = (
+            f"# url = {_toml_str(urls[0])}  # one broker; mqtts://host:8883 for TLS\n"
+            f"urls = {_toml_list(urls)}  # a cluster's nodes, in failover order"
+        )
+    else:
+        broker_lines = (
+            f"url = {_toml_str(urls[0] if urls else 'mqtt://127.0.0.1:1883')}"
+            "  # mqtts://host:8883 for TLS\n"
+            '# urls = ["mqtt://node1:1883", "mqtt://node2:1883"]  # a cluster, instead of url'
+        )
     text = _EXAMPLE.format(
         device_id=_toml_str(device_id),
         profile=_toml_str(profile),
-        broker_url=_toml_str(broker_url),
+        broker_lines=broker_lines,
         api_port=int(api_port),
         bundle=_toml_list(bundle_keys),
         command=_toml_list(command_keys),
@@ -319,12 +366,6 @@ def example_config(
     )
     config = parse_config(text, "agent init")
     config.device_profile()  # an unknown profile is refused now, not when the agent starts
-    from protocol.transport import BrokerURL, TransportError
-
-    try:
-        BrokerURL.parse(broker_url)
-    except TransportError as exc:
-        raise ConfigError(f"broker.url: {exc}") from None
     return text
 
 
@@ -352,7 +393,7 @@ tags = []                      # free-form labels rollouts can select on, e.g. [
 # channel = "stable"           # release channel to follow ("beta", "stable", "MODEL/NAME")
 
 [broker]
-url = {broker_url}  # mqtts://host:8883 for TLS
+{broker_lines}
 # username = "device-0001"
 # password_file = "secrets/broker-password"   # preferred over `password = "..."`
 # ca_file = "certs/ca.pem"

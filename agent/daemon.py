@@ -216,7 +216,12 @@ class Agent:
         self._pump = threading.Thread(target=self._run_pump, name=f"agent-pump-{dev}", daemon=True)
         self._pump.start()
         self.started = True
-        log.info("agent %s started (api %s, broker %s)", dev, self.api_url, cfg.broker.url)
+        log.info(
+            "agent %s started (api %s, broker %s)",
+            dev,
+            self.api_url,
+            ", ".join(cfg.broker.all_urls()),
+        )
         return self
 
     def _on_kex(self, payload: bytes) -> None:
@@ -235,7 +240,7 @@ class Agent:
 
         b = self.config.broker
         return PahoTransport(
-            b.url,
+            b.all_urls(),
             self.config.device_id,
             username=b.username,
             password=b.resolved_password(),

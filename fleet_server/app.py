@@ -98,9 +98,11 @@ def create_app(service: FleetService) -> "FastAPI":
 
     @app.get("/v1/broker", tags=["service"])
     def broker(role: str = Depends(viewer)) -> dict[str, Any]:
-        """Where tools (``edgefleet telemetry tail``) reach the MQTT broker: URL and prefix."""
+        """Where tools (``edgefleet telemetry tail``) reach the MQTT broker: URL and prefix
+        (``urls``: every node of a clustered broker, when no public URL is set)."""
         b = service.config.broker
-        return {"url": b.public_url or b.url, "topic_prefix": b.topic_prefix}
+        urls = [b.public_url] if b.public_url else b.all_urls()
+        return {"url": urls[0], "urls": urls, "topic_prefix": b.topic_prefix}
 
     @app.get("/v1/overview", tags=["service"])
     def overview(role: str = Depends(viewer)) -> dict[str, Any]:

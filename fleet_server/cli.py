@@ -128,7 +128,9 @@ def serve_cmd(
     server = FleetServer(cfg, embedded_broker=embedded_broker)
 
     def ready() -> None:
-        broker = f"{server.config.broker.url}" + (" (embedded)" if server.embedded else "")
+        broker = ", ".join(server.config.broker.all_urls()) + (
+            " (embedded)" if server.embedded else ""
+        )
         print(
             f"fleet server on {server.url} — dashboard {server.url}/ui/, API {server.url}/docs "
             f"(broker {broker}); Ctrl-C to stop",

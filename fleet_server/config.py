@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.config_errors import describe_validation_error
 
@@ -31,6 +31,8 @@ class _Section(BaseModel):
 
 class BrokerSection(_Section):
     url: str = "mqtt://127.0.0.1:1883"
+    # a clustered broker: its nodes in failover order (replaces url; not with embedded)
+    urls: list[str] = Field(default_factory=list)
     embedded: bool = False
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
@@ -41,6 +43,39 @@ class BrokerSection(_Section):
     client_id: str = "edgefleet-server"
     # How devices and tools reach the broker, told by GET /v1/broker (default: url).
     public_url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_broker_urls([v])[0]
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        return _check_broker_urls(v) if v else v
+
+    @model_validator(mode="after")
+    def _url_or_urls(self) -> BrokerSection:
+        if self.urls and "url" in self.model_fields_set:
+            raise ValueError("set url (one broker) or urls (a cluster's nodes), not both")
+        if self.urls and self.embedded:
+            raise ValueError("the embedded broker is one node: use url, not urls")
+        return self
+
+    def all_urls(self) -> list[str]:
+        """The brokers to connect to, in failover order."""
+        return list(self.urls) or [self.url]
+
+
+def _check_broker_urls(urls: list[str]) -> list[str]:
+    """Every URL parses (scheme, host, port), all agree on TLS, at most 16 of them."""
+    from protocol.transport import TransportError, broker_urls
+
+    try:
+        broker_urls(urls)
+    except TransportError as exc:
+        raise ValueError(str(exc)) from None
+    return urls
 
 
 class ApiSection(_Section):
@@ -224,12 +259,15 @@ pool_size = 10                  # PostgreSQL connections per fleet serve process
 
 [broker]
 url = "mqtt://127.0.0.1:1883"   # mqtts:// for TLS
+# urls = ["mqtt://nats-1:1883", "mqtt://nats-2:1883", "mqtt://nats-3:1883"]  # a cluster's
+#                               # nodes instead of url: on losing one, the next (with backoff)
 embedded = false                # true: start the in-process amqtt broker on url's port
 # username = "fleet"
 # password = "…"
 # ca_file = "ca.pem"
 topic_prefix = "edgefleet"
 mqtt5 = false                   # Mosquitto/EMQX: true enables shared subscriptions
+#                               # (a broker refusing MQTT 5, e.g. NATS, gets 3.1.1 instead)
 # shared_group = "fleet"        # with mqtt5: several servers split telemetry ingest
 client_id = "edgefleet-server"
 # public_url = "mqtt://fleet.example:1883"   # what GET /v1/broker tells tools (default: url)

@@ -31,7 +31,7 @@ def make_transport(
     b = config.broker
     # amqtt (the embedded broker) speaks MQTT 3.1.1 only: no MQTT 5, no shared subscriptions.
     return PahoTransport(
-        b.url,
+        b.all_urls(),
         client_id or b.client_id,
         username=b.username,
         password=b.password,
@@ -48,6 +48,11 @@ class FleetServer:
         self.config = config
         self.embedded = embedded_broker or config.broker.embedded
         self.broker: Any = None
+        if self.embedded and config.broker.urls:
+            raise ConfigError(
+                "broker.urls: the embedded broker is one node; set broker.url instead "
+                "(or drop --embedded-broker to use the cluster)"
+            )
         if self.embedded:
             port = urlparse(config.broker.url).port or 1883
             host = urlparse(config.broker.url).hostname or "127.0.0.1"

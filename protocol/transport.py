@@ -16,7 +16,7 @@ imported lazily): the programs share it so neither re-implements the wire.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlparse
@@ -51,15 +51,45 @@ class BrokerURL:
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
         u = urlparse(url if "://" in url else f"mqtt://{url}")
+        if "@" in u.netloc:  # user:password@host: refused, and never repeated in a message
+            raise TransportError(
+                f"broker URL {u.scheme}://…@{u.hostname}: credentials do not belong in a URL "
+                "(set broker.username and broker.password_file)"
+            )
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise TransportError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
         tls = u.scheme in ("mqtts", "ssl")
         if not u.hostname:
             raise TransportError(f"broker URL {url!r} has no host")
-        return cls(u.hostname, u.port or (8883 if tls else 1883), tls)
+        try:
+            port = u.port
+        except ValueError:  # not a number, or outside 0-65535
+            raise TransportError(f"broker URL {url!r}: the port must be 1-65535") from None
+        return cls(u.hostname, port or (8883 if tls else 1883), tls)
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+MAX_BROKER_URLS = 16
+
+
+def broker_urls(urls: str | Sequence[str]) -> list[BrokerURL]:
+    """Parse one URL or a failover list (a cluster's nodes, at most 16); refuses an empty
+    list, a URL longer than 2 KiB and a list that mixes TLS and plain URLs."""
+    raw = [urls] if isinstance(urls, str) else list(urls)
+    if not raw:
+        raise TransportError("no broker URL given")
+    if len(raw) > MAX_BROKER_URLS:
+        raise TransportError(f"at most {MAX_BROKER_URLS} broker URLs, got {len(raw)}")
+    if any(not isinstance(u, str) or len(u) > 2048 for u in raw):
+        raise TransportError("a broker URL must be a string of at most 2048 characters")
+    parsed = [BrokerURL.parse(u) for u in raw]
+    if len({u.tls for u in parsed}) > 1:
+        raise TransportError(
+            "broker URLs mix mqtt:// and mqtts://: every node of a failover list must use the same"
+        )
+    return parsed
 
 
 class Transport(Protocol):

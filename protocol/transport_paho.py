@@ -8,6 +8,19 @@ commands: on 3.1.1 as a persistent session, on MQTT 5 as ``clean_start=False`` w
 session expiry of ``session_expiry_s`` (MQTT 5's default, 0, would end the session at
 every disconnect).
 
+Several broker URLs (the nodes of a cluster) make a failover list: the first is tried
+first; whenever an attempt fails or an established link is lost, the next attempt goes to
+the next URL (round robin), after paho's backoff. On a clustered broker that keeps
+sessions cluster-wide (NATS with MQTT on JetStream) the persistent session, its queued
+QoS 1 messages and the retained messages are all there on the next node. The URLs must
+agree on TLS (all ``mqtt://`` or all ``mqtts://``): one TLS context serves them all.
+
+``mqtt5=True`` against a broker that refuses MQTT 5 at the first connection ("unsupported
+protocol version": NATS 2.9, amqtt) falls back to MQTT 3.1.1 once, logs it, and turns
+shared-subscription filters (``$share/GROUP/filter``) into plain ones, since 3.1.1 brokers
+other than Mosquitto would read ``$share/…`` as a literal topic and deliver nothing
+(NATS 2.9 accepts such a subscription and never delivers to it).
+
 Each change of link state is one log record on this module's logger, carrying
 ``link`` (``connected``, ``lost`` or ``reconnecting``) and ``broker`` (the URL) as record
 attributes, so a CLI can show them without parsing text. A run of failed attempts is one
@@ -21,10 +34,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .transport import BrokerURL, Delivery, Handler, TransportError, Will
+from .transport import BrokerURL, Delivery, Handler, TransportError, Will, broker_urls
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +64,17 @@ def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
         pass
 
 
+def _unshared(topic_filter: str) -> str:
+    """``$share/GROUP/a/b`` → ``a/b``; other filters unchanged."""
+    if topic_filter.startswith("$share/") and topic_filter.count("/") >= 2:
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
+
 class PahoTransport:
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         client_id: str,
         *,
         username: str | None = None,
@@ -75,12 +95,19 @@ class PahoTransport:
             raise TransportError(
                 "paho-mqtt is not installed: pip install 'edgefleet[agent]'"
             ) from None
-        self.url = BrokerURL.parse(url)
+        self.urls = broker_urls(url)
+        self._index = 0  # the URL of the current (or next) connection attempt
+        self._advance = False  # the next attempt goes to the next URL
         self.client_id = client_id
         self.mqtt5 = mqtt5
         self._mqtt = mqtt
         self._keepalive = keepalive
-        self._clean = clean_session
+        self._clean_session = clean_session
+        self._creds = (username, password)
+        self._tls = (ca_file, cert_file, key_file)
+        self._will = will
+        self._max_backoff = max_backoff
+        self._fell_back = False  # the broker refused MQTT 5; now on 3.1.1
         self._session_expiry_s = session_expiry_s
         self._subs: dict[str, int] = {}
         self._handler: Handler | None = None
@@ -93,35 +120,48 @@ class PahoTransport:
         self._last_error: str = ""
         self._failing = False  # inside a run of failed connection attempts
         self._closing = False  # close() was called: a disconnect is not a lost link
+        self._client = self._new_client(mqtt5)
+
+    @property
+    def url(self) -> BrokerURL:
+        """The broker of the current (or next) connection attempt."""
+        return self.urls[self._index]
+
+    def _new_client(self, mqtt5: bool) -> Any:
+        mqtt = self._mqtt
         if mqtt5:
-            self._client = mqtt.Client(
-                mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
             )
         else:
-            self._client = mqtt.Client(
+            client = mqtt.Client(
                 mqtt.CallbackAPIVersion.VERSION2,
-                client_id=client_id,
+                client_id=self.client_id,
                 protocol=mqtt.MQTTv311,
-                clean_session=clean_session,
+                clean_session=self._clean_session,
             )
+        username, password = self._creds
         if username:
-            self._client.username_pw_set(username, password)
+            client.username_pw_set(username, password)
+        ca_file, cert_file, key_file = self._tls
         if self.url.tls or ca_file:
             ctx = ssl.create_default_context(cafile=ca_file)
             if cert_file:
                 ctx.load_cert_chain(cert_file, key_file)
-            self._client.tls_set_context(ctx)
+            client.tls_set_context(ctx)
+        will = self._will
         if will is not None:
-            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=int(max_backoff))
-        self._client.max_inflight_messages_set(100)
-        self._client.max_queued_messages_set(0)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_connect_fail = self._on_connect_fail
-        self._client.on_pre_connect = self._on_pre_connect
-        self._client.on_socket_open = _no_delay
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        client.reconnect_delay_set(min_delay=1, max_delay=int(self._max_backoff))
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_connect_fail = self._on_connect_fail
+        client.on_pre_connect = self._on_pre_connect
+        client.on_socket_open = _no_delay
+        return client
 
     # paho callbacks (network thread) -------------------------------------------------
     def _on_connect(
@@ -129,6 +169,7 @@ class PahoTransport:
     ) -> None:
         if getattr(reason, "is_failure", False):
             self._last_error = str(reason)
+            self._advance = True
             self._attempted.set()
             self._link_failed()
             return
@@ -144,6 +185,7 @@ class PahoTransport:
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         self._last_error = self._last_error or "connection failed (network or TLS)"
+        self._advance = True
         self._attempted.set()
         self._link_failed()
 
@@ -167,6 +209,8 @@ class PahoTransport:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        if not self._closing:
+            self._advance = True  # this node went away (or refused us): try the next one
         if was and not self._closing:
             why = str(reason) if reason else ""
             self._link("lost", logging.WARNING, "" if why == "Unspecified error" else why)
@@ -185,7 +229,7 @@ class PahoTransport:
         so a caller may ignore the error and rely on ``on_connection_change``.
         """
         if not self._started:
-            if self.mqtt5 and not self._clean:  # MQTT 5 keeps a session only with an expiry
+            if self.mqtt5 and not self._clean_session:  # MQTT 5 keeps a session only with an expiry
                 from paho.mqtt.packettypes import PacketTypes
                 from paho.mqtt.properties import Properties
 
@@ -207,17 +251,45 @@ class PahoTransport:
         deadline = time.monotonic() + timeout
         while not self._connected.is_set() and time.monotonic() < deadline:
             if self._attempted.wait(min(0.05, max(deadline - time.monotonic(), 0))):
-                if (
-                    "not authori" in self._last_error.lower()
-                    or "bad user" in self._last_error.lower()
-                ):
+                error = self._last_error.lower()
+                if self.mqtt5 and "protocol version" in error:
+                    self._fall_back_to_311()
+                    continue
+                if "not authori" in error or "bad user" in error:
                     break  # refused credentials will not get better by waiting
                 self._attempted.clear()
         if not self._connected.is_set():
+            where = ", ".join(str(u) for u in self.urls)
             raise TransportError(
-                f"cannot reach MQTT broker at {self.url}"
+                f"cannot reach MQTT broker at {where}"
                 + (f" ({self._last_error})" if self._last_error else "")
             )
+
+    def _fall_back_to_311(self) -> None:
+        """The broker refused MQTT 5: start over with 3.1.1 (caller's thread, loop stopped)."""
+        log.warning(
+            "MQTT broker %s refused MQTT 5 (%s); falling back to MQTT 3.1.1 without shared "
+            "subscriptions",
+            self.url,
+            self._last_error,
+        )
+        self._closing = True
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+        self._closing = False
+        self.mqtt5 = False
+        self._fell_back = True
+        with self._lock:
+            self._subs = {_unshared(f): q for f, q in self._subs.items()}
+        self._index, self._advance = 0, False
+        self._last_error = ""
+        self._failing = False
+        self._attempted.clear()
+        self._client = self._new_client(False)
+        self._client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive)
+        self._client.loop_start()
 
     def close(self) -> None:
         if self._started:
@@ -242,6 +314,8 @@ class PahoTransport:
         return _PahoDelivery(info)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        if not self.mqtt5 and self._fell_back:
+            topic_filter = _unshared(topic_filter)
         with self._lock:
             self._subs[topic_filter] = qos
         if self.is_connected():
@@ -261,8 +335,16 @@ class PahoTransport:
         left an agent reconnecting silently to a broker that had gone away)."""
         with self._lock:
             self._next_will = will
+            self._will = will
 
     def _on_pre_connect(self, client: Any, userdata: Any) -> None:
+        if self._advance and len(self.urls) > 1:
+            self._advance = False
+            self._index = (self._index + 1) % len(self.urls)
+            # paho's public host/port setters refuse while a (re)connection is under way,
+            # which is always the case here; its reconnect() reads these two right after.
+            client._host, client._port = self.url.host, self.url.port
+        self._advance = False
         with self._lock:
             will, self._next_will = self._next_will, None
         if will is not None:

@@ -14,6 +14,7 @@ import pytest
 from protocol import KeyPair
 from tests.support.brokers import MOSQUITTO, EmbeddedBroker, Mosquitto
 from tests.support.keys import COMMAND_KEY
+from tests.support.nats_cluster import nats_cluster  # noqa: F401 (fixture)
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 

@@ -75,6 +75,10 @@ def test_password_file_is_read_and_never_shown_in_repr(tmp_path: Path) -> None:
         ('[fallback]\nkind = "guess"\n', "fallback.kind"),
         ('[broker]\npassword = "a"\npassword_file = "b"\n', "password_file"),
         ('device_id = "a/b"\n', "device_id"),
+        ('[broker]\nurl = "http://x"\n', r"broker\.url: .*scheme must be mqtt"),
+        ('[broker]\nurls = ["mqtt://a", "mqtts://b"]\n', r"broker\.urls: .*mix mqtt"),
+        ('[broker]\nurls = ["mqtt://a:0x"]\n', r"broker\.urls: .*port must be"),
+        ('[broker]\nurl = "mqtt://a"\nurls = ["mqtt://b"]\n', "url .* or urls"),
     ],
 )
 def test_invalid_config_is_refused_with_the_field_named(text: str, message: str) -> None:
@@ -160,3 +164,22 @@ def test_a_config_typo_names_the_nearest_known_key(text: str, hint: str) -> None
     with pytest.raises(ConfigError) as info:
         parse_config(text)
     assert hint in str(info.value)
+
+
+def test_broker_urls_are_a_failover_list_and_url_still_works() -> None:
+    assert parse_config('[broker]\nurl = "mqtt://a:1"\n').broker.all_urls() == ["mqtt://a:1"]
+    cfg = parse_config('[broker]\nurls = ["mqtt://a:1", "mqtt://b:2"]\n')
+    assert cfg.broker.all_urls() == ["mqtt://a:1", "mqtt://b:2"]
+
+
+def test_agent_init_takes_repeated_brokers_as_a_failover_list(tmp_path: Path) -> None:
+    from tests.support.cli import run_cli
+
+    out = tmp_path / "agent.toml"
+    args = ["agent", "init", "--out", str(out)]
+    result = run_cli([*args, "--broker", "mqtt://n1:1883", "--broker", "mqtt://n2:1883"])
+    assert result.exit_code == 0, result.output
+    assert load_config(out).broker.all_urls() == ["mqtt://n1:1883", "mqtt://n2:1883"]
+    bad = run_cli([*args, "--force", "--broker", "mqtt://n1", "--broker", "mqtts://n2"])
+    assert bad.exit_code != 0
+    assert "mix mqtt:// and mqtts://" in bad.output

@@ -448,3 +448,30 @@ def test_a_stage_with_no_devices_shows_as_empty_not_passed(fleet: Fleet, bundle_
     out = run("rollout", "status", rid, token=op).stdout
     second = next(line for line in out.splitlines() if line.strip().startswith("│ 2 "))
     assert "empty (0 devices)" in second and "passed" not in second
+
+
+def test_broker_urls_name_a_cluster_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    from fleet_server.config import parse_config
+    from fleet_server.errors import ConfigError
+
+    cfg = parse_config('[broker]\nurls = ["mqtt://n1:1883", "mqtt://n2:1883"]\n')
+    assert cfg.broker.all_urls() == ["mqtt://n1:1883", "mqtt://n2:1883"]
+    assert parse_config("").broker.all_urls() == ["mqtt://127.0.0.1:1883"]
+    for text, message in [
+        ('[broker]\nurls = ["mqtt://n1", "mqtts://n2"]\n', "mix mqtt"),
+        ('[broker]\nurl = "ftp://x"\n', "scheme must be mqtt"),
+        ('[broker]\nurls = ["mqtt://n1"]\nembedded = true\n', "embedded broker is one node"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(text)
+
+
+def test_embedded_broker_flag_with_a_broker_list_is_one_readable_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_text(
+        f'data_dir = "{tmp_path / "fleet"}"\n[broker]\nurls = ["mqtt://n1:1883", "mqtt://n2:1883"]\n'
+    )
+    result = run_cli(["fleet", "serve", "--config", str(cfg), "--embedded-broker"])
+    assert result.exit_code != 0
+    assert "the embedded broker is one node" in result.output
+    assert "Traceback" not in result.output

@@ -20,9 +20,9 @@ On every (re)connect the link publishes the retained birth :class:`DeviceState`
 pump so queued messages leave at once. The transport carries the matching retained last
 will (``online=false``), which the broker publishes if the device vanishes; a graceful
 :meth:`Link.stop` publishes it itself. Reconnecting with backoff is the transport's job
-(paho: 1 s → 30 s), as is moving to the next URL of a
-cluster's failover list (``broker.urls``). The network thread never waits on the broker: waiting for acks happens
-in :meth:`Link.flush`.
+(paho: 1 s → 30 s), as is moving to the next URL of a cluster's failover list
+(``broker.urls``). The network thread never waits on the broker: waiting for acks happens in
+:meth:`Link.flush`.
 
 Signing (:mod:`protocol.device_auth`): with a :class:`~.identity.DeviceIdentity` every
 message the device publishes is signed, here in the one publish path — the transport is a

@@ -98,7 +98,9 @@ def test_a_bundle_pushed_to_one_server_is_delivered_once_by_another(
                 lambda: (
                     sum(
                         d["online"]
-                        for d in httpx.get(f"{urls['b']}/v1/devices", headers=headers).json()
+                        for d in httpx.get(
+                            f"{urls['b']}/v1/devices?limit=1000", headers=headers
+                        ).json()["items"]
                     )
                     == 2
                 ),

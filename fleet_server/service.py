@@ -36,6 +36,7 @@ from protocol.transport import Transport
 from . import auth
 from .artifacts import ArtifactStore
 from .bridge import Bridge
+from .command_signing import CommandSigner
 from .config import FleetConfig
 from .delivery import Sender, command_id, deploy_command, parse_command_id, rollback_command
 from .device_trust import DeviceTrust
@@ -143,6 +144,8 @@ class FleetService:
         self.devices = DeviceTrust(self.repo, config.devices, clock)
         if self.key is not None:  # devices agree per-device MAC keys with this fleet key
             self.devices.set_kex(fleet_kex_key(self.key))
+        # sigcost: commands are MAC'd to devices that hold this fleet's key, else signed
+        self.command_signer = None if self.key is None else CommandSigner(self.key, self.devices)
         self.bridge = (
             Bridge(
                 transport,
@@ -1084,7 +1087,7 @@ class FleetService:
             rollout_id=r.rollout_id,
             cid=command_id(r.rollout_id, d.device_id, "deploy", d.attempt),
             chunk_size=self.config.rollout.chunk_bytes,
-            key=self.key,
+            key=self.command_signer,
             http_url=http_url,
             now=_dt(self.clock()),
             ttl_s=self.config.signing.command_ttl_s,
@@ -1113,7 +1116,7 @@ class FleetService:
             device_id=d.device_id,
             rollout_id=r.rollout_id,
             cid=command_id(r.rollout_id, d.device_id, "rollback", 1),
-            key=self.key,
+            key=self.command_signer,
             reason=d.reason,
             target=(dev.previous or None) if dev is not None else None,
             now=_dt(self.clock()),

@@ -121,6 +121,7 @@ class DeviceIdentity:
         self.kex_issued: datetime | None = None  # of the fleet announcement in use
         self.data_dir = Path(data_dir)
         self.agreed: dict[str, AgreedKey] = {}  # fleet kex id → K (commands' MACs)
+        self._saved = b""  # the announcement in fleet_kex.json
 
     def x25519_b64(self) -> str:
         return x25519_b64(self.kex.public_key())
@@ -151,9 +152,10 @@ class DeviceIdentity:
         if fid not in self.agreed:
             self.agreed.clear()  # the dict object is shared with the update machine
         self.agreed[fid] = AgreedKey(k, msg.signature.key_id)
-        if save:
+        if save and payload != self._saved:  # the same one comes back at every connect
             try:
                 _write_private(self.data_dir / ANNOUNCEMENT_FILE, payload)
+                self._saved = payload
             except OSError:  # the retained announcement brings it back next time
                 pass
         return None
@@ -165,7 +167,10 @@ class DeviceIdentity:
             payload = path.read_bytes()[:4096]
         except OSError:
             return "none"
-        return self.accept_kex(payload, command_trust, now, save=False)
+        why = self.accept_kex(payload, command_trust, now, save=False)
+        if why is None:
+            self._saved = payload
+        return why
 
     @property
     def fleet_kex(self) -> str | None:

@@ -25,7 +25,8 @@ Rules (checked by :class:`~.bridge.Bridge` in this order, each refusal a counted
    X25519 key is persisted with its identity, so MAC'd messages verify after a restart.
 5. Commands: the fleet MACs a command (instead of signing it with Ed25519) only to an
    approved device whose last authenticated state said it holds this fleet's X25519 key
-   (``DeviceState.fleet_kex``) — :meth:`DeviceTrust.command_key`.
+   (``DeviceState.fleet_kex``) — :meth:`DeviceTrust.command_key`. The MAC key is agreed
+   as soon as an approved device names this fleet's key, not when the first command goes.
 4. Telemetry: a device reports on at most ``max_models`` model versions per day and
    ``max_windows`` sketch hours per hour, never older than ``max_window_age_s`` or from
    the future (``model_limit`` / ``window_limit`` / ``stale_window``).
@@ -249,11 +250,19 @@ class DeviceTrust:
                 return None
             ident.fleet_kex = msg.fleet_kex
             new = msg.x25519_key if x25519_from_b64(msg.x25519_key or "") else None
-            if new is None or ident.x25519 == new:
-                return None
-            ident.x25519, ident.mac_key = new, None
-        self.repo.set_identity_x25519(msg.device_id, new)
+            changed = new is not None and ident.x25519 != new
+            if changed:
+                ident.x25519, ident.mac_key = new, None
+        if changed:
+            self.repo.set_identity_x25519(msg.device_id, new)
+        self._agree_early(ident)
         return None
+
+    def _agree_early(self, ident: Identity) -> None:
+        """Agree K as soon as an approved device names this fleet's key (once per device
+        key), so the first command to it does not wait for an X25519 exchange."""
+        if ident.status == "approved" and ident.fleet_kex and ident.fleet_kex == self._kex_id:
+            self._agreed(ident)
 
     def command_key(self, device_id: str) -> tuple[bytes, str] | None:
         """``(K, fleet kex id)`` to MAC a command to ``device_id`` with, or None (sign it
@@ -413,6 +422,7 @@ class DeviceTrust:
         self.repo.upsert_identity(ident.row())
         if ident.x25519 is not None:
             self.repo.set_identity_x25519(ident.device_id, ident.x25519)
+        self._agree_early(ident)
         if tokened:
             log.info("device %s enrolled with a token (key %s)", msg.device_id, env.key_id)
             return None
@@ -442,6 +452,7 @@ class DeviceTrust:
             state = self._pending_state.pop(device_id, None)
             row = ident.row()
         self.repo.upsert_identity(row)
+        self._agree_early(ident)
         return ident.public_view(), state
 
     def revoke(self, device_id: str) -> None:

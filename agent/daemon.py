@@ -201,6 +201,9 @@ class Agent:
             apply_config=self.apply_config,
             bench_after_install=cfg.runtime.bench_after_install,
         )
+        # commands MAC'd with the key agreed with the fleet verify from the first one on
+        self.processor.update.agreed = self.identity.agreed
+        self._restore_kex()
         self.link = Link(
             dev,
             self.topics,
@@ -224,14 +227,26 @@ class Agent:
         )
         return self
 
+    def _restore_kex(self) -> None:
+        from datetime import datetime, timezone
+
+        now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        why = self.identity.restore_kex(self.processor.command_trust, now)
+        if why not in (None, "none"):
+            log.warning("saved fleet key announcement not used: %s", why)
+
     def _on_kex(self, payload: bytes) -> None:
         """The fleet's key announcement (network thread): MAC device messages once it verifies."""
         from datetime import datetime, timezone
 
         now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        before = self.identity.fleet_kex
         why = self.identity.accept_kex(payload, self.processor.command_trust, now)
         if why is None:
-            log.info("fleet key agreed: device messages now carry a MAC")
+            if self.identity.fleet_kex != before:
+                log.info("fleet key agreed: device messages now carry a MAC")
+                # the birth tells the fleet it may MAC commands to this device
+                self.link.publish_birth()
         else:
             log.warning("fleet key announcement ignored: %s", why)
 

@@ -68,11 +68,12 @@ class StateSigner:
         self.births = 0
         self._lock = threading.Lock()
 
-    def _sign(self, state: DeviceState, seq: int) -> bytes:
+    def _sign(self, state: DeviceState, seq: int, mac: bool = False) -> bytes:
         payload = state.to_json()
         if self.identity is None:
             return payload
-        return self.identity.signer.sign(self.topics.state(state.device_id), payload, seq=seq)
+        topic = self.topics.state(state.device_id)
+        return self.identity.signer.sign(topic, payload, seq=seq, mac_state=mac)
 
     def birth(self, state: DeviceState) -> bytes:
         if self.identity is not None:
@@ -81,16 +82,22 @@ class StateSigner:
                     "public_key": self.identity.signer.public_key_b64(),
                     "enrol_proof": self.identity.proof,
                     "x25519_key": self.identity.x25519_b64(),
+                    "fleet_kex": self.identity.fleet_kex,
                 }
             )
         with self._lock:
             self.births = min(self.births + 1, STATE_STEP - 2)
             seq = self.connection * STATE_STEP + self.births
-        return self._sign(state, seq)
+            later = self.births > 1
+        # the first birth of a connection (and the will) carry the keys Ed25519-signed; the
+        # later ones are MAC'd once a fleet key was agreed (the server keeps the X25519 key)
+        return self._sign(state, seq, mac=later)
 
     def will(self, state: DeviceState) -> Will:
         """The retained ``online=false`` twin of a birth, for the current connection."""
         dead = state.model_copy(update={"online": False, "api_url": None})
+        if self.identity is not None:  # commands queued while offline may still be MAC'd
+            dead = dead.model_copy(update={"fleet_kex": self.identity.fleet_kex})
         with self._lock:
             seq = self.connection * STATE_STEP + STATE_STEP - 1
         return Will(self.topics.state(state.device_id), self._sign(dead, seq), qos=1, retain=True)

@@ -11,8 +11,9 @@ Admission rules
 A command's bytes are checked in this order; the first failure decides:
 
 0. it parses within the protocol's caps (sizes, 64-hex sha256, chunk counts)  command_invalid
-1. signed by a trusted *command* key            signature_invalid / key_unknown /
-                                                key_revoked / key_wrong_role
+1. signed by a trusted *command* key, or MAC'd  signature_invalid / key_unknown /
+   with the key agreed with a fleet key that a  key_revoked / key_wrong_role
+   trusted command key announced
 2. addressed to this device                     not_addressed
 3. fresh: ``issued_at - skew <= now < expires_at``  command_expired / command_from_future
 4. never seen before (the ledger survives restarts)  command_replayed (a redelivery re-sends
@@ -59,6 +60,7 @@ from datetime import datetime, timedelta
 from typing import Any, Union
 from urllib.parse import urlsplit
 
+from protocol.device_mac import AgreedKey
 from protocol.errors import ProtocolError, ReasonCode, SignatureError
 from protocol.messages import (
     MAX_BUNDLE_BYTES,
@@ -246,6 +248,9 @@ class Update:
     _tokens: float = -1.0
     _tokens_at: datetime | None = None
     _quarters: dict[str, int] = field(default_factory=dict)
+    # keys agreed with the fleet (fleet kex id → K): a command may carry a MAC under one
+    # instead of an Ed25519 signature (protocol.messages.verify_command)
+    agreed: dict[str, AgreedKey] = field(default_factory=dict)
 
     # -- admission -----------------------------------------------------------------------
     def admit(self, raw: bytes, now: datetime) -> Command | Refuse | None:
@@ -259,7 +264,7 @@ class Update:
                 cid, kind, rollout, ReasonCode.COMMAND_INVALID, str(exc), now
             )
         try:
-            verify_command(cmd, self.command_trust)
+            verify_command(cmd, self.command_trust, self.agreed)
         except SignatureError as exc:
             detail = f"{cmd.kind} commands must be signed" if cmd.signature is None else exc.message
             return self._refuse_unsent(

@@ -147,8 +147,13 @@ class Bridge:
             if why is not None:
                 self._drop(why, topic)
                 return
-        elif self.trust is not None and isinstance(msg, DeviceState):
-            self.trust.note_state(msg)  # signed by the pinned key: its X25519 key counts
+        elif self.trust is not None and isinstance(msg, DeviceState) and env is not None:
+            # authenticated by the device: its X25519 key and fleet key count (a MAC'd
+            # state may not change keys)
+            why = self.trust.note_state(msg, env.scheme)
+            if why is not None:
+                self._drop(why, topic)
+                return
         if self.trust is not None and isinstance(msg, (MetricsReport, SketchReport)):
             why = self.trust.check_telemetry(msg)
             if why is not None:

@@ -12,9 +12,12 @@ once per interval per chunk whoever asks. Every chunk is checked by the device a
 sha256 the signed deploy lists for its index (``DeployPayload.chunk_hashes``), so a chunk
 forged onto the shared topic is dropped, not stored.
 
-Every command, of every kind, is signed with the fleet's *command* key (never a bundle key)
-and stamped with ``issued_at``/``expires_at`` (``signing.command_ttl_s``, rollbacks
-``signing.rollback_ttl_s``); a retry is a new command id, signed again. A rollback names the
+Every command, of every kind, is signed with the fleet's *command* key (never a bundle key),
+or MAC'd with the key its device agreed with that key (:mod:`.command_signing`), and
+stamped with ``issued_at``/``expires_at`` (``signing.command_ttl_s``, rollbacks
+``signing.rollback_ttl_s``); a retry is a new command id, signed again. A deploy's payload
+(manifest, chunking, chunk hashes, URL) and its sha256 are built once per bundle and
+delivery (:func:`deploy_payload`), not once per device. A rollback names the
 exact model the device ran before the rollout (``RollbackPayload.target``).
 """
 
@@ -23,10 +26,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Union
 
 from protocol.bundle import Bundle
 from protocol.messages import (
@@ -37,11 +41,19 @@ from protocol.messages import (
     ModelRef,
     RollbackPayload,
     chunk_hashes,
+    command_payload_sha256,
     sign_command,
 )
 from protocol.signing import KeyPair
 from protocol.topics import Topics
 from protocol.transport import Transport
+
+from .command_signing import CommandSigner
+
+Key = Union[KeyPair, CommandSigner, None]
+_PAYLOADS: OrderedDict[tuple[Any, ...], tuple[bytes, DeployPayload, str]] = OrderedDict()
+_PAYLOADS_MAX = 4  # entries hold their bundle's bytes
+_PAYLOADS_LOCK = threading.Lock()
 
 
 def command_id(rollout_id: str, device_id: str, kind: str, attempt: int = 1) -> str:
@@ -81,6 +93,43 @@ def chunk(data: bytes, index: int, chunk_size: int, sha256: str | None = None) -
     )
 
 
+def deploy_payload(
+    bundle: Bundle,
+    data: bytes,
+    *,
+    chunk_size: int,
+    http_url: str | None = None,
+    replace_model: bool = False,
+) -> tuple[DeployPayload, str]:
+    """A deploy's payload and the sha256 its signature covers, built once per bundle object,
+    chunking, URL and ``replace_model`` (kept for the last few), then shared by every device."""
+    key = (id(data), len(data), chunk_size, http_url, replace_model, bundle.signature.key_id)
+    with _PAYLOADS_LOCK:
+        hit = _PAYLOADS.get(key)
+        if hit is not None and hit[0] is data:
+            _PAYLOADS.move_to_end(key)
+            return hit[1], hit[2]
+    size = chunk_size_for(len(data), chunk_size)
+    payload = DeployPayload(
+        manifest=base64.b64encode(bundle.manifest_bytes).decode(),
+        manifest_signature=bundle.signature,
+        bundle_sha256=hashlib.sha256(data).hexdigest(),
+        bundle_size=len(data),
+        chunk_size=size,
+        n_chunks=n_chunks(len(data), size),
+        http_url=http_url,
+        replace_model=replace_model,
+        chunk_hashes=chunk_hashes(data, size),
+    )
+    template = Command(command_id="x", device_id="x", kind="deploy", deploy=payload)
+    digest = command_payload_sha256(template)
+    with _PAYLOADS_LOCK:
+        _PAYLOADS[key] = (data, payload, digest)
+        while len(_PAYLOADS) > _PAYLOADS_MAX:
+            _PAYLOADS.popitem(last=False)
+    return payload, digest
+
+
 def deploy_command(
     bundle: Bundle,
     data: bytes,
@@ -89,35 +138,37 @@ def deploy_command(
     rollout_id: str,
     cid: str,
     chunk_size: int,
-    key: KeyPair | None,
+    key: Key,
     http_url: str | None = None,
     replace_model: bool = False,
     now: datetime | None = None,
     ttl_s: float = 86_400.0,
 ) -> Command:
-    chunk_size = chunk_size_for(len(data), chunk_size)
-    payload = DeployPayload(
-        manifest=base64.b64encode(bundle.manifest_bytes).decode(),
-        manifest_signature=bundle.signature,
-        bundle_sha256=hashlib.sha256(data).hexdigest(),
-        bundle_size=len(data),
-        chunk_size=chunk_size,
-        n_chunks=n_chunks(len(data), chunk_size),
-        http_url=http_url,
-        replace_model=replace_model,
-        chunk_hashes=chunk_hashes(data, chunk_size),
+    payload, digest = deploy_payload(
+        bundle, data, chunk_size=chunk_size, http_url=http_url, replace_model=replace_model
     )
     cmd = Command(
         command_id=cid, device_id=device_id, kind="deploy", rollout_id=rollout_id, deploy=payload
     )
-    return signed(cmd, key, now=now, ttl_s=ttl_s)
+    return signed(cmd, key, now=now, ttl_s=ttl_s, payload_sha256=digest)
 
 
-def signed(cmd: Command, key: KeyPair | None, *, now: datetime | None, ttl_s: float) -> Command:
-    """Stamp ``issued_at``/``expires_at`` and sign with the command key (every kind)."""
+def signed(
+    cmd: Command,
+    key: Key,
+    *,
+    now: datetime | None,
+    ttl_s: float,
+    payload_sha256: str | None = None,
+) -> Command:
+    """Stamp ``issued_at``/``expires_at`` and sign with the command key (every kind), or MAC
+    with the device's agreed key when ``key`` is a :class:`CommandSigner` that has one.
+    ``payload_sha256``: :func:`~protocol.messages.command_payload_sha256` of ``cmd``."""
     if key is None:  # devices refuse it; the service logs that it has no command key
         return cmd
-    return sign_command(cmd, key, now=now, ttl_s=ttl_s)
+    if isinstance(key, CommandSigner):
+        return key.sign(cmd, now=now, ttl_s=ttl_s, payload_sha256=payload_sha256)
+    return sign_command(cmd, key, now=now, ttl_s=ttl_s, payload_sha256=payload_sha256)
 
 
 def rollback_command(
@@ -125,7 +176,7 @@ def rollback_command(
     device_id: str,
     rollout_id: str,
     cid: str,
-    key: KeyPair | None,
+    key: Key,
     to_release: int | None = None,
     reason: str = "",
     target: dict[str, Any] | ModelRef | None = None,

@@ -18,8 +18,15 @@ Rules (checked by :class:`~.bridge.Bridge` in this order, each refusal a counted
    A non-state message may instead carry the MAC scheme (:mod:`protocol.device_mac`):
    accepted only when this server holds the fleet X25519 key and the device's X25519 key
    came in a state its pinned Ed25519 key signed (``mac_no_key``), the MAC names this
-   fleet's key (``mac_wrong_fleet_key``) and verifies (``bad_mac``); a state or will must
-   be Ed25519-signed (``mac_on_state``). The agreed key is computed once per device key.
+   fleet's key (``mac_wrong_fleet_key``) and verifies (``bad_mac``). A state may carry a
+   MAC too (a device MACs its births after the first of a connection), but it must not
+   change the device's keys: a MAC'd state naming another Ed25519 or X25519 key is dropped
+   (``mac_key_change``). The agreed key is computed once per device key; the device's
+   X25519 key is persisted with its identity, so MAC'd messages verify after a restart.
+5. Commands: the fleet MACs a command (instead of signing it with Ed25519) only to an
+   approved device whose last authenticated state said it holds this fleet's X25519 key
+   (``DeviceState.fleet_kex``) — :meth:`DeviceTrust.command_key`. The MAC key is agreed
+   as soon as an approved device names this fleet's key, not when the first command goes.
 4. Telemetry: a device reports on at most ``max_models`` model versions per day and
    ``max_windows`` sketch hours per hour, never older than ``max_window_age_s`` or from
    the future (``model_limit`` / ``window_limit`` / ``stale_window``).
@@ -88,6 +95,7 @@ def _identity(row: dict[str, Any]) -> Identity | None:
         approved_by=row.get("approved_by") or "",
         state_boot=_int(row.get("state_boot")),
         state_seq=_int(row.get("state_seq")),
+        x25519=row.get("x25519_key") or None,
     )
 
 
@@ -146,10 +154,11 @@ class Identity:
     approved_by: str = ""
     state_boot: int = -1
     state_seq: int = -1
-    # the X25519 key of the newest state the pinned key signed, and the MAC key agreed
-    # with it (memory only: the retained birth brings it back after a restart)
+    # the X25519 key of the newest state the pinned key signed (persisted), the MAC key
+    # agreed with it (memory), and the fleet kex id the device's last state said it holds
     x25519: str | None = None
     mac_key: bytes | None = None
+    fleet_kex: str | None = None
 
     def row(self) -> dict[str, Any]:
         return {
@@ -196,6 +205,7 @@ class DeviceTrust:
         self._enrol = TokenBucket(cfg.enrol_per_minute / 60.0, cfg.enrol_burst, clock())
         self._kex: X25519PrivateKey | None = None
         self.verified: Counter[str] = Counter()  # messages whose signature or MAC held, by scheme
+        self.agreements = 0  # MAC keys computed (X25519 + HKDF, once per device key)
         self._kex_id = ""
         self._kex_pub = b""
         for row in repo.list_identities():
@@ -222,7 +232,9 @@ class DeviceTrust:
                 if ident is None:
                     continue
                 if cur is not None and cur.key_id == ident.key_id:
-                    ident.x25519 = cur.x25519
+                    ident.x25519 = ident.x25519 or cur.x25519
+                    if ident.x25519 == cur.x25519:  # the same agreement: keep its key
+                        ident.mac_key, ident.fleet_kex = cur.mac_key, cur.fleet_kex
                     ident.state_boot, ident.state_seq = max(
                         (cur.state_boot, cur.state_seq), (ident.state_boot, ident.state_seq)
                     )
@@ -258,29 +270,65 @@ class DeviceTrust:
             for ident in self._ids.values():
                 ident.mac_key = None
 
-    def note_state(self, msg: DeviceState) -> None:
-        """Record the X25519 key of a state the pinned key signed (after :meth:`verify`)."""
-        if not msg.x25519_key or x25519_from_b64(msg.x25519_key) is None:
-            return
+    def note_state(self, msg: DeviceState, scheme: str = "ed25519") -> str | None:
+        """Record the keys of a state the device authenticated (after :meth:`verify`):
+        its X25519 key (persisted when it changes) and the fleet key it says it holds.
+        A MAC'd state must name the keys already pinned: else ``mac_key_change``."""
         with self._lock:
             ident = self._ids.get(msg.device_id)
-            if ident is not None and ident.x25519 != msg.x25519_key:
-                ident.x25519, ident.mac_key = msg.x25519_key, None
+            if ident is None:
+                return None
+            if scheme == MAC:
+                if (msg.public_key and msg.public_key != ident.public_b64) or (
+                    msg.x25519_key and msg.x25519_key != ident.x25519
+                ):
+                    return "mac_key_change"
+                ident.fleet_kex = msg.fleet_kex
+                return None
+            ident.fleet_kex = msg.fleet_kex
+            new = msg.x25519_key if x25519_from_b64(msg.x25519_key or "") else None
+            changed = new is not None and ident.x25519 != new
+            if changed:
+                ident.x25519, ident.mac_key = new, None
+        if changed:
+            self.repo.set_identity_x25519(msg.device_id, new)
+        self._agree_early(ident)
+        return None
+
+    def _agree_early(self, ident: Identity) -> None:
+        """Agree K as soon as an approved device names this fleet's key (once per device
+        key), so the first command to it does not wait for an X25519 exchange."""
+        if ident.status == "approved" and ident.fleet_kex and ident.fleet_kex == self._kex_id:
+            self._agreed(ident)
+
+    def command_key(self, device_id: str) -> tuple[bytes, str] | None:
+        """``(K, fleet kex id)`` to MAC a command to ``device_id`` with, or None (sign it
+        with Ed25519): the device is approved, its X25519 key is known and its last
+        authenticated state said it holds this fleet's key."""
+        ident = self.approved(device_id)
+        if ident is None or self._kex is None or ident.fleet_kex != self._kex_id:
+            return None
+        key = self._agreed(ident)
+        return None if key is None else (key, self._kex_id)
+
+    def _agreed(self, ident: Identity) -> bytes | None:
+        key = ident.mac_key
+        if key is not None:
+            return key
+        with self._lock:
+            peer = x25519_from_b64(ident.x25519) if ident.x25519 else None
+            if self._kex is None or peer is None:
+                return None
+            key = mac_key(self._kex, peer, ident.device_id, raw_public(peer), self._kex_pub)
+            ident.mac_key = key  # once per device key, not per message
+            self.agreements += 1
+            return key
 
     def _check_mac(self, ident: Identity, kind: str, topic: str, env: SignedEnvelope) -> str | None:
-        if kind == "state":
-            return "mac_on_state"  # births and wills carry the keys: Ed25519 only
-        key = ident.mac_key
+        key = self._agreed(ident)
         if key is None:
-            with self._lock:
-                peer = x25519_from_b64(ident.x25519) if ident.x25519 else None
-                if self._kex is None or peer is None:
-                    return "mac_no_key"
-                if env.key_id != self._kex_id:
-                    return "mac_wrong_fleet_key"
-                key = mac_key(self._kex, peer, ident.device_id, raw_public(peer), self._kex_pub)
-                ident.mac_key = key  # once per device key, not per message
-        elif env.key_id != self._kex_id:
+            return "mac_no_key"
+        if env.key_id != self._kex_id:
             return "mac_wrong_fleet_key"
         if not verify_mac(env, topic, key):
             return "bad_mac"
@@ -403,11 +451,15 @@ class DeviceTrust:
                 state_boot=env.boot,
                 state_seq=env.seq,
                 x25519=msg.x25519_key if x25519_from_b64(msg.x25519_key or "") else None,
+                fleet_kex=msg.fleet_kex,
             )
             self._ids[msg.device_id] = ident
             if not tokened:
                 self._pending_state[msg.device_id] = msg
         self.repo.upsert_identity(ident.row())
+        if ident.x25519 is not None:
+            self.repo.set_identity_x25519(ident.device_id, ident.x25519)
+        self._agree_early(ident)
         if tokened:
             log.info("device %s enrolled with a token (key %s)", msg.device_id, env.key_id)
             return None
@@ -437,6 +489,7 @@ class DeviceTrust:
             state = self._pending_state.pop(device_id, None)
             row = ident.row()
         self.repo.upsert_identity(row)
+        self._agree_early(ident)
         return ident.public_view(), state
 
     def revoke(self, device_id: str) -> None:

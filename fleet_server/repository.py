@@ -91,6 +91,7 @@ class Repository(Protocol):
     def list_identities(self) -> list[dict[str, Any]]: ...
     def upsert_identity(self, row: dict[str, Any]) -> None: ...
     def delete_identity(self, device_id: str) -> None: ...
+    def set_identity_x25519(self, device_id: str, x25519_key: str | None) -> bool: ...
     # dashboard sessions revoked before they expire
     def revoke_session(self, sid: str, expires: float) -> None: ...
     def session_revoked(self, sid: str) -> bool: ...
@@ -686,6 +687,15 @@ class SQLiteRepository:
     def upsert_identity(self, row: dict[str, Any]) -> None:
         with self._tx() as db:
             db["device_identities"].upsert(row, pk="device_id")
+
+    def set_identity_x25519(self, device_id: str, x25519_key: str | None) -> bool:
+        """Record a device's X25519 public key (base64); False when it has no identity."""
+        with self._tx() as db:
+            cur = db.execute(
+                "update device_identities set x25519_key = ? where device_id = ?",
+                [x25519_key, device_id],
+            )
+            return bool(cur.rowcount > 0)
 
     def delete_identity(self, device_id: str) -> None:
         with self._tx() as db:

@@ -499,6 +499,15 @@ class PostgresRepository:
                 [_value(row[c]) for c in cols],
             )
 
+    def set_identity_x25519(self, device_id: str, x25519_key: str | None) -> bool:
+        """Record a device's X25519 public key (base64); False when it has no identity."""
+        with self._conn() as conn:
+            cur = conn.execute(
+                "update device_identities set x25519_key = %s where device_id = %s",
+                [x25519_key, device_id],
+            )
+            return bool(cur.rowcount > 0)
+
     def delete_identity(self, device_id: str) -> None:
         with self._conn() as conn:
             conn.execute("delete from device_identities where device_id = %s", [device_id])

@@ -21,11 +21,11 @@ from pydantic import BaseModel, Field
 
 from protocol.errors import EdgefleetError, ProtocolError
 from protocol.messages import Alert, CommandStatus
-from protocol.signing import KeyPair
 from protocol.states import ROLLOUT_ACTIVE, ROLLOUT_LOADED, ROLLOUT_MOVING, ROLLOUT_TICKED
 
 from . import views
 from .audit_log import AuditLog
+from .command_signing import CommandSigner
 from .config import FleetConfig
 from .delivery import Sender, command_id, deploy_command, parse_command_id, rollback_command
 from .drift import DriftEngine
@@ -81,7 +81,7 @@ class RolloutDriver:
         drift: DriftEngine,
         exporter: FleetExporter,
         sender: Sender | None,
-        key: KeyPair | None,
+        signer: CommandSigner | None,
         publish_alert: Callable[[Alert], None],
     ) -> None:
         self.config = config
@@ -93,7 +93,7 @@ class RolloutDriver:
         self.drift = drift
         self.exporter = exporter
         self.sender = sender
-        self.key = key
+        self.signer = signer  # signs (or MACs) every command this driver sends
         self.publish_alert = publish_alert
         self.lock = threading.RLock()  # the engine state; taken before any other lock
         self.wake = threading.Event()  # set when a tick is due sooner than the interval
@@ -431,7 +431,7 @@ class RolloutDriver:
             rollout_id=r.rollout_id,
             cid=command_id(r.rollout_id, d.device_id, "deploy", d.attempt),
             chunk_size=self.config.rollout.chunk_bytes,
-            key=self.key,
+            key=self.signer,
             http_url=http_url,
             now=_dt(self.clock()),
             ttl_s=self.config.signing.command_ttl_s,
@@ -448,7 +448,7 @@ class RolloutDriver:
             device_id=d.device_id,
             rollout_id=r.rollout_id,
             cid=command_id(r.rollout_id, d.device_id, "rollback", 1),
-            key=self.key,
+            key=self.signer,
             reason=d.reason,
             target=(dev.previous or None) if dev is not None else None,
             now=_dt(self.clock()),

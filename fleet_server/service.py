@@ -45,6 +45,7 @@ from .audit_log import AuditLog
 from .bridge import Bridge
 from .channel_service import ChannelService
 from .cluster import Cluster
+from .command_signing import CommandSigner
 from .config import FleetConfig
 from .delivery import Sender
 from .device_trust import DeviceTrust
@@ -87,6 +88,7 @@ class FleetService:
         self.devices = DeviceTrust(self.repo, config.devices, clock)
         if self.key is not None:  # devices agree per-device MAC keys with this fleet key
             self.devices.set_kex(fleet_kex_key(self.key))
+        self.command_signer = None if self.key is None else CommandSigner(self.key, self.devices)
         now = self._now  # the parts read the clock through here: tests may replace it
         self.audit_log = AuditLog(self.repo, now)
         self.exporter = FleetExporter()
@@ -116,7 +118,7 @@ class FleetService:
             self.drift,
             self.exporter,
             self.sender,
-            self.key,
+            self.command_signer,
             self.publish_alert,
         )
         self.channels = ChannelService(self)  # release channels: promotion, late joiners

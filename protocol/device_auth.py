@@ -213,10 +213,15 @@ class DeviceSigner:
             self._seq += 1
             return self._seq
 
-    def sign(self, topic: str, payload: bytes, seq: int | None = None) -> bytes:
+    def sign(
+        self, topic: str, payload: bytes, seq: int | None = None, *, mac_state: bool = False
+    ) -> bytes:
         """Ed25519 for states (an explicit ``seq``: they carry the keys), else the MAC once
-        a fleet key was agreed."""
+        a fleet key was agreed. ``mac_state``: MAC this state too (a birth after the first
+        of a connection, whose keys the server holds already)."""
         agreed = self.mac
+        if agreed is not None and seq is not None and mac_state:
+            return mac_payload(payload, topic, agreed[0], agreed[1], self.boot, seq)
         if seq is None and agreed is not None and not topic.endswith("/state"):
             return mac_payload(payload, topic, agreed[0], agreed[1], self.boot, self.next_seq())
         return sign_payload(

@@ -19,8 +19,12 @@ Wire form: the ``dsig`` member of :mod:`protocol.device_auth` with an ``m.`` pre
     "dsig":"m.<boot>.<seq>.<fleet kex id>.<base64 HMAC-SHA256>"
 
 The MAC covers the same bytes an Ed25519 ``dsig`` covers (topic, ``boot.seq``, body).
-Births and last wills are always Ed25519-signed: they carry the keys. A device that has
-no verified announcement keeps signing with Ed25519.
+A device's first birth of each connection and its last will are Ed25519-signed: they
+carry the keys. Later births may carry the MAC (the server keeps each device's X25519 key
+in its registry, so it can check them after a restart too), and the fleet MACs commands to a
+device whose signed birth says it holds the fleet's current key (``DeviceState.fleet_kex``;
+:func:`protocol.messages.mac_command`). A device that has no verified announcement keeps
+signing with Ed25519, and gets Ed25519-signed commands.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -95,6 +100,19 @@ def mac_key(
 
 def mac(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class AgreedKey:
+    """A device's MAC key ``K`` with its fleet, and the command key id that signed the fleet
+    announcement it was agreed from (a MAC'd command counts as that key's, while it is
+    trusted)."""
+
+    key: bytes
+    signer: str
+
+    def __repr__(self) -> str:  # never print key material
+        return f"AgreedKey(signer={self.signer!r})"
 
 
 class KexAnnouncement(BaseModel):

@@ -5,10 +5,19 @@ meaning of an existing one. Every device-originated message carries ``device_id`
 server accepts it only when that id matches the topic's. :data:`MAX_MESSAGE_BYTES` bounds
 what either side will parse.
 
-Every command, whatever its kind, carries an Ed25519 ``signature`` by a fleet *command*
-key over :func:`command_signing_bytes`: the canonical JSON of the whole command without its
-signature, which covers the device id, command id, kind, every payload, ``issued_at`` and
-``expires_at``. Hostile-input caps live here, on the models, so nothing unchecked gets past
+Every command, whatever its kind, carries a ``signature`` by the fleet's *command* key
+over :func:`command_signing_bytes`: a short canonical envelope of the device id, command id,
+kind, rollout id, ``ts``, ``issued_at`` and ``expires_at`` plus the sha256 of the canonical
+JSON of *everything else* in the command (:func:`command_payload_sha256`: the deploy,
+rollback, benchmark and config payloads and any field added later). The payload of a deploy
+is the same for every device of a rollout, so the server hashes it once per bundle and signs
+only the envelope per device. The signature is either Ed25519 by a command key, or
+(``alg = "hmac-sha256"``, :func:`mac_command`) an HMAC-SHA256 with the per-device key the
+device agreed with the fleet's X25519 key (:mod:`protocol.device_mac`), which the fleet
+announced signed by a command key; the device accepts such a MAC only while that command
+key is trusted and not revoked (:func:`verify_command`).
+
+Hostile-input caps live here, on the models, so nothing unchecked gets past
 :func:`decode`: every sha256 is exactly 64 lowercase hex digits, a deploy's chunk size is
 between :data:`MIN_CHUNK_BYTES` and :data:`MAX_CHUNK_BYTES`, its chunk count at most
 :data:`MAX_CHUNKS` and equal to ``ceil(bundle_size / chunk_size)``, and its size at most
@@ -27,6 +36,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .device_mac import AgreedKey, mac
 from .errors import ProtocolError
 from .manifest import canonical_json
 from .signing import KeyPair, Signature, TrustStore
@@ -84,6 +94,9 @@ class DeviceState(Message):
     # the device's X25519 public key, base64 (protocol.device_mac): its MAC key is agreed
     # with it; trusted only in a state signed by the pinned Ed25519 key
     x25519_key: str | None = Field(default=None, max_length=44)
+    # the id of the fleet X25519 key the device agreed its MAC key with, from an
+    # announcement it verified with its command keys: the fleet may MAC its commands
+    fleet_kex: str | None = Field(default=None, pattern=r"^[0-9a-f]{16}$")
     # the release channel the agent follows ("stable" or "MODEL/stable"); optional
     channel: str | None = Field(default=None, max_length=160)
 
@@ -289,9 +302,46 @@ def chunk_hashes(data: bytes, chunk_size: int) -> str:
     return base64.b64encode(digests).decode()
 
 
-def command_signing_bytes(cmd: Command) -> bytes:
-    """Canonical bytes of everything in the command but its signature (all kinds)."""
-    return canonical_json(cmd.model_dump(mode="json", exclude={"signature"}, exclude_none=True))
+COMMAND_DOMAIN = b"edgefleet-command/2"
+COMMAND_MAC_ALG = "hmac-sha256"
+# the fields of the signed envelope; everything else in a command is its payload
+ENVELOPE_FIELDS: set[str] = {
+    "command_id",
+    "device_id",
+    "kind",
+    "rollout_id",
+    "ts",
+    "issued_at",
+    "expires_at",
+}
+_NOT_PAYLOAD = ENVELOPE_FIELDS | {"signature"}
+
+
+def command_payload_sha256(cmd: Command) -> str:
+    """Hex sha256 of the canonical JSON of everything in ``cmd`` but its envelope and
+    signature. The same for every device a rollout deploys the same bundle to."""
+    payload = cmd.model_dump(mode="json", exclude=_NOT_PAYLOAD, exclude_none=True)
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
+def command_signing_bytes(cmd: Command, payload_sha256: str | None = None) -> bytes:
+    """What a command's signature covers (all kinds): the domain, then the canonical JSON of
+    the envelope and the payload's sha256. ``payload_sha256`` is the caller's
+    :func:`command_payload_sha256` of this very command, when it has it already."""
+    env = cmd.model_dump(mode="json", include=ENVELOPE_FIELDS, exclude_none=True)
+    env["payload_sha256"] = payload_sha256 or command_payload_sha256(cmd)
+    return COMMAND_DOMAIN + b"\0" + canonical_json(env)
+
+
+def _stamped(cmd: Command, now: datetime | None, ttl_s: float | None) -> Command:
+    from datetime import timedelta
+
+    if ttl_s is None:
+        return cmd
+    issued = (now or utcnow()).replace(microsecond=0)
+    return cmd.model_copy(
+        update={"issued_at": issued, "expires_at": issued + timedelta(seconds=ttl_s)}
+    )
 
 
 def sign_command(
@@ -300,22 +350,66 @@ def sign_command(
     *,
     now: datetime | None = None,
     ttl_s: float | None = None,
+    payload_sha256: str | None = None,
 ) -> Command:
     """Sign ``cmd``; with ``ttl_s`` stamp ``issued_at = now`` and ``expires_at = now + ttl``."""
-    from datetime import timedelta
-
-    update: dict[str, Any] = {}
-    if ttl_s is not None:
-        issued = (now or utcnow()).replace(microsecond=0)
-        update = {"issued_at": issued, "expires_at": issued + timedelta(seconds=ttl_s)}
-    cmd = cmd.model_copy(update=update) if update else cmd
-    return cmd.model_copy(update={"signature": key.sign(command_signing_bytes(cmd))})
+    cmd = _stamped(cmd, now, ttl_s)
+    sig = key.sign(command_signing_bytes(cmd, payload_sha256))
+    return cmd.model_copy(update={"signature": sig})
 
 
-def verify_command(cmd: Command, trust: TrustStore) -> str:
-    """Return the signing key id; raise SignatureError if unsigned or invalid."""
+def mac_command(
+    cmd: Command,
+    key: bytes,
+    fleet_kex_id: str,
+    *,
+    now: datetime | None = None,
+    ttl_s: float | None = None,
+    payload_sha256: str | None = None,
+) -> Command:
+    """Authenticate ``cmd`` with the MAC key agreed with its device (``protocol.device_mac``)."""
+    cmd = _stamped(cmd, now, ttl_s)
+    tag = mac(key, command_signing_bytes(cmd, payload_sha256))
+    b64 = base64.b64encode(tag).decode()
+    sig = Signature(alg=COMMAND_MAC_ALG, key_id=fleet_kex_id, signature=b64)
+    return cmd.model_copy(update={"signature": sig})
+
+
+def verify_command(
+    cmd: Command, trust: TrustStore, agreed: dict[str, AgreedKey] | None = None
+) -> str:
+    """Return the command key id behind the signature; raise SignatureError if unsigned or
+    invalid.
+
+    An Ed25519 signature must verify with a key of ``trust``. A MAC
+    (:data:`COMMAND_MAC_ALG`) must verify with the key in ``agreed`` for the fleet X25519
+    key it names, and the command key that signed that fleet key's announcement must still
+    be in ``trust`` and not revoked: revoking a command key also ends the MACs agreed under it.
+    """
+    import hmac as _hmac
+
     from .errors import ReasonCode, SignatureError
 
-    if cmd.signature is None:
+    sig = cmd.signature
+    if sig is None:
         raise SignatureError(ReasonCode.SIGNATURE_INVALID, f"{cmd.kind} command is not signed")
-    return trust.verify(command_signing_bytes(cmd), cmd.signature)
+    if sig.alg != COMMAND_MAC_ALG:
+        return trust.verify(command_signing_bytes(cmd), sig)
+    k = (agreed or {}).get(sig.key_id)
+    if k is None:
+        raise SignatureError(
+            ReasonCode.KEY_UNKNOWN, f"no key agreed with fleet key {sig.key_id[:16]}"
+        )
+    if k.signer in trust.revoked:
+        raise SignatureError(ReasonCode.KEY_REVOKED, f"key {k.signer} is revoked")
+    if k.signer not in trust.keys:
+        raise SignatureError(ReasonCode.KEY_UNKNOWN, f"key {k.signer} is not trusted")
+    try:
+        tag = base64.b64decode(sig.signature, validate=True)
+    except ValueError:
+        tag = b""
+    if not _hmac.compare_digest(tag, mac(k.key, command_signing_bytes(cmd))):
+        raise SignatureError(
+            ReasonCode.SIGNATURE_INVALID, f"MAC with fleet key {sig.key_id[:16]} does not verify"
+        )
+    return k.signer

@@ -392,3 +392,30 @@ def test_progress_is_reported_once_per_quarter_and_never_after_completion(
             reported.append(a.progress)
     assert len(reported) <= 3 and reported == sorted(set(reported))  # 1/4, 2/4, 3/4 at most
     assert u.chunk_stored(c, 1.0, complete=True) == [Run("install", c)]
+
+
+# -- commands MAC'd with the key agreed with the fleet ---------------------------------------
+@pytest.mark.parametrize("kind", ["deploy", "rollback", "benchmark", "config", "shadow_stop"])
+def test_a_macd_command_passes_the_same_checks_as_a_signed_one(kind: str) -> None:
+    from protocol.device_mac import AgreedKey
+    from protocol.messages import mac_command
+
+    u = machine()
+    k, fid = b"K" * 32, "a" * 16
+
+    def maced(key: bytes = k, **kw: Any) -> Command:
+        base = cmd(kind, key=None, **kw)
+        return mac_command(base, key, fid, now=NOW, ttl_s=3600)
+
+    # no key agreed yet: refused before anything else, like an unknown key
+    assert reason(admit(u, maced())) == "key_unknown"
+    u.agreed[fid] = AgreedKey(k, COMMAND_KEY.key_id)
+    assert isinstance(admit(u, maced()), Command)
+    assert reason(admit(u, maced(key=b"x" * 32))) == "signature_invalid"
+    assert reason(admit(u, maced(device="dev-2"))) == "not_addressed"
+    assert reason(admit(u, maced(), NOW + timedelta(days=2))) == "command_expired"
+    # agreed from an announcement by a revoked command key, or by a bundle key: refused
+    u.agreed[fid] = AgreedKey(k, REVOKED.key_id)
+    assert reason(admit(u, maced())) == "key_revoked"
+    u.agreed[fid] = AgreedKey(k, BUNDLE_KEY.key_id)
+    assert reason(admit(u, maced())) == "key_unknown"

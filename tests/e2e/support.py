@@ -339,6 +339,32 @@ class BrokerRecorder:
                 out.append((parsed.device_id, m))
         return out
 
+    def verify_command(self, cmd: Any, command_key: KeyPair) -> str:
+        """Check a command seen on the wire as its device would: an Ed25519 signature by
+        ``command_key``, or a MAC with the key that device agreed with the fleet (rebuilt
+        here from ``command_key`` and the X25519 keys in the device's recorded births)."""
+        from protocol.device_mac import (
+            AgreedKey,
+            fleet_kex_key,
+            kex_id,
+            mac_key,
+            raw_public,
+            x25519_from_b64,
+        )
+        from protocol.messages import verify_command
+        from protocol.signing import TrustStore
+
+        fleet = fleet_kex_key(command_key)
+        fleet_pub = raw_public(fleet.public_key())
+        agreed: dict[str, AgreedKey] = {}
+        for device, m in self.by_kind("state"):
+            text = m.json().get("x25519_key") if device == cmd.device_id else None
+            peer = x25519_from_b64(text) if text else None
+            if peer is not None:
+                k = mac_key(fleet, peer, device, raw_public(peer), fleet_pub)
+                agreed[kex_id(fleet.public_key())] = AgreedKey(k, command_key.key_id)
+        return verify_command(cmd, TrustStore.from_keys([command_key.public]), agreed)
+
 
 ADMIN_TOKEN = "eft_e2e-admin-token-" + "x" * 24
 

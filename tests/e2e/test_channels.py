@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from fleet_server.errors import PromotionRefused
-from protocol import KeyPair, TrustStore
-from protocol.messages import Command, verify_command
+from protocol import KeyPair
+from protocol.messages import Command
 from tests.e2e.conftest import Release
 from tests.e2e.support import (
     AgentProcess,
@@ -153,7 +153,6 @@ def test_channels_promote_refuse_late_join_and_demote_with_real_agents(
             assert a.predict().status_code == 200
 
         # on the wire: the beta devices got no rollback, the stable ones got signed ones
-        trust = TrustStore.from_keys([COMMAND_KEY.public])
         rollbacks: dict[str, list[Command]] = {}
         for device, m in recorder.by_kind("cmd"):
             if json.loads(m.payload).get("kind") == "rollback":
@@ -162,7 +161,7 @@ def test_channels_promote_refuse_late_join_and_demote_with_real_agents(
         assert {*STABLE, LATE} <= set(rollbacks)
         for cmds in rollbacks.values():
             for cmd in cmds:
-                assert verify_command(cmd, trust) == COMMAND_KEY.key_id
+                assert recorder.verify_command(cmd, COMMAND_KEY) == COMMAND_KEY.key_id
         lineage = ch.lineage(v2)["lineage"]
         assert [(x["channel"], x["action"]) for x in lineage] == [
             ("beta", "promote"),

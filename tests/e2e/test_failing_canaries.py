@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from fleet_server.service import RolloutRequest
-from protocol import KeyPair, TrustStore
-from protocol.messages import Command, verify_command
+from protocol import KeyPair
+from protocol.messages import Command
 from tests.e2e.conftest import Release
 from tests.e2e.support import (
     AgentProcess,
@@ -113,7 +113,6 @@ def test_rollout_halts_at_stage_one_when_30_percent_of_canaries_fail(
             assert devs[d]["state"] == "queued"
 
         # On the wire: nothing for the devices outside stage 1, ever.
-        trust = TrustStore.from_keys([command_key.public])
         to_device: dict[str, list[tuple[str, Any]]] = {d: [] for d in ids}
         for kind in ("cmd", "artifact"):
             for device, m in recorder.by_kind(kind):
@@ -129,7 +128,7 @@ def test_rollout_halts_at_stage_one_when_30_percent_of_canaries_fail(
             ]
             assert len(rollbacks) >= 1, f"{d} installed v2 but got no rollback"
             for cmd in rollbacks:
-                assert verify_command(cmd, trust) == command_key.key_id
+                assert recorder.verify_command(cmd, command_key) == command_key.key_id
         # And every device serves v1 again (or still), answering predictions.
         for d, a in agents.items():
             assert a.model() == {"name": "iris", "version": "1.0.0", "release": 1}, d

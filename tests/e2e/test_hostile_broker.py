@@ -5,8 +5,11 @@ serving, records why, and its memory stays bounded.
 One real agent process per broker (``edgefleet agent run``, config written like
 ``agent init``'s, serving iris 2.0.0 installed over MQTT by a legitimate, command-key-signed
 deploy that the attacker captured) and an attacker paho client that holds neither the
-fleet's command key nor any trusted key. A second legitimate deploy (3.0.0) is left half
-delivered, so chunk attacks meet a download in progress.
+fleet's command key nor any trusted key. The fleet's X25519 key is announced (signed by the
+command key), so the device also takes commands MAC'd with the key it agreed; the attacker
+tries those too: a guessed key, a compromised neighbour's own key, another fleet key, and
+genuine MAC'd captures re-dated, expired or with a swapped chunk list. A second legitimate
+deploy (3.0.0) is left half delivered, so chunk attacks meet a download in progress.
 
 For every attack the test asserts:
 
@@ -45,8 +48,17 @@ from typing import Any
 
 import psutil
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol import KeyPair, Manifest, read_bundle
+from protocol.device_mac import (
+    announce,
+    fleet_kex_key,
+    kex_id,
+    mac_key,
+    raw_public,
+    x25519_from_b64,
+)
 from protocol.messages import (
     ArtifactChunk,
     Command,
@@ -54,6 +66,7 @@ from protocol.messages import (
     DeployPayload,
     RollbackPayload,
     chunk_hashes,
+    mac_command,
     sign_command,
     utcnow,
 )
@@ -93,6 +106,9 @@ class Victim:
     pending: Command  # the legitimate 3.0.0 deploy whose chunks were withheld
     wine: tuple[bytes, Manifest]  # a genuine bundle of another model name
     bundle_key: KeyPair  # the attacker may hold one (a leaked build machine)
+    fleet_kex: str  # the fleet X25519 key id the device agreed its MAC key with
+    mac_key: bytes  # the victim's K (what the fleet MACs its commands with)
+    neighbour_key: bytes  # a compromised neighbour's own K with the same fleet
     rss: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -159,6 +175,26 @@ def victim(
         fleet.connect(timeout=10)
         attacker.connect(timeout=10)
         wait_until(lambda: recorder.by_kind("state"), 30, "the device's birth message")
+        # the fleet announces its X25519 key (signed by the command key): the device agrees
+        # its MAC key and says so in a birth, so MAC'd commands are in play too
+        fleet_x = fleet_kex_key(COMMAND_KEY)
+        fid = kex_id(fleet_x.public_key())
+        ann = announce(COMMAND_KEY, utcnow()).to_json()
+        assert fleet.publish(TOPICS.kex(), ann, qos=1, retain=True).wait(10)
+
+        def agreed() -> dict[str, Any] | None:
+            for _, m in recorder.by_kind("state"):
+                if m.json().get("fleet_kex") == fid:
+                    return dict(m.json())
+            return None
+
+        birth = wait_until(agreed, 30, "a birth naming the fleet key")
+        victim_x = x25519_from_b64(birth["x25519_key"])
+        assert victim_x is not None
+        fleet_pub = raw_public(fleet_x.public_key())
+        victim_k = mac_key(fleet_x, victim_x, device, raw_public(victim_x), fleet_pub)
+        neighbour_x = X25519PrivateKey.generate().public_key()
+        neighbour_k = mac_key(fleet_x, neighbour_x, "neighbour", raw_public(neighbour_x), fleet_pub)
 
         def final(cid: str) -> CommandStatus | None:
             for _, m in recorder.by_kind("status"):
@@ -210,6 +246,9 @@ def victim(
             pending,
             wine,
             signing_key,
+            fid,
+            victim_k,
+            neighbour_k,
         )
     finally:
         for topic, _ in captured_chunks:
@@ -217,6 +256,7 @@ def victim(
         for i in range(3):  # and the forged retained chunks of the shared-topic attack
             if pending_sha is not None:
                 fleet.publish(TOPICS.artifact_chunk(pending_sha, i), b"", qos=1, retain=True)
+        fleet.publish(TOPICS.kex(), b"", qos=1, retain=True).wait(10)  # no trace for others
         attacker.close()
         fleet.close()
         agent.close()
@@ -241,6 +281,15 @@ def _cmd(v: Victim, kind: str, cid: str, **fields: Any) -> Command:
     base.update(payloads[kind])
     base.update(fields)
     return Command(**base)
+
+
+def _payload_swapped(v: Victim, cid: str) -> Command:
+    good = _maced(v, _cmd(v, "deploy", cid), v.mac_key)
+    assert good.deploy is not None and good.deploy.chunk_hashes is not None
+    raw = base64.b64decode(good.deploy.chunk_hashes)
+    planted = hashlib.sha256(b"the attacker's chunk").digest() + raw[32:]
+    other = good.deploy.model_copy(update={"chunk_hashes": base64.b64encode(planted).decode()})
+    return good.model_copy(update={"deploy": other})
 
 
 def _captured(v: Victim) -> Command:
@@ -381,10 +430,41 @@ def _captured_kind(
     return sign_command(cmd, COMMAND_KEY, now=issued, ttl_s=3600)
 
 
+def _maced(v: Victim, cmd: Command, key: bytes, *, days: float = 0.0, kex: str = "") -> Command:
+    """``cmd`` MAC'd as the fleet MACs commands to a device that agreed its key."""
+    issued = utcnow() + timedelta(days=days)
+    return mac_command(cmd, key, kex or v.fleet_kex, now=issued, ttl_s=3600)
+
+
 def _kind_attacks() -> list[Attack]:
     stranger = KeyPair.generate()
     out: list[Attack] = []
     for kind in KINDS:
+        out += [
+            Attack(
+                f"mac-forged-{kind}",
+                # a MAC naming the device's real fleet key, made with a guessed key
+                lambda v, cid, k=kind: _on_cmd(v, _maced(v, _cmd(v, k, cid), bytes(32))),
+                {"signature_invalid": 1},
+            ),
+            Attack(
+                f"mac-neighbour-key-{kind}",
+                # a compromised neighbour MACs with the key it agreed with the same fleet
+                lambda v, cid, k=kind: _on_cmd(v, _maced(v, _cmd(v, k, cid), v.neighbour_key)),
+                {"signature_invalid": 1},
+            ),
+            Attack(
+                f"mac-redated-{kind}",
+                # a genuinely MAC'd capture from an earlier day, its dates changed
+                lambda v, cid, k=kind: _on_cmd(
+                    v,
+                    _maced(v, _cmd(v, k, cid), v.mac_key, days=-2).model_copy(
+                        update={"expires_at": utcnow() + timedelta(days=1)}
+                    ),
+                ),
+                {"signature_invalid": 1},
+            ),
+        ]
         out += [
             Attack(
                 f"unsigned-{kind}",
@@ -438,6 +518,22 @@ def _kind_attacks() -> list[Attack]:
 
 ATTACKS: list[Attack] = [
     *_kind_attacks(),
+    Attack(
+        "mac-expired-deploy",
+        lambda v, cid: _on_cmd(v, _maced(v, _cmd(v, "deploy", cid), v.mac_key, days=-2)),
+        {"command_expired": 1},
+    ),
+    Attack(
+        "mac-another-fleet-key-deploy",
+        lambda v, cid: _on_cmd(v, _maced(v, _cmd(v, "deploy", cid), v.mac_key, kex="0" * 16)),
+        {"key_unknown": 1},
+    ),
+    Attack(
+        "mac-payload-swapped-deploy",
+        # a genuine MAC'd deploy with the captured payload's chunk list replaced
+        lambda v, cid: _on_cmd(v, _payload_swapped(v, cid)),
+        {"signature_invalid": 1},
+    ),
     Attack(
         "replayed-captured-deploy",
         lambda v, cid: _on_cmd(v, v.captured_deploy) + v.captured_chunks,

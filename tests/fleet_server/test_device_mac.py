@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fleet_server.service import FleetService
 from protocol import KeyPair, TrustStore
-from protocol.device_auth import mac_payload, open_envelope
+from protocol.device_auth import mac_payload, open_envelope, public_key_b64
 from protocol.device_mac import kex_id, mac_key, open_announcement, raw_public, x25519_b64
 from protocol.messages import CommandStatus
 from protocol.topics import Topics
@@ -130,12 +130,12 @@ def test_mac_without_an_announced_device_key_or_fleet_key_is_refused(
     d.agree(ann)
     handle(svc, T.status("d1"), d.sign(T.status("d1"), status("d1")))
     assert stats(svc)["dropped"] == {"mac_no_key": 1}
-    # a MAC'd state (births carry the keys: Ed25519 only)
+    # a MAC'd state: the server knows no X25519 key of this device either
     assert d.signer.mac is not None
     k, fid = d.signer.mac
     state = mac_payload(b'{"device_id":"d1","online":true}', T.state("d1"), k, fid, 1, 99)
     handle(svc, T.state("d1"), state)
-    assert stats(svc)["dropped"] == {"mac_no_key": 1, "mac_on_state": 1}
+    assert stats(svc)["dropped"] == {"mac_no_key": 2}
 
     # a server without the command key has no fleet key: MACs cannot be checked
     (tmp_path / "nokey").mkdir()
@@ -191,3 +191,69 @@ def test_a_pending_device_macs_only_after_an_operator_approves_it(
     handle(svc, T.status("d1"), d.sign(T.status("d1"), status("d1", 2)))
     assert stats(svc)["accepted"].get("status") == 1
     assert stats(svc)["dropped"] == {"pending": 2}
+
+
+def mac_state(d: MacDevice, seq: int, **fields: object) -> bytes:
+    """A later birth of ``d``, MAC'd as the agent MACs its births after the first."""
+    from protocol.messages import DeviceState
+
+    assert d.signer.mac is not None
+    k, fid = d.signer.mac
+    msg = DeviceState(device_id=d.device_id, online=True, **fields)  # type: ignore[arg-type]
+    return mac_payload(msg.to_json(), T.state(d.device_id), k, fid, 1, seq)
+
+
+def test_a_macd_birth_is_accepted_also_after_a_restart_but_cannot_change_keys(
+    tmp_path: Path, signing_key: KeyPair, svc: FleetService, broker: MemoryBroker
+) -> None:
+    d = MacDevice("d1")
+    handle(svc, T.state("d1"), d.birth())
+    d.agree(retained_kex(broker))
+    handle(svc, T.state("d1"), mac_state(d, 5, agent_version="2"))
+    assert stats(svc)["accepted"].get("state") == 2 and stats(svc)["dropped"] == {}
+    # a MAC'd state may not bring another X25519 or Ed25519 key
+    other = x25519_b64(X25519PrivateKey.generate().public_key())
+    handle(svc, T.state("d1"), mac_state(d, 6, x25519_key=other))
+    stranger = public_key_b64(KeyPair.generate().public)
+    handle(svc, T.state("d1"), mac_state(d, 7, public_key=stranger))
+    assert stats(svc)["dropped"] == {"mac_key_change": 2}
+    # a restarted server (same registry) checks the MAC from the persisted X25519 key,
+    # before the device sends another Ed25519-signed birth
+    svc.stop()
+    again = FleetService(svc.config, transport=broker.client("s-again"))
+    try:
+        assert again.bridge is not None
+        again.bridge.handle(T.state("d1"), mac_state(d, 8, agent_version="3"))
+        again.bridge.handle(T.status("d1"), d.sign(T.status("d1"), status("d1")))
+        assert again.bridge.stats()["dropped"] == {}
+        assert again.bridge.stats()["accepted"] == {"state": 1, "status": 1}
+    finally:
+        again.repo.close()
+
+
+def test_commands_are_macd_only_to_a_device_that_says_it_holds_the_fleet_key(
+    svc: FleetService, broker: MemoryBroker
+) -> None:
+    from protocol.device_mac import fleet_kex_key
+
+    fid = kex_id(fleet_kex_key(COMMAND_KEY).public_key())
+    # an enrolling birth that already names the fleet key (a device that kept its
+    # announcement): MAC'd commands from the first one on
+    e = MacDevice("e1")
+    e.agree(retained_kex(broker))
+    handle(svc, T.state("e1"), e.birth(fleet_kex=fid))
+    assert svc.devices.command_key("e1") == (e.signer.mac[0], fid)  # type: ignore[index]
+
+    d = MacDevice("d1")
+    handle(svc, T.state("d1"), d.birth())
+    assert svc.devices.command_key("d1") is None  # its birth named no fleet key
+    d.agree(retained_kex(broker))
+    handle(svc, T.state("d1"), d.birth(fleet_kex="0" * 16))  # another fleet's key
+    assert svc.devices.command_key("d1") is None
+    handle(svc, T.state("d1"), d.birth(fleet_kex=fid))
+    got = svc.devices.command_key("d1")
+    assert got is not None and got == (d.signer.mac[0], fid)  # type: ignore[index]
+    # a later birth without the key (the device lost it) turns the MACs off again
+    handle(svc, T.state("d1"), d.birth())
+    assert svc.devices.command_key("d1") is None
+    assert svc.devices.command_key("nobody") is None

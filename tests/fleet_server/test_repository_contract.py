@@ -64,6 +64,27 @@ def repo(new_repo: Factory) -> Repository:
     return new_repo()
 
 
+@pytest.fixture
+def reopen(repo: Repository, request: pytest.FixtureRequest) -> Iterator[Factory]:
+    """Opens another repository on ``repo``'s store (a server restart)."""
+    opened: list[Any] = []
+
+    def make() -> Repository:
+        if isinstance(repo, SQLiteRepository):
+            again: Any = SQLiteRepository(repo.path)
+        else:
+            from fleet_server.repository_pg import PostgresRepository
+
+            url = repo.pool.conninfo  # type: ignore[attr-defined]
+            again = PostgresRepository(url, pool_size=1)
+        opened.append(again)
+        return again  # type: ignore[no-any-return]
+
+    yield make
+    for r in opened:
+        r.close()
+
+
 def bundle(sha: str, uploaded_at: float, **kw: Any) -> dict[str, Any]:
     return {
         "sha256": sha,
@@ -287,6 +308,23 @@ def test_identities_upsert_list_and_delete(repo: Repository) -> None:
     assert got["d1"]["status"] == "approved" and got["d1"]["state_seq"] == 7
     repo.delete_identity("d0")
     assert [r["device_id"] for r in repo.list_identities()] == ["d1"]
+
+
+def test_identity_x25519_key_is_kept_across_upserts_and_reopening(
+    repo: Repository, reopen: Callable[[], Repository]
+) -> None:
+    row = {"device_id": "d1", "public_key": "pk", "key_id": "k1", "status": "approved"}
+    repo.upsert_identity(row)
+    assert repo.list_identities()[0].get("x25519_key") is None
+    assert repo.set_identity_x25519("d1", "x" * 44) is True
+    assert repo.set_identity_x25519("nobody", "y" * 44) is False  # never creates an identity
+    repo.upsert_identity({**row, "state_seq": 9})  # a state's bookkeeping keeps the key
+    assert [r["device_id"] for r in repo.list_identities()] == ["d1"]
+    again = reopen()
+    got = again.list_identities()[0]
+    assert got["x25519_key"] == "x" * 44 and got["state_seq"] == 9
+    assert again.set_identity_x25519("d1", None) is True
+    assert again.list_identities()[0]["x25519_key"] is None
 
 
 def test_revoked_sessions_are_remembered_until_they_expire(repo: Repository) -> None:

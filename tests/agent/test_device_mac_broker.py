@@ -73,6 +73,8 @@ def test_the_agent_switches_to_mac_after_the_fleet_key_and_stays_accepted(
 
         schemes = {}
         for m in recorder.snapshot():
+            if not m.payload or m.topic.endswith("/cmd"):
+                continue  # a retained clear left on the shared broker, or a fleet command
             env = open_envelope(m.payload)
             assert env is not None, m.topic
             kind = m.topic.rsplit("/", 1)[-1]

@@ -919,7 +919,7 @@ def test_a_registry_from_before_the_count_table_counts_its_devices(tmp_path: Pat
         for t in ("devices_count_insert", "devices_count_delete", "devices_count_update"):
             db.execute(f'drop trigger "{t}"')
         db.execute('drop table "device_count_groups"')
-        db.execute("delete from schema_version where version > 4")
+        db.execute("delete from schema_version where version > 7")
         db.executemany(
             "insert into devices (device_id, profile, model, version, online) values (?,?,?,?,?)",
             [

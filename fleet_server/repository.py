@@ -219,6 +219,7 @@ class SQLiteRepository:
         self.path = Path(path)
         self.db = connect(self.path)
         self._lock = threading.RLock()
+        self._columns: set[str] | None = None  # the devices table's, read once
         try:
             self._migrate()
         except BaseException:
@@ -310,8 +311,30 @@ class SQLiteRepository:
         for k in ("tags", "manual_tags"):
             if k in fields and not isinstance(fields[k], str):
                 fields[k] = _j(sorted(fields[k]))
+        cols = sorted(fields)
+        unknown = set(cols) - self._device_columns()
+        if unknown:
+            raise StorageError(f"registry: devices has no column {sorted(unknown)[0]!r}")
+        # one statement instead of sqlite-utils' upsert (which reads the schema each call):
+        # a device's birth is on the ingest path of every fleet-sized rollout
+        names = ", ".join(f'"{c}"' for c in cols)
+        sql = (
+            f'INSERT INTO devices ("device_id"{", " + names if cols else ""}) '
+            f"VALUES ({', '.join('?' * (len(cols) + 1))}) ON CONFLICT(device_id) DO "
+            + (
+                "UPDATE SET " + ", ".join(f'"{c}" = excluded."{c}"' for c in cols)
+                if cols
+                else "NOTHING"
+            )
+        )
         with self._tx() as db:
-            db["devices"].upsert({"device_id": device_id, **fields}, pk="device_id")
+            db.conn.execute(sql, [device_id, *(fields[c] for c in cols)])
+
+    def _device_columns(self) -> set[str]:
+        if self._columns is None:
+            rows = self._read(lambda db: db.conn.execute('PRAGMA table_info("devices")').fetchall())
+            self._columns = {r[1] for r in rows}
+        return self._columns
 
     def get_device(self, device_id: str) -> dict[str, Any] | None:
         rows = self._read(lambda db: list(db["devices"].rows_where("device_id = ?", [device_id])))
@@ -327,14 +350,10 @@ class SQLiteRepository:
         self, device_id: str, ts: float, model: str, version: str, release: int
     ) -> None:
         with self._tx() as db:
-            db["device_history"].insert(
-                {
-                    "device_id": device_id,
-                    "ts": ts,
-                    "model": model,
-                    "version": version,
-                    "release": release,
-                }
+            db.conn.execute(
+                'INSERT INTO device_history ("device_id", "ts", "model", "version", "release") '
+                "VALUES (?, ?, ?, ?, ?)",
+                (device_id, ts, model, version, release),
             )
 
     def latest_history(self) -> dict[str, tuple[str, str]]:

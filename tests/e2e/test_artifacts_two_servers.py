@@ -1,11 +1,11 @@
 """Two ``edgefleet fleet serve`` processes on one PostgreSQL registry, each with its own
 ``data_dir``, on one broker, with real agents (``edgefleet agent run``).
 
-A bundle is pushed to the first server; a rollout of it is started on the second, which
-has never held the bundle's file: it fetches the bytes from the registry, publishes the
-artifact's chunks once on the shared topic (``{p}/artifacts/{sha256}/{i}``) for every
-device, and serves them over HTTP with ``Range`` too. Nothing goes on a per-device chunk
-topic.
+A bundle is pushed to the server that does not hold the rollout tick, and a rollout of it
+started there; the holder, which carries every rollout out and has never held the bundle's
+file, fetches the bytes from the registry, publishes the artifact's chunks once on the
+shared topic (``{p}/artifacts/{sha256}/{i}``) for every device, and serves them over HTTP
+with ``Range`` too. Nothing goes on a per-device chunk topic.
 """
 
 from __future__ import annotations
@@ -107,23 +107,35 @@ def test_a_bundle_pushed_to_one_server_is_delivered_once_by_another(
                 60,
                 "both devices online on the second server",
             )
+            # the process holding the rollout tick delivers every rollout (fleet_server/
+            # cluster.py): push the bundle to the other one, so the holder must take it
+            # from the registry
+            holder = wait_until(
+                lambda: next(
+                    (n for n in ("a", "b") if httpx.get(f"{urls[n]}/v1/health").json().get("tick")),
+                    None,
+                ),
+                60,
+                "one process to hold the rollout tick",
+            )
+            other = "b" if holder == "a" else "a"
             edgefleet(
-                "fleet", "bundles", "push", str(tmp_path / "v2.efb"), "--url", urls["a"],
+                "fleet", "bundles", "push", str(tmp_path / "v2.efb"), "--url", urls[other],
                 "--token", admin,
             )  # fmt: skip
-            cached_b = tmp_path / "b" / "data" / "artifacts" / sha[:2] / sha
-            assert not cached_b.exists()  # b never saw the upload
+            cached = tmp_path / holder / "data" / "artifacts" / sha[:2] / sha
+            assert not cached.exists()  # the holder never saw the upload
             edgefleet(
                 "rollout", "start", "iris@2.0.0", "--stages", "100", "--url",
-                urls["b"], "--token", admin,
+                urls[other], "--token", admin,
             )  # fmt: skip
             for a in agents:
                 wait_until(
                     lambda a=a: (a.model() or {}).get("version") == "2.0.0",
                     90,
-                    "the agents to install 2.0.0 from the second server",
+                    "the agents to install 2.0.0 from the process holding the tick",
                 )
-            assert cached_b.read_bytes() == v2  # fetched from the registry, cached
+            assert cached.read_bytes() == v2  # fetched from the registry, cached
             count = n_chunks(len(v2), chunk_size_for(len(v2), CHUNK))
             assert count > 1
             chunk_msgs = [
@@ -133,7 +145,7 @@ def test_a_bundle_pushed_to_one_server_is_delivered_once_by_another(
             ]
             assert len(chunk_msgs) == count  # one set for both devices
             assert not recorder.by_kind("artifact")  # no per-device chunk topic
-            got = httpx.get(f"{urls['b']}/v1/artifacts/{sha}", headers={"Range": "bytes=10-"})
+            got = httpx.get(f"{urls[holder]}/v1/artifacts/{sha}", headers={"Range": "bytes=10-"})
             assert got.status_code == 206 and got.content == v2[10:]
         finally:
             for a in agents:

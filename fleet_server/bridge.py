@@ -166,21 +166,25 @@ class Bridge:
             except EdgefleetError as exc:
                 self._drop("malformed", topic, f"sketch: {exc}")
                 return
-        self.deliver(parsed.kind, msg, topic)
+        if not self.deliver(parsed.kind, msg, topic) and env is not None and not enrolling:
+            assert self.trust is not None
+            self.trust.forget(parsed.device_id, parsed.kind, env)  # another copy may be taken
 
-    def deliver(self, kind: str, msg: Any, topic: str = "") -> None:
-        """Hand an accepted message to the sink (also used for a birth kept until approval)."""
+    def deliver(self, kind: str, msg: Any, topic: str = "") -> bool:
+        """Hand an accepted message to the sink (also used for a birth kept until approval);
+        False when the sink failed."""
         try:
             getattr(self.sink, f"on_{kind}")(msg)
         except EdgefleetError as exc:
             self._drop("rejected", topic, str(exc))
-            return
+            return False
         except Exception:
             log.exception("handling %s message on %s failed", kind, topic)
             self._drop("handler_error", topic)
-            return
+            return False
         with self._lock:
             self.accepted[kind] += 1
+        return True
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:

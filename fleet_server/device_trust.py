@@ -140,6 +140,12 @@ class ReplayWindow:
         self.bits |= 1 << age
         return None
 
+    def forget(self, boot: int, seq: int) -> None:
+        """Unmark ``(boot, seq)`` (admitted, but not taken): another copy of it is admitted."""
+        age = self.high - seq
+        if boot == self.boot and 0 <= age < REPLAY_WINDOW:
+            self.bits &= ~(1 << age)
+
 
 @dataclass
 class Identity:
@@ -363,6 +369,17 @@ class DeviceTrust:
         if changed:
             self.repo.upsert_identity(ident.row())
         return None
+
+    def forget(self, device_id: str, kind: str, env: SignedEnvelope) -> None:
+        """A message :meth:`verify` admitted was not taken (its handler failed): unmark it
+        in the anti-replay window, so another copy of it (a QoS 1 redelivery, the same
+        report drained from a dead process's session) is admitted instead of ``replayed``."""
+        if kind == "state":
+            return  # states are ordered by (boot, seq), not windowed
+        with self._lock:
+            use = self._usage.get(device_id)
+            if use is not None:
+                use.replay.forget(env.boot, env.seq)
 
     def _use(self, device_id: str, now: float) -> _Usage:
         use = self._usage.get(device_id)

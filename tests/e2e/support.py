@@ -104,8 +104,13 @@ def write_agent_config(
     enrol_token: str | None = ENROL_TOKEN,
     extra_latency_ms: float = 0.0,
     profile: str = "host",
+    broker_urls: Iterable[str] = (),
+    topic_prefix: str | None = None,
 ) -> Path:
     """Write ``folder/agent.toml`` for one device and return its path.
+
+    ``broker_urls`` (a cluster's nodes in failover order) replaces ``broker_url``;
+    ``topic_prefix`` sets ``broker.topic_prefix``.
 
     With ``enrol_token`` (the default) the device proves the suite's enrolment token, so
     :func:`make_fleet` servers approve it at once; ``None`` leaves it pending.
@@ -121,7 +126,8 @@ def write_agent_config(
         f"data_dir = {_toml(data_dir or folder / 'data')}",
         f"tags = {json.dumps(list(tags))}",
         "[broker]",
-        f"url = {_toml(broker_url)}",
+        f"urls = {json.dumps(list(broker_urls))}" if broker_urls else f"url = {_toml(broker_url)}",
+        *([f"topic_prefix = {_toml(topic_prefix)}"] if topic_prefix else []),
         "[trust]",
         f"bundle_keys = {json.dumps([str(p) for p in bundle_keys])}",
         f"command_keys = {json.dumps([str(p) for p in command_keys])}",
@@ -304,9 +310,16 @@ class Recorded:
 class BrokerRecorder:
     """A wildcard subscriber that keeps every message published under ``prefix``."""
 
-    def __init__(self, broker_url: str, topic_filter: str = "edgefleet/#") -> None:
+    def __init__(
+        self,
+        broker_url: str | list[str],
+        topic_filter: str | None = None,
+        prefix: str = TOPICS.prefix,
+    ) -> None:
         from protocol.transport_paho import PahoTransport
 
+        self.topics = Topics(prefix)
+        topic_filter = topic_filter or f"{prefix}/#"
         self.messages: list[Recorded] = []
         self._lock = threading.Lock()
         self.transport = PahoTransport(
@@ -334,7 +347,7 @@ class BrokerRecorder:
         """``(device id, message)`` for every message of a topic kind (cmd, status, …)."""
         out = []
         for m in self.snapshot():
-            parsed = TOPICS.parse(m.topic)
+            parsed = self.topics.parse(m.topic)
             if parsed is not None and parsed.kind == kind:
                 out.append((parsed.device_id, m))
         return out

@@ -255,3 +255,35 @@ def test_dashboard_approve_button_needs_the_operator_role_and_the_csrf_token(
     r = operator.post("/ui/devices/pi-7/approve", data=form)
     assert r.status_code == 303
     assert svc.list_enrolments("pending") == [] and svc.get_device("pi-7")["online"] is True
+
+
+def test_a_message_the_sink_failed_to_take_is_taken_from_its_next_copy(
+    svc: FleetService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report whose handler failed (the registry briefly refused it) is not marked seen:
+    its QoS 1 redelivery, or the same report drained from a dead process's session, is
+    merged instead of being dropped as ``replayed``; a copy after that one is a replay."""
+    from fleet_server.errors import StorageError
+
+    d = DeviceKey("d1")
+    handle(svc, T.state("d1"), d.birth())
+    assert svc.bridge is not None
+    sink = svc.bridge.sink
+    take = sink.on_metrics
+    calls: list[int] = []
+
+    def flaky(msg: MetricsReport) -> None:
+        calls.append(msg.seq)
+        if len(calls) == 1:
+            raise StorageError("registry unavailable")
+        take(msg)
+
+    monkeypatch.setattr(sink, "on_metrics", flaky)
+    signed = d.sign(T.metrics("d1"), metrics("d1", seq=7))
+    handle(svc, T.metrics("d1"), signed)
+    assert dropped(svc) == {"rejected": 1}
+    handle(svc, T.metrics("d1"), signed)  # the second copy is taken
+    assert svc.bridge.stats()["accepted"]["metrics"] == 1
+    handle(svc, T.metrics("d1"), signed)  # and a third is a replay
+    assert dropped(svc) == {"rejected": 1, "replayed": 1}
+    assert calls == [7, 7]

@@ -116,13 +116,17 @@ def _configs(
 
 
 def _count_subacks(clients: list[Any]) -> list[int]:
-    """A counter of the SUBACKs every client's connection receives. The transport does not
-    report SUBACKs (an agent has no need), so the bench sets paho's callback on it."""
-    count, lock = [0], threading.Lock()
+    """Counters of the SUBACKs the clients' connections receive: ``[acknowledged, refused]``
+    (a SUBACK whose return code is a failure: NATS answers so when it cannot make the
+    subscription's JetStream consumer in time). The transport does not report SUBACKs, so
+    the bench sets paho's callback on it."""
+    count, lock = [0, 0], threading.Lock()
 
-    def on_subscribe(*_: Any) -> None:
+    def on_subscribe(client: Any, userdata: Any, mid: Any, codes: Any, props: Any = None) -> None:
+        refused = sum(1 for c in codes if getattr(c, "is_failure", False))
         with lock:
-            count[0] += 1
+            count[0] += len(codes)
+            count[1] += refused
 
     for c in clients:
         c.t._client.on_subscribe = on_subscribe
@@ -195,6 +199,7 @@ def run_cluster(
         want = n + len(clients)  # one per device, and each connection's kex topic
         out["subscribe_s"] = _wait(lambda: acks[0] >= want, 600, "every subscription", 0.2)
         out["subscribe_s"] = time.monotonic() - t0
+        out["subscriptions_refused"] = acks[1]
         _progress(f"{n} devices: every subscription acknowledged after {out['subscribe_s']:.1f} s")
         # the broker floor, before the servers run (they would answer nothing anyway)
         anchor = PahoTransport(urls[0], f"anchor-{n}", clean_session=True)
@@ -299,7 +304,9 @@ def run_cluster(
             c.close()
 
 
-def main(quick: bool = False) -> dict[str, Any]:
+def main(quick: bool = False, sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """``sizes``: the cluster's fleet sizes (default ``SIZES``); a run with other sizes
+    writes ``cluster_scale_<sizes>.json`` beside the default run's file."""
     from bench import fleet_scale
     from protocol import KeyPair
     from tests.support.nats_cluster import NatsCluster
@@ -310,7 +317,8 @@ def main(quick: bool = False) -> dict[str, Any]:
     missing = no_nats() or no_pg()
     if missing:
         raise SystemExit(f"fleet_scale --cluster needs nats-server and PostgreSQL: {missing}")
-    sizes = QUICK_SIZES if quick else SIZES
+    name = "cluster_scale" if sizes is None else "cluster_scale_" + "_".join(map(str, sizes))
+    sizes = sizes or (QUICK_SIZES if quick else SIZES)
     key = KeyPair.generate()
     bundle = fleet_scale._bundle(key)
     result: dict[str, Any] = {"quick": quick, "sizes": list(sizes), "load_at_start": load_line()}
@@ -331,12 +339,12 @@ def main(quick: bool = False) -> dict[str, Any]:
                 errors[str(n)] = f"{type(e).__name__}: {e}"[:2000]
                 _progress(f"{n} devices: not reached: {errors[str(n)][:300]}")
                 break
-            write_result("cluster_scale", {**result, "cluster": runs, "partial": True})
+            write_result(name, {**result, "cluster": runs, "partial": True})
     result["cluster"] = runs
     result["errors"] = errors
     result["load_at_end"] = load_line()
     _report(result, single, runs, errors)
-    write_result("cluster_scale", result)
+    write_result(name, result)
     return result
 
 
@@ -347,7 +355,7 @@ def _report(
     s_ms = s_ro["cpu_s"] / single["n"] * 1000
     rows = [
         [
-            "1 process, Mosquitto, SQLite",
+            "single: 1 process, Mosquitto, SQLite",
             single["n"],
             s_ro["state"],
             s_ro["seconds"],
@@ -363,7 +371,7 @@ def _report(
         r["cpu_ms_per_device"] = ms
         rows.append(
             [
-                "2 processes, 3 NATS nodes, PostgreSQL",
+                "cluster: 2 processes, 3 NATS nodes, PostgreSQL",
                 r["n"],
                 r["state"],
                 r["rollout_s"],
@@ -434,3 +442,13 @@ def _report(
         print(f"  {n} devices: not reached: {why.splitlines()[0]}")
     print(f"{result['load_at_start']}; at the end: {result['load_at_end']}")
     result["headline"] = headline
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer devices, for a smoke check")
+    ap.add_argument("--sizes", type=int, nargs="+", help="the cluster's fleet sizes")
+    args = ap.parse_args()
+    main(args.quick, tuple(args.sizes) if args.sizes else None)

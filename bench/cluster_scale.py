@@ -37,9 +37,10 @@ printed as ratios against it, and the growth from the cluster's smallest to its 
 size as a ratio against the single machine's growth would be linear.
 
 Sizes 1,000, 3,000 and 10,000 (``--quick``: 200 and 1,000), each on a fresh NATS cluster
-and database; the first size that does not finish (a subscription NATS refused, devices
-that never register, a rollout that does not end within 300 s) ends the run, and the reason
-is printed and written with the results.
+and database; the first size that does not finish (devices not all online within 600 s, a
+rollout that does not end within 300 s, a broker node that cannot be reached) ends the run,
+and the reason is printed and written with the results. The SUBACKs NATS sends back
+refused are counted (``subscriptions_refused``).
 
     python -m bench.fleet_scale --cluster [--quick]
     python -m bench.cluster_scale --sizes 10000      (writes cluster_scale_10000.json)

@@ -60,7 +60,7 @@ Anchors in the same run: the time for the same devices to merely *answer* one ro
 commands (a broadcast ping → status), i.e. the broker + client floor, so the rollout
 time is reported as a multiple of four such rounds (one per stage).
 
-    python -m bench.fleet_scale [--quick] [--lists]
+    python -m bench.fleet_scale [--quick] [--lists | --cluster]
 
 ``--lists`` runs only the list timing (``bench/list_timing.py``: ``GET /v1/devices?limit=100``
 and ``GET /v1/overview`` at 1,000 and 100,000 devices on SQLite and PostgreSQL), which the
@@ -68,6 +68,9 @@ default run also does after the rollouts, its rows joining this script's headlin
 
 ``--quick``: 100 and 300 devices, 3 rollouts per variant; the full run adds 1,000 devices
 and rolls out 5 times per variant.
+
+``--cluster`` runs only the scale-out run (``bench/cluster_scale.py``: 2 ``fleet serve``
+processes, a 3-node NATS cluster and PostgreSQL, against this script's 1,000-device run).
 """
 
 from __future__ import annotations
@@ -1014,7 +1017,12 @@ def main(quick: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
-    if "--lists" in sys.argv[1:]:  # the list timing alone
+    if "--cluster" in sys.argv[1:]:  # the scale-out run (bench/cluster_scale.py)
+        sys.argv.remove("--cluster")
+        from bench import cluster_scale
+
+        run_cli(cluster_scale.main, cluster_scale.__doc__)
+    elif "--lists" in sys.argv[1:]:  # the list timing alone
         sys.argv.remove("--lists")
         from bench import list_timing
 

@@ -235,7 +235,12 @@ class _LinkLines(logging.Handler):
         if state is None:
             return
         detail = getattr(record, "detail", "")
-        verb = {"connected": "connected to", "lost": "lost", "reconnecting": "cannot reach"}
+        verb = {
+            "connected": "connected to",
+            "lost": "lost",
+            "reconnecting": "cannot reach",
+            "subscribe_refused": "a subscription was refused by",
+        }
         line = f"broker link {state}: {verb.get(state, state)} {getattr(record, 'broker', '')}"
         if detail:
             line += f": {detail}"

@@ -110,6 +110,9 @@ class PahoTransport:
         self._fell_back = False  # the broker refused MQTT 5; now on 3.1.1
         self._session_expiry_s = session_expiry_s
         self._subs: dict[str, int] = {}
+        self._sub_mids: dict[int, str] = {}  # SUBSCRIBE packet id → filter, until its SUBACK
+        self._refused: dict[str, float] = {}  # filter → the delay before its next retry
+        self.subscriptions_refused = 0  # SUBACKs that refused a filter (counted per refusal)
         self._handler: Handler | None = None
         self._conn_cbs: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
@@ -158,6 +161,7 @@ class PahoTransport:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.on_connect_fail = self._on_connect_fail
         client.on_pre_connect = self._on_pre_connect
         client.on_socket_open = _no_delay
@@ -178,7 +182,7 @@ class PahoTransport:
         with self._lock:
             subs = list(self._subs.items())
         for topic, qos in subs:
-            client.subscribe(topic, qos)
+            self._send_subscribe(client, topic, qos)
         self._connected.set()
         for cb in list(self._conn_cbs):
             cb(True)
@@ -216,6 +220,62 @@ class PahoTransport:
             self._link("lost", logging.WARNING, "" if why == "Unspecified error" else why)
             for cb in list(self._conn_cbs):
                 cb(False)
+
+    def _send_subscribe(self, client: Any, topic_filter: str, qos: int) -> None:
+        _, mid = client.subscribe(topic_filter, qos)
+        if mid is not None:
+            with self._lock:
+                self._sub_mids[mid] = topic_filter
+
+    def _on_subscribe(
+        self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any = None
+    ) -> None:
+        """A SUBACK. A refused filter (an ACL, or a clustered broker that could not set up
+        the subscription in time: NATS under load) would otherwise leave the client
+        connected and deaf to that topic: it is logged, counted and subscribed again after
+        a backoff (1 s doubling to ``max_backoff``) while the filter is wanted."""
+        with self._lock:
+            topic_filter = self._sub_mids.pop(mid, None)
+        if topic_filter is None:
+            return
+        refused = any(getattr(r, "is_failure", False) or r == 0x80 for r in reasons or [])
+        with self._lock:
+            delay = self._refused.get(topic_filter)
+            if not refused:
+                if delay is not None:
+                    del self._refused[topic_filter]
+                    log.info("MQTT subscription to %s taken on retry", topic_filter)
+                return
+            self.subscriptions_refused += 1
+            self._refused[topic_filter] = min((delay or 0.5) * 2, self._max_backoff)
+            wait = self._refused[topic_filter]
+        why = ", ".join(str(r) for r in reasons or [])
+        if delay is None:  # the first refusal of a run of them: one line, not one a retry
+            log.warning(
+                "MQTT subscription to %s refused by %s (%s); retrying every %.0f–%.0f s",
+                topic_filter,
+                self.url,
+                why,
+                wait,
+                self._max_backoff,
+                extra={
+                    "link": "subscribe_refused",
+                    "broker": str(self.url),
+                    "detail": f"{topic_filter} ({why}); subscribing again with backoff",
+                },
+            )
+        timer = threading.Timer(wait, self._resubscribe, args=(topic_filter,))
+        timer.daemon = True
+        timer.start()
+
+    def _resubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            qos = self._subs.get(topic_filter)
+        if qos is None or self._closing or not self.is_connected():
+            with self._lock:  # unwanted now, or a reconnect subscribes everything again
+                self._refused.pop(topic_filter, None)
+            return
+        self._send_subscribe(self._client, topic_filter, qos)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if self._handler is not None:
@@ -319,7 +379,7 @@ class PahoTransport:
         with self._lock:
             self._subs[topic_filter] = qos
         if self.is_connected():
-            self._client.subscribe(topic_filter, qos)
+            self._send_subscribe(self._client, topic_filter, qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:

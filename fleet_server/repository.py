@@ -256,9 +256,11 @@ class SQLiteRepository:
                 while True:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        current = conn.execute(
-                            "select coalesce(max(version), 0) from schema_version"
-                        ).fetchone()[0]
+                        # every cursor closed at once: a statement left un-reset makes the
+                        # COMMIT fail ("SQL statements in progress"; seen once under load)
+                        cur = conn.execute("select coalesce(max(version), 0) from schema_version")
+                        current = cur.fetchone()[0]
+                        cur.close()
                         todo = migrations.pending(migrations.SQLITE, current)
                         if current > migrations.latest(migrations.SQLITE):
                             raise StorageError(
@@ -270,7 +272,7 @@ class SQLiteRepository:
                             return
                         step = todo[0]
                         for statement in step.statements:
-                            conn.execute(statement)
+                            conn.execute(statement).close()
                         conn.execute(
                             "insert into schema_version (version, name, applied_at) "
                             "values (?, ?, ?)",

@@ -4,6 +4,10 @@ A device's retained state goes to the registry; a command status to the event lo
 field measures and the rollout driver; metrics to the registry and the measures; a sketch
 report to the drift engine (which merges each (device, window, seq) once) and then to the
 measures. Every message is also counted for the Prometheus exporter.
+
+With several server processes (:mod:`.cluster`) only the one holding the rollout tick
+writes device history and online/offline events and decides on status reports; the others
+keep the device rows and feed the measures, so nothing is recorded twice.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from protocol.device_auth import SigningTransport
+from protocol.files import private_dir
 from protocol.messages import DeviceState, ModelRef
 from protocol.schema import InputSchema
 from protocol.topics import Topics
@@ -41,7 +42,6 @@ from .config import AgentConfig
 from .download import Downloads
 from .events import InstallEvent
 from .fieldbench import FieldBench
-from .files import private_dir
 from .identity import DeviceIdentity
 from .installer import Installer
 from .link import Link, StateSigner

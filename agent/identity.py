@@ -15,7 +15,7 @@ token proven in the birth message) and drops every message not signed by it. The
 leaves the device; ``edgefleet agent status`` shows its key id so an operator can compare
 it with what the server shows before approving.
 
-All these files are written 0600 in a 0700 folder whatever the umask (:mod:`agent.files`).
+All these files are written 0600 in a 0700 folder whatever the umask (:mod:`protocol.files`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from protocol.device_mac import (
     raw_public,
     x25519_b64,
 )
+from protocol.files import private_dir
 from protocol.signing import KeyPair, TrustStore, load_private_key
 
 from .errors import ConfigError
-from .files import private_dir
 
 KEY_FILE = "device_key.pem"
 KEX_FILE = "device_kex.key"

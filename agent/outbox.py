@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any, Union
 
 from protocol.errors import ProtocolError
+from protocol.files import private_dir, private_file
 from protocol.messages import SketchReport, decode
 from protocol.sketches import merge
 from protocol.transport import Transport
-
-from .files import private_dir, private_file
 
 log = logging.getLogger(__name__)
 

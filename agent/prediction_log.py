@@ -56,10 +56,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from protocol.feeds import Prediction
+from protocol.files import private_dir, private_file
 
 from .config import LogConfig
 from .events import PredictionEvent
-from .files import private_dir, private_file
 
 log = logging.getLogger("edgefleet.agent.prediction_log")
 

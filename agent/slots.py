@@ -33,10 +33,10 @@ from pathlib import Path
 
 from protocol.bundle import Bundle, check_files, read_bundle
 from protocol.errors import BundleError, EdgefleetError
+from protocol.files import private_dir
 from protocol.manifest import Manifest
 
 from .errors import SlotError
-from .files import private_dir
 
 BUNDLE_FILE = "bundle.efb"
 STATE_FILE = "state.json"

@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from protocol.files import private_dir
+
 from .errors import InvalidInput, NotFound, StorageError
-from .files import private_dir
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 PART_BYTES = 1024 * 1024  # an artifact's bytes go to the registry in parts of this size

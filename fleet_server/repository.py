@@ -196,7 +196,7 @@ def connect(path: Path) -> Any:
     """A ``sqlite_utils.Database`` on ``path`` in WAL mode, usable from several threads."""
     import sqlite_utils
 
-    from .files import private_dir, private_file
+    from protocol.files import private_dir, private_file
 
     private_dir(Path(path).parent)
     try:

@@ -1,7 +1,8 @@
 """Private files and folders whatever the umask: folders 0700, files 0600.
 
-The agent's data folder, slots, outbox, prediction log and device key are created through
-these helpers, so a permissive umask (0o022, 0o000) never leaves them readable by others.
+The agent's data folder, slots, outbox, prediction log and device key, and the fleet
+server's registry, artifact store and drift tables are created through these helpers, so a
+permissive umask (0o022, 0o000) never leaves them readable by other users.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .pagination import DRIFT, Page, check_limit
+from .pagination import DRIFT, Page, drift_results_query
 
 REFERENCES = "drift_references"
 REPORTS = "drift_reports"
@@ -176,21 +176,9 @@ class DriftStore:
         self, model: str | None, version: str | None, limit: int, cursor: str | None
     ) -> Page:
         """Stored evaluations newest first, one cursor page (:mod:`.pagination`)."""
-        check_limit(limit)
-        where, params = [], []
-        for col, value in (("model", model), ("version", version)):
-            if value is not None:
-                where.append(f"{col} = ?")
-                params.append(value)
-        if cursor is not None:
-            where.append(DRIFT.after("?"))
-            params += DRIFT.decode(cursor)
-        sql = "select * from drift_results"
-        if where:
-            sql += " where " + " and ".join(where)
-        sql += f" order by {DRIFT.order_by()} limit ?"
+        sql, params = drift_results_query(model, version, limit, cursor, "?")
         rows = []
-        for row in self.db.query(sql, [*params, limit + 1]):
+        for row in self.db.query(sql, params):
             row = dict(row)
             row["features"] = json.loads(row["features"])
             row["dataset_drift"] = bool(row["dataset_drift"])

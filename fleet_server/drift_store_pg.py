@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .errors import StorageError
-from .pagination import DRIFT, Page, check_limit
+from .pagination import DRIFT, Page, drift_results_query
 from .repository_pg import _translate, _value, migrate
 
 _WINDOW_COLS = (
@@ -225,21 +225,9 @@ class PgDriftStore:
         self, model: str | None, version: str | None, limit: int, cursor: str | None
     ) -> Page:
         """Stored evaluations newest first, one cursor page (:mod:`.pagination`)."""
-        check_limit(limit)
-        where, params = [], []
-        for col, value in (("model", model), ("version", version)):
-            if value is not None:
-                where.append(f"{col} = %s")
-                params.append(value)
-        if cursor is not None:
-            where.append(DRIFT.after("%s"))
-            params += DRIFT.decode(cursor)
-        sql = "select * from drift_results"
-        if where:
-            sql += " where " + " and ".join(where)
-        sql += f" order by {DRIFT.order_by()} limit %s"
+        sql, params = drift_results_query(model, version, limit, cursor, "%s")
         rows = []
-        for row in self._all(sql, [*params, limit + 1]):
+        for row in self._all(sql, params):
             row = dict(row)
             row["features"] = json.loads(row["features"])
             row["dataset_drift"] = bool(row["dataset_drift"])

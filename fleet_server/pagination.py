@@ -173,3 +173,24 @@ def counts_from_groups(groups: list[tuple[Any, Any, Any, Any, int]]) -> dict[str
         ):
             by[dim][key] = by[dim].get(key, 0) + n
     return {"devices": total, "by": by}
+
+
+def drift_results_query(
+    model: str | None, version: str | None, limit: int, cursor: str | None, mark: str
+) -> tuple[str, list[Any]]:
+    """One page of ``drift_results`` (both backends): the SQL with ``mark`` as the
+    placeholder (``?`` or ``%s``) and its parameters; ``limit + 1`` rows tell whether a
+    next page exists (:meth:`Keyset.page`)."""
+    check_limit(limit)
+    where, params = [], []
+    for col, value in (("model", model), ("version", version)):
+        if value is not None:
+            where.append(f"{col} = {mark}")
+            params.append(value)
+    if cursor is not None:
+        where.append(DRIFT.after(mark))
+        params += DRIFT.decode(cursor)
+    sql = "select * from drift_results"
+    if where:
+        sql += " where " + " and ".join(where)
+    return sql + f" order by {DRIFT.order_by()} limit {mark}", [*params, limit + 1]

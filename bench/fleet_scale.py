@@ -1,7 +1,13 @@
 """Fleet server at scale: N simulated devices on Mosquitto, a 4-stage rollout, telemetry ingest.
 
 The fleet server (``FleetService`` + paho) runs in its own process so its CPU time and
-memory are measured alone. The devices are lightweight simulated agents in this process,
+memory are measured alone. It is built there rather than started as ``edgefleet fleet
+serve`` because this bench reads the rollout engine's state as it moves (stage timings,
+per-operation trust costs on that rollout's own payloads) and, for the unsigned variant,
+monkeypatches the signer inside that process; the same service object is what ``fleet
+serve`` runs, and ``--lists`` and ``--cluster`` drive the shipped command itself.
+
+The devices are lightweight simulated agents in this process,
 many per MQTT connection (``DEVICES_PER_CLIENT``), speaking the real protocol: retained
 birth state, deploy command MAC'd or signed and checked, bundle chunks reassembled and
 checked against their sha256, status reports ``downloading → verifying → installed``.

@@ -4,9 +4,11 @@ There is no container engine here, so the compose file is checked, not run: it n
 whole topology, every file it mounts exists (and what is not committed, ``.env`` and
 ``secrets/``, is git-ignored), the NATS nodes run the configs ``deploy/nats`` runs, and each
 ``fleet-N.toml`` loads through the fleet server's own config loader and points at these
-services. The one mechanism the configs add, the PostgreSQL password from ``PGPASSWORD``
-instead of ``[registry] url``, is run for real: ``edgefleet fleet token create`` with
-``fleet-1.toml`` against a PostgreSQL 15 that demands a password.
+services. Then the configs are run, with only what compose provides moved to this machine
+(hosts, the secrets folder, data_dir): ``edgefleet fleet token create`` with
+``fleet-1.toml`` against a PostgreSQL 15 that demands the password, which reaches it only
+through ``PGPASSWORD`` as compose passes it; and ``fleet serve`` with both configs on that
+PostgreSQL and the 3 NATS nodes of ``deploy/nats``: both live, one runs the rollout tick.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -195,63 +199,156 @@ def test_fleet_servers_keep_keys_in_the_secrets_mount_and_data_in_their_own_volu
     assert len(published) == len(data_volumes) == len(FLEETS)
 
 
-def _require_password(server: Any) -> None:
-    """Make ``server`` demand a password on TCP connections (the socket stays trusted)."""
-    import psycopg
-
-    hba = server.data / "pg_hba.conf"
-    lines = [ln for ln in hba.read_text().splitlines() if not ln.startswith("host")]
-    hba.write_text("\n".join([*lines, "host all all 127.0.0.1/32 scram-sha-256", ""]))
-    with psycopg.connect(
-        host=str(server.dir), port=server.port, user="edgefleet", dbname="postgres"
-    ) as conn:
-        conn.autocommit = True
-        conn.execute("set password_encryption = 'scram-sha-256'")
-        conn.execute("alter role edgefleet password 'pw-from-env'")
-        conn.execute("create database edgefleet")
-        conn.execute("select pg_reload_conf()")
+PASSWORD = "pw-from-env"
 
 
-@pytest.mark.postgres
-def test_fleet_toml_reaches_a_password_protected_postgresql_with_pgpassword(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``fleet-1.toml`` as shipped (only the host, the secrets folder and data_dir moved to
-    this machine), keys made as deploy/README.md says, the password only in PGPASSWORD."""
+@pytest.fixture(scope="module")
+def protected_postgres() -> Iterator[Any]:
+    """A PostgreSQL 15 whose TCP connections need the password (the socket stays trusted),
+    with the role and database ``fleet-N.toml`` name."""
     import psycopg
 
     from tests.support.postgres import PostgresServer, why_unavailable
 
     if why_unavailable():
         pytest.skip(str(why_unavailable()))
-    secrets = tmp_path / "secrets"
+    with PostgresServer() as server:
+        hba = server.data / "pg_hba.conf"
+        lines = [ln for ln in hba.read_text().splitlines() if not ln.startswith("host")]
+        hba.write_text("\n".join([*lines, "host all all 127.0.0.1/32 scram-sha-256", ""]))
+        with psycopg.connect(
+            host=str(server.dir), port=server.port, user="edgefleet", dbname="postgres"
+        ) as conn:
+            conn.autocommit = True
+            conn.execute("set password_encryption = 'scram-sha-256'")
+            conn.execute(f"alter role edgefleet password '{PASSWORD}'")
+            conn.execute("create database edgefleet")
+            conn.execute("select pg_reload_conf()")
+        yield server
+
+
+@pytest.fixture
+def secrets(tmp_path: Path) -> Path:
+    """The secrets folder as deploy/README.md makes it: ``edgefleet keys generate``."""
+    folder = tmp_path / "secrets"
     for name in ("fleet-command", "release"):
-        made = run_cli(["keys", "generate", "--out", secrets, "--name", name])
+        made = run_cli(["keys", "generate", "--out", folder, "--name", name])
         assert made.exit_code == 0, made.output
-    text = (CLUSTER / "fleet-1.toml").read_text(encoding="utf-8")
+    return folder
+
+
+def moved_here(
+    name: str, folder: Path, secrets: Path, pg_port: int, nats: list[str] | None = None
+) -> Path:
+    """``deploy/cluster/NAME.toml`` as shipped, with what compose provides moved to this
+    machine: the PostgreSQL host, the secrets folder, data_dir, and (given ``nats``, node 1
+    to 3) the nodes' URLs. Nothing else is changed."""
+    text = (CLUSTER / f"{name}.toml").read_text(encoding="utf-8")
+    moves = {
+        "@postgres:5432/": f"@127.0.0.1:{pg_port}/",
+        "/run/edgefleet/secrets/": f"{secrets}/",
+        '"/var/lib/edgefleet/fleet"': json.dumps(str(folder / "data")),
+    }
+    for i, url in enumerate(nats or [], start=1):
+        moves[f"mqtt://nats-{i}:1883"] = url
+    for old, new in moves.items():
+        assert old in text, f"{name}.toml: {old}"
+        text = text.replace(old, new)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fleet.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def no_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither PGPASSWORD nor a ~/.pgpass entry: only what a test passes reaches libpq."""
     monkeypatch.delenv("PGPASSWORD", raising=False)
     monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
-    with PostgresServer() as server:
-        _require_password(server)
-        for old, new in (
-            ("@postgres:5432/", f"@127.0.0.1:{server.port}/"),
-            ("/run/edgefleet/secrets/", f"{secrets}/"),
-            ('"/var/lib/edgefleet/fleet"', json.dumps(str(tmp_path / "data"))),
-        ):
-            assert old in text, old
-            text = text.replace(old, new)
-        config = tmp_path / "fleet.toml"
-        config.write_text(text, encoding="utf-8")
-        url = load_config(config).registry.url
-        assert url is not None
-        with pytest.raises(psycopg.OperationalError, match="password"):
-            psycopg.connect(url, connect_timeout=5).close()  # no password, no entry
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("no_password")
+def test_fleet_toml_reaches_a_password_protected_postgresql_with_pgpassword(
+    tmp_path: Path, secrets: Path, protected_postgres: Any
+) -> None:
+    """``fleet-1.toml`` with the password only in PGPASSWORD, as compose.yaml passes it."""
+    import psycopg
+
+    config = moved_here("fleet-1", tmp_path / "fleet-1", secrets, protected_postgres.port)
+    url = load_config(config).registry.url
+    assert url is not None
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(url, connect_timeout=5).close()  # the URL alone does not get in
+    made = run_cli(
+        ["fleet", "token", "create", "--role", "operator", "--config", config],
+        env={"PGPASSWORD": PASSWORD},
+    )
+    assert made.exit_code == 0, made.output
+    assert made.stdout.strip()
+    with psycopg.connect(url, password=PASSWORD) as conn:
+        rows = conn.execute("select count(*) from tokens").fetchone()
+    assert rows is not None and rows[0] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.nats
+@pytest.mark.postgres
+@pytest.mark.usefixtures("no_password")
+def test_both_fleet_configs_serve_together_on_one_registry_and_the_nats_cluster(
+    tmp_path: Path, secrets: Path, protected_postgres: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What compose starts, without containers: the 3 nodes run from deploy/nats (moved to
+    loopback), ``fleet serve`` with each shipped config (hosts moved here): both serve the
+    API, see each other in the registry, and one of them runs the rollout tick."""
+    import httpx
+
+    from tests.e2e.support import wait_until
+    from tests.support.brokers import free_port
+    from tests.support.nats_cluster import NatsCluster
+    from tests.support.nats_cluster import why_unavailable as nats_missing
+    from tests.support.shipped import Process
+
+    if nats_missing():
+        pytest.skip(str(nats_missing()))
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)  # what compose.yaml sets; Process inherits it
+    port = protected_postgres.port
+    with NatsCluster() as nats, ExitStack() as stack:
+        configs = {n: moved_here(n, tmp_path / n, secrets, port, nats.urls) for n in FLEETS}
+        apis = {}
+        for name, config in configs.items():
+            api_port = free_port()
+            args = ["fleet", "serve", "--config", str(config), "--host", "127.0.0.1"]
+            fleet = stack.enter_context(
+                Process([*args, "--port", str(api_port)], tmp_path / f"{name}.log")
+            )
+            apis[name] = (fleet, f"http://127.0.0.1:{api_port}")
+        for fleet, api in apis.values():
+            fleet.wait_http(f"{api}/v1/health", timeout=120)
         made = run_cli(
-            ["fleet", "token", "create", "--role", "operator", "--config", config],
-            env={"PGPASSWORD": "pw-from-env"},
+            ["fleet", "token", "create", "--role", "viewer", "--config", configs["fleet-2"]]
         )
         assert made.exit_code == 0, made.output
-        assert made.stdout.strip()
-        with psycopg.connect(url, password="pw-from-env") as conn:
-            rows = conn.execute("select count(*) from tokens").fetchone()
-        assert rows is not None and rows[0] == 1
+        auth = {"authorization": f"Bearer {made.stdout.strip()}"}
+
+        def both_live_one_leader() -> list[dict[str, Any]] | None:
+            views = [
+                httpx.get(f"{api}/v1/cluster", headers=auth).json() for _, api in apis.values()
+            ]
+            live = [{p["process_id"] for p in v["processes"] if p["live"]} for v in views]
+            leaders = {v["leader"] for v in views}
+            if (
+                all(ids == set(FLEETS) for ids in live)
+                and len(leaders) == 1
+                and None not in leaders
+            ):
+                return views
+            return None
+
+        views = wait_until(both_live_one_leader, 60, "both servers live, one tick holder", 0.5)
+        assert sum(bool(v["tick"]) for v in views) == 1
+        for name, (_, api) in apis.items():
+            broker = httpx.get(f"{api}/v1/broker", headers=auth).json()
+            first = 1 if name == "fleet-1" else 2
+            assert broker["urls"][0] == nats.node(first).url, broker
+            assert set(broker["urls"]) == set(nats.urls)

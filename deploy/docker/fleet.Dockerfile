@@ -10,10 +10,12 @@ COPY agent agent
 COPY toolchain toolchain
 COPY fleet_server fleet_server
 COPY firmware_profiles firmware_profiles
-RUN python -m venv /opt/edgefleet && /opt/edgefleet/bin/pip install --no-cache-dir '.[fleet]'
+# 'postgres': psycopg for [registry] url = "postgresql://…" (deploy/cluster runs two servers on one)
+RUN python -m venv /opt/edgefleet && /opt/edgefleet/bin/pip install --no-cache-dir '.[fleet,postgres]'
 
 FROM python:3.11-slim-bookworm
-RUN useradd --system --home /var/lib/edgefleet --create-home edgefleet
+# a fixed uid, so files mounted into the container (deploy/cluster/secrets) can be owned by it
+RUN useradd --system --uid 10001 --home /var/lib/edgefleet --create-home edgefleet
 COPY --from=build /opt/edgefleet /opt/edgefleet
 USER edgefleet
 WORKDIR /var/lib/edgefleet

@@ -16,10 +16,10 @@ QoS 1 messages and the retained messages are all there on the next node. The URL
 agree on TLS (all ``mqtt://`` or all ``mqtts://``): one TLS context serves them all.
 
 ``mqtt5=True`` against a broker that refuses MQTT 5 at the first connection ("unsupported
-protocol version": NATS 2.9, amqtt) falls back to MQTT 3.1.1 once, logs it, and turns
+protocol version": NATS 2.15, amqtt) falls back to MQTT 3.1.1 once, logs it, and turns
 shared-subscription filters (``$share/GROUP/filter``) into plain ones, since 3.1.1 brokers
 other than Mosquitto would read ``$share/…`` as a literal topic and deliver nothing
-(NATS 2.9 accepts such a subscription and never delivers to it).
+(NATS 2.15 accepts such a subscription and never delivers to it).
 
 Each change of link state is one log record on this module's logger, carrying
 ``link`` (``connected``, ``lost`` or ``reconnecting``) and ``broker`` (the URL) as record

@@ -4,7 +4,7 @@
       reaches a wildcard subscriber on node 2; a persistent QoS 1 session that disconnects
       from node 2 gets its queued message after reconnecting to node 3; a last will fires
       across nodes and stays retained; MQTT 5 is refused and ``$share/…`` filters deliver
-      nothing (no shared subscriptions in NATS 2.9); our transport, asked for MQTT 5,
+      nothing (no shared subscriptions in NATS 2.15); our transport, asked for MQTT 5,
       falls back to 3.1.1 with plain filters.
 (ii)  The shipped commands on it: ``edgefleet fleet init`` + ``fleet serve`` on node 3,
       ``edgefleet agent init`` (with ``--broker`` repeated: a failover list) + ``agent run``

@@ -155,7 +155,12 @@ class Link:
         t.subscribe(self.topics.cmd(self.device_id), 1)
         t.subscribe(self.topics.artifact_filter(self.device_id), 1)
         if self.on_kex is not None:
-            t.subscribe(self.topics.kex(), 1)
+            # QoS 0: the announcement is retained, and the transport subscribes again on
+            # every connection, so the newest one arrives after any outage without a queue.
+            # On a NATS cluster each QoS 1 subscription is a JetStream consumer replicated on
+            # three nodes: one per device for a topic that every device reads is a cost
+            # that buys nothing here.
+            t.subscribe(self.topics.kex(), 0)
         if not self.synchronous and self._worker is None:
             self._worker = threading.Thread(target=self._work, name="link-worker", daemon=True)
             self._worker.start()
@@ -238,11 +243,14 @@ class Link:
 
     def follow(self, sha256: str, on: bool) -> None:
         """Subscribe to (``on``) or leave an artifact's shared chunk topic. Subscribing again
-        makes the broker send its retained chunks again (a stalled download uses that)."""
+        makes the broker send its retained chunks again (a stalled download uses that).
+        QoS 0, as for the fleet key: the chunks are retained, a chunk lost on the way is
+        asked for again (``missing``), and on NATS a QoS 1 subscription here would create
+        and delete a replicated JetStream consumer per device per download."""
         topic = self.topics.artifact_chunks(sha256)
         if on:
             self.following.add(sha256)
-            self.transport.subscribe(topic, 1)
+            self.transport.subscribe(topic, 0)
         elif sha256 in self.following:
             self.following.discard(sha256)
             self.transport.unsubscribe(topic)

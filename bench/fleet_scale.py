@@ -468,7 +468,7 @@ class SimClient:
         self.t.set_handler(self.handle)
         for d in self.ids:
             self.t.subscribe(self.topics.cmd(d), 1)
-        self.t.subscribe(self.topics.kex(), 1)
+        self.t.subscribe(self.topics.kex(), 0)  # as the agent
         self.t.connect()
 
     def on_kex(self, payload: bytes) -> None:
@@ -574,7 +574,7 @@ class SimClient:
                 self.pending[p.device_id] = cmd
                 self.status(p.device_id, cmd.command_id, "downloading")
                 if cmd.deploy is not None:  # once per connection, as long as it downloads
-                    self.t.subscribe(self.topics.artifact_chunks(cmd.deploy.bundle_sha256), 1)
+                    self.t.subscribe(self.topics.artifact_chunks(cmd.deploy.bundle_sha256), 0)
                 self._try(p.device_id)
 
     def _try(self, device_id: str) -> None:

@@ -153,13 +153,15 @@ class Link:
         t.set_handler(self._on_message)
         t.on_connection_change(self._on_connection)
         t.subscribe(self.topics.cmd(self.device_id), 1)
-        t.subscribe(self.topics.artifact_filter(self.device_id), 1)
+        # Only the commands need the broker to queue them (QoS 1, persistent session). The
+        # rest is QoS 0: on a NATS cluster each QoS 1 subscription is a JetStream consumer
+        # replicated on three nodes, a cost per device that buys nothing for these.
+        # Per-device chunks: only servers from before shared artifact topics publish there;
+        # the agent reports the chunks it misses (``missing``) either way.
+        t.subscribe(self.topics.artifact_filter(self.device_id), 0)
         if self.on_kex is not None:
-            # QoS 0: the announcement is retained, and the transport subscribes again on
-            # every connection, so the newest one arrives after any outage without a queue.
-            # On a NATS cluster each QoS 1 subscription is a JetStream consumer replicated on
-            # three nodes: one per device for a topic that every device reads is a cost
-            # that buys nothing here.
+            # retained, and the transport subscribes again on every connection, so the
+            # newest announcement arrives after any outage without a queue
             t.subscribe(self.topics.kex(), 0)
         if not self.synchronous and self._worker is None:
             self._worker = threading.Thread(target=self._work, name="link-worker", daemon=True)

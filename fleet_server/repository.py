@@ -25,12 +25,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from . import migrations, pagination
+from . import migrations, pagination, rollout_rows
 from .errors import StorageError
 from .pagination import Page
 
@@ -52,7 +52,14 @@ class Repository(Protocol):
     def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]: ...
     def latest_history(self) -> dict[str, tuple[str, str]]: ...
     # rollouts
-    def save_rollout(self, doc: dict[str, Any], bundle_sha256: str) -> None: ...
+    def save_rollout(
+        self, doc: dict[str, Any], bundle_sha256: str, devices: Collection[str] | None = None
+    ) -> None:
+        """Write a rollout document; ``devices``: the only devices whose progress changed
+        since this caller last saved it (None: all), and then ``doc["devices"]`` need hold
+        only those (:mod:`.rollout_rows`)."""
+        ...
+
     def get_rollout(self, rollout_id: str) -> dict[str, Any] | None: ...
     def list_rollouts(self, states: list[str] | None = None) -> list[dict[str, Any]]: ...
     # telemetry
@@ -208,6 +215,14 @@ def connect(path: Path) -> Any:
     except (sqlite3.Error, OSError) as exc:
         raise StorageError(f"cannot open registry {path}: {exc}") from None
     return db
+
+
+_UPSERT_ROLLOUT_DEVICES = (
+    f"INSERT INTO rollout_devices ({', '.join(rollout_rows.DEVICE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(rollout_rows.DEVICE_COLUMNS))}) "
+    "ON CONFLICT (rollout_id, device_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in rollout_rows.DEVICE_COLUMNS[2:])
+)
 
 
 def _j(value: Any) -> str:
@@ -372,7 +387,9 @@ class SQLiteRepository:
         )
 
     # rollouts -----------------------------------------------------------------------
-    def save_rollout(self, doc: dict[str, Any], bundle_sha256: str) -> None:
+    def save_rollout(
+        self, doc: dict[str, Any], bundle_sha256: str, devices: Collection[str] | None = None
+    ) -> None:
         rid = doc["rollout_id"]
         stages = [
             {
@@ -386,18 +403,7 @@ class SQLiteRepository:
             }
             for s in doc["stages"]
         ]
-        devices = [
-            {
-                "rollout_id": rid,
-                "device_id": d["device_id"],
-                "stage": d["stage"],
-                "state": d["state"],
-                "attempts": d["attempts"],
-                "updated_at": d["updated_at"],
-                "reason": d["reason"],
-            }
-            for d in doc["devices"]
-        ]
+        rows = rollout_rows.device_rows(doc, devices)
         with self._tx() as db:
             db["rollouts"].upsert(
                 {
@@ -407,21 +413,29 @@ class SQLiteRepository:
                     "created_at": doc["created_at"],
                     "updated_at": doc["updated_at"],
                     "dry_run": int(doc.get("dry_run", False)),
-                    "doc": _j(doc),
+                    "doc": rollout_rows.head(doc),
                 },
                 pk="rollout_id",
             )
             db["rollout_stages"].upsert_all(stages, pk=("rollout_id", "idx"))
-            if devices:
-                db["rollout_devices"].upsert_all(devices, pk=("rollout_id", "device_id"))
+            if rows:
+                db.conn.executemany(_UPSERT_ROLLOUT_DEVICES, rows)
 
     def get_rollout(self, rollout_id: str) -> dict[str, Any] | None:
-        rows = self._read(
-            lambda db: list(db["rollouts"].rows_where("rollout_id = ?", [rollout_id]))
-        )
-        if not rows:
+        def q(db: Any) -> tuple[list[dict[str, Any]], list[str | None]]:
+            heads = list(db["rollouts"].rows_where("rollout_id = ?", [rollout_id]))
+            if not heads or not rollout_rows.split_layout(json.loads(heads[0]["doc"])):
+                return heads, []
+            sql = "SELECT doc FROM rollout_devices WHERE rollout_id = ?"
+            return heads, [r[0] for r in db.conn.execute(sql, [rollout_id])]
+
+        heads, texts = self._read(q)
+        if not heads:
             return None
-        return {**rows[0], "doc": json.loads(rows[0]["doc"])}
+        doc = json.loads(heads[0]["doc"])
+        if rollout_rows.split_layout(doc):
+            doc = rollout_rows.assemble(doc, texts)
+        return {**heads[0], "doc": doc}
 
     def list_rollouts(self, states: list[str] | None = None) -> list[dict[str, Any]]:
         def q(db: Any) -> list[dict[str, Any]]:

@@ -211,6 +211,47 @@ def test_rollout_doc_round_trips_and_resaves(repo: Repository) -> None:
     assert repo.get_rollout("r-2") is None
 
 
+def test_rollout_save_naming_changed_devices_writes_only_their_rows(repo: Repository) -> None:
+    r = _rollout("r-1", 1.0, ["a", "b", "c", "d"])
+    repo.save_rollout(r.to_dict(), "a" * 64)
+    r.start(2.0, ["a", "b", "c", "d"])
+    sent = sorted(d.device_id for d in r.devices.values() if d.sent_at is not None)
+    assert sent and len(sent) < 4
+    repo.save_rollout(r.to_dict(), "a" * 64, devices=sent)
+    got = repo.get_rollout("r-1")
+    assert got is not None and Rollout.from_dict(got["doc"]).to_dict() == r.to_dict()
+    # a device the caller does not name keeps the row it had: the save wrote no other
+    r.on_status(sent[0], "installed", 3.0)
+    repo.save_rollout(r.to_dict(), "a" * 64, devices=[])
+    got = repo.get_rollout("r-1")
+    assert got is not None and got["doc"]["state"] == "running"
+    by_id = {d["device_id"]: d for d in got["doc"]["devices"]}
+    assert by_id[sent[0]]["state"] != "installed"
+    assert [d["device_id"] for d in got["doc"]["devices"]] == list(r.devices)
+
+
+def test_rollout_saved_whole_in_the_head_before_migration_10_still_reads(
+    repo: Repository,
+) -> None:
+    r = _rollout("r-1", 1.0, ["a", "b", "c"])
+    r.start(2.0, ["a", "b", "c"])
+    repo.save_rollout(r.to_dict(), "a" * 64)
+    old = json.dumps(r.to_dict())  # the layout before: every device in rollouts.doc
+    if isinstance(repo, SQLiteRepository):
+        with repo.db.conn:
+            repo.db.execute("update rollouts set doc = ?", [old])
+            repo.db.execute("update rollout_devices set doc = null")
+    else:
+        with repo.pool.connection() as conn:  # type: ignore[attr-defined]
+            conn.execute("update rollouts set doc = %s", [old])
+            conn.execute("update rollout_devices set doc = null")
+    got = repo.get_rollout("r-1")
+    assert got is not None and Rollout.from_dict(got["doc"]).to_dict() == r.to_dict()
+    repo.save_rollout(r.to_dict(), "a" * 64)  # the first save in the new layout: every row
+    got = repo.get_rollout("r-1")
+    assert got is not None and Rollout.from_dict(got["doc"]).to_dict() == r.to_dict()
+
+
 def test_rollouts_list_newest_first_and_filter_by_state(repo: Repository) -> None:
     a, b, c = (_rollout(f"r-{i}", float(i), ["x"]) for i in (1, 2, 3))
     b.start(5.0, ["x"])
@@ -919,6 +960,7 @@ def test_a_registry_from_before_the_count_table_counts_its_devices(tmp_path: Pat
         for t in ("devices_count_insert", "devices_count_delete", "devices_count_update"):
             db.execute(f'drop trigger "{t}"')
         db.execute('drop table "device_count_groups"')
+        db.execute('alter table "rollout_devices" drop column "doc"')  # migration 10
         db.execute("delete from schema_version where version > 7")
         db.executemany(
             "insert into devices (device_id, profile, model, version, online) values (?,?,?,?,?)",

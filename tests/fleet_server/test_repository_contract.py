@@ -460,6 +460,47 @@ def test_events_come_back_newest_first_with_filters(repo: Repository) -> None:
     assert repo.events()[1]["data"] == {"stage": 1}
 
 
+def test_a_tick_sized_batch_of_events_and_audits_round_trips_every_value(
+    repo: Repository,
+) -> None:
+    """A batch of many rows (PostgreSQL writes it with COPY) keeps every odd value."""
+    odd = ["tab\there", "new\nline", "back\\slash", "quote ' \" done", "ünï ✓", "\\N", ""]
+    n = 3 * len(odd)
+    repo.add_events(
+        [
+            {
+                "ts": float(i),
+                "kind": "device",
+                "message": odd[i % len(odd)],
+                "rollout_id": "r" if i % 2 else None,
+                "device_id": f"d{i}",
+                "data": json.dumps({"i": i, "s": odd[i % len(odd)]}),
+            }
+            for i in range(n)
+        ]
+    )
+    repo.add_audits(
+        [
+            {
+                "ts": float(i),
+                "actor": "engine",
+                "action": "device",
+                "target": "rollout:r",
+                "reason": odd[i % len(odd)],
+                "data": {"i": i, "none": None},
+            }
+            for i in range(n)
+        ]
+    )
+    events = repo.events(limit=n)[::-1]
+    assert [e["message"] for e in events] == [odd[i % len(odd)] for i in range(n)]
+    assert [e["rollout_id"] for e in events] == ["r" if i % 2 else None for i in range(n)]
+    assert events[5]["data"] == {"i": 5, "s": odd[5]}
+    audits = repo.audit(limit=n)[::-1]
+    assert [a["reason"] for a in audits] == [odd[i % len(odd)] for i in range(n)]
+    assert audits[-1]["data"] == {"i": n - 1, "none": None} and audits[0]["ts"] == 0.0
+
+
 def test_audit_comes_back_newest_first_by_target(repo: Repository) -> None:
     repo.add_audit("api:admin", "rollout.start", "rollout:r", "start requested", 3.0, {"x": 1})
     repo.add_audits(

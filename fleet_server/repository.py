@@ -95,7 +95,14 @@ class Repository(Protocol):
     def add_user(self, username: str, password_hash: str, role: str) -> None: ...
     def get_user(self, username: str) -> dict[str, Any] | None: ...
     # device identities (fleet_server.device_trust)
-    def list_identities(self) -> list[dict[str, Any]]: ...
+    def list_identities(self, device_ids: Collection[str] | None = None) -> list[dict[str, Any]]:
+        """Every identity row, or those of ``device_ids``."""
+        ...
+
+    def identity_versions(self) -> dict[str, tuple[str, str]]:
+        """device id → (key id, status) of every identity: what a refresh compares."""
+        ...
+
     def upsert_identity(self, row: dict[str, Any]) -> None: ...
     def delete_identity(self, device_id: str) -> None: ...
     def set_identity_x25519(self, device_id: str, x25519_key: str | None) -> bool: ...
@@ -716,8 +723,25 @@ class SQLiteRepository:
         return pagination.counts_from_groups([tuple(r) for r in rows])
 
     # device identities ------------------------------------------------------------------
-    def list_identities(self) -> list[dict[str, Any]]:
-        return self._read(lambda db: list(db["device_identities"].rows))
+    def list_identities(self, device_ids: Collection[str] | None = None) -> list[dict[str, Any]]:
+        if device_ids is None:
+            return self._read(lambda db: list(db["device_identities"].rows))
+        wanted = sorted(set(device_ids))
+
+        def q(db: Any) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for i in range(0, len(wanted), 500):  # SQLite caps the parameters of a statement
+                part = wanted[i : i + 500]
+                where = f"device_id in ({','.join('?' * len(part))})"
+                out += db["device_identities"].rows_where(where, part)
+            return out
+
+        return self._read(q)
+
+    def identity_versions(self) -> dict[str, tuple[str, str]]:
+        sql = "SELECT device_id, key_id, status FROM device_identities"
+        rows = self._read(lambda db: list(db.conn.execute(sql)))
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def upsert_identity(self, row: dict[str, Any]) -> None:
         with self._tx() as db:

@@ -510,8 +510,20 @@ class PostgresRepository:
 
     # cursor pages and aggregate counts ------------------------------------------------
     # device identities ------------------------------------------------------------------
-    def list_identities(self) -> list[dict[str, Any]]:
-        return self._all("select * from device_identities order by device_id")
+    def list_identities(self, device_ids: Collection[str] | None = None) -> list[dict[str, Any]]:
+        if device_ids is None:
+            return self._all("select * from device_identities order by device_id")
+        return self._all(
+            "select * from device_identities where device_id = any(%s) order by device_id",
+            [sorted(set(device_ids))],
+        )
+
+    def identity_versions(self) -> dict[str, tuple[str, str]]:
+        from psycopg.rows import tuple_row
+
+        with self._conn() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute("select device_id, key_id, status from device_identities")
+            return {r[0]: (r[1], r[2]) for r in cur.fetchall()}
 
     def upsert_identity(self, row: dict[str, Any]) -> None:
         cols = list(row)

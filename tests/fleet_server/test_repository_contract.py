@@ -347,8 +347,12 @@ def test_identities_upsert_list_and_delete(repo: Repository) -> None:
     got = {r["device_id"]: r for r in repo.list_identities()}
     assert set(got) == {"d0", "d1"}
     assert got["d1"]["status"] == "approved" and got["d1"]["state_seq"] == 7
+    assert repo.identity_versions() == {"d0": ("k1", "pending"), "d1": ("k1", "approved")}
+    assert [r["device_id"] for r in repo.list_identities(["d1", "x"])] == ["d1"]
+    assert repo.list_identities([]) == []
     repo.delete_identity("d0")
     assert [r["device_id"] for r in repo.list_identities()] == ["d1"]
+    assert repo.identity_versions() == {"d1": ("k1", "approved")}
 
 
 def test_identity_x25519_key_is_kept_across_upserts_and_reopening(

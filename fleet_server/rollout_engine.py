@@ -332,7 +332,8 @@ class Decision:
     attempt: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # every field is a scalar: vars() instead of asdict's recursive copy (one per decision)
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 def stage_order(rollout_id: str, device_id: str) -> str:

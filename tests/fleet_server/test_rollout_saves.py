@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fleet_server.rollout_engine import Rollout, RolloutSpec
+from fleet_server.rollout_engine import Decision, Rollout, RolloutSpec
 from fleet_server.rollout_saves import SavedRows
 
 
@@ -21,6 +21,8 @@ def test_hand_written_to_dict_matches_asdict_for_every_field() -> None:
     doc = r.to_dict()
     assert doc["stages"] == [asdict(s) for s in r.stages]
     assert doc["devices"] == [asdict(d) for d in r.devices.values()]
+    for d in [Decision("device", "x", device_id="a", stage=0), Decision("rollout", "y")]:
+        assert d.to_dict() == {k: v for k, v in asdict(d).items() if v is not None}
     doc["devices"][0]["previous"]["name"] = "changed"  # a copy: the engine's dict is untouched
     assert r.devices[doc["devices"][0]["device_id"]].previous == {
         "name": "iris",

@@ -9,8 +9,8 @@ session key live in the registry) and takes device messages. What each one does 
   actions. A process without the lease (a *follower*) hands an action (start, pause, resume,
   abort, rollback) to the holder through the ``rollout_actions`` table and waits for its
   answer; it creates rollouts itself (a new id, nobody else writes it), and it re-reads
-  the rollouts it shows from the registry when it shows them (changed ones are marked
-  on every tick period).
+  the rollouts it shows from the registry when it shows them (it marks the changed ones
+  every ``POLL_S``, 0.25 s, the holder reading new rollouts and actions as often).
 * **A takeover resumes from the registry.** The new holder loads every live rollout and
   sends each device that was sent a command but has not answered with a final state the
   *same* command again: the command id is ``(rollout, device, kind, attempt)`` and the
@@ -66,6 +66,10 @@ LIVE_STATES = sorted(ROLLOUT_LOADED)
 _IN_FLIGHT = DEVICE_UNSETTLED
 _ERRORS: dict[int, type[FleetError]] = {404: NotFound, 409: Conflict, 422: InvalidInput}
 ACTION_TIMEOUT_S = 15.0
+# How often a process reads what the others wrote for the tick (rollouts created elsewhere,
+# forwarded actions; a follower: rollouts the holder changed). Status reports wake the tick
+# many times a second during a rollout; these reads need not follow it.
+POLL_S = 0.25
 # (client id, clean session) → a transport to the broker; set by fleet serve
 TransportFactory = Callable[[str, bool], "Transport"]
 
@@ -92,6 +96,7 @@ class Cluster:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = False
+        self._polled = float("-inf")  # time.monotonic() of the last registry poll
 
     @property
     def leads(self) -> bool:
@@ -136,13 +141,17 @@ class Cluster:
     def step(self) -> None:
         """One tick period: the holder ticks, a follower refreshes what it shows."""
         svc = self.service
+        poll = time.monotonic() - self._polled >= POLL_S
+        if poll:
+            self._polled = time.monotonic()
         if not self.leads:
-            self.follow()
+            if poll:
+                self.follow()
             return
         if self._takeover.is_set():
             self._takeover.clear()
             self.take_over()
-        if self.multi:
+        if self.multi and poll:
             self._load_new_rollouts()
             self._run_actions()
         svc.tick()

@@ -9,7 +9,8 @@ session key live in the registry) and takes device messages. What each one does 
   actions. A process without the lease (a *follower*) hands an action (start, pause, resume,
   abort, rollback) to the holder through the ``rollout_actions`` table and waits for its
   answer; it creates rollouts itself (a new id, nobody else writes it), and it re-reads
-  the rollouts it shows from the registry on every tick period.
+  the rollouts it shows from the registry when it shows them (it marks the changed ones
+  every ``POLL_S``, 0.25 s, the holder reading new rollouts and actions as often).
 * **A takeover resumes from the registry.** The new holder loads every live rollout and
   sends each device that was sent a command but has not answered with a final state the
   *same* command again: the command id is ``(rollout, device, kind, attempt)`` and the
@@ -65,6 +66,10 @@ LIVE_STATES = sorted(ROLLOUT_LOADED)
 _IN_FLIGHT = DEVICE_UNSETTLED
 _ERRORS: dict[int, type[FleetError]] = {404: NotFound, 409: Conflict, 422: InvalidInput}
 ACTION_TIMEOUT_S = 15.0
+# How often a process reads what the others wrote for the tick (rollouts created elsewhere,
+# forwarded actions; a follower: rollouts the holder changed). Status reports wake the tick
+# many times a second during a rollout; these reads need not follow it.
+POLL_S = 0.25
 # (client id, clean session) → a transport to the broker; set by fleet serve
 TransportFactory = Callable[[str, bool], "Transport"]
 
@@ -91,6 +96,7 @@ class Cluster:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = False
+        self._polled = float("-inf")  # time.monotonic() of the last registry poll
 
     @property
     def leads(self) -> bool:
@@ -135,13 +141,17 @@ class Cluster:
     def step(self) -> None:
         """One tick period: the holder ticks, a follower refreshes what it shows."""
         svc = self.service
+        poll = time.monotonic() - self._polled >= POLL_S
+        if poll:
+            self._polled = time.monotonic()
         if not self.leads:
-            self.follow()
+            if poll:
+                self.follow()
             return
         if self._takeover.is_set():
             self._takeover.clear()
             self.take_over()
-        if self.multi:
+        if self.multi and poll:
             self._load_new_rollouts()
             self._run_actions()
         svc.tick()
@@ -152,6 +162,7 @@ class Cluster:
         resent = 0
         with svc.rollouts.lock:
             svc.rollouts.live = self._load_live()
+            svc.rollouts.stale.clear()
             online = svc.registry.online()
             for r in svc.rollouts.live.values():
                 for dev in r.devices.values():
@@ -209,6 +220,7 @@ class Cluster:
         svc = self.service
         rows = svc.repo.list_rollouts(LIVE_STATES)
         with svc.rollouts.lock:
+            svc.rollouts.refresh_stale()  # read while following, not yet shown
             for row in rows:
                 if row["rollout_id"] not in svc.rollouts.live:
                     full = svc.repo.get_rollout(row["rollout_id"])
@@ -216,7 +228,9 @@ class Cluster:
                         svc.rollouts.live[row["rollout_id"]] = Rollout.from_dict(full["doc"])
 
     def follow(self) -> None:
-        """A follower shows what the holder wrote: changed live rollouts are re-read."""
+        """A follower shows what the holder wrote: changed live rollouts are marked stale,
+        and re-read when the API or the dashboard next shows them
+        (:meth:`.rollout_driver.RolloutDriver.refresh_stale`), not on every tick period."""
         svc = self.service
         if not self.multi:
             return
@@ -228,12 +242,15 @@ class Cluster:
         with svc.rollouts.lock:
             for rid in [rid for rid in svc.rollouts.live if rid not in rows]:
                 del svc.rollouts.live[rid]  # ended: read from the registry when asked
+            svc.rollouts.stale &= set(rows)
             for rid, row in rows.items():
                 cur = svc.rollouts.live.get(rid)
-                if cur is None or cur.updated_at != row["updated_at"] or cur.state != row["state"]:
+                if cur is None:  # new: read now (its spec is what status reports need)
                     full = svc.repo.get_rollout(rid)
                     if full is not None:
                         svc.rollouts.live[rid] = Rollout.from_dict(full["doc"])
+                elif cur.updated_at != row["updated_at"] or cur.state != row["state"]:
+                    svc.rollouts.stale.add(rid)
 
     # operator actions ---------------------------------------------------------------------
     def forward(self, rollout_id: str, action: str, actor: str) -> None:
@@ -262,6 +279,7 @@ class Cluster:
         if full is not None:
             with self.service.rollouts.lock:
                 self.service.rollouts.live[rollout_id] = Rollout.from_dict(full["doc"])
+                self.service.rollouts.stale.discard(rollout_id)
 
     def _run_actions(self) -> None:
         svc = self.service

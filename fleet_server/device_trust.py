@@ -221,12 +221,20 @@ class DeviceTrust:
 
     def refresh(self) -> int:
         """Take the identity changes other server processes sharing the registry made
-        (an approval, a revocation, a new key); returns how many changed here."""
-        rows = {r["device_id"]: r for r in self.repo.list_identities()}
+        (an approval, a revocation, a new key); returns how many changed here. Reads each
+        identity's key id and status, and whole rows only of those that differ."""
+        versions = self.repo.identity_versions()
+        with self._lock:
+            differ = [
+                d
+                for d, v in versions.items()
+                if (cur := self._ids.get(d)) is None or (cur.key_id, cur.status) != v
+            ]
+        rows = {r["device_id"]: r for r in self.repo.list_identities(differ)} if differ else {}
         changed = 0
         with self._lock:
             for device_id in list(self._ids):
-                if device_id not in rows and self._ids[device_id].status == "approved":
+                if device_id not in versions and self._ids[device_id].status == "approved":
                     del self._ids[device_id]  # revoked elsewhere
                     self._usage.pop(device_id, None)
                     changed += 1

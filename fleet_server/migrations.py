@@ -362,6 +362,11 @@ def _cluster_tables(real: str, identity: str) -> tuple[str, ...]:
 # verify after a restart too, before the device sends an Ed25519-signed birth again.
 _IDENTITY_KEX = ('ALTER TABLE "device_identities" ADD COLUMN "x25519_key" TEXT',)
 
+# Each device's part of a rollout document in its own row (:mod:`.rollout_rows`): a save
+# writes the head and the devices that changed, not every device's progress every tick.
+_ROLLOUT_DEVICE_DOCS = ('ALTER TABLE "rollout_devices" ADD COLUMN "doc" TEXT',)
+_ROLLOUT_DEVICE_DOCS_NAME = "rollout device rows carry their document"
+
 
 SQLITE: tuple[Migration, ...] = (
     Migration(1, "initial layout (the unversioned registry)", _SQLITE_INITIAL),
@@ -375,6 +380,7 @@ SQLITE: tuple[Migration, ...] = (
     Migration(7, "several fleet serve processes", _cluster_tables("REAL", "INTEGER PRIMARY KEY")),
     Migration(8, "device counts kept by triggers for the overview", _SQLITE_COUNTS),
     Migration(9, _MEASURES, measure_tables("REAL", "INTEGER")),
+    Migration(10, _ROLLOUT_DEVICE_DOCS_NAME, _ROLLOUT_DEVICE_DOCS),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -399,6 +405,7 @@ POSTGRES: tuple[Migration, ...] = (
     ),
     Migration(8, "device counts kept by triggers for the overview", _PG_COUNTS),
     Migration(9, _MEASURES, measure_tables("DOUBLE PRECISION", "BIGINT")),
+    Migration(10, _ROLLOUT_DEVICE_DOCS_NAME, _ROLLOUT_DEVICE_DOCS),
 )
 
 

@@ -25,12 +25,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from . import migrations, pagination
+from . import migrations, pagination, rollout_rows
 from .errors import StorageError
 from .pagination import Page
 
@@ -52,7 +52,14 @@ class Repository(Protocol):
     def device_history(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]: ...
     def latest_history(self) -> dict[str, tuple[str, str]]: ...
     # rollouts
-    def save_rollout(self, doc: dict[str, Any], bundle_sha256: str) -> None: ...
+    def save_rollout(
+        self, doc: dict[str, Any], bundle_sha256: str, devices: Collection[str] | None = None
+    ) -> None:
+        """Write a rollout document; ``devices``: the only devices whose progress changed
+        since this caller last saved it (None: all), and then ``doc["devices"]`` need hold
+        only those (:mod:`.rollout_rows`)."""
+        ...
+
     def get_rollout(self, rollout_id: str) -> dict[str, Any] | None: ...
     def list_rollouts(self, states: list[str] | None = None) -> list[dict[str, Any]]: ...
     # telemetry
@@ -88,7 +95,14 @@ class Repository(Protocol):
     def add_user(self, username: str, password_hash: str, role: str) -> None: ...
     def get_user(self, username: str) -> dict[str, Any] | None: ...
     # device identities (fleet_server.device_trust)
-    def list_identities(self) -> list[dict[str, Any]]: ...
+    def list_identities(self, device_ids: Collection[str] | None = None) -> list[dict[str, Any]]:
+        """Every identity row, or those of ``device_ids``."""
+        ...
+
+    def identity_versions(self) -> dict[str, tuple[str, str]]:
+        """device id → (key id, status) of every identity: what a refresh compares."""
+        ...
+
     def upsert_identity(self, row: dict[str, Any]) -> None: ...
     def delete_identity(self, device_id: str) -> None: ...
     def set_identity_x25519(self, device_id: str, x25519_key: str | None) -> bool: ...
@@ -208,6 +222,14 @@ def connect(path: Path) -> Any:
     except (sqlite3.Error, OSError) as exc:
         raise StorageError(f"cannot open registry {path}: {exc}") from None
     return db
+
+
+_UPSERT_ROLLOUT_DEVICES = (
+    f"INSERT INTO rollout_devices ({', '.join(rollout_rows.DEVICE_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(rollout_rows.DEVICE_COLUMNS))}) "
+    "ON CONFLICT (rollout_id, device_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in rollout_rows.DEVICE_COLUMNS[2:])
+)
 
 
 def _j(value: Any) -> str:
@@ -372,7 +394,9 @@ class SQLiteRepository:
         )
 
     # rollouts -----------------------------------------------------------------------
-    def save_rollout(self, doc: dict[str, Any], bundle_sha256: str) -> None:
+    def save_rollout(
+        self, doc: dict[str, Any], bundle_sha256: str, devices: Collection[str] | None = None
+    ) -> None:
         rid = doc["rollout_id"]
         stages = [
             {
@@ -386,18 +410,7 @@ class SQLiteRepository:
             }
             for s in doc["stages"]
         ]
-        devices = [
-            {
-                "rollout_id": rid,
-                "device_id": d["device_id"],
-                "stage": d["stage"],
-                "state": d["state"],
-                "attempts": d["attempts"],
-                "updated_at": d["updated_at"],
-                "reason": d["reason"],
-            }
-            for d in doc["devices"]
-        ]
+        rows = rollout_rows.device_rows(doc, devices)
         with self._tx() as db:
             db["rollouts"].upsert(
                 {
@@ -407,21 +420,29 @@ class SQLiteRepository:
                     "created_at": doc["created_at"],
                     "updated_at": doc["updated_at"],
                     "dry_run": int(doc.get("dry_run", False)),
-                    "doc": _j(doc),
+                    "doc": rollout_rows.head(doc),
                 },
                 pk="rollout_id",
             )
             db["rollout_stages"].upsert_all(stages, pk=("rollout_id", "idx"))
-            if devices:
-                db["rollout_devices"].upsert_all(devices, pk=("rollout_id", "device_id"))
+            if rows:
+                db.conn.executemany(_UPSERT_ROLLOUT_DEVICES, rows)
 
     def get_rollout(self, rollout_id: str) -> dict[str, Any] | None:
-        rows = self._read(
-            lambda db: list(db["rollouts"].rows_where("rollout_id = ?", [rollout_id]))
-        )
-        if not rows:
+        def q(db: Any) -> tuple[list[dict[str, Any]], list[str | None]]:
+            heads = list(db["rollouts"].rows_where("rollout_id = ?", [rollout_id]))
+            if not heads or not rollout_rows.split_layout(json.loads(heads[0]["doc"])):
+                return heads, []
+            sql = "SELECT doc FROM rollout_devices WHERE rollout_id = ?"
+            return heads, [r[0] for r in db.conn.execute(sql, [rollout_id])]
+
+        heads, texts = self._read(q)
+        if not heads:
             return None
-        return {**rows[0], "doc": json.loads(rows[0]["doc"])}
+        doc = json.loads(heads[0]["doc"])
+        if rollout_rows.split_layout(doc):
+            doc = rollout_rows.assemble(doc, texts)
+        return {**heads[0], "doc": doc}
 
     def list_rollouts(self, states: list[str] | None = None) -> list[dict[str, Any]]:
         def q(db: Any) -> list[dict[str, Any]]:
@@ -702,8 +723,25 @@ class SQLiteRepository:
         return pagination.counts_from_groups([tuple(r) for r in rows])
 
     # device identities ------------------------------------------------------------------
-    def list_identities(self) -> list[dict[str, Any]]:
-        return self._read(lambda db: list(db["device_identities"].rows))
+    def list_identities(self, device_ids: Collection[str] | None = None) -> list[dict[str, Any]]:
+        if device_ids is None:
+            return self._read(lambda db: list(db["device_identities"].rows))
+        wanted = sorted(set(device_ids))
+
+        def q(db: Any) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for i in range(0, len(wanted), 500):  # SQLite caps the parameters of a statement
+                part = wanted[i : i + 500]
+                where = f"device_id in ({','.join('?' * len(part))})"
+                out += db["device_identities"].rows_where(where, part)
+            return out
+
+        return self._read(q)
+
+    def identity_versions(self) -> dict[str, tuple[str, str]]:
+        sql = "SELECT device_id, key_id, status FROM device_identities"
+        rows = self._read(lambda db: list(db.conn.execute(sql)))
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def upsert_identity(self, row: dict[str, Any]) -> None:
         with self._tx() as db:

@@ -33,6 +33,7 @@ from .errors import Conflict, InvalidInput, NotFound
 from .registry import Registry
 from .repository import Repository
 from .rollout_engine import Decision, Rollout, RolloutSpec, Selector, Telemetry
+from .rollout_saves import SavedRows
 from .telemetry.prometheus import FleetExporter
 
 if TYPE_CHECKING:
@@ -99,6 +100,9 @@ class RolloutDriver:
         self.wake = threading.Event()  # set when a tick is due sooner than the interval
         self.live: dict[str, Rollout] = {}
         self._dirty: set[str] = set()
+        self._saved = SavedRows()  # what was last written of each rollout's devices
+        # live rollouts another process changed, re-read when next shown (:mod:`.cluster`)
+        self.stale: set[str] = set()
         self._resent: dict[tuple[str, str], int] = {}  # (rollout, device) → chunks resent
         for row in repo.list_rollouts(sorted(ROLLOUT_LOADED)):
             full = repo.get_rollout(row["rollout_id"])
@@ -181,7 +185,7 @@ class RolloutDriver:
             return views.rollout_status(rollout, bundle)
         with self.lock:
             self.live[rid] = rollout
-            self.repo.save_rollout(rollout.to_dict(), bundle["sha256"])
+            self._save(rollout)
         target = f"rollout:{rid}"
         self.audit_log.audit(
             actor,
@@ -202,6 +206,7 @@ class RolloutDriver:
     def busy_devices(self, wanted: set[str]) -> tuple[str, str] | None:
         """(rollout, device) for the first wanted device a running or paused rollout holds."""
         with self.lock:
+            self.refresh_stale()
             for rid, r in self.live.items():
                 if r.state in ROLLOUT_MOVING:
                     for d in sorted(wanted & set(r.devices)):
@@ -209,6 +214,9 @@ class RolloutDriver:
         return None
 
     def rollout(self, rollout_id: str) -> Rollout:
+        if rollout_id in self.stale:
+            with self.lock:
+                self.refresh_stale()
         r = self.live.get(rollout_id)
         if r is None:
             row = self.repo.get_rollout(rollout_id)
@@ -250,6 +258,7 @@ class RolloutDriver:
         rows = self.repo.list_rollouts()
         bundles = {b["sha256"]: b for b in self.repo.list_bundles()}
         with self.lock:
+            self.refresh_stale()
             live = {rid: r.counts() for rid, r in self.live.items()}
         return views.rollout_rows(rows, bundles, live)
 
@@ -264,7 +273,18 @@ class RolloutDriver:
 
     def snapshot(self) -> dict[str, Rollout]:
         with self.lock:
+            self.refresh_stale()
             return dict(self.live)
+
+    def refresh_stale(self) -> None:
+        """Re-read the live rollouts another process changed (a process without the tick
+        marks them on every tick period and reads them only when it shows one)."""
+        with self.lock:
+            for rid in sorted(self.stale):
+                full = self.repo.get_rollout(rid)
+                if full is not None:
+                    self.live[rid] = Rollout.from_dict(full["doc"])
+                self.stale.discard(rid)
 
     # device reports -----------------------------------------------------------------------
     def on_status(self, msg: CommandStatus) -> None:
@@ -346,12 +366,19 @@ class RolloutDriver:
                 for rid in sorted(dirty):
                     r = self.live.get(rid)
                     if r is not None:
-                        self.repo.save_rollout(r.to_dict(), r.spec.bundle_sha256)
+                        self._save(r)
                     dirty.discard(rid)
             except EdgefleetError:  # the registry is away: keep them for the next flush
                 self._dirty |= dirty
                 raise
+            self._saved.keep(set(self.live))
             self.audit_log.flush()
+
+    def _save(self, r: Rollout) -> None:
+        """Write ``r``: its head and the devices that changed since this object's last save."""
+        changed = self._saved.changed(r)
+        self.repo.save_rollout(r.to_dict(changed), r.spec.bundle_sha256, changed)
+        self._saved.saved(r, changed)
 
     def _telemetry(self, r: Rollout) -> Telemetry | None:
         spec = r.spec

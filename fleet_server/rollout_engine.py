@@ -88,6 +88,8 @@ def allowed_actions(state: str) -> list[str]:
     return [a for a, states in ACTION_STATES.items() if state in states]
 
 
+_STUCK = frozenset({"queued", *DEVICE_IN_PROGRESS})  # sent, no result yet: can time out
+
 # CommandStatus states a device may report for a deploy, mapped onto our device states.
 _REPORTED = {
     "accepted": "downloading",
@@ -225,6 +227,20 @@ class StageProgress:
     finished_at: float | None = None
     held: str = ""  # the reason a hold gate keeps this stage from passing (rule 7)
 
+    def to_dict(self) -> dict[str, Any]:
+        """As ``dataclasses.asdict``, without its recursive deep copy (a rollout is saved
+        after every change, and ``asdict`` over 1,000 devices took ~50 ms)."""
+        return {
+            "index": self.index,
+            "target": self.target,
+            "state": self.state,
+            "devices": list(self.devices),
+            "started_at": self.started_at,
+            "success_at": self.success_at,
+            "finished_at": self.finished_at,
+            "held": self.held,
+        }
+
 
 @dataclass
 class DeviceProgress:
@@ -239,6 +255,20 @@ class DeviceProgress:
     previous: dict[str, Any] | None = None
     reason: str = ""
     rollback_sent: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``dataclasses.asdict`` (see :meth:`StageProgress.to_dict`)."""
+        return {
+            "device_id": self.device_id,
+            "stage": self.stage,
+            "state": self.state,
+            "attempts": self.attempts,
+            "sent_at": self.sent_at,
+            "updated_at": self.updated_at,
+            "previous": dict(self.previous) if self.previous is not None else None,
+            "reason": self.reason,
+            "rollback_sent": self.rollback_sent,
+        }
 
 
 @dataclass(frozen=True)
@@ -302,7 +332,8 @@ class Decision:
     attempt: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # every field is a scalar: vars() instead of asdict's recursive copy (one per decision)
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 def stage_order(rollout_id: str, device_id: str) -> str:
@@ -449,13 +480,18 @@ class Rollout:
         running = [s.index for s in self.stages if s.state == "running"]
         return running[0] if running else None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, devices: Iterable[str] | None = None) -> dict[str, Any]:
+        """The whole document; ``devices``: only these devices' entries (a partial save)."""
+        if devices is None:
+            progress = [d.to_dict() for d in self.devices.values()]
+        else:
+            progress = [self.devices[i].to_dict() for i in devices if i in self.devices]
         return {
             "rollout_id": self.rollout_id,
             "spec": self.spec.to_dict(),
             "state": self.state,
-            "stages": [asdict(s) for s in self.stages],
-            "devices": [asdict(d) for d in self.devices.values()],
+            "stages": [s.to_dict() for s in self.stages],
+            "devices": progress,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "dry_run": self.dry_run,
@@ -548,9 +584,10 @@ class Rollout:
 
     def _timeouts(self, now: float) -> list[Decision]:
         out = []
+        timeout = self.spec.device_timeout_s
         for dev in self.devices.values():
-            stuck = dev.sent_at is not None and dev.state in ("queued", *DEVICE_IN_PROGRESS)
-            if stuck and now - (dev.sent_at or 0.0) >= self.spec.device_timeout_s:
+            sent = dev.sent_at
+            if sent is not None and now - sent >= timeout and dev.state in _STUCK:
                 out.append(
                     self._set_device(
                         dev,
@@ -563,13 +600,6 @@ class Rollout:
                 out += self._maybe_retry(dev, now)
         return out
 
-    def _started_devices(self) -> list[DeviceProgress]:
-        started = {s.index for s in self.stages if s.state != "pending"}
-        return [d for d in self.devices.values() if d.stage in started]
-
-    def _final_failure(self, d: DeviceProgress) -> bool:
-        return d.state in DEVICE_FAILED
-
     def _halt(self, reason: str, now: float) -> list[Decision]:
         out = [Decision("gate", reason, state="halt"), self._set_state("halted", reason, now)]
         out += self._fail_running_stages(reason, now)
@@ -578,14 +608,17 @@ class Rollout:
         return out
 
     def _gates(self, now: float, telemetry: Telemetry | None) -> list[Decision]:
-        started = self._started_devices()
-        reported = [d for d in started if d.state in DEVICE_TERMINAL]
-        failed = [d for d in reported if self._final_failure(d)]
-        if reported and len(reported) >= self.spec.min_devices:
-            share = len(failed) / len(reported)
+        started = {s.index for s in self.stages if s.state != "pending"}
+        reported = failed = 0
+        for d in self.devices.values():  # one pass: this runs every tick
+            if d.stage in started and d.state in DEVICE_TERMINAL:
+                reported += 1
+                failed += d.state in DEVICE_FAILED
+        if reported and reported >= self.spec.min_devices:
+            share = failed / reported
             if share > self.spec.failure_threshold:
                 return self._halt(
-                    f"failure share {share:.0%} ({len(failed)}/{len(reported)} reported) is over "
+                    f"failure share {share:.0%} ({failed}/{reported} reported) is over "
                     f"{self.spec.failure_threshold:.0%} with at least "
                     f"{self.spec.min_devices} reported",
                     now,
@@ -596,7 +629,8 @@ class Rollout:
             return []
         stage = self.stages[idx]
         if stage.devices:
-            ok = sum(1 for d in stage.devices if self.devices[d].state == "installed")
+            devices = self.devices
+            ok = sum(1 for d in stage.devices if devices[d].state == "installed")
             share = ok / len(stage.devices)
         else:
             ok, share = 0, 1.0

@@ -64,6 +64,10 @@ __all__ = ["FleetService", "RolloutRequest"]
 
 log = logging.getLogger(__name__)
 
+# The least time between two ticks (or rollout.tick_s when shorter): status reports wake the
+# tick, and during a rollout they arrive dozens of times a second.
+TICK_GAP_S = 0.05
+
 
 class FleetService:
     def __init__(
@@ -213,8 +217,8 @@ class FleetService:
                 self.cluster.step()  # the tick where this process holds the tick lease
             except Exception:
                 log.exception("fleet tick failed")
-            if not self._stop.is_set():
-                time.sleep(0.02)  # coalesce a burst of status reports into one tick
+            if not self._stop.is_set():  # coalesce a burst of status reports into one tick:
+                time.sleep(min(interval, TICK_GAP_S))  # each tick passes over every device
 
     def tick(self) -> None:
         """Timeouts, gates and pending sends for every live rollout; channels; periodic

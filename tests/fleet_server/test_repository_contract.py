@@ -211,6 +211,47 @@ def test_rollout_doc_round_trips_and_resaves(repo: Repository) -> None:
     assert repo.get_rollout("r-2") is None
 
 
+def test_rollout_save_naming_changed_devices_writes_only_their_rows(repo: Repository) -> None:
+    r = _rollout("r-1", 1.0, ["a", "b", "c", "d"])
+    repo.save_rollout(r.to_dict(), "a" * 64)
+    r.start(2.0, ["a", "b", "c", "d"])
+    sent = sorted(d.device_id for d in r.devices.values() if d.sent_at is not None)
+    assert sent and len(sent) < 4
+    repo.save_rollout(r.to_dict(), "a" * 64, devices=sent)
+    got = repo.get_rollout("r-1")
+    assert got is not None and Rollout.from_dict(got["doc"]).to_dict() == r.to_dict()
+    # a device the caller does not name keeps the row it had: the save wrote no other
+    r.on_status(sent[0], "installed", 3.0)
+    repo.save_rollout(r.to_dict(), "a" * 64, devices=[])
+    got = repo.get_rollout("r-1")
+    assert got is not None and got["doc"]["state"] == "running"
+    by_id = {d["device_id"]: d for d in got["doc"]["devices"]}
+    assert by_id[sent[0]]["state"] != "installed"
+    assert [d["device_id"] for d in got["doc"]["devices"]] == list(r.devices)
+
+
+def test_rollout_saved_whole_in_the_head_before_migration_10_still_reads(
+    repo: Repository,
+) -> None:
+    r = _rollout("r-1", 1.0, ["a", "b", "c"])
+    r.start(2.0, ["a", "b", "c"])
+    repo.save_rollout(r.to_dict(), "a" * 64)
+    old = json.dumps(r.to_dict())  # the layout before: every device in rollouts.doc
+    if isinstance(repo, SQLiteRepository):
+        with repo.db.conn:
+            repo.db.execute("update rollouts set doc = ?", [old])
+            repo.db.execute("update rollout_devices set doc = null")
+    else:
+        with repo.pool.connection() as conn:  # type: ignore[attr-defined]
+            conn.execute("update rollouts set doc = %s", [old])
+            conn.execute("update rollout_devices set doc = null")
+    got = repo.get_rollout("r-1")
+    assert got is not None and Rollout.from_dict(got["doc"]).to_dict() == r.to_dict()
+    repo.save_rollout(r.to_dict(), "a" * 64)  # the first save in the new layout: every row
+    got = repo.get_rollout("r-1")
+    assert got is not None and Rollout.from_dict(got["doc"]).to_dict() == r.to_dict()
+
+
 def test_rollouts_list_newest_first_and_filter_by_state(repo: Repository) -> None:
     a, b, c = (_rollout(f"r-{i}", float(i), ["x"]) for i in (1, 2, 3))
     b.start(5.0, ["x"])
@@ -306,8 +347,12 @@ def test_identities_upsert_list_and_delete(repo: Repository) -> None:
     got = {r["device_id"]: r for r in repo.list_identities()}
     assert set(got) == {"d0", "d1"}
     assert got["d1"]["status"] == "approved" and got["d1"]["state_seq"] == 7
+    assert repo.identity_versions() == {"d0": ("k1", "pending"), "d1": ("k1", "approved")}
+    assert [r["device_id"] for r in repo.list_identities(["d1", "x"])] == ["d1"]
+    assert repo.list_identities([]) == []
     repo.delete_identity("d0")
     assert [r["device_id"] for r in repo.list_identities()] == ["d1"]
+    assert repo.identity_versions() == {"d1": ("k1", "approved")}
 
 
 def test_identity_x25519_key_is_kept_across_upserts_and_reopening(
@@ -417,6 +462,47 @@ def test_events_come_back_newest_first_with_filters(repo: Repository) -> None:
     assert first["data"] == {"profile": "host"} and first["kind"] == "device"
     assert repo.events()[0]["data"] == {"x": [1, 2]}
     assert repo.events()[1]["data"] == {"stage": 1}
+
+
+def test_a_tick_sized_batch_of_events_and_audits_round_trips_every_value(
+    repo: Repository,
+) -> None:
+    """A batch of many rows (PostgreSQL writes it with COPY) keeps every odd value."""
+    odd = ["tab\there", "new\nline", "back\\slash", "quote ' \" done", "ünï ✓", "\\N", ""]
+    n = 3 * len(odd)
+    repo.add_events(
+        [
+            {
+                "ts": float(i),
+                "kind": "device",
+                "message": odd[i % len(odd)],
+                "rollout_id": "r" if i % 2 else None,
+                "device_id": f"d{i}",
+                "data": json.dumps({"i": i, "s": odd[i % len(odd)]}),
+            }
+            for i in range(n)
+        ]
+    )
+    repo.add_audits(
+        [
+            {
+                "ts": float(i),
+                "actor": "engine",
+                "action": "device",
+                "target": "rollout:r",
+                "reason": odd[i % len(odd)],
+                "data": {"i": i, "none": None},
+            }
+            for i in range(n)
+        ]
+    )
+    events = repo.events(limit=n)[::-1]
+    assert [e["message"] for e in events] == [odd[i % len(odd)] for i in range(n)]
+    assert [e["rollout_id"] for e in events] == ["r" if i % 2 else None for i in range(n)]
+    assert events[5]["data"] == {"i": 5, "s": odd[5]}
+    audits = repo.audit(limit=n)[::-1]
+    assert [a["reason"] for a in audits] == [odd[i % len(odd)] for i in range(n)]
+    assert audits[-1]["data"] == {"i": n - 1, "none": None} and audits[0]["ts"] == 0.0
 
 
 def test_audit_comes_back_newest_first_by_target(repo: Repository) -> None:
@@ -919,6 +1005,7 @@ def test_a_registry_from_before_the_count_table_counts_its_devices(tmp_path: Pat
         for t in ("devices_count_insert", "devices_count_delete", "devices_count_update"):
             db.execute(f'drop trigger "{t}"')
         db.execute('drop table "device_count_groups"')
+        db.execute('alter table "rollout_devices" drop column "doc"')  # migration 10
         db.execute("delete from schema_version where version > 7")
         db.executemany(
             "insert into devices (device_id, profile, model, version, online) values (?,?,?,?,?)",

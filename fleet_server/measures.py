@@ -58,13 +58,24 @@ FLUSH_EVERY_S = 5.0  # per-device windows are written at most this often (and on
 # a process whose tick does not flush them (one that does not hold the rollout tick) writes
 # them from the ingest path once they have waited this long
 INGEST_FLUSH_AFTER_S = 2 * FLUSH_EVERY_S
-HEALTH_EVERY_S = 1.0  # the time-based offline rule; new metrics are evaluated on the next tick
+# New metrics are evaluated on the next tick. Without them only the time-based offline rule
+# can change, so that pass runs every twentieth of its smallest limit, within these bounds
+# (the 600 s default: every 30 s; an alert fires or resolves at most 5 % of its limit late).
+HEALTH_EVERY_S = 1.0
+HEALTH_EVERY_MAX_S = 30.0
 # The health pass and the local-drift pass read every device. Once a pass costs more than
 # SLOW_PASS_S it runs at most PASS_DUTY of the time (100,000 devices: the health pass about
 # once a minute, against the offline rule's 600 s default), so the API and ingest keep the
 # server at any fleet size.
 SLOW_PASS_S = 0.02
 PASS_DUTY = 0.05
+
+
+def time_pass_every(cfg: HealthConfig) -> float:
+    """Seconds between health passes that no new metrics asked for (see HEALTH_EVERY_S)."""
+    limits = [cfg.offline_after_s]
+    limits += [float(o["offline_after_s"]) for o in cfg.profiles.values() if "offline_after_s" in o]
+    return min(HEALTH_EVERY_MAX_S, max(HEALTH_EVERY_S, min(limits) / 20))
 
 
 class _Paced:
@@ -107,6 +118,7 @@ class Measures:
         self.stores = open_measure_stores(service.config, service.repo)
         self.health_config = HealthConfig.from_dict(dict(service.config.health))
         self.rules = HealthRules(self.health_config)
+        self._health_every = time_pass_every(self.health_config)
         self.accuracy = FieldAccuracy(self.stores.feedback)
         self.bench_store = self.stores.bench
         drift = service.drift
@@ -205,7 +217,7 @@ class Measures:
 
     # the tick -----------------------------------------------------------------------------
     def tick(self, now: float, drift_due: bool) -> None:
-        due = self._new_metrics or now - self._last_health >= HEALTH_EVERY_S
+        due = self._new_metrics or now - self._last_health >= self._health_every
         if due and self._health_pace.ready():
             self._new_metrics = False
             self._last_health = now

@@ -49,3 +49,14 @@ def test_a_slow_pass_waits_until_it_has_used_its_share(clock: Clock) -> None:
     assert not pace.ready()
     clock.t = 100.0 + wait
     assert pace.ready()
+
+
+def test_without_new_metrics_the_health_pass_follows_the_smallest_offline_limit() -> None:
+    from fleet_server.health_rules import HealthConfig
+    from fleet_server.measures import HEALTH_EVERY_MAX_S, HEALTH_EVERY_S, time_pass_every
+
+    assert time_pass_every(HealthConfig()) == HEALTH_EVERY_MAX_S  # 600 s: every 30 s
+    assert time_pass_every(HealthConfig(offline_after_s=200)) == 10.0
+    assert time_pass_every(HealthConfig(offline_after_s=5)) == HEALTH_EVERY_S  # not below 1 s
+    tight = HealthConfig(profiles={"pi4": {"offline_after_s": 60}})
+    assert time_pass_every(tight) == 3.0  # a profile's own limit counts

@@ -229,8 +229,8 @@ def test_serve_runs_api_bridge_and_embedded_broker_in_one_process(
 ) -> None:
     """What `edgefleet fleet serve --embedded-broker` runs, over real HTTP and MQTT."""
     from fleet_server.client import FleetClient
-    from fleet_server.embedded_broker import free_port
     from fleet_server.serve import FleetServer
+    from tests.support.ports import free_port
 
     cfg = make_config(tmp_path, signing_key, broker_url=f"mqtt://127.0.0.1:{free_port()}")
     cfg = cfg.model_copy(

@@ -10,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fleet_server.embedded_broker import EmbeddedBroker, free_port
+from fleet_server.embedded_broker import EmbeddedBroker
+from tests.support.ports import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None

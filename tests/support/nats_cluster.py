@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet_server.embedded_broker import free_port
+from tests.support.ports import free_port
 
 
 def _nats_server() -> str | None:

@@ -44,15 +44,17 @@ session key live in the registry) and takes device messages. What each one does 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from protocol.states import DEVICE_UNSETTLED, ROLLOUT_LOADED
+from protocol.states import ROLLOUT_LOADED
 
 from .errors import Conflict, FleetError, InvalidInput, NotFound, Unavailable
-from .rollout_engine import Decision, Rollout
+from .rollout_driver import Back
+from .rollout_engine import Rollout
 from .tick_lease import TickLease
 
 if TYPE_CHECKING:
@@ -63,7 +65,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LIVE_STATES = sorted(ROLLOUT_LOADED)
-_IN_FLIGHT = DEVICE_UNSETTLED
 _ERRORS: dict[int, type[FleetError]] = {404: NotFound, 409: Conflict, 422: InvalidInput}
 ACTION_TIMEOUT_S = 15.0
 # How often a process reads what the others wrote for the tick (rollouts created elsewhere,
@@ -159,28 +160,12 @@ class Cluster:
     def take_over(self) -> None:
         """Resume every live rollout from the registry; resend unanswered commands."""
         svc = self.service
-        resent = 0
         with svc.rollouts.lock:
             svc.rollouts.live = self._load_live()
             svc.rollouts.stale.clear()
-            online = svc.registry.online()
-            for r in svc.rollouts.live.values():
-                for dev in r.devices.values():
-                    if dev.device_id not in online:
-                        continue  # an offline device gets its command when it comes back
-                    if (
-                        r.state in ("running", "succeeded")
-                        and dev.sent_at is not None
-                        and dev.state in _IN_FLIGHT
-                        and dev.attempts > 0
-                    ):
-                        svc.rollouts.send_deploy(
-                            r, _resend("send_deploy", dev.device_id, dev.attempts)
-                        )
-                        resent += 1
-                    elif dev.rollback_sent and dev.state == "installed":
-                        svc.rollouts.send_rollback(r, _resend("send_rollback", dev.device_id, 1))
-                        resent += 1
+            # an offline device gets its command when it comes back (its birth)
+            online = dict.fromkeys(svc.registry.online(), Back(None, math.inf))
+            resent = len(svc.rollouts.resend_unanswered(online, "resent after a takeover"))
         added = self._fill_history()
         self.takeovers += 1
         svc.audit_log.event(
@@ -404,10 +389,6 @@ class Cluster:
                 if p["leader"] and live and out["leader"] is None:
                     out["leader"] = p["process_id"]
         return out
-
-
-def _resend(kind: str, device_id: str, attempt: int) -> Decision:
-    return Decision(kind, "resent after a takeover", device_id=device_id, attempt=attempt)
 
 
 def _wait_quiet(got: list[Any], *, quiet_s: float, limit_s: float) -> None:

@@ -62,7 +62,10 @@ class Ingest:
         self.registry.observe_state(msg, record=self.cluster.leads)
         if msg.online:
             self.channels.observe(msg.device_id, msg.channel)
-            self.rollouts.wake.set()  # a late device gets its pending command on the next tick
+            if self.cluster.leads:  # its unanswered command goes again; a late one goes first
+                self.rollouts.device_back(msg.device_id, msg.model)
+            else:
+                self.rollouts.wake.set()
 
     def on_status(self, msg: CommandStatus) -> None:
         self.exporter.observe_status(msg)

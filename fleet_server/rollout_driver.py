@@ -15,13 +15,19 @@ import secrets
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, Field
 
 from protocol.errors import EdgefleetError, ProtocolError
-from protocol.messages import Alert, CommandStatus
-from protocol.states import ROLLOUT_ACTIVE, ROLLOUT_LOADED, ROLLOUT_MOVING, ROLLOUT_TICKED
+from protocol.messages import Alert, CommandStatus, ModelRef
+from protocol.states import (
+    DEVICE_UNSETTLED,
+    ROLLOUT_ACTIVE,
+    ROLLOUT_LOADED,
+    ROLLOUT_MOVING,
+    ROLLOUT_TICKED,
+)
 
 from . import views
 from .audit_log import AuditLog
@@ -70,6 +76,14 @@ class RolloutRequest(BaseModel):
     min_labels: int = 30
 
 
+class Back(NamedTuple):
+    """A device seen online: the model it reports ((name, version); ("", "") for none; None:
+    whatever it runs) and since when (the driver's clock; inf: any command sent so far)."""
+
+    runs: tuple[str, str] | None
+    at: float
+
+
 class RolloutDriver:
     def __init__(
         self,
@@ -104,6 +118,9 @@ class RolloutDriver:
         # live rollouts another process changed, re-read when next shown (:mod:`.cluster`)
         self.stale: set[str] = set()
         self._resent: dict[tuple[str, str], int] = {}  # (rollout, device) → chunks resent
+        # devices whose birth arrived since the last tick → the model each reported
+        self._back: dict[str, Back] = {}
+        self._back_lock = threading.Lock()
         for row in repo.list_rollouts(sorted(ROLLOUT_LOADED)):
             full = repo.get_rollout(row["rollout_id"])
             if full is not None:
@@ -339,10 +356,70 @@ class RolloutDriver:
                 device_id=device_id,
             )
 
+    # devices coming back ----------------------------------------------------------------
+    def device_back(self, device_id: str, model: ModelRef | None) -> None:
+        """A device's birth (it publishes one on every connection): the next tick sends its
+        unanswered rollout command again if it went out before this birth. Commands travel
+        at QoS 0, so no broker keeps one for a device that was away when it went out; a
+        device that did get it answers the copy with its last status and does nothing twice
+        (docs/agent.md)."""
+        runs = (model.name, model.version) if model else ("", "")
+        with self._back_lock:
+            self._back[device_id] = Back(runs, self.clock())
+        self.wake.set()
+
+    def resend_unanswered(self, devices: dict[str, Back], why: str) -> list[tuple[str, str, str]]:
+        """Send again each unanswered deploy or rollback of a live rollout to ``devices``
+        whose command went out before the device's :class:`Back`; the same command id,
+        signed again with a fresh expiry. A device already running the model its command
+        names is left alone: its own status is on the way. Returns (rollout, device, kind)."""
+        sent: list[tuple[str, str, str]] = []
+        with self.lock:
+            for r in self.live.values():
+                target: tuple[str, str] | None = None
+                for device_id in sorted(devices.keys() & r.devices.keys()):
+                    dev = r.devices[device_id]
+                    runs, at = devices[device_id]
+                    if (
+                        r.state in ("running", "succeeded")
+                        and dev.sent_at is not None
+                        and dev.sent_at < at
+                        and dev.state in DEVICE_UNSETTLED
+                        and dev.attempts > 0
+                    ):
+                        if runs is not None and target is None:
+                            bundle, _ = self.registry.loaded_bundle(r.spec.bundle_sha256)
+                            target = (bundle.manifest.name, bundle.manifest.version)
+                        if runs is None or runs != target:
+                            self.send_deploy(
+                                r, Decision("send_deploy", why, device_id, attempt=dev.attempts)
+                            )
+                            sent.append((r.rollout_id, device_id, "deploy"))
+                    elif dev.rollback_sent and dev.state == "installed":
+                        before = dev.previous or {}
+                        if runs is None or runs != (before.get("name"), before.get("version")):
+                            self.send_rollback(r, Decision("send_rollback", why, device_id))
+                            sent.append((r.rollout_id, device_id, "rollback"))
+        return sent
+
+    def _resend_to_returned(self) -> None:
+        with self._back_lock:
+            back, self._back = self._back, {}
+        if not back or not self.live:
+            return
+        for rid, device_id, kind in self.resend_unanswered(dict(back), "device back online"):
+            self.audit_log.event(
+                "delivery",
+                f"{device_id} came back online: its unanswered {kind} sent again",
+                rollout_id=rid,
+                device_id=device_id,
+            )
+
     # the clock ----------------------------------------------------------------------------
     def tick(self, now: float) -> None:
         """Timeouts, gates and pending sends for every live rollout."""
         with self.lock:
+            self._resend_to_returned()
             live = [r for r in self.live.values() if r.state in ROLLOUT_TICKED]
             online = self.registry.online() if live else set()  # every device: only if needed
             for r in live:

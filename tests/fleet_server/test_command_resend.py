@@ -1,0 +1,133 @@
+"""A device that comes back gets its unanswered rollout command again.
+
+Devices read their command topic at QoS 0 (no broker queues a command for a device that
+was away; on a NATS cluster a QoS 1 subscription is a replicated consumer per device), so
+the fleet server sends an unanswered deploy or rollback again when the device's birth says
+it is back: the same command id, signed again. A birth that already reports the model the
+command names sends nothing. The service runs on an in-memory broker; its tick is driven
+by hand, so "nothing more was sent" is a fact about one tick, not a timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet_server.service import FleetService, RolloutRequest
+from protocol import KeyPair, TrustStore
+from protocol.messages import ModelRef
+from protocol.transport import MemoryBroker
+from tests.fleet_server.fleetkit import SimDevice, make_config
+from tests.support.bundles import make_bundle
+
+
+class Fleet:
+    def __init__(self, tmp: Path, key: KeyPair) -> None:
+        self.broker = MemoryBroker()
+        self.key = key
+        self.service = FleetService(make_config(tmp, key), transport=self.broker.client("server"))
+        assert self.service.bridge is not None
+        self.service.bridge.start()
+        self.service.transport.connect()  # type: ignore[union-attr]
+
+    def device(self, device_id: str, **kw: object) -> SimDevice:
+        trust = TrustStore.from_keys([self.key.public])
+        return SimDevice(device_id, self.broker.client(device_id), trust, **kw).start()  # type: ignore[arg-type]
+
+    def upload(self, version: str, release: int) -> None:
+        data, _ = make_bundle(self.key, version=version, release=release, profiles=("host",))
+        self.service.upload_bundle(data)
+
+    def rollout(self, bundle: str) -> str:
+        rid = self.service.create_rollout(RolloutRequest(bundle=bundle, stages=[100]))
+        self.service.start_rollout(rid["rollout_id"])
+        self.service.tick()
+        return str(rid["rollout_id"])
+
+    def resent_events(self, rid: str) -> list[str]:
+        return [
+            e["message"]
+            for e in self.service.events(rollout_id=rid)
+            if "came back online" in e["message"]
+        ]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, signing_key: KeyPair) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, signing_key)
+    yield f
+    f.service.repo.close()
+
+
+def test_a_device_that_comes_back_gets_its_unanswered_deploy_again_under_the_same_id(
+    fleet: Fleet,
+) -> None:
+    fleet.upload("2.0.0", 2)
+    dev = fleet.device("pi-away", silent=True)  # takes the command, never answers
+    rid = fleet.rollout("iris@2.0.0")
+    assert [c.command_id for c in dev.commands] == [f"{rid}:pi-away:deploy:1"]
+    fleet.service.tick()
+    assert len(dev.commands) == 1  # no birth, nothing sent again
+
+    dev.birth()  # it reconnected: its first message on every connection
+    fleet.service.tick()
+
+    assert [c.command_id for c in dev.commands] == [f"{rid}:pi-away:deploy:1"] * 2
+    first, again = dev.commands
+    assert again.expires_at is not None and first.expires_at is not None
+    assert again.expires_at >= first.expires_at  # signed again, not a stored copy
+    assert fleet.resent_events(rid) == [
+        "pi-away came back online: its unanswered deploy sent again"
+    ]
+    assert fleet.service.rollout_status(rid)["devices"][0]["attempts"] == 1  # not a retry
+
+
+def test_a_birth_that_already_reports_the_new_model_sends_nothing_again(fleet: Fleet) -> None:
+    fleet.upload("2.0.0", 2)
+    dev = fleet.device("pi-done", silent=True)
+    rid = fleet.rollout("iris@2.0.0")
+    assert len(dev.commands) == 1
+    dev.model = ModelRef(name="iris", version="2.0.0", release=2)  # installed; status not in yet
+    dev.birth()
+    fleet.service.tick()
+    assert len(dev.commands) == 1
+    assert fleet.resent_events(rid) == []
+
+
+def test_a_device_that_comes_back_gets_its_unanswered_rollback_again(fleet: Fleet) -> None:
+    fleet.upload("1.0.0", 1)
+    fleet.upload("2.0.0", 2)
+    dev = fleet.device("pi-back")
+    fleet.rollout("iris@1.0.0")
+    rid = fleet.rollout("iris@2.0.0")
+    assert dev.model is not None and dev.model.version == "2.0.0"
+    dev.silent = True  # from here it takes commands and never answers
+    fleet.service.rollouts.act(rid, "api:operator", "rollback")
+    assert [c.kind for c in dev.commands][-1] == "rollback"
+    sent = len(dev.commands)
+
+    dev.birth()  # still on 2.0.0: the rollback did not reach it
+    fleet.service.tick()
+
+    assert len(dev.commands) == sent + 1
+    assert dev.commands[-1].kind == "rollback"
+    assert dev.commands[-1].command_id == dev.commands[-2].command_id
+    assert fleet.resent_events(rid) == [
+        "pi-back came back online: its unanswered rollback sent again"
+    ]
+
+
+def test_only_the_process_holding_the_tick_sends_again(fleet: Fleet) -> None:
+    """A follower (another ``fleet serve`` on the same registry) sees the same birth; the
+    tick holder alone sends, so the device does not get one copy per process."""
+    fleet.upload("2.0.0", 2)
+    dev = fleet.device("pi-once", silent=True)
+    fleet.rollout("iris@2.0.0")
+    fleet.service.cluster.lease._held = False  # as a started process that lost the lease
+    fleet.service.cluster._started = True
+    assert not fleet.service.cluster.leads
+    dev.birth()
+    fleet.service.rollouts.tick(fleet.service.clock())
+    assert len(dev.commands) == 1

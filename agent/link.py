@@ -152,10 +152,13 @@ class Link:
         t = self.transport
         t.set_handler(self._on_message)
         t.on_connection_change(self._on_connection)
-        t.subscribe(self.topics.cmd(self.device_id), 1)
-        # Only the commands need the broker to queue them (QoS 1, persistent session). The
-        # rest is QoS 0: on a NATS cluster each QoS 1 subscription is a JetStream consumer
-        # replicated on three nodes, a cost per device that buys nothing for these.
+        # Everything is QoS 0. On a NATS cluster each QoS 1 subscription is a JetStream
+        # consumer replicated on three nodes: at 3,000 devices one command round trip took
+        # 32-38 s through the consumers and 1.4-1.7 s without. No broker has to queue a
+        # command for a device that was away: the fleet server sends an unanswered command
+        # again when the device's birth says it is back, and a copy the device already has
+        # is answered with its last status (the ledger), never run twice.
+        t.subscribe(self.topics.cmd(self.device_id), 0)
         # Per-device chunks: only servers from before shared artifact topics publish there;
         # the agent reports the chunks it misses (``missing``) either way.
         t.subscribe(self.topics.artifact_filter(self.device_id), 0)

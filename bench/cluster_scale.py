@@ -201,8 +201,8 @@ def run_cluster(
             t.start()
         for t in threads:
             t.join()
-        # every command subscription acknowledged: on NATS a QoS 1 subscription is a
-        # JetStream consumer, made before the SUBACK; a command sent earlier is lost
+        # every command subscription acknowledged (QoS 0, as the agent): a command sent
+        # before the SUBACK is lost
         want = n + len(clients)  # one per device, and each connection's kex topic
         out["subscribe_s"] = _wait(lambda: acks[0] >= want, 600, "every subscription", 0.2)
         out["subscribe_s"] = time.monotonic() - t0

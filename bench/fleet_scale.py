@@ -467,8 +467,8 @@ class SimClient:
     def start(self) -> None:
         self.t.set_handler(self.handle)
         for d in self.ids:
-            self.t.subscribe(self.topics.cmd(d), 1)
-        self.t.subscribe(self.topics.kex(), 0)  # as the agent
+            self.t.subscribe(self.topics.cmd(d), 0)  # as the agent (agent/link.py)
+        self.t.subscribe(self.topics.kex(), 0)
         self.t.connect()
 
     def on_kex(self, payload: bytes) -> None:

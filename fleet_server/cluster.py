@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from protocol.states import ROLLOUT_LOADED
+from protocol.states import DEVICE_UNSETTLED, ROLLOUT_LOADED
 
 from .errors import Conflict, FleetError, InvalidInput, NotFound, Unavailable
 from .rollout_driver import Back
@@ -165,7 +165,9 @@ class Cluster:
             svc.rollouts.stale.clear()
             # an offline device gets its command when it comes back (its birth)
             online = dict.fromkeys(svc.registry.online(), Back(None, math.inf))
-            resent = len(svc.rollouts.resend_unanswered(online, "resent after a takeover"))
+            resent = len(
+                svc.rollouts.resend_unanswered(online, "resent after a takeover", DEVICE_UNSETTLED)
+            )
         added = self._fill_history()
         self.takeovers += 1
         svc.audit_log.event(

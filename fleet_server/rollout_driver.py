@@ -21,13 +21,7 @@ from pydantic import BaseModel, Field
 
 from protocol.errors import EdgefleetError, ProtocolError
 from protocol.messages import Alert, CommandStatus, ModelRef
-from protocol.states import (
-    DEVICE_UNSETTLED,
-    ROLLOUT_ACTIVE,
-    ROLLOUT_LOADED,
-    ROLLOUT_MOVING,
-    ROLLOUT_TICKED,
-)
+from protocol.states import ROLLOUT_ACTIVE, ROLLOUT_LOADED, ROLLOUT_MOVING, ROLLOUT_TICKED
 
 from . import views
 from .audit_log import AuditLog
@@ -74,6 +68,9 @@ class RolloutRequest(BaseModel):
     hold_on_own_drift: bool = False
     accuracy_margin: float | None = None
     min_labels: int = 30
+
+
+UNANSWERED = frozenset({"queued"})  # a deploy sent, nothing reported on it yet
 
 
 class Back(NamedTuple):
@@ -368,11 +365,18 @@ class RolloutDriver:
             self._back[device_id] = Back(runs, self.clock())
         self.wake.set()
 
-    def resend_unanswered(self, devices: dict[str, Back], why: str) -> list[tuple[str, str, str]]:
+    def resend_unanswered(
+        self, devices: dict[str, Back], why: str, deploy_states: frozenset[str] = UNANSWERED
+    ) -> list[tuple[str, str, str]]:
         """Send again each unanswered deploy or rollback of a live rollout to ``devices``
         whose command went out before the device's :class:`Back`; the same command id,
-        signed again with a fresh expiry. A device already running the model its command
-        names is left alone: its own status is on the way. Returns (rollout, device, kind)."""
+        signed again with a fresh expiry. A deploy counts as unanswered in
+        ``deploy_states``: by default while the device has reported nothing on it (one
+        that reported ``accepted`` has it in its ledger and goes on by itself after a
+        reconnect); a takeover passes every unsettled state, so a download under way
+        re-reports its missing chunks to the new holder. A device already running the model
+        its command names is left alone: its own status is on the way. Returns (rollout,
+        device, kind)."""
         sent: list[tuple[str, str, str]] = []
         with self.lock:
             for r in self.live.values():
@@ -384,7 +388,7 @@ class RolloutDriver:
                         r.state in ("running", "succeeded")
                         and dev.sent_at is not None
                         and dev.sent_at < at
-                        and dev.state in DEVICE_UNSETTLED
+                        and dev.state in deploy_states
                         and dev.attempts > 0
                     ):
                         if runs is not None and target is None:

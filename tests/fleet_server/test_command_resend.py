@@ -131,3 +131,16 @@ def test_only_the_process_holding_the_tick_sends_again(fleet: Fleet) -> None:
     dev.birth()
     fleet.service.rollouts.tick(fleet.service.clock())
     assert len(dev.commands) == 1
+
+
+def test_a_device_that_already_took_the_deploy_is_not_sent_it_again(fleet: Fleet) -> None:
+    """A device that reported anything on the deploy has it in its ledger and carries on by
+    itself after a reconnect (its download resumes from the retained chunks)."""
+    fleet.upload("2.0.0", 2)
+    dev = fleet.device("pi-busy", drop_chunks=frozenset({0}))  # its download stalls
+    rid = fleet.rollout("iris@2.0.0")
+    assert fleet.service.rollout_status(rid)["devices"][0]["state"] == "downloading"
+    dev.birth()
+    fleet.service.tick()
+    assert len(dev.commands) == 1
+    assert fleet.resent_events(rid) == []

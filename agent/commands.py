@@ -18,9 +18,10 @@ benchmarks and config changes. Every command is answered on the status topic wit
 
 A refusal of an unauthenticated, misaddressed or stale command is sent straight to the
 transport (``send_now``, QoS 0, rate-limited) and counted by reason in memory
-(:attr:`CommandProcessor.refused`); it writes nothing to disk. A QoS 1 redelivery of a
-known command re-sends its last status instead of acting twice; a redelivered deploy whose
-download is under way re-reports which chunks are still missing. The bundle that arrives
+(:attr:`CommandProcessor.refused`); it writes nothing to disk. A copy of a known command
+(the fleet server sends an unanswered one again after a reconnect) re-sends its last
+status instead of acting twice; a copy of a deploy whose download is under way
+re-reports which chunks are still missing. The bundle that arrives
 must carry exactly the manifest the command announced.
 
 :meth:`CommandProcessor.receive` and :meth:`CommandProcessor.on_chunk` are cheap and run on

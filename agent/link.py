@@ -96,7 +96,7 @@ class StateSigner:
     def will(self, state: DeviceState) -> Will:
         """The retained ``online=false`` twin of a birth, for the current connection."""
         dead = state.model_copy(update={"online": False, "api_url": None})
-        if self.identity is not None:  # commands queued while offline may still be MAC'd
+        if self.identity is not None:  # commands sent while it is offline may still be MAC'd
             dead = dead.model_copy(update={"fleet_kex": self.identity.fleet_kex})
         with self._lock:
             seq = self.connection * STATE_STEP + STATE_STEP - 1

@@ -22,8 +22,9 @@ Rules (docs/agent.md says the same for operators):
   ``conditions()`` reports ``disk_full`` and the caller carries on (serving never stops).
 
 The same database keeps the per-device sequence counters (:meth:`next_seq`) and the ledger
-of command ids already handled (:meth:`command_seen` / :meth:`record_command`), so a QoS 1
-redelivery after a restart does not install twice.
+of command ids already handled (:meth:`command_seen` / :meth:`record_command`), so a copy of
+a command (the fleet server's resend after a reconnect, a broker's redelivery) does not
+install twice, also after a restart.
 """
 
 from __future__ import annotations

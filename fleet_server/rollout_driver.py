@@ -399,9 +399,14 @@ class RolloutDriver:
                                 r, Decision("send_deploy", why, device_id, attempt=dev.attempts)
                             )
                             sent.append((r.rollout_id, device_id, "deploy"))
-                    elif dev.rollback_sent and dev.state == "installed":
+                    elif (
+                        dev.rollback_sent
+                        and dev.state == "installed"
+                        and (dev.updated_at or 0.0) < at  # set when the rollback went out
+                    ):
                         before = dev.previous or {}
-                        if runs is None or runs != (before.get("name"), before.get("version")):
+                        back_to = (before.get("name") or "", before.get("version") or "")
+                        if runs is None or runs != back_to:
                             self.send_rollback(r, Decision("send_rollback", why, device_id))
                             sent.append((r.rollout_id, device_id, "rollback"))
         return sent

@@ -63,7 +63,7 @@ class Ingest:
         if msg.online:
             self.channels.observe(msg.device_id, msg.channel)
             if self.cluster.leads:  # its unanswered command goes again; a late one goes first
-                self.rollouts.device_back(msg.device_id, msg.model)
+                self.rollouts.device_back(msg.device_id, msg.model, msg.ts)
             else:
                 self.rollouts.wake.set()
 

@@ -117,6 +117,7 @@ class RolloutDriver:
         self._resent: dict[tuple[str, str], int] = {}  # (rollout, device) → chunks resent
         # devices whose birth arrived since the last tick → the model each reported
         self._back: dict[str, Back] = {}
+        self._born: dict[str, datetime] = {}  # device → the ts of the last birth taken
         self._back_lock = threading.Lock()
         for row in repo.list_rollouts(sorted(ROLLOUT_LOADED)):
             full = repo.get_rollout(row["rollout_id"])
@@ -354,14 +355,18 @@ class RolloutDriver:
             )
 
     # devices coming back ----------------------------------------------------------------
-    def device_back(self, device_id: str, model: ModelRef | None) -> None:
+    def device_back(self, device_id: str, model: ModelRef | None, born: datetime) -> None:
         """A device's birth (it publishes one on every connection): the next tick sends its
         unanswered rollout command again if it went out before this birth. Commands travel
         at QoS 0, so no broker keeps one for a device that was away when it went out; a
         device that did get it answers the copy with its last status and does nothing twice
-        (docs/agent.md)."""
+        (docs/agent.md). Another copy of the same birth (its signed ``ts``; a replay the
+        trust check lets through because states are ordered, not windowed) sends nothing."""
         runs = (model.name, model.version) if model else ("", "")
         with self._back_lock:
+            if self._born.get(device_id) == born:
+                return
+            self._born[device_id] = born
             self._back[device_id] = Back(runs, self.clock())
         self.wake.set()
 

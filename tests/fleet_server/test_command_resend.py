@@ -147,3 +147,30 @@ def test_a_device_that_already_took_the_deploy_is_not_sent_it_again(fleet: Fleet
     fleet.service.tick()
     assert len(dev.commands) == 1
     assert fleet.resent_events(rid) == []
+
+
+def test_a_replayed_birth_sends_nothing_again(fleet: Fleet) -> None:
+    """States are ordered by (boot, seq), so the device's latest birth passes the trust check
+    again when someone on the broker replays it; the same signed birth is one comeback."""
+    fleet.upload("2.0.0", 2)
+    dev = fleet.device("pi-replay", silent=True)
+    rid = fleet.rollout("iris@2.0.0")
+    seen: list[bytes] = []
+    inner = dev.t.publish
+
+    def keep(topic: str, payload: bytes, *a: object, **kw: object) -> object:
+        if topic.endswith("/state"):
+            seen.append(payload)
+        return inner(topic, payload, *a, **kw)  # type: ignore[arg-type]
+
+    dev.t.publish = keep  # type: ignore[method-assign]
+    dev.birth()
+    fleet.service.tick()
+    assert len(dev.commands) == 2
+    server = fleet.broker.client("replayer")
+    server.connect()
+    for _ in range(3):
+        server.publish("edgefleet/devices/pi-replay/state", seen[-1], qos=1, retain=True)
+        fleet.service.tick()
+    assert len(dev.commands) == 2
+    assert len(fleet.resent_events(rid)) == 1

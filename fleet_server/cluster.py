@@ -161,12 +161,14 @@ class Cluster:
         """Resume every live rollout from the registry; resend unanswered commands."""
         svc = self.service
         with svc.rollouts.lock:
-            svc.rollouts.live = self._load_live()
+            svc.rollouts.live = svc.rollouts.load_live()
             svc.rollouts.stale.clear()
             # an offline device gets its command when it comes back (its birth)
             online = dict.fromkeys(svc.registry.online(), Back(None, math.inf))
             resent = len(
-                svc.rollouts.resend_unanswered(online, "resent after a takeover", DEVICE_UNSETTLED)
+                svc.rollouts.resend_unanswered(
+                    online, "resent after a takeover", deploy_states=DEVICE_UNSETTLED
+                )
             )
         added = self._fill_history()
         self.takeovers += 1
@@ -192,15 +194,6 @@ class Cluster:
                 )
                 added += 1
         return added
-
-    def _load_live(self) -> dict[str, Rollout]:
-        repo = self.service.repo
-        out: dict[str, Rollout] = {}
-        for row in repo.list_rollouts(LIVE_STATES):
-            full = repo.get_rollout(row["rollout_id"])
-            if full is not None:
-                out[row["rollout_id"]] = Rollout.from_dict(full["doc"])
-        return out
 
     def _load_new_rollouts(self) -> None:
         """Rollouts another process created since the last tick."""

@@ -119,10 +119,29 @@ class RolloutDriver:
         self._back: dict[str, Back] = {}
         self._born: dict[str, datetime] = {}  # device → the ts of the last birth taken
         self._back_lock = threading.Lock()
-        for row in repo.list_rollouts(sorted(ROLLOUT_LOADED)):
-            full = repo.get_rollout(row["rollout_id"])
-            if full is not None:
-                self.live[row["rollout_id"]] = Rollout.from_dict(full["doc"])
+        self.live = self.load_live()
+
+    def load_live(self) -> dict[str, Rollout]:
+        """The rollouts this process keeps in memory, read from the registry: every one in
+        :data:`ROLLOUT_LOADED`, and a rolled-back one whose rollback some device has not
+        answered yet, for as long as a rollback stays valid (``signing.rollback_ttl_s``):
+        no broker queues it for a device that is away, so its birth must find the rollout
+        to be sent it again."""
+        out: dict[str, Rollout] = {}
+        oldest = self.clock() - self.config.signing.rollback_ttl_s
+        for row in self.repo.list_rollouts(sorted(ROLLOUT_LOADED | {"rolled_back"})):
+            if row["state"] == "rolled_back" and (row.get("updated_at") or 0.0) < oldest:
+                continue
+            full = self.repo.get_rollout(row["rollout_id"])
+            if full is None:
+                continue
+            r = Rollout.from_dict(full["doc"])
+            if r.state == "rolled_back" and not any(
+                d.rollback_sent and d.state == "installed" for d in r.devices.values()
+            ):
+                continue
+            out[row["rollout_id"]] = r
+        return out
 
     # operator actions ---------------------------------------------------------------------
     def create(
@@ -262,6 +281,12 @@ class RolloutDriver:
                 raise InvalidInput(f"unknown rollout action {action!r}", field="action")
             self.live[rollout_id] = r
             self.apply(r, decisions, actor)
+            if action == "resume":
+                # a deploy lost before the pause whose device came back meanwhile (a paused
+                # rollout sends nothing, so that birth resent nothing) goes again now
+                online = dict.fromkeys(self.registry.online(), Back(None, now))
+                sent = self.resend_unanswered(online, "resent on resume", [r])
+                self._log_resent(sent, "{device}: its unanswered {kind} sent again on resume")
             self._dirty.add(rollout_id)
             self.flush()
         self.wake.set()
@@ -371,7 +396,11 @@ class RolloutDriver:
         self.wake.set()
 
     def resend_unanswered(
-        self, devices: dict[str, Back], why: str, deploy_states: frozenset[str] = UNANSWERED
+        self,
+        devices: dict[str, Back],
+        why: str,
+        rollouts: list[Rollout] | None = None,
+        deploy_states: frozenset[str] = UNANSWERED,
     ) -> list[tuple[str, str, str]]:
         """Send again each unanswered deploy or rollback of a live rollout to ``devices``
         whose command went out before the device's :class:`Back`; the same command id,
@@ -380,11 +409,11 @@ class RolloutDriver:
         that reported ``accepted`` has it in its ledger and goes on by itself after a
         reconnect); a takeover passes every unsettled state, so a download under way
         re-reports its missing chunks to the new holder. A device already running the model
-        its command names is left alone: its own status is on the way. Returns (rollout,
-        device, kind)."""
+        its command names is left alone: its own status is on the way. ``rollouts``: these
+        only (default: every live one). Returns (rollout, device, kind)."""
         sent: list[tuple[str, str, str]] = []
         with self.lock:
-            for r in self.live.values():
+            for r in list(self.live.values()) if rollouts is None else rollouts:
                 target: tuple[str, str] | None = None
                 for device_id in sorted(devices.keys() & r.devices.keys()):
                     dev = r.devices[device_id]
@@ -419,12 +448,15 @@ class RolloutDriver:
     def _resend_to_returned(self) -> None:
         with self._back_lock:
             back, self._back = self._back, {}
-        if not back or not self.live:
-            return
-        for rid, device_id, kind in self.resend_unanswered(dict(back), "device back online"):
+        if back and self.live:
+            sent = self.resend_unanswered(back, "device back online")
+            self._log_resent(sent, "{device} came back online: its unanswered {kind} sent again")
+
+    def _log_resent(self, sent: list[tuple[str, str, str]], text: str) -> None:
+        for rid, device_id, kind in sent:
             self.audit_log.event(
                 "delivery",
-                f"{device_id} came back online: its unanswered {kind} sent again",
+                text.format(device=device_id, kind=kind),
                 rollout_id=rid,
                 device_id=device_id,
             )
@@ -433,7 +465,6 @@ class RolloutDriver:
     def tick(self, now: float) -> None:
         """Timeouts, gates and pending sends for every live rollout."""
         with self.lock:
-            self._resend_to_returned()
             live = [r for r in self.live.values() if r.state in ROLLOUT_TICKED]
             online = self.registry.online() if live else set()  # every device: only if needed
             for r in live:
@@ -442,6 +473,9 @@ class RolloutDriver:
                 if decisions:
                     self.apply(r, decisions, "engine")
                     self._dirty.add(rid)
+            # after the engine: a deploy it just timed out and sent as a new attempt is not
+            # also sent again under its old id
+            self._resend_to_returned()
             if self.sender is not None:  # retained chunks only while a live rollout needs them
                 self.sender.sweep(
                     {r.spec.bundle_sha256 for r in self.live.values() if r.state in ROLLOUT_ACTIVE},

@@ -10,6 +10,7 @@ by hand, so "nothing more was sent" is a fact about one tick, not a timeout.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +24,26 @@ from tests.fleet_server.fleetkit import SimDevice, make_config
 from tests.support.bundles import make_bundle
 
 
+class Clock:
+    """The service's clock: a millisecond passes at every reading, and the test moves it
+    further (timeouts without sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        self.now += 0.001
+        return self.now
+
+
 class Fleet:
     def __init__(self, tmp: Path, key: KeyPair) -> None:
         self.broker = MemoryBroker()
         self.key = key
-        self.service = FleetService(make_config(tmp, key), transport=self.broker.client("server"))
+        self.clock = Clock()
+        self.service = FleetService(
+            make_config(tmp, key), transport=self.broker.client("server"), clock=self.clock
+        )
         assert self.service.bridge is not None
         self.service.bridge.start()
         self.service.transport.connect()  # type: ignore[union-attr]
@@ -40,8 +56,8 @@ class Fleet:
         data, _ = make_bundle(self.key, version=version, release=release, profiles=("host",))
         self.service.upload_bundle(data)
 
-    def rollout(self, bundle: str) -> str:
-        rid = self.service.create_rollout(RolloutRequest(bundle=bundle, stages=[100]))
+    def rollout(self, bundle: str, **spec: object) -> str:
+        rid = self.service.create_rollout(RolloutRequest(bundle=bundle, stages=[100], **spec))  # type: ignore[arg-type]
         self.service.start_rollout(rid["rollout_id"])
         self.service.tick()
         return str(rid["rollout_id"])
@@ -50,7 +66,7 @@ class Fleet:
         return [
             e["message"]
             for e in self.service.events(rollout_id=rid)
-            if "came back online" in e["message"]
+            if "sent again" in e["message"]
         ]
 
 
@@ -174,3 +190,60 @@ def test_a_replayed_birth_sends_nothing_again(fleet: Fleet) -> None:
         fleet.service.tick()
     assert len(dev.commands) == 2
     assert len(fleet.resent_events(rid)) == 1
+
+
+def test_a_rollback_lost_while_the_device_was_away_survives_a_restart_of_the_server(
+    fleet: Fleet,
+) -> None:
+    """A rolled-back rollout is kept in memory while a rollback is unanswered (and valid):
+    after a takeover or a restart, the device's birth still finds it."""
+    fleet.upload("1.0.0", 1)
+    fleet.upload("2.0.0", 2)
+    dev = fleet.device("pi-gone")
+    fleet.rollout("iris@1.0.0")
+    rid = fleet.rollout("iris@2.0.0")
+    dev.silent = True  # the rollback below dies on the way
+    fleet.service.rollouts.act(rid, "api:operator", "rollback")
+    sent = len(dev.commands)
+    fleet.service.cluster.take_over()  # what a restart does: live rollouts read again
+    assert rid in fleet.service.rollouts.live
+    assert len(dev.commands) == sent + 1  # to the devices the takeover sees online
+    dev.birth()  # back, still on 2.0.0
+    fleet.service.tick()
+    assert len(dev.commands) == sent + 2
+    assert {c.kind for c in dev.commands[sent:]} == {"rollback"}
+
+    # past the rollback's validity, or once every rollback is answered, it is not read again
+    fleet.clock.now += fleet.service.config.signing.rollback_ttl_s + 1
+    assert rid not in fleet.service.rollouts.load_live()
+
+
+def test_a_deploy_lost_before_a_pause_goes_again_on_resume(fleet: Fleet) -> None:
+    fleet.upload("2.0.0", 2)
+    dev = fleet.device("pi-paused", silent=True)
+    rid = fleet.rollout("iris@2.0.0")
+    assert len(dev.commands) == 1  # lost on the link
+    fleet.service.rollouts.act(rid, "api:operator", "pause")
+    dev.birth()  # back while paused: a paused rollout sends nothing
+    fleet.service.tick()
+    assert len(dev.commands) == 1
+    fleet.clock.now += 1
+    fleet.service.rollouts.act(rid, "api:operator", "resume")
+    assert [c.command_id for c in dev.commands] == [f"{rid}:pi-paused:deploy:1"] * 2
+    assert fleet.resent_events(rid) == ["pi-paused: its unanswered deploy sent again on resume"]
+
+
+def test_a_birth_after_the_timeout_does_not_send_two_attempts_at_once(fleet: Fleet) -> None:
+    """The engine times the deploy out and sends attempt 2 in the same tick that takes the
+    late birth: attempt 1 is not also sent again (both ids would be new to the device)."""
+    fleet.upload("2.0.0", 2)
+    dev = fleet.device("pi-late", silent=True)
+    rid = fleet.rollout("iris@2.0.0", device_timeout_s=5.0)
+    assert len(dev.commands) == 1
+    fleet.clock.now += 6.0
+    dev.birth()
+    fleet.service.tick()
+    assert [c.command_id for c in dev.commands] == [
+        f"{rid}:pi-late:deploy:1",
+        f"{rid}:pi-late:deploy:2",
+    ]

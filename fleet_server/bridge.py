@@ -82,6 +82,7 @@ class Bridge:
         self.shared_group = shared_group
         self.accepted: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self.statuses = False  # subscribed to command statuses
         self._lock = threading.Lock()
 
     def filters(self) -> list[str]:
@@ -90,10 +91,27 @@ class Bridge:
             telemetry = shared(telemetry, self.shared_group)
         return [self.topics.all_states(), self.topics.all_status(), telemetry]
 
-    def start(self) -> None:
+    def start(self, statuses: bool = True) -> None:
+        """Subscribe. ``statuses=False``: not to command statuses (yet): a fleet server that
+        does not run the rollout tick has no use for them, and on a broker without shared
+        subscriptions checking them was most of a follower's CPU (:meth:`take_statuses`)."""
         self.transport.set_handler(self.handle)
         for f in self.filters():
-            self.transport.subscribe(f, qos=1)
+            if statuses or f != self.topics.all_status():
+                self.transport.subscribe(f, qos=1)
+        self.statuses = statuses
+
+    def take_statuses(self) -> None:
+        """Subscribe to command statuses from now on (this process took the rollout tick)."""
+        if not self.statuses:
+            self.statuses = True
+            self.transport.subscribe(self.topics.all_status(), qos=1)
+
+    def statuses_ready(self) -> bool:
+        """Whether the broker acknowledged the status subscription (True where the
+        transport cannot tell)."""
+        check = getattr(self.transport, "subscribed", None)
+        return self.statuses and (check is None or bool(check(self.topics.all_status())))
 
     def _drop(self, reason: str, topic: str, detail: str = "") -> None:
         with self._lock:

@@ -1,7 +1,12 @@
 """Several ``fleet serve`` processes on one PostgreSQL registry.
 
 Every process serves the API and the dashboard (tokens, users, revoked sessions and the
-session key live in the registry) and takes device messages. What each one does besides:
+session key live in the registry) and takes device births and telemetry. Command statuses
+only reach a process once it has held the tick lease: it subscribes to them when it
+first takes the lease and keeps the subscription (on a broker without shared
+subscriptions, checking every status twice was most of a follower's CPU), so a follower's
+``/metrics`` counts no statuses and field-benchmark results are kept by the holder. What
+each one does besides:
 
 * **The rollout tick** runs in exactly one process, the holder of the tick lease
   (:mod:`.tick_lease`, a PostgreSQL advisory lock). Only the holder changes rollouts: it
@@ -11,7 +16,8 @@ session key live in the registry) and takes device messages. What each one does 
   answer; it creates rollouts itself (a new id, nobody else writes it), and it re-reads
   the rollouts it shows from the registry when it shows them (it marks the changed ones
   every ``POLL_S``, 0.25 s, the holder reading new rollouts and actions as often).
-* **A takeover resumes from the registry.** The new holder loads every live rollout and
+* **A takeover resumes from the registry.** The new holder waits until the broker has
+  acknowledged its status subscription (at most 15 s), loads every live rollout and
   sends each device that was sent a command but has not answered with a final state the
   *same* command again: the command id is ``(rollout, device, kind, attempt)`` and the
   attempt counter is persisted, so a device that already carried the command out finds
@@ -67,6 +73,7 @@ log = logging.getLogger(__name__)
 LIVE_STATES = sorted(ROLLOUT_LOADED)
 _ERRORS: dict[int, type[FleetError]] = {404: NotFound, 409: Conflict, 422: InvalidInput}
 ACTION_TIMEOUT_S = 15.0
+STATUSES_WAIT_S = 15.0  # a takeover waits at most this for its status subscription's SUBACK
 # How often a process reads what the others wrote for the tick (rollouts created elsewhere,
 # forwarded actions; a follower: rollouts the holder changed). Status reports wake the tick
 # many times a second during a rollout; these reads need not follow it.
@@ -130,6 +137,9 @@ class Cluster:
 
     def _lease_changed(self, held: bool) -> None:
         if held and self.multi:
+            bridge = self.service.bridge
+            if bridge is not None:  # kept after the tick moves on: a later takeover is ready
+                bridge.take_statuses()
             self._takeover.set()
         self.service.rollouts.wake.set()
         if self.multi and self._started:
@@ -158,8 +168,20 @@ class Cluster:
         svc.tick()
 
     def take_over(self) -> None:
-        """Resume every live rollout from the registry; resend unanswered commands."""
+        """Resume every live rollout from the registry; resend unanswered commands once the
+        broker acknowledged this process's status subscription (a follower takes none), so
+        the answers to them reach it."""
         svc = self.service
+        bridge = svc.bridge
+        if bridge is not None and svc.transport is not None:
+            deadline = time.monotonic() + STATUSES_WAIT_S
+            while not bridge.statuses_ready() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not bridge.statuses_ready():
+                log.warning(
+                    "status subscription not acknowledged after %.0f s; resending anyway",
+                    STATUSES_WAIT_S,
+                )
         with svc.rollouts.lock:
             svc.rollouts.live = svc.rollouts.load_live()
             svc.rollouts.stale.clear()

@@ -169,7 +169,8 @@ class FleetService:
         """Connect to the broker, start ingest and the background tick."""
         if self.transport is not None and self.bridge is not None:
             self.transport.on_connection_change(self._on_connection)
-            self.bridge.start()
+            # with several processes, statuses only once this one runs the tick (cluster.py)
+            self.bridge.start(statuses=not self.cluster.multi)
             self.transport.connect()
         self.cluster.start()
         self._stop.clear()

@@ -381,6 +381,18 @@ class PahoTransport:
         if self.is_connected():
             self._send_subscribe(self._client, topic_filter, qos)
 
+    def subscribed(self, topic_filter: str) -> bool:
+        """True once the broker acknowledged ``topic_filter`` on this connection (wanted, no
+        SUBSCRIBE without its SUBACK, not refused)."""
+        if not self.is_connected():
+            return False
+        with self._lock:
+            return (
+                topic_filter in self._subs
+                and topic_filter not in self._sub_mids.values()
+                and topic_filter not in self._refused
+            )
+
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._subs.pop(topic_filter, None)

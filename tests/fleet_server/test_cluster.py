@@ -165,8 +165,11 @@ def test_a_takeover_resends_an_unanswered_deploy_under_the_same_command_id(
     rid = pair.a.create_rollout(RolloutRequest(bundle="iris@2.0.0", stages=[100]))["rollout_id"]
     pair.a.start_rollout(rid)
     _wait(lambda: len(mute.commands) >= 1, "the first deploy")
+    assert pair.a.bridge is not None and pair.b.bridge is not None
+    assert pair.a.bridge.statuses and not pair.b.bridge.statuses  # a follower takes none
     pair.a.stop()  # the holder goes; fleet-b takes the tick and resumes from the registry
     _wait(lambda: pair.b.cluster.leads, "fleet-b to take the tick")
+    assert pair.b.bridge.statuses
     _wait(lambda: len(mute.commands) >= 2, "the deploy resent after the takeover")
     ids = {c.command_id for c in mute.commands}
     assert ids == {f"{rid}:pi-mute:deploy:1"}  # one command, sent twice: installed at most once

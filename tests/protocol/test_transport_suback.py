@@ -71,6 +71,8 @@ def test_a_refused_subscription_is_logged_and_taken_once_the_broker_allows_it(
                 ]
                 assert len(refused) == 1  # one line for a run of refusals, not one a retry
                 assert "closed/cmd" in refused[0].getMessage()
+                assert not t.subscribed("closed/cmd")  # wanted, refused: not acknowledged
+                assert not t.subscribed("never/asked")
 
                 allowed = _users(["open", "open.>", "closed", "closed.>"])
                 for node in cluster.nodes:  # nats-server reloads its config on SIGHUP
@@ -82,6 +84,7 @@ def test_a_refused_subscription_is_logged_and_taken_once_the_broker_allows_it(
                     30,
                     "the subscription to be taken on a retry",
                 )
+                assert t.subscribed("closed/cmd")
             pub.connect(timeout=30)
             pub.publish("closed/cmd", b"hello", qos=1).wait(10)
             assert got.wait(20), "the retried subscription delivers"

@@ -295,6 +295,7 @@ def run_cluster(
                 "api_done_s": state["at"],
                 "state": state["state"],
                 "installed_seen_by_devices": installed(),
+                "stalled_downloads_asked_again": sum(c.asked_again for c in clients),
                 "stage_states": [s["state"] for s in status.get("stages", [])],
                 "server_cpu_s": cpu,
                 "nats_cpu_s": nats_cpu,
@@ -405,7 +406,8 @@ def _report(
             f"{r['state']} in the API after {r['api_done_s']:.2f} s; CPU over the rollout: "
             f"nats-server {' + '.join(f'{c:.1f}' for c in r['nats_cpu_s'])} s, the simulated "
             f"devices {r['devices_cpu_s']:.1f} s; subscriptions acknowledged after "
-            f"{r['subscribe_s']:.0f} s; server RSS "
+            f"{r['subscribe_s']:.0f} s; stalled downloads that asked again "
+            f"{r.get('stalled_downloads_asked_again', 0)}; server RSS "
             f"{' / '.join(f'{m:.0f}' for m in r['server_rss_mb'])} MB"
         )
     headline = []

@@ -96,6 +96,7 @@ from typing import Any
 from bench._common import run_cli, table, write_result
 
 DEVICES_PER_CLIENT = 50
+STALL_S = 10.0  # the agent's default stall_seconds: a download this still asks again
 PREFIX = "bench"
 TARGET_S = 60.0
 TRUST_TARGET = 0.10
@@ -461,8 +462,11 @@ class SimClient:
         self.pending: dict[str, Any] = {}
         self.installed: set[str] = set()
         self.pings = 0
+        self.asked_again = 0  # stalled downloads that asked for their missing chunks
         self._seq = 0
         self._lock = threading.Lock()
+        self._since: dict[str, float] = {}  # device → when its download last moved
+        self._closed = threading.Event()
 
     def start(self) -> None:
         self.t.set_handler(self.handle)
@@ -470,6 +474,25 @@ class SimClient:
             self.t.subscribe(self.topics.cmd(d), 0)  # as the agent (agent/link.py)
         self.t.subscribe(self.topics.kex(), 0)
         self.t.connect()
+        threading.Thread(target=self._watch_stalls, daemon=True).start()
+
+    def _watch_stalls(self) -> None:
+        """As the agent (``agent.commands``, ``stall_seconds``): a download that has not
+        moved for :data:`STALL_S` reports the chunks it misses, and the server publishes
+        them again. (A retained chunk can miss a subscriber: on NATS the command can reach
+        a device's node before the artifact's retained copy does.)"""
+        while not self._closed.wait(1.0):
+            now = time.monotonic()
+            with self._lock:
+                for d, cmd in list(self.pending.items()):
+                    if cmd.deploy is None or now - self._since.get(d, now) < STALL_S:
+                        continue
+                    got = self.chunks.get(cmd.deploy.bundle_sha256, {})
+                    missing = [i for i in range(cmd.deploy.n_chunks) if i not in got]
+                    if missing:
+                        self._since[d] = now
+                        self.asked_again += 1
+                        self.status(d, cmd.command_id, "downloading", result={"missing": missing})
 
     def on_kex(self, payload: bytes) -> None:
         """The fleet's announcement, verified with the command trust store, as the agent does."""
@@ -572,6 +595,7 @@ class SimClient:
                 if not self.unsigned:
                     verify_command(cmd, self.trust, self.agreed[p.device_id])
                 self.pending[p.device_id] = cmd
+                self._since[p.device_id] = time.monotonic()
                 self.status(p.device_id, cmd.command_id, "downloading")
                 if cmd.deploy is not None:  # once per connection, as long as it downloads
                     self.t.subscribe(self.topics.artifact_chunks(cmd.deploy.bundle_sha256), 0)
@@ -600,6 +624,7 @@ class SimClient:
             self.publish(d, self.topics.sketch(d), msg.to_json())
 
     def close(self) -> None:
+        self._closed.set()
         self.t.close()
 
 

@@ -32,7 +32,14 @@ from .drift import DriftEngine
 from .errors import Conflict, InvalidInput, NotFound
 from .registry import Registry
 from .repository import Repository
-from .rollout_engine import Decision, Rollout, RolloutSpec, Selector, Telemetry
+from .rollout_engine import (
+    Decision,
+    DeviceProgress,
+    Rollout,
+    RolloutSpec,
+    Selector,
+    Telemetry,
+)
 from .rollout_saves import SavedRows
 from .telemetry.prometheus import FleetExporter
 
@@ -414,36 +421,39 @@ class RolloutDriver:
         sent: list[tuple[str, str, str]] = []
         with self.lock:
             for r in list(self.live.values()) if rollouts is None else rollouts:
-                target: tuple[str, str] | None = None
                 for device_id in sorted(devices.keys() & r.devices.keys()):
                     dev = r.devices[device_id]
-                    runs, at = devices[device_id]
-                    if (
-                        r.state in ("running", "succeeded")
-                        and dev.sent_at is not None
-                        and dev.sent_at < at
-                        and dev.state in deploy_states
-                        and dev.attempts > 0
-                    ):
-                        if runs is not None and target is None:
-                            bundle, _ = self.registry.loaded_bundle(r.spec.bundle_sha256)
-                            target = (bundle.manifest.name, bundle.manifest.version)
-                        if runs is None or runs != target:
-                            self.send_deploy(
-                                r, Decision("send_deploy", why, device_id, attempt=dev.attempts)
-                            )
-                            sent.append((r.rollout_id, device_id, "deploy"))
-                    elif (
-                        dev.rollback_sent
-                        and dev.state == "installed"
-                        and (dev.updated_at or 0.0) < at  # set when the rollback went out
-                    ):
-                        before = dev.previous or {}
-                        back_to = (before.get("name") or "", before.get("version") or "")
-                        if runs is None or runs != back_to:
-                            self.send_rollback(r, Decision("send_rollback", why, device_id))
-                            sent.append((r.rollout_id, device_id, "rollback"))
+                    kind = self._unanswered(r, dev, devices[device_id], deploy_states)
+                    if kind == "deploy":
+                        d = Decision("send_deploy", why, device_id, attempt=dev.attempts)
+                        self.send_deploy(r, d)
+                    elif kind == "rollback":
+                        self.send_rollback(r, Decision("send_rollback", why, device_id))
+                    if kind is not None:
+                        sent.append((r.rollout_id, device_id, kind))
         return sent
+
+    def _unanswered(
+        self, r: Rollout, dev: DeviceProgress, back: Back, deploy_states: frozenset[str]
+    ) -> str | None:
+        """``deploy`` or ``rollback`` when that command of ``r`` went out to ``dev`` before
+        ``back`` and is unanswered, and the device does not report the model it names."""
+        runs, at = back
+        if (
+            r.state in ("running", "succeeded")
+            and dev.sent_at is not None
+            and dev.sent_at < at
+            and dev.state in deploy_states
+            and dev.attempts > 0
+        ):
+            bundle, _ = self.registry.loaded_bundle(r.spec.bundle_sha256)  # read once
+            kind, names = "deploy", (bundle.manifest.name, bundle.manifest.version)
+        elif dev.rollback_sent and dev.state == "installed" and (dev.updated_at or 0.0) < at:
+            before = dev.previous or {}  # updated_at: set when the rollback went out
+            kind, names = "rollback", (before.get("name") or "", before.get("version") or "")
+        else:
+            return None
+        return kind if runs is None or runs != names else None
 
     def _resend_to_returned(self) -> None:
         with self._back_lock:
